@@ -1,0 +1,243 @@
+"""Loading the official checkpoints: LM `model.safetensors`, Mimi `tokenizer-*.safetensors`, LoRA
+adapters and the SentencePiece text tokenizer.
+
+Loading is strict: every key of the model must be in the file with the right shape and nothing
+else may be there. Errors are `CheckpointError`s that name the file and the first bad key. The LM
+is built on the meta device and its tensors are assigned from the file, so a 7B never exists
+twice in memory.
+
+The one rename table between official keys and ours lives here (`canonical_keys`): the official
+code saves attention projections as one linear per weight set (`in_projs.{i}.weight`), the
+released files as one stacked tensor (`in_proj_weight`); we store the stacked form.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .config import LMConfig
+from .lm import LMModel
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used; the message names the file and what is wrong."""
+
+
+# ----------------------------------------------------------------------------- reading files
+
+
+def read_safetensors(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file, checking first that the file is whole."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint path is not a file: {path}")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path} is empty or truncated ({size} bytes): not a safetensors file")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise CheckpointError(f"{path} is truncated or not a safetensors file "
+                                  f"(header of {n} bytes, file of {size} bytes)")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise CheckpointError(f"{path} is not a safetensors file (unreadable header)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} is not a safetensors file (header is not a JSON object)")
+    data_size = size - 8 - n
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        end = info.get("data_offsets", [0, 0])[1] if isinstance(info, dict) else 0
+        if end > data_size:
+            raise CheckpointError(f"{path} is truncated: tensor {key!r} needs bytes up to {end} "
+                                  f"but the file holds {data_size} bytes of data; download it again")
+    from safetensors.torch import load_file
+    try:
+        return load_file(str(path), device=str(device))
+    except Exception as e:  # safetensors raises its own error types
+        raise CheckpointError(f"cannot read {path}: {e}") from None
+
+
+def load_text_tokenizer(path: str | Path):
+    """The SentencePiece text tokenizer (`tokenizer_spm_32k_3.model`)."""
+    import sentencepiece
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"text tokenizer file not found: {path}")
+    sp = sentencepiece.SentencePieceProcessor()
+    try:
+        sp.Load(str(path))
+    except Exception:
+        raise CheckpointError(f"{path} is not a SentencePiece model") from None
+    return sp
+
+
+# ----------------------------------------------------------------------------- key names
+
+_PER_SET = re.compile(r"^(.*)\.(in|out)_projs\.(\d+)\.weight$")
+
+
+def canonical_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Official key spellings -> ours. `X.in_projs.{i}.weight` (one per weight set) become one
+    stacked `X.in_proj_weight`, `X.out_projs.{i}.weight` become `X.out_proj.weight`."""
+    out: dict[str, torch.Tensor] = {}
+    groups: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
+    for key, value in state.items():
+        m = _PER_SET.match(key)
+        if m:
+            groups.setdefault((m.group(1), m.group(2)), {})[int(m.group(3))] = value
+        elif key.endswith(".in_proj.weight"):
+            out[key[: -len(".in_proj.weight")] + ".in_proj_weight"] = value
+        else:
+            out[key] = value
+    for (prefix, kind), parts in groups.items():
+        if sorted(parts) != list(range(len(parts))):
+            raise CheckpointError(f"{prefix}.{kind}_projs: weight sets {sorted(parts)} are not 0..{len(parts) - 1}")
+        name = f"{prefix}.in_proj_weight" if kind == "in" else f"{prefix}.out_proj.weight"
+        out[name] = torch.cat([parts[i] for i in range(len(parts))], dim=0)
+    return out
+
+
+def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str | Path,
+                      dtype: torch.dtype | None = None, keep_fp32: tuple[str, ...] = ()) -> None:
+    """Checks keys and shapes against `model`, casts floats to `dtype`, assigns the tensors."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"{source}: missing key {missing[0]!r}{more}; is this the right file "
+                              f"for this model and config?")
+    unexpected = [k for k in state if k not in expected]
+    if unexpected:
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise CheckpointError(f"{source}: unexpected key {unexpected[0]!r}{more}; is this the right "
+                              f"file for this model and config?")
+    for key, ref in expected.items():
+        value = state[key]
+        if tuple(value.shape) != tuple(ref.shape):
+            raise CheckpointError(f"{source}: key {key!r} has shape {tuple(value.shape)}, the model "
+                                  f"expects {tuple(ref.shape)}; the config does not match this checkpoint")
+        if value.dtype.is_floating_point != ref.dtype.is_floating_point:
+            raise CheckpointError(f"{source}: key {key!r} has dtype {value.dtype}, expected a "
+                                  f"{'float' if ref.dtype.is_floating_point else 'integer'} tensor")
+        if dtype is not None and value.dtype.is_floating_point:
+            state[key] = value.float() if key.startswith(keep_fp32) else value.to(dtype)
+    model.load_state_dict(state, strict=True, assign=True)
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def load_lm(path: str | Path | None, cfg: LMConfig, device: str | torch.device = "cpu",
+            dtype: torch.dtype = torch.bfloat16, lora: str | Path | None = None,
+            lora_scaling: float = 2.0, fuse_lora: bool = True) -> LMModel:
+    """The LM from an official `model.safetensors` (random weights when path is None)."""
+    if path is None:
+        with torch.device(device):
+            model = LMModel(cfg).to(dtype)
+    else:
+        state = canonical_keys(read_safetensors(path, device))
+        with torch.device("meta"):
+            model = LMModel(cfg)
+        load_state_strict(model, state, path, dtype, keep_fp32=("condition_provider.", "fuser."))
+    if lora is not None:
+        apply_lora(model, lora, lora_scaling, fuse=fuse_lora)
+    return model.eval()
+
+
+def load_mimi(path: str | Path | None, num_codebooks: int = 8, device: str | torch.device = "cpu",
+              dtype: torch.dtype = torch.float32, config=None):
+    """Mimi from an official `tokenizer-*.safetensors` (random weights when path is None)."""
+    from .mimi import Mimi, MimiConfig
+
+    cfg = MimiConfig.default() if config is None else config
+    with torch.device(device):
+        model = Mimi(cfg)
+    if path is not None:
+        state = canonical_keys(read_safetensors(path, device))
+        load_state_strict(model, state, path)
+    model.set_num_codebooks(num_codebooks)
+    return model.to(dtype).eval()
+
+
+# ----------------------------------------------------------------------------- LoRA
+
+
+class LoRADelta(nn.Module):
+    """W -> W + scaling * B @ A on rows [start, start + B.shape[0]) (Hu et al. 2021, "LoRA").
+
+    Registered as a parametrization so the adapter stays apart from the base weight (trainable,
+    removable) yet every user of the weight sees the adapted value.
+    """
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor, scaling: float, start: int = 0):
+        super().__init__()
+        self.lora_A = nn.Parameter(a)  # [rank, in]
+        self.lora_B = nn.Parameter(b)  # [out, rank]
+        self.scaling, self.start = scaling, start
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        delta = (self.lora_B @ self.lora_A).to(w.dtype) * self.scaling
+        if self.start == 0 and delta.shape[0] == w.shape[0]:
+            return w + delta
+        stop = self.start + delta.shape[0]
+        return torch.cat([w[:self.start], w[self.start:stop] + delta, w[stop:]], dim=0)
+
+
+def _lora_target(model: nn.Module, name: str) -> tuple[nn.Module, str, int]:
+    """Official LoRA module path -> (module owning the weight, parameter name, first row)."""
+    m = re.match(r"^(.*)\.(in|out)_projs?(?:\.(\d+))?$", name)
+    if m:
+        attn = model.get_submodule(m.group(1))
+        index = int(m.group(3) or 0)
+        if m.group(2) == "in":
+            return attn, "in_proj_weight", index * attn.qkv_dim
+        return attn.out_proj, "weight", index * attn.out_proj.out_dim
+    module = model.get_submodule(name)
+    if not isinstance(module, nn.Linear):
+        raise AttributeError(name)
+    return module, "weight", 0
+
+
+def apply_lora(model: nn.Module, path: str | Path, scaling: float = 2.0, fuse: bool = True) -> None:
+    """Adds the adapters of an official LoRA safetensors file (`X.lora_A.weight`, `X.lora_B.weight`),
+    merged into the weights (`fuse`) or kept apart as parametrizations."""
+    state = read_safetensors(path)
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        m = re.match(r"^(.*)\.(lora_A|lora_B)\.weight$", key)
+        if not m:
+            raise CheckpointError(f"{path}: unexpected key {key!r} in a LoRA file (expected *.lora_A.weight "
+                                  f"and *.lora_B.weight)")
+        pairs.setdefault(m.group(1), {})[m.group(2)] = value
+    for name, ab in pairs.items():
+        if set(ab) != {"lora_A", "lora_B"}:
+            raise CheckpointError(f"{path}: {name} has {sorted(ab)} but needs both lora_A and lora_B")
+        try:
+            module, pname, start = _lora_target(model, name)
+        except AttributeError:
+            raise CheckpointError(f"{path}: key {name + '.lora_A.weight'!r} names no linear layer of the model") from None
+        w = getattr(module, pname)
+        a, b = ab["lora_A"].to(w.device, torch.float32), ab["lora_B"].to(w.device, torch.float32)
+        if a.shape[1] != w.shape[1] or b.shape[1] != a.shape[0] or start + b.shape[0] > w.shape[0]:
+            raise CheckpointError(f"{path}: adapter {name} with A {tuple(a.shape)} and B {tuple(b.shape)} "
+                                  f"does not fit a weight of shape {tuple(w.shape)}")
+        delta = LoRADelta(a, b, scaling, start)
+        if fuse:
+            with torch.no_grad():
+                w.copy_(delta(w.float()).to(w.dtype))
+        else:
+            parametrize.register_parametrization(module, pname, delta)

@@ -1,0 +1,176 @@
+"""Streaming generation with the Moshi LM, one 80 ms frame per step, as plain functions.
+
+    state = init_state(lm, batch_size, sampling)
+    out = step(lm, state, user_codes)    # user_codes [B, n_q - dep_q] for one frame
+    out.text [B], out.audio [B, dep_q], out.valid [B]
+
+Dimension glossary: B batch (slots), K streams (1 text + n_q audio), Q dep_q, C ring length.
+
+The streams are read with their delays: a step writes the user's codes and the model's sampled
+tokens into a small ring buffer of frames (`cache` [B, K, C]) at their delayed positions, and
+returns the frame whose every stream is complete, i.e. `max(delays)` steps back (`valid` is False
+until a slot has produced that many steps). Every slot has its own position, so a slot can be
+reset (`reset_slots`) or left idle (`active`) without disturbing the others. All state is
+preallocated and updated in place, and nothing in `step` waits on the device: the step can be
+captured in a CUDA graph as it is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import UNGENERATED_TOKEN
+from .lm import LMModel
+from .sampling import SamplingConfig, sample
+from .transformer import TransformerState
+
+
+@dataclass
+class GenState:
+    cache: torch.Tensor  # [B, K, C] long, tokens by delayed position, UNGENERATED_TOKEN when unknown
+    offset: torch.Tensor  # [B] long, steps done by each slot
+    initial: torch.Tensor  # [1, K, 1] long, tokens read before a stream has started
+    delays: torch.Tensor  # [K] long
+    temporal: TransformerState
+    depth: TransformerState | None
+    temp: torch.Tensor  # [B] float, audio temperature (<= 0: greedy)
+    top_k: torch.Tensor  # [B] long
+    temp_text: torch.Tensor  # [B] float
+    top_k_text: torch.Tensor  # [B] long
+    max_k: int  # top-k width computed for every slot
+    max_k_text: int
+
+    @property
+    def batch_size(self) -> int:
+        return self.offset.shape[0]
+
+
+@dataclass
+class StepOutput:
+    text: torch.Tensor  # [B] long, text token of the returned frame
+    audio: torch.Tensor  # [B, Q] long, the model's audio codes of the returned frame
+    valid: torch.Tensor  # [B] bool, False while a slot has not yet produced a complete frame
+
+
+def init_state(lm: LMModel, batch_size: int, sampling: SamplingConfig = SamplingConfig(),
+               max_k: int | None = None, max_k_text: int | None = None) -> GenState:
+    """Fresh state for `batch_size` slots. `max_k`/`max_k_text` bound the per-slot top-k (default:
+    the sampling config's values)."""
+    cfg = lm.cfg
+    param = lm.text_linear.weight
+    device, dtype = param.device, param.dtype
+    K, C = cfg.num_codebooks, cfg.max_delay + 2
+    depth = None
+    if lm.depformer is not None:
+        depth = lm.depformer.init_state(batch_size, device=device, dtype=dtype, capacity=cfg.dep_q)
+    state = GenState(
+        cache=torch.full((batch_size, K, C), UNGENERATED_TOKEN, dtype=torch.long, device=device),
+        offset=torch.zeros(batch_size, dtype=torch.long, device=device),
+        initial=lm.initial_tokens(device).view(1, K, 1),
+        delays=torch.tensor(cfg.delays, dtype=torch.long, device=device),
+        temporal=lm.transformer.init_state(batch_size, device=device, dtype=dtype,
+                                           capacity=None if cfg.context else 4096),
+        depth=depth,
+        temp=torch.empty(batch_size, device=device), top_k=torch.empty(batch_size, dtype=torch.long, device=device),
+        temp_text=torch.empty(batch_size, device=device),
+        top_k_text=torch.empty(batch_size, dtype=torch.long, device=device),
+        max_k=min(max_k or sampling.top_k, cfg.card), max_k_text=min(max_k_text or sampling.top_k_text, cfg.text_out_card))
+    set_sampling(state, sampling)
+    return state
+
+
+def set_sampling(state: GenState, sampling: SamplingConfig, mask: torch.Tensor | None = None) -> None:
+    """Sets the sampling settings of the slots in `mask` (all when None). top-k is capped at max_k."""
+    for name, max_k in (("temp", None), ("top_k", state.max_k), ("temp_text", None), ("top_k_text", state.max_k_text)):
+        value = getattr(sampling, name)
+        if max_k is not None:
+            value = min(value, max_k)
+        target = getattr(state, name)
+        if mask is None:
+            target.fill_(value)
+        else:
+            target.masked_fill_(mask.to(target.device), value)
+
+
+def reset_slots(state: GenState, mask: torch.Tensor | None = None) -> None:
+    """Starts a new conversation in the slots where mask [B] is True (all when None)."""
+    if mask is None:
+        state.cache.fill_(UNGENERATED_TOKEN)
+        state.offset.zero_()
+    else:
+        mask = mask.to(state.offset.device)
+        state.cache.masked_fill_(mask[:, None, None], UNGENERATED_TOKEN)
+        state.offset.masked_fill_(mask, 0)
+    state.temporal.reset(mask)
+
+
+def _write(cache: torch.Tensor, positions: torch.Tensor, values: torch.Tensor, active: torch.Tensor | None) -> None:
+    """cache[b, k, positions[b, k]] = values[b, k] for active slots. cache [B, K', C], positions/values [B, K']."""
+    positions, values = positions[..., None], values[..., None]
+    if active is not None:
+        values = torch.where(active[:, None, None], values, cache.gather(2, positions))
+    cache.scatter_(2, positions, values)
+
+
+@torch.no_grad()
+def step(lm: LMModel, state: GenState, user_codes: torch.Tensor, active: torch.Tensor | None = None,
+         generator: torch.Generator | None = None) -> StepOutput:
+    """One frame for every slot. user_codes [B, Ku] with Ku >= n_q - dep_q (extra codebooks are
+    ignored). Slots where `active` [B] is False compute but change nothing (idle conversations)."""
+    cfg = lm.cfg
+    Q, C = cfg.dep_q, state.cache.shape[2]
+    B, Ku = user_codes.shape
+    if B != state.batch_size:
+        raise ValueError(f"user_codes has batch {B}, the state was made for {state.batch_size}")
+    if Ku < cfg.num_user_codebooks:
+        raise ValueError(f"user_codes has {Ku} codebooks, the model reads {cfg.num_user_codebooks}")
+    user_codes = user_codes[:, :cfg.num_user_codebooks].to(state.cache.device)
+
+    # The user's codes of this frame go where their delayed streams will read them.
+    user_delays = state.delays[Q + 1:]
+    _write(state.cache[:, Q + 1:], (state.offset[:, None] + user_delays) % C, user_codes, active)
+
+    # Read this step's tokens; streams that have not started yet read the initial token.
+    not_started = state.offset[:, None, None] <= state.delays[None, :, None]  # [B, K, 1]
+    if active is not None:
+        not_started = not_started | ~active[:, None, None]
+    index = (state.offset % C)[:, None, None].expand(B, cfg.num_codebooks, 1)
+    tokens = torch.where(not_started, state.initial, state.cache.gather(2, index))  # [B, K, 1]
+
+    hidden, text_logits = lm.forward_text(tokens, state.temporal, active)  # [B, 1, D], [B, 1, N]
+    text = sample(text_logits[:, 0], state.temp_text, state.top_k_text, state.max_k_text, generator)
+    audio = depth_step(lm, state, text, hidden, generator) if Q else None
+
+    if active is None:
+        state.offset.add_(1)
+    else:
+        state.offset.add_(active.long())
+    position = (state.offset % C)[:, None]  # [B, 1]
+    produced = text[:, None] if audio is None else torch.cat([text[:, None], audio], dim=1)  # [B, 1 + Q]
+    _write(state.cache[:, :Q + 1], position.expand(B, Q + 1), produced, active)
+
+    # The frame max_delay steps back is now complete in every generated stream.
+    back = (state.offset[:, None] - cfg.max_delay + state.delays[:Q + 1]) % C  # [B, 1 + Q]
+    frame = state.cache[:, :Q + 1].gather(2, back[..., None])[..., 0]  # [B, 1 + Q]
+    valid = state.offset > cfg.max_delay
+    if active is not None:
+        valid = valid & active
+    return StepOutput(text=frame[:, 0], audio=frame[:, 1:], valid=valid)
+
+
+def depth_step(lm: LMModel, state: GenState, text: torch.Tensor, hidden: torch.Tensor,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+    """The depth transformer samples the frame's dep_q audio codebooks in order. text [B] -> [B, Q]."""
+    depth = state.depth
+    depth.reset()
+    prev, out = text[:, None], []  # [B, 1]
+    for q in range(lm.cfg.dep_q):
+        x = lm.depformer_input(q, prev, hidden)  # [B, 1, Dd]
+        y = lm.depformer(x, depth, step=q)
+        logits = lm.depformer_logits(q, y)[:, 0]  # [B, card]
+        token = sample(logits, state.temp, state.top_k, state.max_k, generator)
+        out.append(token)
+        prev = token[:, None]
+    return torch.stack(out, dim=1)

@@ -1,0 +1,50 @@
+"""Token sampling with per-slot temperature and top-k, free of host synchronisation.
+
+Each slot of a batch (a conversation) has its own temperature and top-k; a temperature <= 0 means
+greedy. Top-k is taken at a fixed width `max_k` (shapes stay constant across steps), then entries
+beyond each slot's own k are zeroed. Sampling from the top-k probabilities uses the exponential
+race (argmax of p / E with E ~ Exp(1)), which draws one sample without `torch.multinomial`'s sync
+and consumes the random stream exactly like the official `moshi` sampler.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Official LMGen defaults: audio temperature 0.8, top-k 250; text temperature 0.7, top-k 25."""
+
+    temp: float = 0.8
+    top_k: int = 250
+    temp_text: float = 0.7
+    top_k_text: int = 25
+
+    @classmethod
+    def greedy(cls) -> "SamplingConfig":
+        return cls(temp=0.0, temp_text=0.0)
+
+    def __post_init__(self):
+        for name in ("top_k", "top_k_text"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("temp", "temp_text"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+
+def sample(logits: torch.Tensor, temp: torch.Tensor, top_k: torch.Tensor, max_k: int,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits [B, N], temp [B] float, top_k [B] long (<= max_k) -> tokens [B] long."""
+    logits = logits.float()
+    greedy = logits.argmax(dim=-1)
+    k = min(max_k, logits.shape[-1])
+    probs = torch.softmax(logits / temp.clamp(min=1e-6)[:, None], dim=-1)
+    top, idx = probs.topk(k, dim=-1)  # [B, k]
+    top = top.masked_fill(torch.arange(k, device=logits.device) >= top_k[:, None], 0.0)
+    race = top / torch.empty_like(top).exponential_(1, generator=generator)
+    sampled = idx.gather(-1, race.argmax(dim=-1, keepdim=True))[:, 0]
+    return torch.where(temp > 0, sampled, greedy)

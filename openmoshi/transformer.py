@@ -1,0 +1,402 @@
+"""The causal transformer shared by Mimi and the Moshi LM (temporal and depth transformers).
+
+Dimension glossary:
+    B batch, T time steps in this call, D model dim, H heads, Hkv key/value heads, Dh head dim,
+    S slots of the ring KV cache, F feed-forward hidden dim, M weight sets (weights per step).
+
+Streaming state is a `TransformerState` that the caller owns (`init_state`), updated in place:
+the KV cache is a ring buffer of fixed size and every slot of the batch has its own position, so
+one slot can be reset (`state.reset(mask)`) or left idle (`active`) without touching the others,
+and every step has the same shapes (ready for CUDA graphs).
+
+Parameter names follow the released checkpoints (`self_attn.in_proj_weight`,
+`self_attn.out_proj.weight`, `gating.linear_in.weight`, `norm1.alpha`, ...), so weights load with
+`strict=True`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NORMS = ("layer_norm", "layer_norm_f32", "rms_norm", "rms_norm_f32")
+GATINGS = ("none", "silu", "gelu", "relu", "sigmoid", "tanh", "elu", "leaky_relu", "mish",
+           "softsign", "identity")
+POSITIONAL_EMBEDDINGS = ("rope", "sin", "none")
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    d_model: int
+    num_heads: int
+    num_layers: int
+    dim_feedforward: int
+    causal: bool = True
+    context: int | None = None  # how many past steps (the current one included) a step sees
+    norm: str = "layer_norm"
+    gating: str = "none"  # "none": linear1 -> gelu -> linear2, else a gated FFN with this activation
+    positional_embedding: str = "rope"
+    max_period: float = 10_000.0
+    layer_scale: float | None = None
+    kv_repeat: int = 1
+    weights_per_step: int = 0  # > 0: the i-th step of a sequence uses its own weights (depth transformer)
+    weights_per_step_schedule: tuple[int, ...] | None = None  # step -> weight set, for sharing
+
+    def __post_init__(self):
+        if self.d_model % self.num_heads:
+            raise ValueError(f"d_model={self.d_model} is not a multiple of num_heads={self.num_heads}")
+        if self.num_heads % self.kv_repeat:
+            raise ValueError(f"num_heads={self.num_heads} is not a multiple of kv_repeat={self.kv_repeat}")
+        if self.norm not in NORMS:
+            raise ValueError(f"unknown norm {self.norm!r}, expected one of {NORMS}")
+        if self.gating not in GATINGS:
+            raise ValueError(f"unknown gating {self.gating!r}, expected one of {GATINGS}")
+        if self.positional_embedding not in POSITIONAL_EMBEDDINGS:
+            raise ValueError(f"unknown positional_embedding {self.positional_embedding!r}, "
+                             f"expected one of {POSITIONAL_EMBEDDINGS}")
+        if self.head_dim % 2 and self.positional_embedding == "rope":
+            raise ValueError("rope needs an even head dimension")
+        if self.context is not None and self.context < 1:
+            raise ValueError(f"context must be >= 1 or None, got {self.context}")
+        sched = self.weights_per_step_schedule
+        if sched is not None and len(sched) != self.weights_per_step:
+            raise ValueError(f"weights_per_step_schedule has {len(sched)} entries, "
+                             f"expected weights_per_step={self.weights_per_step}")
+        if self.weights_per_step and self.gating == "none":
+            raise ValueError("weights_per_step needs a gated feed-forward (gating != 'none')")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+    @property
+    def num_weight_sets(self) -> int:
+        if not self.weights_per_step:
+            return 1
+        if self.weights_per_step_schedule is not None:
+            return max(self.weights_per_step_schedule) + 1
+        return self.weights_per_step
+
+    def weight_index(self, step: int) -> int:
+        """Weight set used at position `step` of a sequence (0 without weights per step)."""
+        if not self.weights_per_step:
+            return 0
+        if self.weights_per_step_schedule is not None:
+            return self.weights_per_step_schedule[step]
+        return step
+
+
+# ----------------------------------------------------------------------------- norms
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, f32: bool):
+        super().__init__()
+        self.eps, self.f32 = eps, f32
+        self.alpha = nn.Parameter(torch.ones(1, 1, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float() if self.f32 else x
+        var = self.eps + torch.mean(xf * xf, dim=-1, keepdim=True)
+        return (xf * (self.alpha.to(var.dtype) * torch.rsqrt(var))).to(x.dtype)
+
+
+class LayerNormF32(nn.LayerNorm):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(),
+                            self.eps).to(x.dtype)
+
+
+def make_norm(kind: str, dim: int) -> nn.Module:
+    """The official norms and their epsilons: the `_f32` ones compute in float32 whatever the dtype."""
+    if kind == "layer_norm":
+        return nn.LayerNorm(dim, eps=1e-5)
+    if kind == "layer_norm_f32":
+        return LayerNormF32(dim, eps=1e-8)
+    if kind == "rms_norm":
+        return RMSNorm(dim, eps=1e-5, f32=False)
+    if kind == "rms_norm_f32":
+        return RMSNorm(dim, eps=1e-8, f32=True)
+    raise ValueError(f"unknown norm {kind!r}")
+
+
+class LayerScale(nn.Module):
+    """Per-channel residual scale (Touvron et al. 2021, "Going deeper with image transformers")."""
+
+    def __init__(self, dim: int, init: float):
+        super().__init__()
+        self.scale = nn.Parameter(torch.full((dim,), init))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * x
+
+
+# ----------------------------------------------------------------------------- positions
+
+
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, max_period: float) -> torch.Tensor:
+    """Rotary embedding (Su et al. 2021) on interleaved pairs (x0, x1), (x2, x3), ...
+
+    x: [B, H, T, Dh], positions: [B, T]. Computed in float32 like the official code.
+    """
+    B, H, T, Dh = x.shape
+    freqs = torch.exp(torch.arange(Dh // 2, device=x.device, dtype=torch.float32)
+                      * (-math.log(max_period) * 2 / Dh))  # [Dh/2]
+    angles = positions.float()[:, None, :, None] * freqs  # [B, 1, T, Dh/2]
+    cos, sin = torch.cos(angles), torch.sin(angles)
+    pairs = x.view(B, H, T, Dh // 2, 2)
+    re, im = pairs[..., 0].float(), pairs[..., 1].float()
+    out = torch.stack([re * cos - im * sin, re * sin + im * cos], dim=-1)
+    return out.to(x.dtype).view(B, H, T, Dh)
+
+
+def sin_embedding(positions: torch.Tensor, dim: int, max_period: float, dtype: torch.dtype) -> torch.Tensor:
+    """Sinusoidal embedding [cos | sin] of positions [B, T] -> [B, T, dim]."""
+    half = dim // 2
+    pos = positions.to(dtype)[..., None]
+    scale = torch.arange(half, device=positions.device, dtype=dtype) / (half - 1)
+    phase = pos / (torch.full([], max_period, device=positions.device, dtype=dtype) ** scale)
+    return torch.cat([torch.cos(phase), torch.sin(phase)], dim=-1)
+
+
+# ----------------------------------------------------------------------------- streaming state
+
+
+@dataclass
+class TransformerState:
+    """Ring KV cache with per-slot positions. All tensors are updated in place."""
+
+    offset: torch.Tensor  # [B] long, steps already processed by each slot
+    key_pos: torch.Tensor  # [B, S] long, position held by each cache slot, -1 when empty
+    keys: list[torch.Tensor]  # per layer [B, Hkv, S, Dh]
+    values: list[torch.Tensor]  # per layer [B, Hkv, S, Dh]
+    max_chunk: int  # most steps one call may add without breaking the context window
+
+    @property
+    def capacity(self) -> int:
+        return self.key_pos.shape[1]
+
+    def reset(self, mask: torch.Tensor | None = None) -> None:
+        """Start the slots where `mask` [B] is True afresh (all slots when mask is None)."""
+        if mask is None:
+            self.offset.zero_()
+            self.key_pos.fill_(-1)
+            return
+        mask = mask.to(self.offset.device)
+        self.offset.masked_fill_(mask, 0)
+        self.key_pos.masked_fill_(mask[:, None], -1)
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+class StackedLinear(nn.Module):
+    """M bias-free linear layers stored as one [M * out, in] weight, as in the checkpoints."""
+
+    def __init__(self, in_dim: int, out_dim: int, num_sets: int = 1):
+        super().__init__()
+        self.out_dim = out_dim
+        self.weight = nn.Parameter(torch.empty(num_sets * out_dim, in_dim))
+        nn.init.normal_(self.weight, std=in_dim ** -0.5)
+
+    def forward(self, x: torch.Tensor, index: int = 0) -> torch.Tensor:
+        return F.linear(x, self.weight[index * self.out_dim:(index + 1) * self.out_dim])
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.cfg = cfg
+        D, M = cfg.d_model, cfg.num_weight_sets
+        self.kv_heads = cfg.num_heads // cfg.kv_repeat
+        self.qkv_dim = D + 2 * self.kv_heads * cfg.head_dim
+        self.in_proj_weight = nn.Parameter(torch.empty(M * self.qkv_dim, D))
+        nn.init.normal_(self.in_proj_weight, std=D ** -0.5)
+        self.out_proj = StackedLinear(D, D, M)
+
+    def forward(self, x: torch.Tensor, q_pos: torch.Tensor, index: int,
+                cache: tuple[torch.Tensor, torch.Tensor] | None, key_pos: torch.Tensor,
+                mask: torch.Tensor | None) -> torch.Tensor:
+        cfg = self.cfg
+        B, T, D = x.shape
+        w = self.in_proj_weight[index * self.qkv_dim:(index + 1) * self.qkv_dim]
+        qkv = F.linear(x, w)  # [B, T, D + 2 Hkv Dh]
+        q = qkv[..., :D].view(B, T, cfg.num_heads, cfg.head_dim).transpose(1, 2)  # [B, H, T, Dh]
+        kv = qkv[..., D:].view(B, T, 2, self.kv_heads, cfg.head_dim).permute(2, 0, 3, 1, 4)
+        k, v = kv[0], kv[1]  # [B, Hkv, T, Dh]
+        if cfg.positional_embedding == "rope":
+            q = apply_rope(q, q_pos, cfg.max_period)
+            k = apply_rope(k, q_pos, cfg.max_period)
+        if cache is not None:
+            k_cache, v_cache = cache
+            idx = (q_pos % k_cache.shape[2])[:, None, :, None].expand(B, self.kv_heads, T, cfg.head_dim)
+            k_cache.scatter_(2, idx, k)
+            v_cache.scatter_(2, idx, v)
+            k, v = k_cache, v_cache  # [B, Hkv, S, Dh]
+        if cfg.kv_repeat > 1:
+            k = k.repeat_interleave(cfg.kv_repeat, dim=1)
+            v = v.repeat_interleave(cfg.kv_repeat, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, T, Dh]
+        y = y.transpose(1, 2).reshape(B, T, D)
+        return self.out_proj(y, index)
+
+
+class Gating(nn.Module):
+    """Gated feed-forward: act(x W_a) * (x W_b), then W_out (Shazeer 2020, GLU variants)."""
+
+    def __init__(self, dim: int, dim_feedforward: int, activation: str):
+        super().__init__()
+        # The official sizing rule: 8 d^2 parameters approximated as 21/8 d for the usual 4 d.
+        hidden = (21 * dim) // 8 if dim_feedforward == 4 * dim else (2 * dim_feedforward) // 3
+        self.linear_in = nn.Linear(dim, 2 * hidden, bias=False)
+        self.linear_out = nn.Linear(hidden, dim, bias=False)
+        self.activation = activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.linear_in(x)
+        h = h.view(*h.shape[:-1], 2, -1)  # [..., 2, F]
+        return self.linear_out(activation(self.activation, h[..., 0, :]) * h[..., 1, :])
+
+
+def activation(name: str, x: torch.Tensor) -> torch.Tensor:
+    if name == "identity":
+        return x
+    if name in ("sigmoid", "tanh", "relu"):
+        return getattr(torch, name)(x)
+    return getattr(F, name)(x)
+
+
+class Layer(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.cfg = cfg
+        D = cfg.d_model
+        self.norm1 = make_norm(cfg.norm, D)
+        self.self_attn = Attention(cfg)
+        self.norm2 = make_norm(cfg.norm, D)
+        if cfg.gating == "none":
+            self.linear1 = nn.Linear(D, cfg.dim_feedforward, bias=False)
+            self.linear2 = nn.Linear(cfg.dim_feedforward, D, bias=False)
+        elif cfg.weights_per_step:
+            self.gating = nn.ModuleList(
+                [Gating(D, cfg.dim_feedforward, cfg.gating) for _ in range(cfg.num_weight_sets)])
+        else:
+            self.gating = Gating(D, cfg.dim_feedforward, cfg.gating)
+        if cfg.layer_scale is not None:
+            self.layer_scale_1 = LayerScale(D, cfg.layer_scale)
+            self.layer_scale_2 = LayerScale(D, cfg.layer_scale)
+        else:
+            self.layer_scale_1 = self.layer_scale_2 = nn.Identity()
+
+    def feed_forward(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        if self.cfg.gating == "none":
+            return self.linear2(F.gelu(self.linear1(x)))
+        if self.cfg.weights_per_step:
+            return self.gating[index](x)
+        return self.gating(x)
+
+    def forward(self, x, q_pos, index, cache, key_pos, mask):
+        x = x + self.layer_scale_1(self.self_attn(self.norm1(x), q_pos, index, cache, key_pos, mask))
+        return x + self.layer_scale_2(self.feed_forward(self.norm2(x), index))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.layers = nn.ModuleList([Layer(cfg) for _ in range(cfg.num_layers)])
+
+    def init_state(self, batch_size: int, device=None, dtype=None, capacity: int | None = None,
+                   max_chunk: int = 1) -> TransformerState:
+        """A fresh streaming state. Without a context window, `capacity` (the longest sequence) is required.
+
+        With a context window, steps of up to `max_chunk` frames see their whole window; longer
+        calls are split into chunks of that size.
+        """
+        cfg = self.cfg
+        if not cfg.causal:
+            raise ValueError("streaming needs a causal transformer")
+        param = self.layers[0].self_attn.in_proj_weight
+        device = param.device if device is None else device
+        dtype = param.dtype if dtype is None else dtype
+        if capacity is None:
+            if cfg.context is None:
+                raise ValueError("a transformer without context window needs an explicit capacity")
+            capacity = cfg.context + max_chunk - 1
+        shape = (batch_size, cfg.num_heads // cfg.kv_repeat, capacity, cfg.head_dim)
+        return TransformerState(
+            offset=torch.zeros(batch_size, dtype=torch.long, device=device),
+            key_pos=torch.full((batch_size, capacity), -1, dtype=torch.long, device=device),
+            keys=[torch.zeros(shape, device=device, dtype=dtype) for _ in self.layers],
+            values=[torch.zeros(shape, device=device, dtype=dtype) for _ in self.layers],
+            max_chunk=capacity - cfg.context + 1 if cfg.context is not None else capacity)
+
+    def forward(self, x: torch.Tensor, state: TransformerState | None = None,
+                active: torch.Tensor | None = None, step: int | None = None) -> torch.Tensor:
+        """x: [B, T, D] -> [B, T, D].
+
+        state: None for a whole sequence starting at position 0, else the streaming state.
+        active: bool [B]; slots that are False compute but keep their state (idle conversations).
+        step: with weights per step, the index in the sequence of x[:, 0] (default: the state's
+            offset of slot 0, or 0). All slots must then be at the same step.
+        """
+        B, T, D = x.shape
+        if state is None:
+            return self._forward_whole(x, step or 0)
+        if T > state.max_chunk:  # keep each chunk within the ring buffer's reach
+            return torch.cat([self.forward(x[:, i:i + state.max_chunk], state, active, step)
+                              for i in range(0, T, state.max_chunk)], dim=1)
+        if self.cfg.weights_per_step:
+            if T != 1:
+                raise ValueError("weights per step: give the steps one at a time")
+            if step is None:
+                raise ValueError("weights per step: pass the step index")
+        index = self.cfg.weight_index(step) if self.cfg.weights_per_step else 0
+        q_pos = state.offset[:, None] + torch.arange(T, device=x.device)  # [B, T]
+        slot = q_pos % state.capacity
+        new_pos = q_pos if active is None else torch.where(active[:, None], q_pos, state.key_pos.gather(1, slot))
+        state.key_pos.scatter_(1, slot, new_pos)
+        delta = q_pos[:, :, None] - state.key_pos[:, None, :]  # [B, T, S]
+        mask = (state.key_pos[:, None, :] >= 0) & (delta >= 0)
+        if self.cfg.context is not None:
+            mask &= delta < self.cfg.context
+        if active is not None:  # idle slots attend to everything: finite garbage, never NaN
+            mask |= ~active[:, None, None]
+        mask = mask[:, None]  # [B, 1, T, S]
+        x = self._embed_positions(x, q_pos)
+        for layer, k, v in zip(self.layers, state.keys, state.values):
+            x = layer(x, q_pos, index, (k, v), state.key_pos, mask)
+        if active is None:
+            state.offset.add_(T)
+        else:
+            state.offset.add_(active.long() * T)
+        return x
+
+    def _forward_whole(self, x: torch.Tensor, step: int) -> torch.Tensor:
+        B, T, D = x.shape
+        pos = torch.arange(T, device=x.device)
+        q_pos = pos.expand(B, T)
+        mask = None
+        if self.cfg.causal:
+            delta = pos[:, None] - pos[None, :]
+            mask = delta >= 0
+            if self.cfg.context is not None:
+                mask &= delta < self.cfg.context
+        if self.cfg.weights_per_step:
+            # Step t of the sequence uses its own weights, so run the steps one by one with a
+            # small cache (the depth transformer's sequences are only a few steps long).
+            state = self.init_state(B, device=x.device, dtype=x.dtype, capacity=T)
+            return torch.cat([self.forward(x[:, t:t + 1], state, step=step + t) for t in range(T)], dim=1)
+        x = self._embed_positions(x, q_pos)
+        for layer in self.layers:
+            x = layer(x, q_pos, 0, None, None, mask)
+        return x
+
+    def _embed_positions(self, x: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
+        if self.cfg.positional_embedding == "sin":
+            x = x + sin_embedding(q_pos, x.shape[-1], self.cfg.max_period, x.dtype)
+        return x
