@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import UNGENERATED_TOKEN
+from .config import UNGENERATED_TOKEN, ZERO_TOKEN
 from .lm import LMModel
 from .sampling import SamplingConfig, sample
 from .transformer import TransformerState
@@ -106,6 +106,16 @@ def reset_slots(state: GenState, mask: torch.Tensor | None = None) -> None:
     state.temporal.reset(mask)
 
 
+def check_codes(codes: torch.Tensor, card: int, name: str = "codes") -> None:
+    """Audio codes must be integers in [0, card), or ZERO_TOKEN (-1) for "no input"."""
+    if codes.dtype.is_floating_point or codes.dtype == torch.bool:
+        raise ValueError(f"{name} must be an integer tensor, got {codes.dtype}")
+    bad = (codes < ZERO_TOKEN) | (codes >= card)
+    if bool(bad.any()):
+        value = codes[bad][0].item()
+        raise ValueError(f"{name} holds {value}, outside [0, {card}) (or -1 for no input)")
+
+
 def _write(cache: torch.Tensor, positions: torch.Tensor, values: torch.Tensor, active: torch.Tensor | None) -> None:
     """cache[b, k, positions[b, k]] = values[b, k] for active slots. cache [B, K', C], positions/values [B, K']."""
     positions, values = positions[..., None], values[..., None]
@@ -116,17 +126,24 @@ def _write(cache: torch.Tensor, positions: torch.Tensor, values: torch.Tensor, a
 
 @torch.no_grad()
 def step(lm: LMModel, state: GenState, user_codes: torch.Tensor, active: torch.Tensor | None = None,
-         generator: torch.Generator | None = None) -> StepOutput:
+         generator: torch.Generator | None = None, check: bool = True) -> StepOutput:
     """One frame for every slot. user_codes [B, Ku] with Ku >= n_q - dep_q (extra codebooks are
-    ignored). Slots where `active` [B] is False compute but change nothing (idle conversations)."""
+    ignored). Slots where `active` [B] is False compute but change nothing (idle conversations).
+
+    `check` validates the codes' range, which waits on the device: fast paths that feed codes
+    straight from Mimi pass check=False."""
     cfg = lm.cfg
     Q, C = cfg.dep_q, state.cache.shape[2]
+    if user_codes.dim() != 2:
+        raise ValueError(f"user_codes must be [batch, codebooks], got shape {tuple(user_codes.shape)}")
     B, Ku = user_codes.shape
     if B != state.batch_size:
         raise ValueError(f"user_codes has batch {B}, the state was made for {state.batch_size}")
     if Ku < cfg.num_user_codebooks:
         raise ValueError(f"user_codes has {Ku} codebooks, the model reads {cfg.num_user_codebooks}")
     user_codes = user_codes[:, :cfg.num_user_codebooks].to(state.cache.device)
+    if check:
+        check_codes(user_codes, cfg.card, "user_codes")
 
     # The user's codes of this frame go where their delayed streams will read them.
     user_delays = state.delays[Q + 1:]

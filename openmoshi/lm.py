@@ -158,6 +158,12 @@ class LMModel(nn.Module):
             raise ValueError(f"codes have {K} streams, the model expects {cfg.num_codebooks} (1 text + n_q={cfg.n_q})")
         if self.depformer is None:
             raise ValueError("this model has no depth transformer (dep_q = 0)")
+        limits = torch.tensor([cfg.text_card] + [cfg.card] * cfg.n_q, device=codes.device)[None, :, None]
+        bad = (codes < ZERO_TOKEN) | (codes >= limits)
+        if bool(bad.any()):
+            b, k, t = bad.nonzero()[0].tolist()
+            raise ValueError(f"codes[{b}, {k}, {t}] = {codes[b, k, t].item()} is out of range "
+                             f"[0, {limits[0, k, 0].item()}) (or -1 for no input)")
         initial = self.initial_tokens(codes.device)
         delayed = delay_codes(codes, cfg.delays, initial)  # [B, K, T]
         delayed = torch.cat([initial.view(1, K, 1).expand(B, K, 1), delayed], dim=2)  # [B, K, T + 1]
