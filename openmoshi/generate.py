@@ -107,13 +107,14 @@ def reset_slots(state: GenState, mask: torch.Tensor | None = None) -> None:
 
 
 def check_codes(codes: torch.Tensor, card: int, name: str = "codes") -> None:
-    """Audio codes must be integers in [0, card), or ZERO_TOKEN (-1) for "no input"."""
+    """Audio codes must be integers in [0, card), or ZERO_TOKEN (-1) for "no input", or card itself
+    (the initial token, which Hibiki also reads as "end of the input stream")."""
     if codes.dtype.is_floating_point or codes.dtype == torch.bool:
         raise ValueError(f"{name} must be an integer tensor, got {codes.dtype}")
-    bad = (codes < ZERO_TOKEN) | (codes >= card)
+    bad = (codes < ZERO_TOKEN) | (codes > card)
     if bool(bad.any()):
         value = codes[bad][0].item()
-        raise ValueError(f"{name} holds {value}, outside [0, {card}) (or -1 for no input)")
+        raise ValueError(f"{name} holds {value}, outside [0, {card}) (or -1 for no input, {card} for end of input)")
 
 
 def _write(cache: torch.Tensor, positions: torch.Tensor, values: torch.Tensor, active: torch.Tensor | None) -> None:

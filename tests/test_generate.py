@@ -72,7 +72,7 @@ def test_runs_far_past_the_context_window(lm):
 def test_bad_user_codes(lm):
     state = G.init_state(lm, 2)
     with pytest.raises(ValueError, match="outside \\[0, 64\\)"):
-        G.step(lm, state, torch.full((2, 8), 64))
+        G.step(lm, state, torch.full((2, 8), 65))
     with pytest.raises(ValueError, match="batch 3"):
         G.step(lm, state, torch.zeros(3, 8, dtype=torch.long))
     with pytest.raises(ValueError, match="7 codebooks"):
