@@ -8,7 +8,8 @@ twice in memory.
 
 The one rename table between official keys and ours lives here (`canonical_keys`): the official
 code saves attention projections as one linear per weight set (`in_projs.{i}.weight`), the
-released files as one stacked tensor (`in_proj_weight`); we store the stacked form.
+released files as one stacked tensor (`in_proj_weight`); we store the stacked form as a module
+(`in_proj.weight`).
 """
 
 from __future__ import annotations
@@ -91,23 +92,40 @@ _PER_SET = re.compile(r"^(.*)\.(in|out)_projs\.(\d+)\.weight$")
 
 
 def canonical_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Official key spellings -> ours. `X.in_projs.{i}.weight` (one per weight set) become one
-    stacked `X.in_proj_weight`, `X.out_projs.{i}.weight` become `X.out_proj.weight`."""
+    """Official key spellings -> ours. `X.in_projs.{i}.weight` (one per weight set) and the released
+    `X.in_proj_weight` become one stacked `X.in_proj.weight`; `X.out_projs.{i}.weight` become
+    `X.out_proj.weight`."""
     out: dict[str, torch.Tensor] = {}
     groups: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
     for key, value in state.items():
         m = _PER_SET.match(key)
         if m:
             groups.setdefault((m.group(1), m.group(2)), {})[int(m.group(3))] = value
-        elif key.endswith(".in_proj.weight"):
-            out[key[: -len(".in_proj.weight")] + ".in_proj_weight"] = value
+        elif key.endswith(".in_proj_weight"):
+            out[key[: -len(".in_proj_weight")] + ".in_proj.weight"] = value
         else:
             out[key] = value
     for (prefix, kind), parts in groups.items():
         if sorted(parts) != list(range(len(parts))):
             raise CheckpointError(f"{prefix}.{kind}_projs: weight sets {sorted(parts)} are not 0..{len(parts) - 1}")
-        name = f"{prefix}.in_proj_weight" if kind == "in" else f"{prefix}.out_proj.weight"
+        name = f"{prefix}.{kind}_proj.weight"
         out[name] = torch.cat([parts[i] for i in range(len(parts))], dim=0)
+    return out
+
+
+def dequantize_q8(state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """`model.q8.safetensors` -> float weights, without bitsandbytes. Each quantized linear has
+    `X.weight` int8 [out, in] and `X.weight_scb` float [out] (row-wise absmax): W = q * scb / 127."""
+    out = dict(state)
+    for key in [k for k in state if k.endswith(".weight_scb")]:
+        name = key[: -len("_scb")]
+        if name not in state:
+            raise CheckpointError(f"{key!r} has no matching {name!r} in the q8 checkpoint")
+        q, scb = state[name], out.pop(key)
+        if q.dtype != torch.int8 or scb.shape != q.shape[:1]:
+            raise CheckpointError(f"q8 weight {name!r}: expected int8 [out, in] and scales [out], got "
+                                  f"{q.dtype} {tuple(q.shape)} and {tuple(scb.shape)}")
+        out[name] = (q.float() * (scb.float()[:, None] / 127.0)).to(dtype)
     return out
 
 
@@ -143,19 +161,38 @@ def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], source: 
 
 def load_lm(path: str | Path | None, cfg: LMConfig, device: str | torch.device = "cpu",
             dtype: torch.dtype = torch.bfloat16, lora: str | Path | None = None,
-            lora_scaling: float = 2.0, fuse_lora: bool = True) -> LMModel:
-    """The LM from an official `model.safetensors` (random weights when path is None)."""
+            lora_scaling: float = 2.0, fuse_lora: bool = True, quantize: str | None = None) -> LMModel:
+    """The LM from an official `model.safetensors` or `model.q8.safetensors` (random weights when
+    path is None), or from a quantized openmoshi checkpoint. `quantize` ("int8"/"int4") quantizes
+    the transformer layers after loading."""
+    from .quantize import quantization_of, quantize_lm, set_compute_dtype
+
+    saved_quantization = None if path is None else _quantization_of(path, quantization_of)
     if path is None:
         with torch.device(device):
             model = LMModel(cfg).to(dtype)
     else:
-        state = canonical_keys(read_safetensors(path, device))
+        state = canonical_keys(dequantize_q8(read_safetensors(path, device), dtype))
         with torch.device("meta"):
             model = LMModel(cfg)
+            if saved_quantization is not None:
+                quantize_lm(model, *saved_quantization)
         load_state_strict(model, state, path, dtype, keep_fp32=("condition_provider.", "fuser."))
     if lora is not None:
+        if saved_quantization is not None:
+            raise CheckpointError(f"{path} is quantized: LoRA adapters need the float weights")
         apply_lora(model, lora, lora_scaling, fuse=fuse_lora)
+    if quantize is not None and saved_quantization is None:
+        quantize_lm(model, quantize)
+    set_compute_dtype(model, dtype)
     return model.eval()
+
+
+def _quantization_of(path, quantization_of):
+    try:
+        return quantization_of(path)
+    except Exception:  # unreadable files get their clear error from read_safetensors
+        return None
 
 
 def load_mimi(path: str | Path | None, num_codebooks: int = 8, device: str | torch.device = "cpu",
@@ -203,9 +240,8 @@ def _lora_target(model: nn.Module, name: str) -> tuple[nn.Module, str, int]:
     if m:
         attn = model.get_submodule(m.group(1))
         index = int(m.group(3) or 0)
-        if m.group(2) == "in":
-            return attn, "in_proj_weight", index * attn.qkv_dim
-        return attn.out_proj, "weight", index * attn.out_proj.out_dim
+        proj = attn.in_proj if m.group(2) == "in" else attn.out_proj
+        return proj, "weight", index * proj.out_dim
     module = model.get_submodule(name)
     if not isinstance(module, nn.Linear):
         raise AttributeError(name)

@@ -259,3 +259,14 @@ MOSHI_7B = lm_config_from_dict({
     "depformer_weights_per_step": True,
     "delays": [0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 1],
 })
+
+
+# Small LMs with the 7B's structure, for demos, tests and CPU benchmarks (random weights).
+_SMALL_BASE = {k: v for k, v in MOSHI_7B.to_dict().items() if v is not None}
+TINY = lm_config_from_dict({**_SMALL_BASE, "dim": 128, "num_heads": 4, "num_layers": 2, "text_card": 1000,
+                            "depformer_dim": 64, "depformer_dim_feedforward": 256, "depformer_num_heads": 2,
+                            "depformer_num_layers": 1})
+SMALL = lm_config_from_dict({**_SMALL_BASE, "dim": 512, "num_heads": 8, "num_layers": 6, "text_card": 32000,
+                             "depformer_dim": 256, "depformer_dim_feedforward": 1056, "depformer_num_heads": 4,
+                             "depformer_num_layers": 2})
+BUILTIN_CONFIGS = {"moshi_7b": MOSHI_7B, "tiny": TINY, "small": SMALL}

@@ -9,9 +9,10 @@ the KV cache is a ring buffer of fixed size and every slot of the batch has its 
 one slot can be reset (`state.reset(mask)`) or left idle (`active`) without touching the others,
 and every step has the same shapes (ready for CUDA graphs).
 
-Parameter names follow the released checkpoints (`self_attn.in_proj_weight`,
-`self_attn.out_proj.weight`, `gating.linear_in.weight`, `norm1.alpha`, ...), so weights load with
-`strict=True`.
+Parameter names follow the released checkpoints (`self_attn.out_proj.weight`,
+`gating.linear_in.weight`, `norm1.alpha`, ...), except the released `self_attn.in_proj_weight`,
+which is `self_attn.in_proj.weight` here so that every projection is a module (and can be swapped
+for a quantized one); checkpoint.canonical_keys renames it.
 """
 
 from __future__ import annotations
@@ -214,8 +215,7 @@ class Attention(nn.Module):
         D, M = cfg.d_model, cfg.num_weight_sets
         self.kv_heads = cfg.num_heads // cfg.kv_repeat
         self.qkv_dim = D + 2 * self.kv_heads * cfg.head_dim
-        self.in_proj_weight = nn.Parameter(torch.empty(M * self.qkv_dim, D))
-        nn.init.normal_(self.in_proj_weight, std=D ** -0.5)
+        self.in_proj = StackedLinear(D, self.qkv_dim, M)
         self.out_proj = StackedLinear(D, D, M)
 
     def forward(self, x: torch.Tensor, q_pos: torch.Tensor, index: int,
@@ -223,8 +223,7 @@ class Attention(nn.Module):
                 mask: torch.Tensor | None) -> torch.Tensor:
         cfg = self.cfg
         B, T, D = x.shape
-        w = self.in_proj_weight[index * self.qkv_dim:(index + 1) * self.qkv_dim]
-        qkv = F.linear(x, w)  # [B, T, D + 2 Hkv Dh]
+        qkv = self.in_proj(x, index)  # [B, T, D + 2 Hkv Dh]
         q = qkv[..., :D].view(B, T, cfg.num_heads, cfg.head_dim).transpose(1, 2)  # [B, H, T, Dh]
         kv = qkv[..., D:].view(B, T, 2, self.kv_heads, cfg.head_dim).permute(2, 0, 3, 1, 4)
         k, v = kv[0], kv[1]  # [B, Hkv, T, Dh]
@@ -320,7 +319,7 @@ class Transformer(nn.Module):
         cfg = self.cfg
         if not cfg.causal:
             raise ValueError("streaming needs a causal transformer")
-        param = self.layers[0].self_attn.in_proj_weight
+        param = self.layers[0].norm1.weight if hasattr(self.layers[0].norm1, "weight") else self.layers[0].norm1.alpha
         device = param.device if device is None else device
         dtype = param.dtype if dtype is None else dtype
         if capacity is None:

@@ -1,0 +1,7 @@
+"""`python -m openmoshi` runs the `openmoshi` command line."""
+
+import sys
+
+from openmoshi.cli import main
+
+sys.exit(main())

@@ -1,0 +1,80 @@
+"""`openmoshi bench`: time the streaming loop on random weights of any official config."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def add_bench_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "bench", help="time Mimi encode, LM step and Mimi decode per 80 ms frame on random weights",
+        description="Runs the streaming loop with random weights (nothing is downloaded) and prints "
+                    "per-frame times (median and p99) and peak GPU memory.")
+    p.add_argument("--config", default="moshi_7b",
+                   help="moshi_7b (default), tiny, small, or the path of an official config.json")
+    p.add_argument("--batch-sizes", default="1", help="comma-separated, e.g. 1,8,32,64")
+    p.add_argument("--steps", type=int, default=50, help="timed frames per batch size")
+    p.add_argument("--warmup", type=int, default=10, help="untimed frames first")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="default: bfloat16 on cuda, float32 on cpu")
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None, help="weight-only quantized LM")
+    p.add_argument("--codec-only", action="store_true", help="time Mimi alone (no LM)")
+    p.add_argument("--no-mimi", action="store_true", help="time the LM alone")
+    p.add_argument("--no-cuda-graph", action="store_true", help="run eagerly on CUDA")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--json", default=None, help="write the results to this JSON file")
+    p.set_defaults(handler=run_bench)
+
+
+def _batch_sizes(text: str) -> list[int]:
+    from .cli import UsageError
+
+    try:
+        sizes = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"--batch-sizes must be comma-separated integers, got {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise UsageError(f"--batch-sizes must be positive, got {text!r}")
+    return sizes
+
+
+def run_bench(args) -> int:
+    import torch
+
+    from . import bench
+    from .cli import UsageError, _resolve_device
+    from .config import BUILTIN_CONFIGS, load_model_config
+
+    sizes = _batch_sizes(args.batch_sizes)
+    if args.steps < 1 or args.warmup < 0:
+        raise UsageError("--steps must be >= 1 and --warmup >= 0")
+    device = _resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    dtype = getattr(torch, dtype_name)
+    if args.config in BUILTIN_CONFIGS:
+        cfg = BUILTIN_CONFIGS[args.config]
+    else:
+        cfg = load_model_config(args.config).lm
+    lm = None if args.codec_only else bench.random_lm(cfg, device, dtype, args.quantize)
+    mimi = None
+    if not args.no_mimi:
+        from .checkpoint import load_mimi
+        mimi = load_mimi(None, num_codebooks=max(cfg.dep_q, cfg.num_user_codebooks), device=device)
+    params = sum(p.numel() for p in lm.parameters()) / 1e9 if lm is not None else 0
+    print(f"openmoshi bench: config {args.config} ({params:.2f} B LM params), device {device}, {dtype_name}"
+          f"{', ' + args.quantize if args.quantize else ''}, cuda graphs "
+          f"{'off' if args.no_cuda_graph or device.type != 'cuda' else 'on'}, threads {torch.get_num_threads()}")
+    print(bench.HEADER)
+    results = []
+    for b in sizes:
+        r = bench.bench_loop(lm, mimi, b, args.steps, args.warmup, device, not args.no_cuda_graph, args.codec_only)
+        print(bench.format_row(r), flush=True)
+        results.append(bench.as_dict(r))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"config": args.config, "device": str(device), "dtype": dtype_name,
+                                               "quantize": args.quantize, "results": results}, indent=1))
+    return 0

@@ -1,0 +1,185 @@
+"""Weight-only int8 and int4 quantization of the LM's transformer linears.
+
+Like gpt-fast, this file swaps modules and leaves the model files untouched: `quantize_lm(lm, "int8")`
+replaces every linear layer of the temporal and depth transformers (attention projections and
+feed-forwards, ~98% of the 7B's weights) by a `QuantizedLinear`. Embeddings and output heads stay
+in the run dtype.
+
+- int8: symmetric, one float scale per output row (per channel): W ~ q * scale, q in [-127, 127].
+- int4: asymmetric per group of `group_size` inputs: W ~ (q - 8) * scale + offset, q in [0, 15],
+  two values packed per byte.
+
+The reference forward dequantizes and calls `F.linear`; on CUDA, int4 uses PyTorch's tinygemm kernel
+(`torch._weight_int4pack_mm`), which reads half the bytes of int8 at batch 1. Quantized models save
+and load as safetensors with the format in the metadata.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .transformer import Attention, Gating, Layer, StackedLinear
+
+MODES = ("int8", "int4")
+FORMAT_KEY = "openmoshi_quantization"
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [out, in] -> (q int8 [out, in], scale float32 [out])."""
+    w = w.float()
+    scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w [out, in] -> (packed uint8 [out, in / 2], scale [out, G], offset [out, G]), G = in / group_size."""
+    out_dim, in_dim = w.shape
+    g = w.float().view(out_dim, in_dim // group_size, group_size)
+    lo, hi = g.amin(dim=-1), g.amax(dim=-1)
+    scale = ((hi - lo) / 15).clamp(min=1e-8)
+    offset = lo + 8 * scale  # the value of q = 8, the middle of the range
+    q = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8).view(out_dim, in_dim)
+    packed = q[:, 0::2] | (q[:, 1::2] << 4)
+    return packed, scale, offset
+
+
+def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    out_dim = packed.shape[0]
+    q = torch.stack([packed & 15, packed >> 4], dim=-1).view(out_dim, scale.shape[1], -1)  # [out, G, group]
+    w = (q.float() - 8) * scale[..., None] + offset[..., None]
+    return w.view(out_dim, -1).to(dtype)
+
+
+class QuantizedLinear(nn.Module):
+    """Bias-free linear with quantized weights; `num_sets` stacked weight sets like StackedLinear."""
+
+    def __init__(self, in_dim: int, out_dim: int, mode: str, num_sets: int = 1, group_size: int = 128,
+                 dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"unknown quantization {mode!r}, expected one of {MODES}")
+        if mode == "int4" and in_dim % group_size:
+            raise ValueError(f"int4 needs in_dim={in_dim} to be a multiple of group_size={group_size}")
+        self.in_dim, self.out_dim, self.mode, self.group_size, self.dtype = in_dim, out_dim, mode, group_size, dtype
+        rows = num_sets * out_dim
+        if mode == "int8":
+            self.register_buffer("qweight", torch.zeros(rows, in_dim, dtype=torch.int8))
+            self.register_buffer("scale", torch.ones(rows))
+        else:
+            self.register_buffer("qweight", torch.zeros(rows, in_dim // 2, dtype=torch.uint8))
+            self.register_buffer("scale", torch.ones(rows, in_dim // group_size))
+            self.register_buffer("offset", torch.zeros(rows, in_dim // group_size))
+        self._tinygemm: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @classmethod
+    def from_weight(cls, w: torch.Tensor, mode: str, num_sets: int = 1, group_size: int = 128) -> "QuantizedLinear":
+        rows, in_dim = w.shape
+        m = cls(in_dim, rows // num_sets, mode, num_sets, group_size, w.dtype).to(w.device)
+        if w.is_meta:
+            return m
+        if mode == "int8":
+            m.qweight, m.scale = quantize_int8(w)
+        else:
+            m.qweight, m.scale, m.offset = quantize_int4(w, group_size)
+        return m
+
+    def weight(self, index: int = 0) -> torch.Tensor:
+        """The dequantized weight set `index`, [out, in] in the run dtype."""
+        rows = slice(index * self.out_dim, (index + 1) * self.out_dim)
+        if self.mode == "int8":
+            return (self.qweight[rows].float() * self.scale[rows, None]).to(self.dtype)
+        return dequantize_int4(self.qweight[rows], self.scale[rows], self.offset[rows], self.dtype)
+
+    def forward(self, x: torch.Tensor, index: int = 0) -> torch.Tensor:
+        if self.mode == "int4" and x.is_cuda and x.dtype == torch.bfloat16:
+            return self._forward_tinygemm(x, index)
+        return F.linear(x, self.weight(index).to(x.dtype))
+
+    def _forward_tinygemm(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        if index not in self._tinygemm:  # packed once, on first use, in the kernel's own layout
+            rows = slice(index * self.out_dim, (index + 1) * self.out_dim)
+            packed = self.qweight[rows]
+            q = torch.stack([packed & 15, packed >> 4], dim=-1).view(self.out_dim, -1)
+            # The kernel's input packs the even column in the high nibble (ours: low nibble).
+            packed_tg = torch._convert_weight_to_int4pack(((q[:, 0::2] << 4) | q[:, 1::2]).contiguous(), 8)
+            # tinygemm computes (q - 8) * scale + zero: the same convention as ours.
+            scales_zeros = torch.stack([self.scale[rows], self.offset[rows]], dim=-1).transpose(0, 1)
+            self._tinygemm[index] = (packed_tg, scales_zeros.to(torch.bfloat16).contiguous())
+        packed_tg, scales_zeros = self._tinygemm[index]
+        y = torch._weight_int4pack_mm(x.reshape(-1, self.in_dim), packed_tg, self.group_size, scales_zeros)
+        return y.view(*x.shape[:-1], self.out_dim)
+
+
+def _swap(parent: nn.Module, name: str, mode: str, group_size: int) -> None:
+    old = getattr(parent, name)
+    if mode == "int4" and old.weight.shape[1] % group_size:
+        return  # an input width the groups do not divide stays in float (none in the released models)
+    if isinstance(old, StackedLinear):
+        num_sets = old.weight.shape[0] // old.out_dim
+        new = QuantizedLinear.from_weight(old.weight.data, mode, num_sets, group_size)
+    elif isinstance(old, nn.Linear):
+        if old.bias is not None:
+            return
+        new = QuantizedLinear.from_weight(old.weight.data, mode, 1, group_size)
+    else:
+        return
+    setattr(parent, name, new)
+
+
+def quantize_transformer_layers(model: nn.Module, mode: str, group_size: int = 128) -> None:
+    """Swaps the linears of every transformer layer in `model` for quantized ones, in place."""
+    if mode not in MODES:
+        raise ValueError(f"unknown quantization {mode!r}, expected one of {MODES}")
+    for module in list(model.modules()):
+        if isinstance(module, Attention):
+            _swap(module, "in_proj", mode, group_size)
+            _swap(module, "out_proj", mode, group_size)
+        elif isinstance(module, Gating):
+            _swap(module, "linear_in", mode, group_size)
+            _swap(module, "linear_out", mode, group_size)
+        elif isinstance(module, Layer) and module.cfg.gating == "none":
+            _swap(module, "linear1", mode, group_size)
+            _swap(module, "linear2", mode, group_size)
+
+
+def quantize_lm(lm: nn.Module, mode: str, group_size: int = 128) -> nn.Module:
+    quantize_transformer_layers(lm.transformer, mode, group_size)
+    if lm.depformer is not None:
+        quantize_transformer_layers(lm.depformer, mode, group_size)
+    lm.quantization = (mode, group_size)
+    return lm
+
+
+def set_compute_dtype(model: nn.Module, dtype: torch.dtype) -> None:
+    """Quantized linears dequantize to `dtype` (the dtype of the rest of the model); their scales
+    stay in float32."""
+    for m in model.modules():
+        if isinstance(m, QuantizedLinear):
+            m.dtype = dtype
+            m.scale = m.scale.float()
+            if m.mode == "int4":
+                m.offset = m.offset.float()
+
+
+def save_quantized_lm(lm: nn.Module, path: str | Path) -> None:
+    from safetensors.torch import save_file
+
+    mode, group_size = lm.quantization
+    state = {k: v.contiguous() for k, v in lm.state_dict().items()}
+    save_file(state, str(path), metadata={FORMAT_KEY: mode, "group_size": str(group_size)})
+
+
+def quantization_of(path: str | Path) -> tuple[str, int] | None:
+    """(mode, group_size) when `path` is a quantized openmoshi checkpoint, else None."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    if FORMAT_KEY not in meta:
+        return None
+    return meta[FORMAT_KEY], int(meta.get("group_size", 128))
