@@ -227,6 +227,7 @@ def build_parser() -> ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_codec_parser(subparsers)
     add_bench_parser(subparsers)
+    from openmoshi.cli_infer import add_infer_parser; add_infer_parser(subparsers)  # noqa: E702
     return parser
 
 

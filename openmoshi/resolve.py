@@ -1,0 +1,303 @@
+"""Model resolution shared by every command: which files make a model, where they come from, and
+loading them.
+
+    files = resolve_files(hf_repo="kyutai/moshiko-pytorch-bf16")     # or resolve_model(args)
+    model = load_model(files, device="cpu", dtype=torch.float32)      # LoadedModel
+
+Each file argument is a local path, `file://path` (always local) or `hf://owner/repo/file` (that
+file of another Hugging Face repo), as the official tools accept. Files not given explicitly come
+from `--hf-repo`: a Hugging Face repo id (downloaded through `huggingface_hub`, with its cache and
+progress bar) or a local folder laid out like one. The repo's `config.json` names the files
+(`moshi_name`, `mimi_name`, `tokenizer_name`, ...); a repo without it is a legacy Moshi 7B
+(`MOSHI_7B` and the default file names). When the Hub cannot be reached (HF_HUB_OFFLINE=1, no
+network) and a file is not in the cache, `ResolveError` names the files needed and the flags that
+take local copies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .config import ModelConfig
+
+
+DEFAULT_REPO = "kyutai/moshiko-pytorch-bf16"
+CONFIG_NAME = "config.json"
+DTYPES = ("float32", "bfloat16", "float16")
+
+# Command-line flag of each file, for error messages.
+_FLAGS = {"config": "--config-path", "moshi": "--moshi-weight", "mimi": "--mimi-weight",
+          "tokenizer": "--tokenizer", "lora": "--lora-weight", "mimi_config": "--hf-repo DIR"}
+
+
+class ResolveError(ValueError):
+    """A model file that cannot be found or fetched; the message says what to pass instead."""
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """Local paths of every file of a model, and its configuration."""
+
+    config: ModelConfig
+    moshi_weight: Path
+    mimi_weight: Path
+    tokenizer: Path
+    lora_weight: Path | None = None
+    mimi_config: Path | None = None  # official Mimi config JSON, None for the released Mimi
+    config_path: Path | None = None  # None: legacy repo, MOSHI_7B
+    hf_repo: str | None = None
+
+    @property
+    def model_type(self) -> str:
+        return self.config.model_type
+
+
+# ----------------------------------------------------------------------------- arguments
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """The model-selection flags shared by every command that runs the LM."""
+    g = parser.add_argument_group("model")
+    g.add_argument("--hf-repo", default=DEFAULT_REPO, metavar="REPO",
+                   help=f"Hugging Face repo id, or a local folder with the same files (default {DEFAULT_REPO})")
+    for flag, what in (("--moshi-weight", "LM weights (model.safetensors or model.q8.safetensors)"),
+                       ("--mimi-weight", "Mimi weights (tokenizer-*.safetensors)"),
+                       ("--tokenizer", "SentencePiece text tokenizer (.model)"),
+                       ("--config-path", "config.json (default: the repo's, or Moshi 7B if it has none)"),
+                       ("--lora-weight", "LoRA adapter weights (.safetensors)")):
+        g.add_argument(flag, default=None, metavar="PATH",
+                       help=f"{what}: a local path, file://PATH or hf://OWNER/REPO/FILE (default: from --hf-repo)")
+    g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    g.add_argument("--dtype", default=None, choices=DTYPES,
+                   help="weights dtype (default: bfloat16 on cuda, float32 on cpu)")
+
+
+def resolve_model(args: argparse.Namespace) -> ModelFiles:
+    """The files named by `add_model_args` flags, fetched and checked."""
+    return resolve_files(hf_repo=args.hf_repo, moshi_weight=args.moshi_weight,
+                         mimi_weight=args.mimi_weight, tokenizer=args.tokenizer,
+                         config_path=args.config_path, lora_weight=args.lora_weight)
+
+
+# ----------------------------------------------------------------------------- resolution
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+class _Fetcher:
+    """Fetches files by name from one repo; remembers what could not be fetched."""
+
+    def __init__(self, hf_repo: str | None):
+        self.hf_repo = hf_repo
+        self.local_dir = Path(hf_repo) if hf_repo and Path(hf_repo).is_dir() else None
+
+    def uri(self, spec: str | os.PathLike, kind: str) -> Path:
+        """An explicit file argument: local path, file://, hf://owner/repo/file."""
+        spec = str(spec)
+        if spec.startswith("hf://"):
+            parts = spec[len("hf://"):].split("/")
+            if len(parts) < 3 or not all(parts):
+                raise ResolveError(f"{_FLAGS[kind]} {spec}: expected hf://OWNER/REPO/FILE")
+            return self.download("/".join(parts[:2]), "/".join(parts[2:]), kind)
+        path = Path(spec[len("file://"):] if spec.startswith("file://") else spec).expanduser()
+        if not path.is_file():
+            what = "does not exist" if not path.exists() else "is not a file"
+            raise ResolveError(f"{_FLAGS[kind]} {spec}: {path} {what}")
+        return path
+
+    def named(self, name: str, kind: str) -> Path:
+        """A file of the --hf-repo repo (or local folder), by name."""
+        if self.local_dir is not None:
+            path = self.local_dir / name
+            if not path.is_file():
+                raise ResolveError(f"{name} not found in {self.local_dir}; pass it with {_FLAGS[kind]} PATH")
+            return path
+        if self.hf_repo is None:
+            raise ResolveError(f"no {name}: pass {_FLAGS[kind]} PATH or --hf-repo")
+        return self.download(self.hf_repo, name, kind)
+
+    def download(self, repo: str, name: str, kind: str) -> Path:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import (EntryNotFoundError, LocalEntryNotFoundError,
+                                            RepositoryNotFoundError, RevisionNotFoundError)
+        try:
+            return Path(hf_hub_download(repo, name))
+        except LocalEntryNotFoundError:
+            raise _Unreachable(repo, name, kind) from None
+        except EntryNotFoundError:
+            raise ResolveError(f"Hugging Face repo {repo} has no file {name}") from None
+        except RepositoryNotFoundError:
+            raise ResolveError(f"Hugging Face repo {repo} not found (or it is private and no token "
+                               "was given: run 'hf auth login')") from None
+        except RevisionNotFoundError as e:
+            raise ResolveError(f"Hugging Face repo {repo}: {e}") from None
+        except (OSError, ValueError) as e:  # network errors, bad repo ids
+            if "Repo id" in str(e) or "repo_id" in str(e):
+                raise ResolveError(f"bad Hugging Face repo id {repo!r}: use OWNER/NAME or a local folder") from None
+            raise _Unreachable(repo, name, kind) from None
+
+
+class _Unreachable(ResolveError):
+    """The Hub could not be reached and the file is not in the local cache."""
+
+    def __init__(self, repo: str, name: str, kind: str):
+        self.repo, self.name, self.kind = repo, name, kind
+        why = "HF_HUB_OFFLINE is set" if _hub_offline() else "the Hugging Face Hub could not be reached"
+        super().__init__(f"cannot get {name} from {repo}: {why} and it is not in the local cache")
+
+
+def _needed_files_message(err: _Unreachable, config: ModelConfig | None) -> str:
+    from .config import MOSHI_7B, ModelConfig
+
+    names = [(CONFIG_NAME, "config")] if config is None else []
+    cfg = config or ModelConfig(lm=MOSHI_7B)
+    names += [(cfg.moshi_name, "moshi"), (cfg.mimi_name, "mimi"), (cfg.tokenizer_name, "tokenizer")]
+    listing = ", ".join(f"{n} ({_FLAGS[k]})" for n, k in names)
+    return (f"{err}. The model needs {listing}: download them where the Hub is reachable and pass "
+            f"the local copies with those flags, or put them in a folder and pass --hf-repo FOLDER")
+
+
+def _cached_legacy(repo: str) -> bool:
+    """Whether the local hub cache knows that `repo` has no config.json (a legacy repo), offline."""
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.file_download import _CACHED_NO_EXIST
+
+    from .config import MOSHI_7B, ModelConfig
+
+    if try_to_load_from_cache(repo, CONFIG_NAME) is _CACHED_NO_EXIST:
+        return True
+    # Files put into the cache by hand: the snapshot holds the legacy LM file but no config.json.
+    return isinstance(try_to_load_from_cache(repo, ModelConfig(lm=MOSHI_7B).moshi_name), str)
+
+
+def _warn(message: str) -> None:
+    print(f"openmoshi: warning: {message}", file=sys.stderr)
+
+
+def resolve_files(hf_repo: str | None = DEFAULT_REPO, moshi_weight=None, mimi_weight=None,
+                  tokenizer=None, config_path=None, lora_weight=None) -> ModelFiles:
+    """Finds (downloading if needed) every file of a model. See the module docstring."""
+    from .config import MOSHI_7B, ModelConfig, load_model_config
+
+    fetch = _Fetcher(hf_repo)
+    config: ModelConfig | None = None
+    cfg_file: Path | None = None
+    try:
+        if config_path is not None:
+            cfg_file = fetch.uri(config_path, "config")
+        elif fetch.local_dir is not None:
+            cfg_file = fetch.local_dir / CONFIG_NAME
+            if not cfg_file.is_file():
+                cfg_file = None
+                _warn(f"{fetch.local_dir} has no {CONFIG_NAME}: assuming the legacy Moshi 7B")
+        elif hf_repo is not None:
+            cfg_file = _repo_config(fetch, hf_repo, explicit=None not in (moshi_weight, mimi_weight, tokenizer))
+        config = ModelConfig(lm=MOSHI_7B) if cfg_file is None else load_model_config(cfg_file)
+
+        def pick(explicit, name: str | None, kind: str) -> Path | None:
+            if explicit is not None:
+                return fetch.uri(explicit, kind)
+            return None if name is None else fetch.named(name, kind)
+
+        moshi = pick(moshi_weight, config.moshi_name, "moshi")
+        mimi = pick(mimi_weight, config.mimi_name, "mimi")
+        tok = pick(tokenizer, config.tokenizer_name, "tokenizer")
+        lora = pick(lora_weight, config.lora_name if config.lora else None, "lora")
+        mimi_cfg = pick(None, config.mimi_config_name, "mimi_config")
+    except _Unreachable as e:
+        raise ResolveError(_needed_files_message(e, config)) from None
+    return ModelFiles(config=config, moshi_weight=moshi, mimi_weight=mimi, tokenizer=tok,
+                      lora_weight=lora, mimi_config=mimi_cfg, config_path=cfg_file, hf_repo=hf_repo)
+
+
+def _repo_config(fetch: _Fetcher, repo: str, explicit: bool) -> Path | None:
+    """The repo's config.json; None for a legacy repo without one."""
+    try:
+        return fetch.download(repo, CONFIG_NAME, "config")
+    except _Unreachable:
+        # Offline: legacy if the cache says so, or if every weight is given locally (as the
+        # official loader does); otherwise the caller lists what is needed.
+        if _cached_legacy(repo) or explicit:
+            _warn(f"no {CONFIG_NAME} for {repo} (offline): assuming the legacy Moshi 7B; pass "
+                  "--config-path for another model")
+            return None
+        raise
+    except ResolveError as e:
+        if f"has no file {CONFIG_NAME}" not in str(e):
+            raise
+        _warn(f"{repo} has no {CONFIG_NAME}: assuming the legacy Moshi 7B")
+        return None
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def resolve_device(name: str | None):
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ResolveError(f"bad --device {name!r}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ResolveError(f"--device {name} asked for, but CUDA is not available")
+    return device
+
+
+def resolve_dtype(name: str | None, device):
+    import torch
+
+    if name is None:
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ResolveError(f"bad --dtype {name!r}, expected one of {', '.join(DTYPES)}")
+    return getattr(torch, name)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    lm: object  # openmoshi.lm.LMModel
+    mimi: object  # openmoshi.mimi.Mimi
+    tokenizer: object  # sentencepiece.SentencePieceProcessor
+    config: ModelConfig
+    files: ModelFiles
+    device: object  # torch.device
+    dtype: object  # torch.dtype
+
+
+def load_model(files: ModelFiles, device=None, dtype=None) -> LoadedModel:
+    """LM, Mimi and text tokenizer of `files`. device/dtype: torch objects or names (None: default).
+    Mimi runs in float32 whatever the LM dtype, like the official tools."""
+    import torch
+
+    from .checkpoint import load_lm, load_mimi, load_text_tokenizer
+
+    device = resolve_device(device if device is None or isinstance(device, str) else str(device))
+    if not isinstance(dtype, torch.dtype):
+        dtype = resolve_dtype(dtype, device)
+    cfg = files.config
+    lm = load_lm(files.moshi_weight, cfg.lm, device, dtype, lora=files.lora_weight,
+                 lora_scaling=cfg.lora_scaling)
+    if cfg.model_type == "hibiki":
+        # As the official loader: an early text EOS (2) reads like padding (3) until the input ends.
+        with torch.no_grad():
+            lm.text_emb.weight[2] = lm.text_emb.weight[3]
+    mimi_config = None
+    if files.mimi_config is not None:
+        from .mimi_config import mimi_config_from_dict
+        mimi_config = mimi_config_from_dict(json.loads(files.mimi_config.read_text()))
+    mimi = load_mimi(files.mimi_weight, cfg.mimi_codebooks, device, torch.float32, config=mimi_config)
+    tokenizer = load_text_tokenizer(files.tokenizer)
+    return LoadedModel(lm=lm, mimi=mimi, tokenizer=tokenizer, config=cfg, files=files,
+                       device=device, dtype=dtype)
