@@ -228,6 +228,8 @@ def build_parser() -> ArgumentParser:
     add_codec_parser(subparsers)
     add_bench_parser(subparsers)
     from openmoshi.cli_infer import add_infer_parser; add_infer_parser(subparsers)  # noqa: E702
+    from openmoshi.cli_client import add_client_parser; add_client_parser(subparsers)  # noqa: E702
+    from openmoshi.cli_serve import add_serve_parser; add_serve_parser(subparsers)  # noqa: E702
     return parser
 
 

@@ -1,0 +1,249 @@
+"""The batched model loop of the server: one Mimi encode, one LM step and one Mimi decode per 80 ms
+frame for every conversation at once, in a worker thread off the event loop.
+
+Each conversation owns a slot b of a fixed batch B = max sessions. The worker ticks once per frame:
+
+    inbox[b] (PCM frames from the client) ──> pcm [B, 1, F] ──Mimi encode──> codes [B, K, 1]
+        ──LM step (active = occupied slots)──> text [B], audio [B, Q] ──Mimi decode──> pcm [B, 1, F]
+        ──> on_frame(b, pcm, text piece) for the slots whose frame is complete (`valid`)
+
+Frame policy, per slot, as the official server: every input frame is encoded and given to one LM
+step; the first step only reads initial tokens, and right after the first frame the slot's Mimi
+encoder state is reset so the next frame starts with fresh left padding; each step's output is
+decoded and sent at once. The clock: a tick happens as soon as every occupied slot has a frame
+waiting, or at the latest `TICK_SLACK` after the previous tick; a slot whose client is late reads
+silence for that tick, so one slow client never holds back the others. Joining, leaving and
+restarting are commands applied by the worker between ticks; they reset only that slot (LM state,
+Mimi encoder and decoder state, sampling settings).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .config import TEXT_END_PADDING_ID, TEXT_PADDING_ID
+from .generate import init_state, reset_slots, set_sampling, step
+from .metrics import Metrics
+from .sampling import SamplingConfig
+
+log = logging.getLogger("openmoshi.server")
+
+FRAME_SECONDS = 0.08
+TICK_SLACK = 0.1  # latest tick: 80 ms plus 20 ms of grace for a client's network jitter
+INBOX_FRAMES = 25  # input frames kept per slot (2 s); the oldest are dropped beyond
+HIDDEN_TEXT_IDS = (TEXT_END_PADDING_ID, TEXT_PADDING_ID)  # never shown to users
+
+
+@dataclass
+class Slot:
+    """One conversation's place in the batch. `on_ready()` and `on_frame(pcm [F] float32, text)`
+    are called from the worker thread; the server wraps them to hop onto its event loop."""
+
+    index: int
+    sampling: SamplingConfig
+    on_ready: Callable[[], None]
+    on_frame: Callable[[np.ndarray, str | None], None]
+    inbox: deque = field(default_factory=lambda: deque(maxlen=INBOX_FRAMES))
+    steps: int = 0
+    frames_in: int = 0
+    silent_ticks: int = 0
+
+
+class Batcher:
+    """Owns the model states of `max_slots` conversations and the worker thread that steps them."""
+
+    def __init__(self, lm, mimi, tokenizer: Any, max_slots: int, sampling: SamplingConfig = SamplingConfig(),
+                 metrics: Metrics | None = None):
+        if max_slots < 1:
+            raise ValueError(f"max_slots must be >= 1, got {max_slots}")
+        if mimi.num_codebooks < lm.cfg.num_user_codebooks:
+            raise ValueError(f"Mimi produces {mimi.num_codebooks} codebooks, the LM reads {lm.cfg.num_user_codebooks}")
+        self.lm, self.mimi, self.tokenizer = lm, mimi, tokenizer
+        self.max_slots = max_slots
+        self.sampling = sampling
+        self.frame_size = mimi.frame_size
+        self.metrics = metrics or Metrics()
+        self._slots: list[Slot | None] = [None] * max_slots  # worker's view
+        self._reserved = [False] * max_slots  # event loop's view, under _lock
+        self._lock = threading.Lock()
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pieces: dict[int, str] = {}
+
+    # ------------------------------------------------------------------ event-loop side
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="openmoshi-batcher", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def active(self) -> int:
+        with self._lock:
+            return sum(self._reserved)
+
+    def open(self, sampling: SamplingConfig, on_ready, on_frame) -> Slot | None:
+        """Reserves a slot (None when all are taken); `on_ready` fires once it has been reset."""
+        with self._lock:
+            free = [i for i, taken in enumerate(self._reserved) if not taken]
+            if not free:
+                return None
+            self._reserved[free[0]] = True
+            self.metrics.set_active(sum(self._reserved))
+        slot = Slot(free[0], sampling, on_ready, on_frame)
+        self._command("join", slot)
+        return slot
+
+    def close(self, slot: Slot) -> None:
+        self._command("leave", slot)
+
+    def restart(self, slot: Slot) -> None:
+        self._command("join", slot)
+
+    def push(self, slot: Slot, pcm: np.ndarray) -> int:
+        """Queues whole frames of PCM [N * F]; returns how many old frames were dropped to make room."""
+        dropped = 0
+        for i in range(0, pcm.shape[0] - self.frame_size + 1, self.frame_size):
+            if len(slot.inbox) == slot.inbox.maxlen:
+                dropped += 1
+            slot.inbox.append(pcm[i:i + self.frame_size])
+            slot.frames_in += 1
+        if dropped:
+            self.metrics.inc("openmoshi_frames_dropped_total", dropped, direction="in")
+        self._wake.set()
+        return dropped
+
+    def _command(self, kind: str, slot: Slot) -> None:
+        self._commands.put((kind, slot))
+        self._wake.set()
+
+    # ------------------------------------------------------------------ worker side
+
+    def _run(self) -> None:
+        try:
+            with torch.no_grad():
+                self._loop()
+        except Exception:  # the model loop died: log it loudly, the health check reports it
+            log.exception("batcher crashed")
+            self.metrics.inc("openmoshi_errors_total", kind="batcher")
+            self.crashed = True
+
+    crashed = False
+
+    def _loop(self) -> None:
+        B, lm, mimi = self.max_slots, self.lm, self.mimi
+        param = next(lm.parameters())
+        self.device = param.device
+        cfg = lm.cfg
+        self.gen = init_state(lm, B, self.sampling, max_k=max(self.sampling.top_k, 250),
+                              max_k_text=max(self.sampling.top_k_text, 25))
+        self.enc = mimi.init_encode_state(B)
+        self.dec = mimi.init_decode_state(B)
+        self.mimi_dtype = next(mimi.parameters()).dtype
+        last_tick = time.monotonic()
+        while not self._stop.is_set():
+            self._apply_commands()
+            occupied = [s for s in self._slots if s is not None]
+            if not occupied:
+                self._wake.wait(0.1)
+                self._wake.clear()
+                last_tick = time.monotonic()
+                continue
+            deadline = last_tick + TICK_SLACK
+            while not all(s.inbox for s in occupied) and time.monotonic() < deadline:
+                self._wake.wait(max(0.0, deadline - time.monotonic()))
+                self._wake.clear()
+                if not self._commands.empty() or self._stop.is_set():
+                    break
+            if not self._commands.empty():
+                continue  # a join/leave changes who takes part: apply it first
+            last_tick = time.monotonic()
+            self._tick(occupied, cfg)
+            self.metrics.observe_step(time.monotonic() - last_tick)
+
+    def _apply_commands(self) -> None:
+        while True:
+            try:
+                kind, slot = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            mask = torch.zeros(self.max_slots, dtype=torch.bool, device=self.device)
+            mask[slot.index] = True
+            if kind == "join":
+                self._slots[slot.index] = slot
+                slot.steps = 0
+                reset_slots(self.gen, mask)
+                set_sampling(self.gen, slot.sampling, mask)
+                self.enc.reset(mask)
+                self.dec.reset(mask)
+                slot.on_ready()
+            elif kind == "leave":
+                if self._slots[slot.index] is slot:
+                    self._slots[slot.index] = None
+                with self._lock:
+                    self._reserved[slot.index] = False
+                    self.metrics.set_active(sum(self._reserved))
+
+    def _tick(self, occupied: list[Slot], cfg) -> None:
+        B, F = self.max_slots, self.frame_size
+        pcm = np.zeros((B, 1, F), dtype=np.float32)
+        active = torch.zeros(B, dtype=torch.bool)
+        first = torch.zeros(B, dtype=torch.bool)
+        silent = 0
+        for s in occupied:
+            active[s.index] = True
+            first[s.index] = s.steps == 0
+            if s.inbox:
+                pcm[s.index, 0] = s.inbox.popleft()
+            else:
+                s.silent_ticks += 1
+                silent += 1
+        if silent:
+            self.metrics.inc("openmoshi_silence_frames_total", silent)
+        x = torch.from_numpy(pcm).to(self.device, self.mimi_dtype)
+        codes = self.mimi.encode_step(x, self.enc)  # [B, K, 1]
+        if bool(first.any()):
+            # The first frame is in the model's past: restart the encoder with fresh left padding.
+            self.enc.reset(first.to(self.device))
+        active_d = active.to(self.device)
+        out = step(self.lm, self.gen, codes[:, :, 0], active=active_d, check=False)
+        valid = out.valid
+        audio = torch.where(valid[:, None], out.audio, torch.zeros_like(out.audio))  # [B, Q]
+        pcm_out = self.mimi.decode_step(audio[:, :, None], self.dec)  # [B, 1, F]
+        # Slots without a complete frame yet decode placeholders: their decoder starts afresh.
+        self.dec.reset(~valid)
+        pcm_out = pcm_out[:, 0].float().cpu().numpy()
+        valid = valid.cpu().tolist()
+        text = out.text.cpu().tolist()
+        for s in occupied:
+            s.steps += 1
+            if valid[s.index]:
+                s.on_frame(pcm_out[s.index], self._piece(text[s.index]))
+
+    def _piece(self, token: int) -> str | None:
+        if token in HIDDEN_TEXT_IDS or token < 0:
+            return None
+        piece = self._pieces.get(token)
+        if piece is None:
+            try:
+                piece = self.tokenizer.id_to_piece(token).replace("\u2581", " ")
+            except Exception:  # an id outside the vocabulary of a mismatched tokenizer
+                piece = ""
+            self._pieces[token] = piece
+        return piece or None

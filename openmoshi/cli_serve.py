@@ -1,0 +1,99 @@
+"""`openmoshi serve`: the real-time server (see `openmoshi.server`) on a model chosen by the
+shared model flags, many conversations at once."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+from pathlib import Path
+
+from openmoshi.resolve import add_model_args
+
+DEFAULT_PORT = 8998
+
+
+def add_serve_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "serve", help="real-time speech server (websocket /api/chat, web UI at /)",
+        description="Serve Moshi over the official websocket protocol, with the web UI at /. "
+                    "Many conversations share one model: one batched step per 80 ms frame.")
+    add_model_args(p)
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="localhost", help="address to listen on (default localhost; 0.0.0.0 for all)")
+    g.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    g.add_argument("--max-sessions", type=_positive_int, default=4, metavar="N",
+                   help="conversations served at once; more get a 'busy' error (default 4)")
+    g.add_argument("--auth-token", default=None, metavar="TOKEN",
+                   help="require this token, as 'Authorization: Bearer TOKEN' or ?worker_auth_id=TOKEN")
+    g.add_argument("--ssl", default=None, metavar="DIR", help="serve https/wss with DIR/cert.pem and DIR/key.pem")
+    g.add_argument("--self-signed", action="store_true",
+                   help="make a self-signed certificate (in --ssl DIR if given and empty, else a temporary folder)")
+    g.add_argument("--idle-timeout", type=float, default=30.0, metavar="S",
+                   help="close conversations silent for S seconds (default 30)")
+    g.add_argument("--static", default=None, metavar="DIR", help="serve this folder at / instead of the built-in UI")
+    g.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")
+    g.add_argument("--log-format", choices=("json", "text"), default="json", help="log lines format (default json)")
+    p.set_defaults(handler=run_serve)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def setup_logging(fmt: str) -> None:
+    from openmoshi.server import JsonFormatter
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else
+                         logging.Formatter("%(asctime)s %(levelname)s %(message)s %(fields)s", defaults={"fields": ""}))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def _ssl_context(args):
+    from openmoshi import tls
+
+    if args.ssl is None and not args.self_signed:
+        return None
+    folder = Path(args.ssl) if args.ssl else Path(tempfile.mkdtemp(prefix="openmoshi-tls-"))
+    if args.self_signed and not (folder / tls.CERT_FILE).exists():
+        hosts = None if args.host in ("localhost", "0.0.0.0", "::") else [args.host, "localhost", "127.0.0.1"]
+        tls.self_signed(folder, hosts)
+        logging.getLogger("openmoshi.server").info("self_signed_certificate", extra={"fields": {"folder": str(folder)}})
+    return tls.server_context(folder)
+
+
+def run_serve(args) -> int:
+    import torch
+    from aiohttp import web
+
+    from openmoshi.resolve import load_model, resolve_model
+    from openmoshi.inference import sampling_defaults
+    from openmoshi.server import WEB_DIR, MoshiServer, ServerConfig, event
+
+    setup_logging(args.log_format)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ssl_context = _ssl_context(args)  # before loading: a bad certificate fails fast
+    event("loading_model", hf_repo=args.hf_repo)
+    model = load_model(resolve_model(args), args.device, args.dtype)
+    sampling = sampling_defaults(model)  # the checkpoint's lm_gen_config, else the official defaults
+    config = ServerConfig(max_sessions=args.max_sessions, auth_token=args.auth_token,
+                          idle_timeout=args.idle_timeout,
+                          static_dir=Path(args.static) if args.static else WEB_DIR)
+    server = MoshiServer(model.lm, model.mimi, model.tokenizer, config, sampling)
+    scheme = "https" if ssl_context else "http"
+    event("listening", url=f"{scheme}://{args.host}:{args.port}/", websocket="/api/chat")
+    web.run_app(server.make_app(), host=args.host, port=args.port, ssl_context=ssl_context,
+                shutdown_timeout=config.shutdown_grace + 5, print=None, access_log=None)
+    return 0

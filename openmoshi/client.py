@@ -1,0 +1,358 @@
+"""A client for the `/api/chat` websocket protocol (`openmoshi.protocol`), against `openmoshi serve`
+or the official Moshi servers.
+
+Two ways to talk:
+- `talk_file`: headless. A recording plays the microphone in real time (one 80 ms frame every
+  80 ms, on an absolute clock so that it does not drift), and whatever comes back is recorded.
+  For scripts and tests.
+- `talk_live`: the sound card (the `sounddevice` package, imported only here). The speaker side
+  keeps at most `max_lag_s` of audio queued and drops the oldest beyond it, so that a server or
+  network hiccup costs a skip instead of a delay that lasts the rest of the conversation.
+
+Connection problems end as `ClientError` with a message meant for the user.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import urllib.parse
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from openmoshi import protocol
+from openmoshi.opus import SAMPLE_RATE, OpusDecoder, OpusEncoder
+
+FRAME_SIZE = 1920  # samples per 80 ms model step; the opus encoder takes whole frames
+FRAME_S = FRAME_SIZE / SAMPLE_RATE
+CHAT_PATH = "/api/chat"
+HANDSHAKE_TIMEOUT_S = 30.0  # a server may load or warm up before it answers
+SILENCE_TIMEOUT_S = 10.0  # as the official web client: no message for this long ends the call
+AUTH_PARAM = "worker_auth_id"  # the official web client's name for the auth token
+
+# The sampling settings a server reads from the query string (the official web client's names).
+SAMPLING_PARAMS = (
+    "text_temperature", "text_topk", "audio_temperature", "audio_topk", "pad_mult",
+    "text_seed", "audio_seed", "repetition_penalty", "repetition_penalty_context",
+)
+
+
+class ClientError(RuntimeError):
+    """The conversation could not start or broke off; the message says why, for the user."""
+
+
+class ServerError(ClientError):
+    """The server sent an error message (kind 5), e.g. busy or wrong auth token."""
+
+
+@dataclass
+class Transcript:
+    """Text pieces as they arrive; `on_piece` is called with each (e.g. to print it)."""
+
+    on_piece: Callable[[str], None] | None = None
+    pieces: list[str] = field(default_factory=list)
+
+    def add(self, piece: str) -> None:
+        self.pieces.append(piece)
+        if self.on_piece is not None:
+            self.on_piece(piece)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
+
+@dataclass(frozen=True)
+class TalkResult:
+    audio: np.ndarray  # float32 [N] at 24 kHz: everything the server sent, in order
+    text: str
+    seconds_sent: float
+    seconds_received: float
+    seconds_dropped: float = 0.0  # live mode only: audio dropped to catch up
+    errors: tuple[str, ...] = ()  # error messages the server sent after the handshake
+
+
+def chat_url(url: str, params: dict[str, object] | None = None, auth_token: str | None = None) -> str:
+    """The websocket URL of the chat route: `ws://host:port`, `http://host:port/`, `host:port`
+    all mean `ws://host:port/api/chat`; https and wss map to wss. Settings go in the query."""
+    text = url.strip()
+    if "://" not in text:
+        text = "ws://" + text
+    parts = urllib.parse.urlsplit(text)
+    scheme = {"ws": "ws", "http": "ws", "wss": "wss", "https": "wss"}.get(parts.scheme.lower())
+    if scheme is None:
+        raise ValueError(f"bad URL {url!r}: the scheme must be ws, wss, http or https")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"bad URL {url!r}: the port is not a number between 0 and 65535") from None
+    if not parts.hostname:
+        raise ValueError(f"bad URL {url!r}: no host name")
+    path = parts.path if parts.path not in ("", "/") else CHAT_PATH
+    query = urllib.parse.parse_qsl(parts.query)
+    for name, value in (params or {}).items():
+        if value is not None:
+            query.append((name, str(value)))
+    if auth_token:
+        query.append((AUTH_PARAM, auth_token))
+    netloc = parts.hostname if port is None else f"{parts.hostname}:{port}"
+    if ":" in parts.hostname:  # IPv6 literal
+        netloc = f"[{parts.hostname}]" + ("" if port is None else f":{port}")
+    return urllib.parse.urlunsplit((scheme, netloc, path, urllib.parse.urlencode(query), ""))
+
+
+def _redact(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    query = [(k, "***" if k == AUTH_PARAM else v) for k, v in urllib.parse.parse_qsl(parts.query)]
+    return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(query)))
+
+
+async def _connect(session, url: str, auth_token: str | None):
+    """Opens the websocket and waits for the handshake; returns the websocket."""
+    import aiohttp
+
+    headers = {"Authorization": f"Bearer {auth_token}"} if auth_token else None
+    shown = _redact(url)
+    try:
+        ws = await session.ws_connect(url, headers=headers, heartbeat=None, max_msg_size=protocol.MAX_MESSAGE_BYTES)
+    except aiohttp.WSServerHandshakeError as e:
+        hint = {401: "wrong or missing auth token?", 403: "wrong or missing auth token?",
+                404: "no chat route there: is it a Moshi server?"}.get(e.status, "is it a Moshi server?")
+        raise ClientError(f"{shown} refused the websocket (HTTP {e.status}): {hint}") from None
+    except aiohttp.ClientConnectorError as e:
+        why = "connection refused (is the server running?)" if isinstance(e.os_error, ConnectionRefusedError) else e.os_error or e
+        raise ClientError(f"cannot connect to {shown}: {why}") from None
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+        raise ClientError(f"cannot connect to {shown}: {e or type(e).__name__}") from None
+    try:
+        deadline = time.monotonic() + HANDSHAKE_TIMEOUT_S
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ClientError(f"{shown} sent no handshake within {HANDSHAKE_TIMEOUT_S:.0f} s")
+            msg = await ws.receive(timeout=left)
+            if msg.type != aiohttp.WSMsgType.BINARY:
+                raise ClientError(f"{shown} closed the connection before the handshake")
+            try:
+                m = protocol.parse(msg.data)
+            except protocol.ProtocolError as e:
+                raise ClientError(f"{shown} is not speaking the Moshi protocol: {e}") from None
+            if m.kind == protocol.KIND_ERROR:
+                raise ServerError(f"the server refused the conversation: {m.data}")
+            if m.kind == protocol.KIND_HANDSHAKE:
+                return ws
+            # metadata (e.g. a queue position) or ping before the handshake: keep waiting
+    except asyncio.TimeoutError:
+        await ws.close()
+        raise ClientError(f"{shown} sent no handshake within {HANDSHAKE_TIMEOUT_S:.0f} s") from None
+    except BaseException:
+        await ws.close()
+        raise
+
+
+async def _receive(ws, on_audio: Callable[[np.ndarray], None], transcript: Transcript,
+                   errors: list[str], silence_timeout_s: float = SILENCE_TIMEOUT_S) -> None:
+    """Reads server messages until the server closes; audio is decoded and handed to `on_audio`."""
+    import aiohttp
+
+    decoder = OpusDecoder()
+    while True:
+        try:
+            msg = await ws.receive(timeout=silence_timeout_s)
+        except asyncio.TimeoutError:
+            raise ClientError(f"no message from the server for {silence_timeout_s:.0f} s") from None
+        if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED):
+            return
+        if msg.type == aiohttp.WSMsgType.ERROR:
+            raise ClientError(f"connection lost: {ws.exception()}")
+        if msg.type != aiohttp.WSMsgType.BINARY:
+            continue
+        try:
+            m = protocol.parse(msg.data)
+        except protocol.ProtocolError:
+            continue  # tolerate what we do not understand; the server may be newer
+        if m.kind == protocol.KIND_AUDIO:
+            try:
+                pcm = decoder.decode(m.data)
+            except ValueError:
+                continue
+            if len(pcm):
+                on_audio(pcm)
+        elif m.kind == protocol.KIND_TEXT:
+            transcript.add(m.data)
+        elif m.kind == protocol.KIND_ERROR:
+            errors.append(m.data)
+
+
+def _frames(pcm: np.ndarray) -> np.ndarray:
+    """[N] -> [F, FRAME_SIZE], the last frame zero-padded."""
+    n = -(-len(pcm) // FRAME_SIZE)
+    out = np.zeros(n * FRAME_SIZE, np.float32)
+    out[: len(pcm)] = pcm
+    return out.reshape(n, FRAME_SIZE)
+
+
+async def talk_file(url: str, pcm: np.ndarray, *, params: dict | None = None, auth_token: str | None = None,
+                    transcript: Transcript | None = None, realtime: bool = True,
+                    tail_s: float = 2.0) -> TalkResult:
+    """Plays `pcm` (float32 [N], 24 kHz) to the server as if spoken, then waits until as much audio
+    has come back as was sent, or `tail_s` seconds more at most, and hangs up."""
+    import aiohttp
+
+    transcript = transcript or Transcript()
+    frames = _frames(np.asarray(pcm, np.float32).reshape(-1))
+    received: list[np.ndarray] = []
+    errors: list[str] = []
+    got = [0]
+    enough = asyncio.Event()
+
+    def on_audio(chunk: np.ndarray) -> None:
+        received.append(chunk)
+        got[0] += len(chunk)
+        if got[0] >= len(frames) * FRAME_SIZE:
+            enough.set()
+
+    async with aiohttp.ClientSession() as session:
+        ws = await _connect(session, chat_url(url, params, auth_token), auth_token)
+        receiver = asyncio.create_task(_receive(ws, on_audio, transcript, errors))
+        encoder = OpusEncoder()
+        start = time.monotonic()
+        try:
+            for i, frame in enumerate(frames):
+                if realtime:  # absolute schedule: a late send does not push the next ones back
+                    await asyncio.sleep(max(0.0, start + i * FRAME_S - time.monotonic()))
+                ogg = encoder.encode(frame)
+                if ogg:
+                    await ws.send_bytes(protocol.encode_audio(ogg))
+                if receiver.done():
+                    break
+            waiter = asyncio.create_task(enough.wait())
+            await asyncio.wait({receiver, waiter}, timeout=tail_s, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+        except (ConnectionResetError, aiohttp.ClientError) as e:
+            raise ClientError(f"connection lost: {e}") from None
+        finally:
+            await ws.close()
+            if receiver.done():
+                receiver.result()  # raises the receiver's ClientError, if any
+            else:
+                receiver.cancel()
+    audio = np.concatenate(received) if received else np.zeros(0, np.float32)
+    return TalkResult(audio, transcript.text, len(frames) * FRAME_S, len(audio) / SAMPLE_RATE,
+                      errors=tuple(errors))
+
+
+# ----------------------------------------------------------------------------- live (sound card)
+
+
+class _Playback:
+    """The speaker's queue, shared with the sound card's thread: it starts playing once `start_s`
+    is queued and, when more than `max_lag_s` is queued, drops the oldest audio down to `start_s`."""
+
+    def __init__(self, start_s: float = 0.08, max_lag_s: float = 0.32):
+        self.start = int(start_s * SAMPLE_RATE)
+        self.max = int(max_lag_s * SAMPLE_RATE)
+        self.buffer = np.zeros(0, np.float32)
+        self.playing = False
+        self.dropped = 0
+        self.underruns = 0
+        self.lock = threading.Lock()
+
+    def push(self, pcm: np.ndarray) -> None:
+        with self.lock:
+            self.buffer = np.concatenate([self.buffer, pcm])
+            if len(self.buffer) > self.max:
+                drop = len(self.buffer) - self.start
+                self.dropped += drop
+                self.buffer = self.buffer[drop:]
+
+    def pull(self, n: int) -> np.ndarray:
+        out = np.zeros(n, np.float32)
+        with self.lock:
+            if not self.playing and len(self.buffer) >= self.start:
+                self.playing = True
+            if self.playing:
+                k = min(n, len(self.buffer))
+                out[:k] = self.buffer[:k]
+                self.buffer = self.buffer[k:]
+                if k < n:
+                    self.playing = False
+                    self.underruns += 1
+        return out
+
+
+def _sounddevice():
+    try:
+        import sounddevice
+    except ImportError as e:
+        raise ClientError("live mode needs the 'sounddevice' package (pip install sounddevice); "
+                          "or use --input/--output for files") from None
+    except OSError as e:  # sounddevice raises OSError when the PortAudio library is missing
+        raise ClientError(f"live mode needs the PortAudio library ({e}); on Debian/Ubuntu: "
+                          "apt-get install libportaudio2; or use --input/--output for files") from None
+    return sounddevice
+
+
+async def talk_live(url: str, *, params: dict | None = None, auth_token: str | None = None,
+                    transcript: Transcript | None = None, max_lag_s: float = 0.32,
+                    record: bool = False) -> TalkResult:
+    """A conversation through the default microphone and speaker, until Ctrl-C or the server ends it."""
+    import aiohttp
+
+    sd = _sounddevice()
+    transcript = transcript or Transcript()
+    loop = asyncio.get_running_loop()
+    mic: asyncio.Queue[np.ndarray] = asyncio.Queue(maxsize=64)
+    playback = _Playback(max_lag_s=max_lag_s)
+    received: list[np.ndarray] = []
+    errors: list[str] = []
+    sent = [0]
+
+    def on_input(indata, frames, time_info, status) -> None:  # sound card thread
+        frame = indata[:, 0].astype(np.float32, copy=True)
+        loop.call_soon_threadsafe(lambda: mic.full() or mic.put_nowait(frame))
+
+    def on_output(outdata, frames, time_info, status) -> None:  # sound card thread
+        outdata[:, 0] = playback.pull(frames)
+
+    def on_audio(pcm: np.ndarray) -> None:
+        playback.push(pcm)
+        if record:
+            received.append(pcm)
+
+    async def send_mic(ws) -> None:
+        encoder = OpusEncoder()
+        while True:
+            frame = await mic.get()
+            ogg = encoder.encode(frame)
+            sent[0] += len(frame)
+            if ogg:
+                await ws.send_bytes(protocol.encode_audio(ogg))
+
+    async with aiohttp.ClientSession() as session:
+        ws = await _connect(session, chat_url(url, params, auth_token), auth_token)
+        try:
+            streams = (sd.InputStream(samplerate=SAMPLE_RATE, channels=1, blocksize=FRAME_SIZE,
+                                      dtype="float32", callback=on_input),
+                       sd.OutputStream(samplerate=SAMPLE_RATE, channels=1, blocksize=FRAME_SIZE // 4,
+                                       dtype="float32", callback=on_output))
+        except Exception as e:  # sounddevice.PortAudioError: no device, busy device...
+            await ws.close()
+            raise ClientError(f"cannot open the sound card: {e}") from None
+        sender = None
+        try:
+            with streams[0], streams[1]:
+                sender = asyncio.create_task(send_mic(ws))
+                await _receive(ws, on_audio, transcript, errors)
+        except (ConnectionResetError, aiohttp.ClientError) as e:
+            raise ClientError(f"connection lost: {e}") from None
+        finally:
+            if sender is not None:
+                sender.cancel()
+            await ws.close()
+    audio = np.concatenate(received) if received else np.zeros(0, np.float32)
+    return TalkResult(audio, transcript.text, sent[0] / SAMPLE_RATE, len(audio) / SAMPLE_RATE,
+                      seconds_dropped=playback.dropped / SAMPLE_RATE, errors=tuple(errors))

@@ -1,0 +1,135 @@
+"""A stand-in for the Moshi server in the client and browser tests: it speaks the `/api/chat`
+protocol, echoes the caller's voice back (one 80 ms frame out per 80 ms frame in, like a model
+step) and sends a text piece every few frames. It serves the web UI at `/` like the real server.
+
+It knows nothing about models, so the UI and client tests check the wire and the audio path and
+not the server; `tests/test_server*.py` test the server."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from aiohttp import WSMsgType, web
+
+from openmoshi import protocol
+from openmoshi.opus import OpusDecoder, OpusEncoder
+
+FRAME = 1920
+WEB_DIR = Path(__file__).resolve().parent.parent / "openmoshi" / "web"
+
+
+@dataclass
+class StubLog:
+    """What the stub saw, for the test to check."""
+
+    connections: int = 0
+    query: list[dict] = field(default_factory=list)
+    samples_in: int = 0  # decoded samples received
+    peak_in: float = 0.0
+    frames_out: int = 0
+    pings: int = 0
+
+
+class ChatStub:
+    def __init__(self, text_every: int = 5, busy: bool = False, auth_token: str | None = None):
+        self.text_every = text_every
+        self.busy = busy
+        self.auth_token = auth_token
+        self.log = StubLog()
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/api/chat", self.chat)
+        app.router.add_get("/", self.index)
+        app.router.add_static("/", WEB_DIR)
+        return app
+
+    async def index(self, request: web.Request) -> web.FileResponse:
+        return web.FileResponse(WEB_DIR / "index.html")
+
+    async def chat(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        self.log.connections += 1
+        self.log.query.append(dict(request.query))
+        if self.auth_token is not None and request.query.get("worker_auth_id") != self.auth_token:
+            await ws.send_bytes(protocol.encode_error("authentication failed"))
+            await ws.close()
+            return ws
+        if self.busy:
+            await ws.send_bytes(protocol.encode_error("server busy: all sessions are taken"))
+            await ws.close()
+            return ws
+        await ws.send_bytes(protocol.encode_handshake())
+        decoder, encoder = OpusDecoder(), OpusEncoder()
+        pending = np.zeros(0, np.float32)
+        async for msg in ws:
+            if msg.type != WSMsgType.BINARY:
+                break
+            m = protocol.parse(msg.data)
+            if m.kind == protocol.KIND_PING:
+                self.log.pings += 1
+                await ws.send_bytes(protocol.encode_ping())
+                continue
+            if m.kind != protocol.KIND_AUDIO:
+                continue
+            pcm = decoder.decode(m.data)
+            self.log.samples_in += len(pcm)
+            if len(pcm):
+                self.log.peak_in = max(self.log.peak_in, float(np.abs(pcm).max()))
+            pending = np.concatenate([pending, pcm])
+            while len(pending) >= FRAME:
+                frame, pending = pending[:FRAME], pending[FRAME:]
+                # Echo, plus a quiet tone so that even a silent microphone gets audible audio back.
+                t = (self.log.frames_out * FRAME + np.arange(FRAME)) / 24000
+                out = 0.8 * frame + 0.1 * np.sin(2 * np.pi * 440 * t).astype(np.float32)
+                ogg = encoder.encode(out)
+                if ogg:
+                    await ws.send_bytes(protocol.encode_audio(ogg))
+                self.log.frames_out += 1
+                if self.log.frames_out % self.text_every == 0:
+                    await ws.send_bytes(protocol.encode_text(f" word{self.log.frames_out // self.text_every}"))
+        return ws
+
+
+class AppServer:
+    """Runs an aiohttp app on a free localhost port in a background thread (`with AppServer(app)`)."""
+
+    def __init__(self, app: web.Application):
+        self.app = app
+        self.port = None
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/"
+
+    def __enter__(self):
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(30)
+        return self
+
+    async def _start(self) -> None:
+        self._runner = web.AppRunner(self.app, shutdown_timeout=1.0)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]
+
+    def __exit__(self, *exc) -> None:
+        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(30)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+
+class StubServer(AppServer):
+    """A ChatStub served in a background thread; `.stub.log` says what it saw."""
+
+    def __init__(self, stub: ChatStub | None = None):
+        self.stub = stub or ChatStub()
+        super().__init__(self.stub.app())

@@ -1,0 +1,48 @@
+"""Tiny random models for server tests: a Mimi with the real 24 kHz / 1920-sample frame but few
+channels, and the tiny 7B-shaped LM, fast enough for several conversations on a small CPU."""
+
+from __future__ import annotations
+
+import torch
+
+from openmoshi.config import lm_config_from_dict
+from openmoshi.lm import LMModel
+from openmoshi.mimi import Mimi
+from openmoshi.mimi_config import mimi_config_from_dict
+
+from lm_utils import TINY_7B
+
+TINY_MIMI_24K = {
+    "sample_rate": 24000, "channels": 1, "frame_rate": 12.5,
+    "seanet": {"channels": 1, "dimension": 16, "n_filters": 2, "n_residual_layers": 1,
+               "ratios": [8, 6, 5, 4], "kernel_size": 7, "residual_kernel_size": 3,
+               "last_kernel_size": 3, "dilation_base": 2, "compress": 2, "causal": True,
+               "activation": "ELU", "norm": "none", "pad_mode": "constant", "true_skip": True},
+    "quantizer": {"dimension": 8, "n_q": 8, "bins": TINY_7B["card"], "input_dimension": 16,
+                  "output_dimension": 16},
+    "transformer": {"d_model": 16, "num_heads": 2, "num_layers": 1, "causal": True,
+                    "layer_scale": 0.01, "context": 10, "max_period": 10000, "gating": "none",
+                    "norm": "layer_norm", "positional_embedding": "rope", "dim_feedforward": 32},
+}
+
+
+class FakeTokenizer:
+    """`id_to_piece` like SentencePiece, with word-start markers on even ids."""
+
+    def id_to_piece(self, token: int) -> str:
+        return ("\u2581" if token % 2 == 0 else "") + f"w{token}"
+
+
+def tiny_models(seed: int = 0):
+    """(lm, mimi, tokenizer) with random weights; Mimi codebooks are random so codes vary."""
+    torch.manual_seed(seed)
+    lm = LMModel(lm_config_from_dict(TINY_7B)).eval()
+    with torch.no_grad():
+        for p in lm.parameters():
+            p.normal_(0, 0.2)
+    mimi = Mimi(mimi_config_from_dict(TINY_MIMI_24K), num_codebooks=8).eval()
+    with torch.no_grad():
+        for name, b in list(mimi.named_parameters()) + list(mimi.named_buffers()):
+            if b.dtype.is_floating_point and b.numel() and bool((b == b.flatten()[0]).all()):
+                b.normal_(0, 0.3).abs_() if "usage" in name else b.normal_(0, 0.3)
+    return lm, mimi, FakeTokenizer()

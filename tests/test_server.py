@@ -1,0 +1,269 @@
+"""The real-time server end to end on loopback, with tiny random models and an independent client."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+
+import aiohttp
+import numpy as np
+import pytest
+import torch
+from aiohttp import web
+
+from openmoshi import protocol
+from openmoshi.server import MoshiServer, ServerConfig, sampling_from_query
+from openmoshi.sampling import SamplingConfig
+
+from chat_client import FRAME, chat
+from server_utils import tiny_models
+
+
+@pytest.fixture(scope="module")
+def models():
+    torch.set_num_threads(1)  # 2 busy cores: OpenMP spinning on 2 threads is far slower
+    return tiny_models()
+
+
+@contextlib.asynccontextmanager
+async def serving(models, **config):
+    config.setdefault("static_dir", None)
+    server = MoshiServer(*models, ServerConfig(**config))
+    runner = web.AppRunner(server.make_app(), shutdown_timeout=5)
+    await runner.setup()
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    site = web.SockSite(runner, sock)
+    await site.start()
+    port = sock.getsockname()[1]
+    try:
+        yield server, f"ws://127.0.0.1:{port}/api/chat", f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_conversation(models):
+    async def main():
+        async with serving(models, max_sessions=2) as (server, url, http):
+            res = await chat(url + "?text_temperature=0.5&text_topk=10&audio_seed=3&worker_auth_id=", 2.0)
+            async with aiohttp.ClientSession() as s:
+                health = await (await s.get(http + "/health")).json()
+                metrics = await (await s.get(http + "/metrics")).text()
+            return res, health, metrics, server
+    res, health, metrics, server = run(main())
+    assert res.handshake and not res.errors
+    assert res.frames_received >= res.frames_sent - 2, (res.frames_received, res.frames_sent)
+    assert res.texts and all(isinstance(t, str) for t in res.texts)
+    assert health["status"] == "ok" and health["max_sessions"] == 2
+    assert "openmoshi_step_seconds_bucket" in metrics and "openmoshi_conversations_active" in metrics
+    assert "openmoshi_frames_dropped_total" in metrics and "openmoshi_errors_total" in metrics
+
+
+def test_load_8_clients_one_stops_reading(models):
+    async def main():
+        async with serving(models, max_sessions=9) as (server, url, http):
+            tasks = [chat(url, 20.0) for _ in range(8)] + [chat(url, 20.0, read_for=2.0, drain=0.1)]
+            results = await asyncio.gather(*tasks)
+            return results, server.metrics
+    results, metrics = run(main())
+    good = results[:8]
+    for r in good:
+        assert r.handshake and not r.errors
+        assert r.frames_received >= r.frames_sent - 2, (r.frames_received, r.frames_sent)
+        gaps = np.diff(r.arrivals)
+        assert gaps.max() < 1.0, f"a conversation was starved for {gaps.max():.2f} s"
+    print("frames per client", [(r.frames_sent, r.frames_received) for r in results])
+
+
+def test_busy_then_slot_freed(models):
+    async def main():
+        async with serving(models, max_sessions=1) as (server, url, http):
+            async with aiohttp.ClientSession() as s:
+                first = await s.ws_connect(url)
+                assert (await first.receive(timeout=10)).data == protocol.encode_handshake()
+                busy = await chat(url, 0.5)
+                await first.close()  # vanishes mid-stream
+                for _ in range(50):
+                    if server.batcher.active == 0:
+                        break
+                    await asyncio.sleep(0.05)
+                again = await chat(url, 0.5)
+            return busy, again
+    busy, again = run(main())
+    assert not busy.handshake and "busy" in busy.errors[0] and busy.close_code == 1013
+    assert again.handshake and not again.errors
+
+
+def test_vanishing_client_frees_slot(models):
+    async def main():
+        async with serving(models, max_sessions=1) as (server, url, http):
+            session = aiohttp.ClientSession()
+            ws = await session.ws_connect(url)
+            await ws.receive(timeout=10)
+            await ws.send_bytes(b"\x01" + b"OggS")  # half a page, then the TCP connection drops
+            ws._response.connection.transport.abort()
+            await session.close()
+            for _ in range(100):
+                if server.batcher.active == 0:
+                    break
+                await asyncio.sleep(0.05)
+            return server.batcher.active
+    assert run(main()) == 0
+
+
+def test_garbage_input(models):
+    async def main():
+        async with serving(models, max_sessions=2, max_errors=100) as (server, url, http):
+            async with aiohttp.ClientSession() as s:
+                ws = await s.ws_connect(url)
+                assert (await ws.receive(timeout=10)).data[:1] == b"\x00"
+                bad = [b"", b"\x09abc", b"\x02\xff\xfe", b"\x03\x07", b"\x03", b"\x01" + b"garbage-not-ogg" * 4,
+                       b"\x04{not json", b"\x01" + b"x" * (protocol.MAX_MESSAGE_BYTES + 10)]
+                for msg in bad:
+                    await ws.send_bytes(msg)
+                await ws.send_str("hello")
+                errors = []
+                while len(errors) < len(bad) + 1:
+                    msg = await ws.receive(timeout=10)
+                    assert msg.type == aiohttp.WSMsgType.BINARY
+                    if msg.data[0] == protocol.KIND_ERROR:
+                        errors.append(msg.data[1:].decode())
+                # The conversation goes on: still receiving audio, and pings are answered.
+                await ws.send_bytes(protocol.encode_ping())
+                kinds = set()
+                for _ in range(20):
+                    kinds.add((await ws.receive(timeout=10)).data[0])
+                await ws.close()
+                other = await chat(url, 0.5)  # the server never noticed
+            return errors, kinds, other, server.metrics
+    errors, kinds, other, metrics = run(main())
+    assert any("empty" in e for e in errors) and any("unknown message kind" in e for e in errors)
+    assert any("UTF-8" in e for e in errors) and any("control" in e for e in errors)
+    assert any("Ogg" in e for e in errors) and any("larger than" in e for e in errors)
+    assert protocol.KIND_AUDIO in kinds and protocol.KIND_PING in kinds
+    assert other.handshake and not other.errors
+    assert metrics.get("openmoshi_errors_total", kind="protocol") >= 5
+
+
+def test_auth(models):
+    async def main():
+        async with serving(models, max_sessions=2, auth_token="s3cret") as (server, url, http):
+            missing = await chat(url, 0.3)
+            wrong = await chat(url + "?worker_auth_id=nope", 0.3)
+            header = await chat(url, 0.3, headers={"Authorization": "Bearer s3cret"})
+            query = await chat(url + "?worker_auth_id=s3cret", 0.3)
+            return missing, wrong, header, query
+    missing, wrong, header, query = run(main())
+    for r in (missing, wrong):
+        assert not r.handshake and "unauthorized" in r.errors[0] and r.close_code == 4001
+    assert header.handshake and query.handshake
+
+
+def test_bad_query_and_sampling():
+    default = SamplingConfig()
+    got = sampling_from_query({"text_temperature": "0.3", "text_topk": "5", "audio_topk": "100.0",
+                               "audio_temperature": "", "pad_mult": "0", "text_seed": "42"}, default)
+    assert got == SamplingConfig(temp=default.temp, top_k=100, temp_text=0.3, top_k_text=5)
+    for bad in ({"text_topk": "abc"}, {"audio_temperature": "nan"}, {"text_topk": "0"}, {"text_seed": "x"}):
+        with pytest.raises(ValueError):
+            sampling_from_query(bad, default)
+
+
+def test_outbox_drops_oldest(models):
+    from openmoshi.server import Conversation
+
+    async def main():
+        server = MoshiServer(*models, ServerConfig(max_sessions=1, outbox_frames=3, static_dir=None))
+        conv = Conversation(server, ws=None, peer="test")
+        for i in range(10):
+            conv._deliver(np.full(FRAME, i, np.float32), None)
+        return conv, server
+    conv, server = run(main())
+    assert [int(v[0]) for _, v in conv.outbox] == [7, 8, 9] and conv.dropped == 7
+    assert server.metrics.get("openmoshi_frames_dropped_total", direction="out") == 7
+
+
+def test_graceful_shutdown(models):
+    async def main():
+        server = MoshiServer(*models, ServerConfig(max_sessions=1, shutdown_grace=0.5, static_dir=None))
+        runner = web.AppRunner(server.make_app())
+        await runner.setup()
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        await web.SockSite(runner, sock).start()
+        url = f"ws://127.0.0.1:{sock.getsockname()[1]}/api/chat"
+        async with aiohttp.ClientSession() as s:
+            ws = await s.ws_connect(url)
+            await ws.receive(timeout=10)
+            t = time.monotonic()
+            cleanup = asyncio.create_task(runner.cleanup())  # the client keeps reading meanwhile
+            messages = []
+            while True:
+                msg = await ws.receive(timeout=5)
+                if msg.type != aiohttp.WSMsgType.BINARY:
+                    break
+                messages.append(msg.data)
+            await cleanup
+            return messages, time.monotonic() - t, ws.close_code
+    messages, elapsed, code = run(main())
+    assert any(m[:1] == b"\x05" and b"shutting down" in m for m in messages)
+    assert code == 1001 and elapsed < 5
+
+
+def test_self_signed_tls(models, tmp_path):
+    import ssl
+
+    from openmoshi import tls
+
+    tls.self_signed(tmp_path, ["localhost", "127.0.0.1"])
+    context = tls.server_context(tmp_path)
+    with pytest.raises(ValueError, match="not found"):
+        tls.server_context(tmp_path / "missing")
+
+    async def main():
+        server = MoshiServer(*models, ServerConfig(max_sessions=1, static_dir=None))
+        runner = web.AppRunner(server.make_app())
+        await runner.setup()
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        await web.SockSite(runner, sock, ssl_context=context).start()
+        client_ctx = ssl.create_default_context(cafile=str(tmp_path / "cert.pem"))
+        try:
+            async with aiohttp.ClientSession() as s:
+                ws = await s.ws_connect(f"wss://127.0.0.1:{sock.getsockname()[1]}/api/chat", ssl=client_ctx)
+                first = await ws.receive(timeout=10)
+                await ws.close()
+                return first.data
+        finally:
+            await runner.cleanup()
+    assert run(main()) == protocol.encode_handshake()
+
+
+def test_idle_timeout_and_restart(models):
+    async def main():
+        async with serving(models, max_sessions=1, idle_timeout=0.6) as (server, url, http):
+            async with aiohttp.ClientSession() as s:
+                ws = await s.ws_connect(url)
+                await ws.receive(timeout=10)
+                await ws.send_bytes(protocol.encode_control(protocol.CONTROL_RESTART))
+                got = []
+                while True:
+                    msg = await ws.receive(timeout=10)
+                    if msg.type != aiohttp.WSMsgType.BINARY:
+                        break
+                    got.append(msg.data)
+                code = ws.close_code
+            for _ in range(50):
+                if server.batcher.active == 0:
+                    break
+                await asyncio.sleep(0.05)
+            return got, code, server.batcher.active
+    got, code, active = run(main())
+    assert any(m[:1] == b"\x01" for m in got)  # frames kept coming after the restart
+    assert any(m[:1] == b"\x05" and b"no message" in m for m in got) and code == 1001 and active == 0

@@ -1,0 +1,137 @@
+"""The web UI in a real browser: headless Chromium (the Debian package) driven by playwright, its
+microphone fed from a wav of speech, against the protocol stub and against the real server with a
+tiny random model. Checks that audio reached the server, came back and played, and that text
+appeared; saves screenshots under tests/artifacts/.
+
+Needs `apt-get install chromium espeak-ng sox` and `pip install playwright` (no browser download:
+the Debian chromium is used); skipped otherwise."""
+
+import shutil
+import subprocess
+import time
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from chat_stub import AppServer, StubServer
+
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+SPEECH = "Hello Moshi, how are you today? I would like to talk about the weather in Paris."
+
+if not Path(CHROMIUM).exists():
+    pytest.skip(f"{CHROMIUM} not found (apt-get install chromium)", allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is missing (pip install playwright)")
+for tool in ("espeak-ng", "sox"):
+    if shutil.which(tool) is None:
+        pytest.skip(f"{tool} not found (apt-get install {tool})", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def speech_wav(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("speech")
+    raw, wav = folder / "raw.wav", folder / "speech.wav"
+    subprocess.run(["espeak-ng", "-w", str(raw), SPEECH], check=True)
+    subprocess.run(["sox", str(raw), "-r", "48000", "-c", "1", "-b", "16", str(wav)], check=True)
+    return wav
+
+
+@pytest.fixture(scope="module")
+def browser(speech_wav):
+    flags = ["--no-sandbox", "--disable-gpu", "--use-fake-ui-for-media-stream",
+             "--use-fake-device-for-media-stream", f"--use-file-for-fake-audio-capture={speech_wav}",
+             "--autoplay-policy=no-user-gesture-required", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=flags)
+        yield b
+        b.close()
+
+
+def _converse(browser, url: str, seconds_played: float, timeout: float):
+    """Opens the UI, connects, waits until `seconds_played` of the server's audio has played and
+    some text arrived; returns (page, stats, page errors)."""
+    page = browser.new_page(viewport={"width": 1280, "height": 800}, accept_downloads=True)
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(url)
+    page.click("#connect")
+    deadline = time.monotonic() + timeout
+    stats = None
+    while time.monotonic() < deadline:
+        page.wait_for_timeout(250)
+        stats = page.evaluate("window.openmoshi.stats")
+        if stats["state"] in ("error", "closed") or (
+                stats["audioPlayedS"] >= seconds_played and stats["textPieces"] > 0):
+            break
+    return page, stats, errors
+
+
+def _check_conversation(page, stats, errors, seconds_played):
+    assert not errors, errors
+    assert stats["state"] == "connected", (stats, page.inner_text("#error"))
+    assert stats["audioSentS"] > 1.0  # the microphone was encoded and sent
+    assert stats["audioPlayedS"] >= seconds_played  # the reply was decoded and went to the speaker
+    assert stats["textPieces"] > 0 and page.inner_text("#transcript").strip()
+    assert stats["decodeErrors"] == 0
+
+
+def test_browser_conversation_with_stub(browser):
+    """Against the echo stub: the mic reaches the server, the echo plays, the recording has both voices."""
+    with StubServer() as server:
+        page, stats, errors = _converse(browser, server.url, 2.0, timeout=20)
+        log = server.stub.log
+        _check_conversation(page, stats, errors, 2.0)
+        assert log.samples_in >= 24000 and log.peak_in > 0.05  # speech, not silence, got there
+        assert log.query[0]["text_temperature"] == "0.7"
+        page.click("#disconnect")
+        with page.expect_download() as download:
+            page.click("#download")
+        path = download.value.path()
+    with wave.open(str(path)) as w:
+        assert w.getnchannels() == 2 and w.getframerate() == 24000
+        pcm = np.frombuffer(w.readframes(w.getnframes()), "<i2").reshape(-1, 2) / 32768
+    assert len(pcm) >= 2 * 24000
+    assert np.abs(pcm[:, 0]).max() > 0.05 and np.abs(pcm[:, 1]).max() > 0.05  # you, and the echo
+    page.close()
+
+
+@pytest.mark.slow
+def test_browser_conversation_with_server(browser):
+    """Against `openmoshi serve`'s app with a tiny random model; screenshot for a human to look at."""
+    from openmoshi.server import MoshiServer, ServerConfig
+
+    from server_utils import tiny_models
+
+    moshi = MoshiServer(*tiny_models(), ServerConfig(max_sessions=2))
+    peaks = []
+    push = moshi.batcher.push
+
+    def spy(slot, pcm):  # what the server decoded from the browser's Ogg/Opus
+        peaks.append(float(np.abs(pcm).max()) if len(pcm) else 0.0)
+        return push(slot, pcm)
+
+    moshi.batcher.push = spy
+    with AppServer(moshi.make_app()) as server:
+        page, stats, errors = _converse(browser, server.url, 1.5, timeout=30)
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "web_ui.png"), full_page=True)
+        _check_conversation(page, stats, errors, 1.5)
+        assert len(peaks) >= 10 and max(peaks) > 0.05
+        page.click("#disconnect")
+        page.close()
+
+
+def test_browser_shows_busy_server(browser):
+    from chat_stub import ChatStub
+
+    with StubServer(ChatStub(busy=True)) as server:
+        page = browser.new_page()
+        page.goto(server.url)
+        page.click("#connect")
+        page.wait_for_function("document.body.dataset.state === 'error'", timeout=10000)
+        assert "busy" in page.inner_text("#error")
+        assert page.is_enabled("#connect")
+        page.close()
