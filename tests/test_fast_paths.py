@@ -115,3 +115,35 @@ def test_bench_command_runs(tmp_path):
     data = json.loads(out.read_text())
     assert [r["batch_size"] for r in data["results"]] == [1, 2] and data["results"][0]["lm_step_ms"] > 0
     assert TINY.dep_q == 8
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_step_equals_eager_on_gpu():
+    lm = random_lm().cuda()
+    user = torch.randint(0, 64, (2, 8, 30), device="cuda")
+    eager_state = G.init_state(lm, 2, SamplingConfig.greedy())
+    graph_state = G.init_state(lm, 2, SamplingConfig.greedy())
+
+    def fn(codes):
+        out = G.step(lm, graph_state, codes, check=False)
+        return out.text, out.audio, out.valid
+
+    graphed = CUDAGraphed(fn)
+    for t in range(30):
+        ref = G.step(lm, eager_state, user[:, :, t])
+        text, audio, valid = graphed(user[:, :, t])
+        assert torch.equal(valid, ref.valid)
+        assert torch.equal(text[valid], ref.text[ref.valid]) and torch.equal(audio[valid], ref.audio[ref.valid])
+    assert graphed.graph is not None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_int4_tinygemm_matches_reference_on_gpu():
+    w = torch.randn(256, 512, device="cuda")
+    ql = QuantizedLinear.from_weight(w, "int4", group_size=128)
+    ql.dtype = torch.bfloat16
+    x = torch.randn(3, 512, device="cuda", dtype=torch.bfloat16)
+    ref = torch.nn.functional.linear(x, ql.weight(0))
+    torch.testing.assert_close(ql(x), ref, rtol=2e-2, atol=2e-1)

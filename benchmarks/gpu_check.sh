@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The prepared device run for issue 5: one call on an H100/H200 checks and times everything.
+#   on the developer machine:  echo /.whl/ >> .git/info/exclude
+#                              python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#                                --implementation cp --platform manylinux_2_28_x86_64 -d .whl moshi==0.2.13 einops
+#   device run (carry .whl):   bash benchmarks/gpu_check.sh      (writes everything under $OUT)
+# Same process, same config, same device for the official package and openmoshi: ratios are fair.
+set -uo pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
+# 1. equivalence on the GPU: CUDA-graph step == eager step, tinygemm int4 == reference
+python3 -m pytest -q -m gpu tests/test_fast_paths.py 2>&1 | tail -5 | tee "$OUT/gpu_tests.txt"
+# 2. the official loop and ours, 7B bf16, batch 1/8/32
+timeout 240 python3 benchmarks/compare_official.py --config moshi_7b --batch-sizes 1,8,32 --steps 40 --warmup 10 \
+  --device cuda --json "$OUT/compare_7b.json" 2>&1 | tee "$OUT/compare_7b.txt"
+# 3. ours alone at larger batches, then int8 and int4 at batch 1
+timeout 120 python3 -m openmoshi bench --batch-sizes 1,64 --steps 40 --json "$OUT/bench_bf16.json" 2>&1 | tee "$OUT/bench.txt"
+for q in int8 int4; do
+  timeout 90 python3 -m openmoshi bench --no-mimi --quantize $q --batch-sizes 1 --steps 40 --json "$OUT/bench_$q.json" 2>&1 | tee -a "$OUT/bench.txt"
+done
