@@ -60,17 +60,20 @@ def _add_device_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def _resolve_device(name: str | None):
-    import torch
+    from openmoshi.resolve import resolve_device
 
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return resolve_device(name)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
     try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise UsageError(f"bad --device {name!r}: {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name} asked for, but CUDA is not available")
-    return device
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def _existing_file(path: str, what: str) -> Path:

@@ -13,24 +13,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from .cli import UsageError, positive_int
 from .resolve import add_model_args
 
 BAR_WIDTH = 24
 TEXT_TAIL = 40  # characters of live text on the progress line
-
-
-class _UsageError(ValueError):
-    pass
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
 
 
 def _non_negative(text: str) -> float:
@@ -58,8 +45,8 @@ def add_infer_parser(subparsers) -> None:
     s = p.add_argument_group("sampling (defaults: the checkpoint's lm_gen_config, else 0.8/250 audio, 0.7/25 text)")
     s.add_argument("--temp", type=_non_negative, default=None, help="audio temperature")
     s.add_argument("--temp-text", type=_non_negative, default=None, help="text temperature")
-    s.add_argument("--top-k", type=_positive_int, default=None, help="audio top-k")
-    s.add_argument("--top-k-text", type=_positive_int, default=None, help="text top-k")
+    s.add_argument("--top-k", type=positive_int, default=None, help="audio top-k")
+    s.add_argument("--top-k-text", type=positive_int, default=None, help="text top-k")
     s.add_argument("--greedy", action="store_true", help="argmax decoding (temperatures 0)")
     s.add_argument("--seed", type=int, default=None, help="random seed (default 4242, as the official script)")
     p.add_argument("-q", "--quiet", action="store_true", help="print neither the text nor the progress")
@@ -78,7 +65,7 @@ def _outputs(out: str, inputs: list[str]) -> list[Path]:
         paths = [path.with_name(f"{path.stem}-{i}{path.suffix or '.wav'}") for i in range(len(inputs))]
     for p in paths:
         if not p.resolve().parent.is_dir():
-            raise _UsageError(f"cannot write {p}: folder {p.parent} does not exist")
+            raise UsageError(f"cannot write {p}: folder {p.parent} does not exist")
     return paths
 
 
@@ -124,12 +111,12 @@ class _Printer:
 def infer(args: argparse.Namespace) -> int:
     for x in args.inputs:
         if not Path(x).is_file():
-            raise _UsageError(f"input {x} {'is not a file' if Path(x).exists() else 'does not exist'}")
+            raise UsageError(f"input {x} {'is not a file' if Path(x).exists() else 'does not exist'}")
     if args.output is None and args.transcript is None:
-        raise _UsageError("nothing to write: give -o OUT.wav and/or --transcript FILE.json")
+        raise UsageError("nothing to write: give -o OUT.wav and/or --transcript FILE.json")
     outputs = _outputs(args.output, args.inputs) if args.output else None
     if args.transcript and not Path(args.transcript).resolve().parent.is_dir():
-        raise _UsageError(f"cannot write {args.transcript}: its folder does not exist")
+        raise UsageError(f"cannot write {args.transcript}: its folder does not exist")
 
     from dataclasses import replace
 
@@ -141,7 +128,7 @@ def infer(args: argparse.Namespace) -> int:
 
     files = resolve_model(args)
     if outputs and files.config.lm.dep_q == 0:
-        raise _UsageError(f"this model ({files.config.model_type}) writes no audio: use --transcript FILE.json")
+        raise UsageError(f"this model ({files.config.model_type}) writes no audio: use --transcript FILE.json")
     model = InferenceModel(load_model(files, args.device, args.dtype))
     sampling = SamplingConfig.greedy() if args.greedy else sampling_defaults(model.model)
     overrides = {k: getattr(args, k) for k in ("temp", "temp_text", "top_k", "top_k_text")

@@ -9,6 +9,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from openmoshi.cli import positive_int
 from openmoshi.resolve import add_model_args
 
 DEFAULT_PORT = 8998
@@ -23,7 +24,7 @@ def add_serve_parser(subparsers) -> None:
     g = p.add_argument_group("server")
     g.add_argument("--host", default="localhost", help="address to listen on (default localhost; 0.0.0.0 for all)")
     g.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
-    g.add_argument("--max-sessions", type=_positive_int, default=4, metavar="N",
+    g.add_argument("--max-sessions", type=positive_int, default=4, metavar="N",
                    help="conversations served at once; more get a 'busy' error (default 4)")
     g.add_argument("--auth-token", default=None, metavar="TOKEN",
                    help="require this token, as 'Authorization: Bearer TOKEN' or ?worker_auth_id=TOKEN")
@@ -33,19 +34,9 @@ def add_serve_parser(subparsers) -> None:
     g.add_argument("--idle-timeout", type=float, default=30.0, metavar="S",
                    help="close conversations silent for S seconds (default 30)")
     g.add_argument("--static", default=None, metavar="DIR", help="serve this folder at / instead of the built-in UI")
-    g.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")
+    g.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
     g.add_argument("--log-format", choices=("json", "text"), default="json", help="log lines format (default json)")
     p.set_defaults(handler=run_serve)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def setup_logging(fmt: str) -> None:
