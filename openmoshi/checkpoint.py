@@ -171,12 +171,15 @@ def load_lm(path: str | Path | None, cfg: LMConfig, device: str | torch.device =
     if path is None:
         with torch.device(device):
             model = LMModel(cfg).to(dtype)
+        if model.condition_provider is not None:
+            model.condition_provider.float()  # like the loaded weights, see below
     else:
         state = canonical_keys(dequantize_q8(read_safetensors(path, device), dtype))
         with torch.device("meta"):
             model = LMModel(cfg)
             if saved_quantization is not None:
                 quantize_lm(model, *saved_quantization)
+        # The official loader keeps the conditioners in float32 whatever the model dtype.
         load_state_strict(model, state, path, dtype, keep_fp32=("condition_provider.", "fuser."))
     if lora is not None:
         if saved_quantization is not None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .conditioners import ConditionerConfig, FuserConfig, check_fuser, parse_conditioners, parse_fuser
 from .transformer import TransformerConfig
 
 # Special token ids and values (official LMModel).
@@ -74,8 +75,8 @@ class LMConfig:
     depformer_layer_scale: float | None = None
     depformer_kv_repeat: int | None = None
     depformer_context: int | None = None  # accepted for compatibility; the official code ignores it
-    conditioners: Any = None  # raw official conditioner spec (kept for the record)
-    fuser: Any = None
+    conditioners: tuple[ConditionerConfig, ...] | None = None  # see conditioners.py
+    fuser: FuserConfig | None = None
 
     def __post_init__(self):
         if self.num_layers is None:
@@ -95,6 +96,7 @@ class LMConfig:
             raise ConfigError(f"dim={self.dim} is not a multiple of num_heads={self.num_heads}")
         try:
             self.temporal, self.depth  # validate both transformer configs now
+            check_fuser(self.conditioners, self.fuser)
         except ValueError as e:
             raise ConfigError(str(e)) from None
 
@@ -154,6 +156,10 @@ class LMConfig:
         out = {}
         for f in fields(self):
             v = getattr(self, f.name)
+            if f.name == "conditioners" and v is not None:
+                v = {c.name: c.to_dict() for c in v}
+            elif f.name == "fuser" and v is not None:
+                v = v.to_dict()
             out[f.name] = list(v) if isinstance(v, tuple) else v
         return out
 
@@ -184,6 +190,11 @@ def lm_config_from_dict(raw: dict) -> LMConfig:
             value = tuple(value)
         if key in _INT_KEYS and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
             raise ConfigError(f"config key {key!r} must be a non-negative integer, got {value!r}")
+        if key in ("conditioners", "fuser") and value is not None:
+            try:
+                value = parse_conditioners(value) if key == "conditioners" else parse_fuser(value)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         kwargs[key] = value
     return LMConfig(**kwargs)
 

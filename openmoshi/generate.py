@@ -3,6 +3,7 @@
     state = init_state(lm, batch_size, sampling)
     out = step(lm, state, user_codes)    # user_codes [B, n_q - dep_q] for one frame
     out.text [B], out.audio [B, dep_q], out.valid [B]
+    set_condition(state, lm.condition_sum([{"description": "very_good"}] * B))  # conditioned LMs
 
 Dimension glossary: B batch (slots), K streams (1 text + n_q audio), Q dep_q, C ring length.
 
@@ -41,6 +42,7 @@ class GenState:
     top_k_text: torch.Tensor  # [B] long
     max_k: int  # top-k width computed for every slot
     max_k_text: int
+    condition: torch.Tensor | None = None  # [B, 1, D] model dtype, added to the input; None: unconditioned model
 
     @property
     def batch_size(self) -> int:
@@ -77,6 +79,8 @@ def init_state(lm: LMModel, batch_size: int, sampling: SamplingConfig = Sampling
         temp_text=torch.empty(batch_size, device=device),
         top_k_text=torch.empty(batch_size, dtype=torch.long, device=device),
         max_k=min(max_k or sampling.top_k, cfg.card), max_k_text=min(max_k_text or sampling.top_k_text, cfg.text_out_card))
+    if lm.condition_provider is not None:
+        state.condition = torch.zeros(batch_size, 1, cfg.dim, device=device, dtype=dtype)
     set_sampling(state, sampling)
     return state
 
@@ -92,6 +96,24 @@ def set_sampling(state: GenState, sampling: SamplingConfig, mask: torch.Tensor |
             target.fill_(value)
         else:
             target.masked_fill_(mask.to(target.device), value)
+
+
+def set_condition(state: GenState, condition: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+    """Sets the condition of the slots in `mask` (all when None), e.g. from
+    `lm.condition_sum([{"description": "very_good"}] * B)`. condition: [B, 1, D] or [1, 1, D].
+    Like the sampling settings, a slot keeps its condition across `reset_slots`; slots never set
+    add zeros (an unconditioned input, which is not the model's learnt "no condition": for that,
+    pass the value None to `lm.condition_sum`)."""
+    if state.condition is None:
+        raise ValueError("this model has no conditioners (config keys 'conditioners'/'fuser')")
+    condition = condition.to(state.condition.device, state.condition.dtype)
+    B, _, D = state.condition.shape
+    if condition.dim() != 3 or condition.shape[0] not in (1, B) or condition.shape[1:] != (1, D):
+        raise ValueError(f"condition must be [{B} or 1, 1, {D}], got {tuple(condition.shape)}")
+    if mask is None:
+        state.condition.copy_(condition.expand_as(state.condition))
+    else:
+        state.condition.copy_(torch.where(mask.to(condition.device)[:, None, None], condition, state.condition))
 
 
 def reset_slots(state: GenState, mask: torch.Tensor | None = None) -> None:
@@ -157,7 +179,7 @@ def step(lm: LMModel, state: GenState, user_codes: torch.Tensor, active: torch.T
     index = (state.offset % C)[:, None, None].expand(B, cfg.num_codebooks, 1)
     tokens = torch.where(not_started, state.initial, state.cache.gather(2, index))  # [B, K, 1]
 
-    hidden, text_logits = lm.forward_text(tokens, state.temporal, active)  # [B, 1, D], [B, 1, N]
+    hidden, text_logits = lm.forward_text(tokens, state.temporal, active, state.condition)  # [B, 1, D], [B, 1, N]
     text = sample(text_logits[:, 0], state.temp_text, state.top_k_text, state.max_k_text, generator)
     audio = depth_step(lm, state, text, hidden, generator) if Q else None
 

@@ -5,7 +5,8 @@ Dimension glossary:
     Q dep_q (audio codebooks the model predicts), N vocabulary size.
 
 Stream 0 is text, streams 1..dep_q are the model's audio codebooks, the rest are the user's.
-The temporal transformer reads the sum of the K stream embeddings of a frame; the depth transformer
+The temporal transformer reads the sum of the K stream embeddings of a frame (plus, for conditioned
+models, a per-conversation condition vector, see conditioners.py); the depth transformer
 then predicts the frame's text-conditioned audio codebooks one after the other.
 Parameter names match the official checkpoints, so weights load with strict=True.
 """
@@ -13,11 +14,13 @@ Parameter names match the official checkpoints, so weights load with strict=True
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .conditioners import Attributes, ConditionProvider
 from .config import ZERO_TOKEN, LMConfig
 from .delays import delay_codes, undelay
 from .transformer import Transformer, TransformerState, make_norm
@@ -72,9 +75,6 @@ class LMOutput:
 class LMModel(nn.Module):
     def __init__(self, cfg: LMConfig):
         super().__init__()
-        if cfg.conditioners or cfg.fuser:
-            raise NotImplementedError("LM conditioners (config keys 'conditioners'/'fuser') are not "
-                                      "supported yet; remove them to run the model unconditioned")
         self.cfg = cfg
         D, Dd = cfg.dim, cfg.depformer_dim
         self.emb = nn.ModuleList([ScaledEmbedding(cfg.card + 1, D, norm=cfg.norm_emb) for _ in range(cfg.n_q)])
@@ -103,6 +103,16 @@ class LMModel(nn.Module):
         self.extra_heads = nn.ModuleList(
             [nn.Linear(D, cfg.extra_heads_dim, bias=False) for _ in range(cfg.extra_heads_num_heads)])
         self.linears = nn.ModuleList([nn.Linear(Dd, cfg.card, bias=cfg.bias_proj) for _ in range(cfg.dep_q)])
+        self.condition_provider = None  # kept in float32 like the official loader (see load_lm)
+        if cfg.conditioners or cfg.fuser:
+            self.condition_provider = ConditionProvider(cfg.conditioners or (), cfg.fuser, D)
+
+    def condition_sum(self, attributes: Sequence[Attributes]) -> torch.Tensor:
+        """Condition values per batch item, e.g. [{"description": "very_good"}, ...] -> the summed
+        condition [B, 1, D] (float32) to pass as `condition_sum`. None as a value: no condition."""
+        if self.condition_provider is None:
+            raise ValueError("this model has no conditioners (config keys 'conditioners'/'fuser')")
+        return self.condition_provider(attributes)
 
     # ------------------------------------------------------------------ temporal transformer
 
@@ -114,9 +124,13 @@ class LMModel(nn.Module):
         return x
 
     def forward_text(self, tokens: torch.Tensor, state: TransformerState | None = None,
-                     active: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """tokens [B, K, T] -> (hidden [B, T, D] after the output norm, text logits [B, T, N])."""
+                     active: torch.Tensor | None = None, condition_sum: torch.Tensor | None = None,
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens [B, K, T] -> (hidden [B, T, D] after the output norm, text logits [B, T, N]).
+        condition_sum [B, 1, D] (see `condition_sum`) is added to every frame's input."""
         x = self.embed(tokens)
+        if condition_sum is not None:
+            x = x + condition_sum.to(x.dtype)  # computed in float32, added in the model's dtype
         h = self.out_norm(self.transformer(x, state, active).to(x.dtype))
         return h, self.text_linear(h)
 
@@ -146,8 +160,9 @@ class LMModel(nn.Module):
         t[0] = cfg.text_initial_token
         return t
 
-    def forward(self, codes: torch.Tensor) -> LMOutput:
-        """Teacher-forced pass over codes [B, K, T] (text stream first, undelayed).
+    def forward(self, codes: torch.Tensor, condition_sum: torch.Tensor | None = None) -> LMOutput:
+        """Teacher-forced pass over codes [B, K, T] (text stream first, undelayed), conditioned on
+        condition_sum [B, 1, D] when given.
 
         Returns logits aligned with `codes` and masks of the positions that have a valid
         prediction (not lost to the delays, not ZERO_TOKEN in the target).
@@ -167,7 +182,8 @@ class LMModel(nn.Module):
         initial = self.initial_tokens(codes.device)
         delayed = delay_codes(codes, cfg.delays, initial)  # [B, K, T]
         delayed = torch.cat([initial.view(1, K, 1).expand(B, K, 1), delayed], dim=2)  # [B, K, T + 1]
-        hidden, text_logits = self.forward_text(delayed[:, :, :-1])  # predicts delayed[:, :, 1:]
+        # Predicts delayed[:, :, 1:].
+        hidden, text_logits = self.forward_text(delayed[:, :, :-1], condition_sum=condition_sum)
         target = delayed[:, :, 1:]
         Q, Dd = cfg.dep_q, cfg.depformer_dim
         steps = [self.depformer_input(q, target[:, q], hidden) for q in range(Q)]  # Q x [B, T, Dd]

@@ -28,7 +28,10 @@ def test_dev_2b_config_keeps_conditioners():
         pytest.skip("official configs not found")
     cfg = load_model_config(path)
     assert cfg.lm.n_q == 32 and cfg.lm.dep_q == 16 and cfg.lm.max_delay == 2
-    assert cfg.lm.conditioners["description"]["type"] == "lut"
+    (desc,) = cfg.lm.conditioners
+    assert (desc.name, desc.type, desc.n_bins, desc.dim) == ("description", "lut", 31, 16)
+    assert desc.possible_values == ("very_bad", "bad", "neutral", "good", "very_good")
+    assert cfg.lm.fuser.sum == ("description",) and not cfg.lm.fuser.cross
     assert cfg.mimi_codebooks == 16
 
 

@@ -1,0 +1,259 @@
+"""LM conditioning: per-conversation attributes (e.g. the 2B dev model's `description`, one of
+"very_bad" .. "very_good") turned into one vector added to every frame's input embedding.
+
+Dimension glossary: B batch, D the LM's model dim, E a conditioner's own width (`dim`).
+
+The official config names each condition and how to fuse it:
+
+    "conditioners": {"description": {"type": "lut", "lut": {"n_bins": 31, "dim": 16,
+                                      "tokenizer": "noop", "possible_values": [...]}}},
+    "fuser": {"sum": ["description"]}
+
+A conditioner maps one attribute value per batch item to [B, 1, D]: a "lut" conditioner looks the
+value up in a table of n_bins + 1 rows (the last row is padding), a "tensor" conditioner takes a
+given vector [B, E]; both then project E -> D (`output_proj`). An absent value (None) gives the
+learnt padding vector instead, the "null" condition the model was trained with when a condition
+was dropped. The "sum" fuser adds the conditions of its attributes; the result is added to the
+input embedding at every step. Module and parameter names match the official checkpoints
+(`condition_provider.conditioners.<name>.embed.weight`, `.output_proj.weight`, `.learnt_padding`).
+The official loader keeps these weights in float32 whatever the model dtype; so do we.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, fields
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+CONDITIONER_TYPES = ("lut", "tensor")
+LUT_TOKENIZERS = ("noop",)
+FUSE_METHODS = ("sum", "cross")  # the official ConditionFuser's "prepend" is rejected by it too
+FUSER_OPTIONS = ("cross_attention_pos_emb", "cross_attention_pos_emb_scale")
+
+Attributes = Mapping[str, Any]  # one batch item: condition name -> value (str, tensor or None)
+
+
+@dataclass(frozen=True)
+class ConditionerConfig:
+    name: str
+    type: str  # one of CONDITIONER_TYPES
+    dim: int  # E: width of the table (lut) or of the given vectors (tensor)
+    n_bins: int = 0  # lut: table rows, not counting the padding row
+    tokenizer: str = "noop"  # lut: the whole value is one token
+    possible_values: tuple[str, ...] | None = None  # lut: value i -> row i; None: hashed values
+    init_scale: float = 1.0  # lut: scale of the initial table (irrelevant when loading weights)
+    force_linear: bool = True  # project even when E == D
+    learn_padding: bool = True  # absent values give a learnt vector (else zeros)
+    pad_empty: bool = True  # accepted for compatibility: values always have length 1 here
+
+    def to_dict(self) -> dict:
+        """The official spelling: {"type": t, t: {...}}."""
+        inner = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("name", "type")}
+        if self.type == "tensor":
+            for key in ("n_bins", "tokenizer", "possible_values", "init_scale"):
+                inner.pop(key)
+        elif self.possible_values is not None:
+            inner["possible_values"] = list(self.possible_values)
+        return {"type": self.type, self.type: inner}
+
+
+@dataclass(frozen=True)
+class FuserConfig:
+    sum: tuple[str, ...] = ()
+    cross: tuple[str, ...] = ()
+    cross_attention_pos_emb: bool = False
+    cross_attention_pos_emb_scale: float = 1.0
+
+    def to_dict(self) -> dict:
+        return {"sum": list(self.sum), "cross": list(self.cross),
+                "cross_attention_pos_emb": self.cross_attention_pos_emb,
+                "cross_attention_pos_emb_scale": self.cross_attention_pos_emb_scale}
+
+
+# ----------------------------------------------------------------------------- config parsing
+# Errors are ValueErrors naming the key; config.py turns them into ConfigErrors.
+
+_COMMON_KEYS = ("dim", "force_linear", "learn_padding", "pad_empty", "output_bias")
+_LUT_KEYS = _COMMON_KEYS + ("n_bins", "tokenizer", "possible_values", "init_scale")
+
+
+def parse_conditioners(raw: Any) -> tuple[ConditionerConfig, ...]:
+    """The official `conditioners` object -> one ConditionerConfig per named condition."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"config key 'conditioners' must be a JSON object, got {raw!r}")
+    return tuple(_parse_conditioner(name, spec) for name, spec in raw.items())
+
+
+def _parse_conditioner(name: str, spec: Any) -> ConditionerConfig:
+    where = f"conditioners.{name}"
+    if isinstance(spec, ConditionerConfig):
+        return spec
+    if not isinstance(spec, dict) or "type" not in spec:
+        raise ValueError(f"config key {where!r} must be an object with a 'type', got {spec!r}")
+    kind = spec["type"]
+    if kind not in CONDITIONER_TYPES:
+        raise ValueError(f"{where}: unknown conditioner type {kind!r}, expected one of {CONDITIONER_TYPES}")
+    extra = set(spec) - {"type", kind}
+    if extra:
+        raise ValueError(f"{where}: unknown key {sorted(extra)[0]!r}")
+    kwargs = dict(spec.get(kind) or {})
+    allowed = _LUT_KEYS if kind == "lut" else _COMMON_KEYS
+    for key in kwargs:
+        if key not in allowed:
+            raise ValueError(f"{where}.{kind}: unknown key {key!r}")
+    if kwargs.pop("output_bias", False):
+        raise ValueError(f"{where}.{kind}: output_bias=true is not supported (nor by the official code)")
+    if not isinstance(kwargs.get("dim"), int) or kwargs["dim"] <= 0:
+        raise ValueError(f"{where}.{kind}: 'dim' must be a positive integer, got {kwargs.get('dim')!r}")
+    if kind == "lut":
+        if not isinstance(kwargs.get("n_bins"), int) or kwargs["n_bins"] <= 0:
+            raise ValueError(f"{where}.lut: 'n_bins' must be a positive integer, got {kwargs.get('n_bins')!r}")
+        if kwargs.get("tokenizer") not in LUT_TOKENIZERS:
+            raise ValueError(f"{where}.lut: unknown tokenizer {kwargs.get('tokenizer')!r}, "
+                             f"expected one of {LUT_TOKENIZERS}")
+        values = kwargs.get("possible_values")
+        if values is not None:
+            if not isinstance(values, (list, tuple)) or not all(isinstance(v, str) for v in values):
+                raise ValueError(f"{where}.lut: 'possible_values' must be a list of strings")
+            if len(values) > kwargs["n_bins"]:
+                raise ValueError(f"{where}.lut: {len(values)} possible_values do not fit n_bins={kwargs['n_bins']}")
+            kwargs["possible_values"] = tuple(values)
+    return ConditionerConfig(name=name, type=kind, **kwargs)
+
+
+def parse_fuser(raw: Any) -> FuserConfig:
+    """The official `fuser` object ({"sum": [...], "cross": [...], options}) -> FuserConfig."""
+    if isinstance(raw, FuserConfig):
+        return raw
+    if not isinstance(raw, dict):
+        raise ValueError(f"config key 'fuser' must be a JSON object, got {raw!r}")
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in FUSE_METHODS:
+            if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+                raise ValueError(f"fuser.{key} must be a list of condition names, got {value!r}")
+            kwargs[key] = tuple(value)
+        elif key in FUSER_OPTIONS:
+            kwargs[key] = value
+        elif key == "prepend":
+            if value:
+                raise ValueError("fuser method 'prepend' is not supported (nor by the official code); "
+                                 f"supported methods are {FUSE_METHODS}")
+        else:
+            raise ValueError(f"unknown fuse method or fuser option {key!r}, expected one of "
+                             f"{FUSE_METHODS + FUSER_OPTIONS}")
+    return FuserConfig(**kwargs)
+
+
+def check_fuser(conditioners: tuple[ConditionerConfig, ...] | None, fuser: FuserConfig | None) -> None:
+    names = {c.name for c in conditioners or ()}
+    for method in FUSE_METHODS:
+        for name in getattr(fuser, method, ()):
+            if name not in names:
+                raise ValueError(f"fuser.{method} names condition {name!r}, which is not in "
+                                 f"'conditioners' ({sorted(names)})")
+
+
+# ----------------------------------------------------------------------------- modules
+
+
+def hash_value(value: str, n_bins: int) -> int:
+    """Row of a value in a table without possible_values: SHA-256 of its UTF-8 bytes mod n_bins
+    (the official "hash trick"), so any string gets a stable row."""
+    return int(hashlib.sha256(value.encode("utf-8")).hexdigest(), 16) % n_bins
+
+
+class Conditioner(nn.Module):
+    """One named condition: value per batch item -> [B, 1, D] (learnt padding where absent)."""
+
+    def __init__(self, cfg: ConditionerConfig, output_dim: int):
+        super().__init__()
+        self.cfg = cfg
+        if cfg.type == "lut":
+            self.embed = nn.Embedding(cfg.n_bins + 1, cfg.dim)  # the last row is padding
+            with torch.no_grad():
+                self.embed.weight.mul_(cfg.init_scale)
+            self.rows = {v: i for i, v in enumerate(cfg.possible_values or ())}
+        if cfg.force_linear or cfg.dim != output_dim:
+            self.output_proj = nn.Linear(cfg.dim, output_dim, bias=False)
+        else:
+            self.output_proj = nn.Identity()
+        self.learnt_padding = nn.Parameter(0.2 * torch.randn(1, 1, output_dim)) if cfg.learn_padding else None
+
+    def prepare(self, values: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Host side: values (one per batch item, None when absent) -> (input, present [B] bool).
+        The input is row ids [B] for a lut, vectors [B, E] for a tensor conditioner."""
+        cfg = self.cfg
+        device = _device(self)
+        present = torch.tensor([v is not None for v in values], dtype=torch.bool, device=device)
+        if cfg.type == "lut":
+            rows = [cfg.n_bins if v is None else self._row(v) for v in values]
+            return torch.tensor(rows, dtype=torch.long, device=device), present
+        vectors = [torch.zeros(cfg.dim) if v is None else torch.as_tensor(v, dtype=torch.float32).reshape(-1)
+                   for v in values]
+        for v in vectors:
+            if v.shape != (cfg.dim,):
+                raise ValueError(f"condition {cfg.name!r} takes vectors of {cfg.dim} values, got {v.numel()}")
+        return torch.stack(vectors).to(device), present
+
+    def _row(self, value: str) -> int:
+        cfg = self.cfg
+        if not isinstance(value, str):
+            raise ValueError(f"condition {cfg.name!r} takes a string, got {value!r}")
+        if cfg.possible_values is None:
+            return hash_value(value, cfg.n_bins)
+        if value not in self.rows:
+            raise ValueError(f"{value!r} is not a possible value of condition {cfg.name!r}: "
+                             f"{list(cfg.possible_values)} (or None for no condition)")
+        return self.rows[value]
+
+    def forward(self, inputs: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """(ids [B] or vectors [B, E], present [B]) -> [B, 1, D]."""
+        x = self.embed(inputs) if self.cfg.type == "lut" else inputs.to(_dtype(self))
+        y = self.output_proj(x[:, None])  # [B, 1, D]
+        pad = torch.zeros_like(y) if self.learnt_padding is None else self.learnt_padding
+        return torch.where(present[:, None, None], y, pad)
+
+
+class ConditionProvider(nn.Module):
+    """All the conditioners of an LM and the "sum" fusion of their outputs."""
+
+    def __init__(self, conditioners: tuple[ConditionerConfig, ...], fuser: FuserConfig | None, output_dim: int):
+        super().__init__()
+        if fuser is not None and fuser.cross:
+            raise NotImplementedError(f"fuser method 'cross' (cross-attention on conditions {list(fuser.cross)}) "
+                                      "is not supported yet; only 'sum' is")
+        self.conditioners = nn.ModuleDict({c.name: Conditioner(c, output_dim) for c in conditioners})
+        self.sum_names = fuser.sum if fuser is not None else ()
+        self.output_dim = output_dim
+
+    def forward(self, attributes: Sequence[Attributes]) -> torch.Tensor:
+        """One mapping of condition values per batch item -> the summed condition [B, 1, D] in
+        float32 (zeros when the fuser sums nothing). Every conditioner needs a value; None means
+        "no condition" (learnt padding)."""
+        known = set(self.conditioners)
+        for b, attrs in enumerate(attributes):
+            unknown = set(attrs) - known
+            if unknown:
+                raise ValueError(f"unknown condition {sorted(unknown)[0]!r} in batch item {b}; "
+                                 f"this model has {sorted(known)}")
+            missing = known - set(attrs)
+            if missing:
+                raise ValueError(f"batch item {b} has no value for condition {sorted(missing)[0]!r} "
+                                 f"(give None for no condition)")
+        total = torch.zeros(len(attributes), 1, self.output_dim, device=_device(self), dtype=_dtype(self))
+        for name in self.sum_names:
+            conditioner = self.conditioners[name]
+            total = total + conditioner(*conditioner.prepare([attrs[name] for attrs in attributes]))
+        return total
+
+
+def _device(module: nn.Module) -> torch.device:
+    return next((p.device for p in module.parameters()), torch.device("cpu"))
+
+
+def _dtype(module: nn.Module) -> torch.dtype:
+    return next((p.dtype for p in module.parameters()), torch.float32)
