@@ -44,6 +44,22 @@ def _p99(xs: list[float]) -> float:
     return s[min(len(s) - 1, int(0.99 * len(s)))]
 
 
+def parse_mimi_fast(text: str | None, device: torch.device) -> tuple[str, str] | None:
+    """`--mimi-fast` value -> (encode, decode) weight modes of `mimi_fast.fast_cpu`, or None for
+    the float32 reference. Default: "fp32,fp32" on CPU (the reference's weights in a faster
+    layout), None elsewhere (CUDA runs the Mimi steps as CUDA graphs instead)."""
+    from .mimi_fast import WEIGHT_MODES
+
+    if text is None:
+        return ("fp32", "fp32") if device.type == "cpu" else None
+    if text == "off":
+        return None
+    modes = tuple(text.split(","))
+    if len(modes) != 2 or any(m not in WEIGHT_MODES for m in modes):
+        raise ValueError(f"--mimi-fast must be 'off' or ENCODE,DECODE with modes in {WEIGHT_MODES}, got {text!r}")
+    return modes
+
+
 def random_lm(cfg: LMConfig, device, dtype, quantize: str | None = None):
     torch.manual_seed(0)
     lm = load_lm(None, cfg, device=device, dtype=dtype)

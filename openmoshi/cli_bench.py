@@ -23,7 +23,12 @@ def add_bench_parser(subparsers) -> None:
     p.add_argument("--codec-only", action="store_true", help="time Mimi alone (no LM)")
     p.add_argument("--no-mimi", action="store_true", help="time the LM alone")
     p.add_argument("--no-cuda-graph", action="store_true", help="run eagerly on CUDA")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--mimi-fast", default=None, metavar="ENC,DEC",
+                   help="Mimi CPU fast path: weight modes (fp32|bf16|int8) of the encoder and decoder "
+                        "sides, or 'off' for the float32 reference; default fp32,fp32 on CPU")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's, one per core; on a CPU shared with other "
+                        "jobs --threads 1 avoids stalls)")
     p.add_argument("--json", default=None, help="write the results to this JSON file")
     p.set_defaults(handler=run_bench)
 
@@ -61,13 +66,21 @@ def run_bench(args) -> int:
         cfg = load_model_config(args.config).lm
     lm = None if args.codec_only else bench.random_lm(cfg, device, dtype, args.quantize)
     mimi = None
+    try:
+        mimi_fast = bench.parse_mimi_fast(args.mimi_fast, device)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     if not args.no_mimi:
         from .checkpoint import load_mimi
         mimi = load_mimi(None, num_codebooks=max(cfg.dep_q, cfg.num_user_codebooks), device=device)
+        if mimi_fast is not None:
+            from .mimi_fast import fast_cpu
+            mimi = fast_cpu(mimi, *mimi_fast)
     params = sum(p.numel() for p in lm.parameters()) / 1e9 if lm is not None else 0
     print(f"openmoshi bench: config {args.config} ({params:.2f} B LM params), device {device}, {dtype_name}"
           f"{', ' + args.quantize if args.quantize else ''}, cuda graphs "
-          f"{'off' if args.no_cuda_graph or device.type != 'cuda' else 'on'}, threads {torch.get_num_threads()}")
+          f"{'off' if args.no_cuda_graph or device.type != 'cuda' else 'on'}, threads {torch.get_num_threads()}, "
+          f"mimi {'fast ' + ','.join(mimi_fast) if mimi_fast else 'float32 reference'}")
     print(bench.HEADER)
     results = []
     for b in sizes:
@@ -76,5 +89,6 @@ def run_bench(args) -> int:
         results.append(bench.as_dict(r))
     if args.json:
         Path(args.json).write_text(json.dumps({"config": args.config, "device": str(device), "dtype": dtype_name,
-                                               "quantize": args.quantize, "results": results}, indent=1))
+                                               "quantize": args.quantize, "mimi_fast": mimi_fast,
+                                               "threads": torch.get_num_threads(), "results": results}, indent=1))
     return 0

@@ -38,15 +38,22 @@ import torch.nn.functional as F
 from torch import nn
 
 PAD_MODES = ("constant", "replicate")
+LIBRARY_CONV_MIN_WINDOWS = 64  # streaming convs with this many output steps use the library conv
 
 
 class _ConvHolder(nn.Module):
     """Holds the torch conv one level down so parameter names match the released checkpoint
-    (`...conv.conv.weight`)."""
+    (`...conv.conv.weight`). `matmul` is the conv on im2col windows, the streaming hot spot:
+    mimi_fast.py swaps the holder for one that keeps the weight in a faster layout or precision."""
 
     def __init__(self, conv: nn.Conv1d):
         super().__init__()
         self.conv = conv
+
+    def matmul(self, win: torch.Tensor) -> torch.Tensor:
+        """win [B, n, C_in * k] (each window C_in-major, like the weight) -> [B, n, C_out], bias included."""
+        weight = self.conv.weight
+        return F.linear(win, weight.view(weight.shape[0], -1), self.conv.bias)
 
 
 class _ConvTrHolder(nn.Module):
@@ -55,6 +62,11 @@ class _ConvTrHolder(nn.Module):
     def __init__(self, convtr: nn.ConvTranspose1d):
         super().__init__()
         self.convtr = convtr
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, T, C_in] -> every input step's k output samples [B, T, C_out * k], bias excluded."""
+        weight = self.convtr.weight  # [C_in, C_out, k]
+        return F.linear(x, weight.view(weight.shape[0], -1).t())
 
 
 @dataclass
@@ -110,18 +122,18 @@ class StreamingConv1d(nn.Module):
     def _windows_matmul(self, buf: torch.Tensor, n_out: int) -> torch.Tensor:
         """The conv of the first n_out windows of buf [B, C_in, L] -> [B, C_out, n_out].
 
-        Written as one matmul over gathered windows (im2col): on short streaming chunks this
+        For few windows, one matmul over gathered windows (im2col): on short streaming chunks this
         avoids the per-call weight re-layout of the library conv, several times faster on CPU.
+        For many windows (the high-rate SEANet layers) the library conv is faster than gathering.
         The sums are reordered, so it matches `forward` to float rounding, not bit for bit."""
         conv = self.conv.conv
-        if conv.groups != 1:
+        if conv.groups != 1 or n_out >= LIBRARY_CONV_MIN_WINDOWS:
             return conv(buf[..., : (n_out - 1) * self.stride + self.kernel_span])
         win = buf.unfold(-1, self.kernel_span, self.stride)  # [B, C_in, n_out, k_eff]
         if conv.dilation[0] > 1:
             win = win[..., :: conv.dilation[0]]  # [B, C_in, n_out, k]
         win = win.transpose(1, 2).reshape(buf.shape[0], n_out, -1)  # [B, n_out, C_in * k]
-        y = F.linear(win, conv.weight.view(self.out_channels, -1), conv.bias)  # [B, n_out, C_out]
-        return y.transpose(1, 2)
+        return self.conv.matmul(win).transpose(1, 2)  # [B, C_out, n_out]
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> Conv1dState:
         weight = self.conv.conv.weight
@@ -188,8 +200,7 @@ class StreamingConvTranspose1d(nn.Module):
             return convtr(x)
         B, C_in, T = x.shape
         m = k // s
-        w = convtr.weight.view(C_in, -1).t()  # [C_out * k, C_in]
-        cols = F.linear(x.transpose(1, 2), w).view(B, T, self.out_channels, m, s)
+        cols = self.convtr.matmul(x.transpose(1, 2)).view(B, T, self.out_channels, m, s)
         y = x.new_zeros(B, self.out_channels, T + m - 1, s)
         for j in range(m):  # piece j of step t lands at stride t + j
             y[:, :, j:j + T] += cols[:, :, :, j].transpose(1, 2)  # [B, C_out, T, s]

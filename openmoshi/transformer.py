@@ -139,16 +139,24 @@ class LayerScale(nn.Module):
 # ----------------------------------------------------------------------------- positions
 
 
-def apply_rope(x: torch.Tensor, positions: torch.Tensor, max_period: float) -> torch.Tensor:
+def rope_tables(positions: torch.Tensor, head_dim: int, max_period: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [B, 1, T, Dh/2] of the rotary angles of positions [B, T], float32. Computed once
+    per call of the transformer and shared by every layer, for queries and keys."""
+    freqs = torch.exp(torch.arange(head_dim // 2, device=positions.device, dtype=torch.float32)
+                      * (-math.log(max_period) * 2 / head_dim))  # [Dh/2]
+    angles = positions.float()[:, None, :, None] * freqs  # [B, 1, T, Dh/2]
+    return torch.cos(angles), torch.sin(angles)
+
+
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, max_period: float,
+               tables: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Rotary embedding (Su et al. 2021) on interleaved pairs (x0, x1), (x2, x3), ...
 
-    x: [B, H, T, Dh], positions: [B, T]. Computed in float32 like the official code.
+    x: [B, H, T, Dh], positions: [B, T] (or their precomputed `rope_tables`). Computed in float32
+    like the official code.
     """
     B, H, T, Dh = x.shape
-    freqs = torch.exp(torch.arange(Dh // 2, device=x.device, dtype=torch.float32)
-                      * (-math.log(max_period) * 2 / Dh))  # [Dh/2]
-    angles = positions.float()[:, None, :, None] * freqs  # [B, 1, T, Dh/2]
-    cos, sin = torch.cos(angles), torch.sin(angles)
+    cos, sin = rope_tables(positions, Dh, max_period) if tables is None else tables
     pairs = x.view(B, H, T, Dh // 2, 2)
     re, im = pairs[..., 0].float(), pairs[..., 1].float()
     out = torch.stack([re * cos - im * sin, re * sin + im * cos], dim=-1)
@@ -220,7 +228,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, q_pos: torch.Tensor, index: int,
                 cache: tuple[torch.Tensor, torch.Tensor] | None, key_pos: torch.Tensor,
-                mask: torch.Tensor | None) -> torch.Tensor:
+                mask: torch.Tensor | None, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         cfg = self.cfg
         B, T, D = x.shape
         qkv = self.in_proj(x, index)  # [B, T, D + 2 Hkv Dh]
@@ -228,8 +236,8 @@ class Attention(nn.Module):
         kv = qkv[..., D:].view(B, T, 2, self.kv_heads, cfg.head_dim).permute(2, 0, 3, 1, 4)
         k, v = kv[0], kv[1]  # [B, Hkv, T, Dh]
         if cfg.positional_embedding == "rope":
-            q = apply_rope(q, q_pos, cfg.max_period)
-            k = apply_rope(k, q_pos, cfg.max_period)
+            q = apply_rope(q, q_pos, cfg.max_period, rope)
+            k = apply_rope(k, q_pos, cfg.max_period, rope)
         if cache is not None:
             k_cache, v_cache = cache
             idx = (q_pos % k_cache.shape[2])[:, None, :, None].expand(B, self.kv_heads, T, cfg.head_dim)
@@ -298,8 +306,8 @@ class Layer(nn.Module):
             return self.gating[index](x)
         return self.gating(x)
 
-    def forward(self, x, q_pos, index, cache, key_pos, mask):
-        x = x + self.layer_scale_1(self.self_attn(self.norm1(x), q_pos, index, cache, key_pos, mask))
+    def forward(self, x, q_pos, index, cache, key_pos, mask, rope=None):
+        x = x + self.layer_scale_1(self.self_attn(self.norm1(x), q_pos, index, cache, key_pos, mask, rope))
         return x + self.layer_scale_2(self.feed_forward(self.norm2(x), index))
 
 
@@ -367,8 +375,9 @@ class Transformer(nn.Module):
             mask |= ~active[:, None, None]
         mask = mask[:, None]  # [B, 1, T, S]
         x = self._embed_positions(x, q_pos)
+        rope = self._rope_tables(q_pos)
         for layer, k, v in zip(self.layers, state.keys, state.values):
-            x = layer(x, q_pos, index, (k, v), state.key_pos, mask)
+            x = layer(x, q_pos, index, (k, v), state.key_pos, mask, rope)
         if active is None:
             state.offset.add_(T)
         else:
@@ -391,9 +400,15 @@ class Transformer(nn.Module):
             state = self.init_state(B, device=x.device, dtype=x.dtype, capacity=T)
             return torch.cat([self.forward(x[:, t:t + 1], state, step=step + t) for t in range(T)], dim=1)
         x = self._embed_positions(x, q_pos)
+        rope = self._rope_tables(q_pos)
         for layer in self.layers:
-            x = layer(x, q_pos, 0, None, None, mask)
+            x = layer(x, q_pos, 0, None, None, mask, rope)
         return x
+
+    def _rope_tables(self, q_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self.cfg.positional_embedding != "rope":
+            return None
+        return rope_tables(q_pos, self.cfg.head_dim, self.cfg.max_period)
 
     def _embed_positions(self, x: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
         if self.cfg.positional_embedding == "sin":
