@@ -122,14 +122,14 @@ def infer(args: argparse.Namespace) -> int:
 
     from .audio import SAMPLE_RATE, save_wav
     from .inference import DEFAULT_SEED, InferenceModel, sampling_defaults
-    from .resolve import load_model, resolve_model
+    from .resolve import load_model, resolve_model, with_fast_streaming
     from .sampling import SamplingConfig
     from .transcript import write_json
 
     files = resolve_model(args)
     if outputs and files.config.lm.dep_q == 0:
         raise UsageError(f"this model ({files.config.model_type}) writes no audio: use --transcript FILE.json")
-    model = InferenceModel(load_model(files, args.device, args.dtype))
+    model = InferenceModel(with_fast_streaming(load_model(files, args.device, args.dtype)))
     sampling = SamplingConfig.greedy() if args.greedy else sampling_defaults(model.model)
     overrides = {k: getattr(args, k) for k in ("temp", "temp_text", "top_k", "top_k_text")
                  if getattr(args, k) is not None}

@@ -35,7 +35,7 @@ import torch
 from .audio import SAMPLE_RATE, AudioError, load_audio, resample
 from .generate import init_state, step
 from .mimi import FRAME_SIZE
-from .resolve import DEFAULT_REPO, LoadedModel, load_model, resolve_files
+from .resolve import DEFAULT_REPO, LoadedModel, load_model, resolve_files, with_fast_streaming
 from .sampling import SamplingConfig
 from .transcript import Piece, Word, pieces, text_of, transcript_dict, words
 
@@ -250,4 +250,4 @@ def load(hf_repo: str | None = DEFAULT_REPO, moshi_weight=None, mimi_weight=None
          config_path=None, lora_weight=None, device=None, dtype=None) -> InferenceModel:
     """Resolves (downloading if needed) and loads a model; arguments as the CLI flags."""
     files = resolve_files(hf_repo, moshi_weight, mimi_weight, tokenizer, config_path, lora_weight)
-    return InferenceModel(load_model(files, device, dtype))
+    return InferenceModel(with_fast_streaming(load_model(files, device, dtype)))

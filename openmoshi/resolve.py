@@ -276,6 +276,18 @@ class LoadedModel:
     dtype: object  # torch.dtype
 
 
+def with_fast_streaming(model: LoadedModel) -> LoadedModel:
+    """The call-site speed wrapper for streaming use: on CPU, Mimi's streaming steps run through
+    `mimi_fast.fast_cpu` (same codes as the reference, about 2x faster per frame)."""
+    if model.device.type != "cpu":
+        return model
+    from dataclasses import replace
+
+    from .mimi_fast import fast_cpu
+
+    return replace(model, mimi=fast_cpu(model.mimi))
+
+
 def load_model(files: ModelFiles, device=None, dtype=None) -> LoadedModel:
     """LM, Mimi and text tokenizer of `files`. device/dtype: torch objects or names (None: default).
     Mimi runs in float32 whatever the LM dtype, like the official tools."""
