@@ -129,7 +129,7 @@ def infer(args: argparse.Namespace) -> int:
     files = resolve_model(args)
     if outputs and files.config.lm.dep_q == 0:
         raise UsageError(f"this model ({files.config.model_type}) writes no audio: use --transcript FILE.json")
-    model = InferenceModel(with_fast_streaming(load_model(files, args.device, args.dtype)))
+    model = InferenceModel(with_fast_streaming(load_model(files, args.device, args.dtype, args.quantize)))
     sampling = SamplingConfig.greedy() if args.greedy else sampling_defaults(model.model)
     overrides = {k: getattr(args, k) for k in ("temp", "temp_text", "top_k", "top_k_text")
                  if getattr(args, k) is not None}

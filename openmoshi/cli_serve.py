@@ -77,7 +77,7 @@ def run_serve(args) -> int:
         torch.set_num_threads(args.threads)
     ssl_context = _ssl_context(args)  # before loading: a bad certificate fails fast
     event("loading_model", hf_repo=args.hf_repo)
-    model = with_fast_streaming(load_model(resolve_model(args), args.device, args.dtype))
+    model = with_fast_streaming(load_model(resolve_model(args), args.device, args.dtype, args.quantize))
     sampling = sampling_defaults(model)  # the checkpoint's lm_gen_config, else the official defaults
     config = ServerConfig(max_sessions=args.max_sessions, auth_token=args.auth_token,
                           idle_timeout=args.idle_timeout,

@@ -247,7 +247,7 @@ class InferenceModel:
 
 
 def load(hf_repo: str | None = DEFAULT_REPO, moshi_weight=None, mimi_weight=None, tokenizer=None,
-         config_path=None, lora_weight=None, device=None, dtype=None) -> InferenceModel:
+         config_path=None, lora_weight=None, device=None, dtype=None, quantize=None) -> InferenceModel:
     """Resolves (downloading if needed) and loads a model; arguments as the CLI flags."""
     files = resolve_files(hf_repo, moshi_weight, mimi_weight, tokenizer, config_path, lora_weight)
-    return InferenceModel(with_fast_streaming(load_model(files, device, dtype)))
+    return InferenceModel(with_fast_streaming(load_model(files, device, dtype, quantize)))

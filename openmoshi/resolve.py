@@ -77,6 +77,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     g.add_argument("--dtype", default=None, choices=DTYPES,
                    help="weights dtype (default: bfloat16 on cuda, float32 on cpu)")
+    g.add_argument("--quantize", default=None, choices=("int8", "int4"),
+                   help="weight-only quantization of the LM's transformer layers")
 
 
 def resolve_model(args: argparse.Namespace) -> ModelFiles:
@@ -288,9 +290,10 @@ def with_fast_streaming(model: LoadedModel) -> LoadedModel:
     return replace(model, mimi=fast_cpu(model.mimi))
 
 
-def load_model(files: ModelFiles, device=None, dtype=None) -> LoadedModel:
+def load_model(files: ModelFiles, device=None, dtype=None, quantize: str | None = None) -> LoadedModel:
     """LM, Mimi and text tokenizer of `files`. device/dtype: torch objects or names (None: default).
-    Mimi runs in float32 whatever the LM dtype, like the official tools."""
+    Mimi runs in float32 whatever the LM dtype, like the official tools. `quantize`: "int8"/"int4"
+    weight-only quantization of the LM's transformer layers."""
     import torch
 
     from .checkpoint import load_lm, load_mimi, load_text_tokenizer
@@ -300,7 +303,7 @@ def load_model(files: ModelFiles, device=None, dtype=None) -> LoadedModel:
         dtype = resolve_dtype(dtype, device)
     cfg = files.config
     lm = load_lm(files.moshi_weight, cfg.lm, device, dtype, lora=files.lora_weight,
-                 lora_scaling=cfg.lora_scaling)
+                 lora_scaling=cfg.lora_scaling, quantize=quantize)
     if cfg.model_type == "hibiki":
         # As the official loader: an early text EOS (2) reads like padding (3) until the input ends.
         with torch.no_grad():

@@ -77,6 +77,15 @@ def test_batch_stereo_and_silence_tail(ckpt, wav, tmp_path):
     assert (long_out[0, :n] - load_audio(wav)[0]).abs().max() < 1e-3
 
 
+def test_quantized_model_runs(ckpt, wav, tmp_path):
+    """--quantize int8 on a command that loads a model: the transformer layers are quantized and it runs."""
+    assert main(["infer", str(wav), "-o", str(tmp_path / "q.wav"), "--greedy", "--quantize", "int8",
+                 "--hf-repo", str(ckpt), "-q"]) == 0
+    assert load_audio(tmp_path / "q.wav").shape == (1, FRAMES * 1920)
+    model = load(str(ckpt), device="cpu", quantize="int8")
+    assert type(model.model.lm.transformer.layers[0].self_attn.in_proj).__name__ == "QuantizedLinear"
+
+
 def load_audio_stereo(path: Path) -> torch.Tensor:
     import wave
 
