@@ -61,3 +61,14 @@ def ours_from_official(official, kwargs: dict, dtype=torch.float32) -> LMModel:
         model = LMModel(lm_config_from_dict(kwargs))
     load_state_strict(model, canonical_keys(dict(official.state_dict())), "official", dtype)
     return model.eval()
+
+
+def official_frames(gen, user: torch.Tensor) -> torch.Tensor:
+    """Runs an official LMGen over user codes [B, Ku, T]; the frames it returns, [B, 1 + dep_q, T']."""
+    frames = []
+    with gen.streaming(user.shape[0]):
+        for t in range(user.shape[2]):
+            out = gen.step(user[:, :, t:t + 1])
+            if out is not None:
+                frames.append(out[:, :, 0])
+    return torch.stack(frames, dim=-1)

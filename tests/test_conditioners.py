@@ -15,7 +15,7 @@ from openmoshi.config import ConfigError, lm_config_from_dict, load_model_config
 from openmoshi.lm import LMModel
 from openmoshi.sampling import SamplingConfig
 
-from lm_utils import TINY_2B_LIKE, ours_from_official
+from lm_utils import TINY_2B_LIKE, official_frames, ours_from_official
 
 CONFIGS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "official_configs"
 VALUES = ["very_bad", "bad", "neutral", "good", "very_good"]
@@ -101,13 +101,7 @@ def run_official(official, values, user):
     from moshi.models.lm import LMGen
 
     gen = LMGen(official, use_sampling=False, condition_tensors=official_conditions(official, values))
-    frames = []
-    with gen.streaming(user.shape[0]):
-        for t in range(user.shape[2]):
-            out = gen.step(user[:, :, t:t + 1])
-            if out is not None:
-                frames.append(out[:, :, 0])
-    return torch.stack(frames, dim=-1)
+    return official_frames(gen, user)
 
 
 def run_ours(lm, values, user):

@@ -10,7 +10,7 @@ from openmoshi.checkpoint import load_lm
 from openmoshi.config import lm_config_from_dict
 from openmoshi.sampling import SamplingConfig
 
-from lm_utils import CONFIGS, GOLDEN, make_official_lm, ours_from_official
+from lm_utils import CONFIGS, GOLDEN, make_official_lm, official_frames, ours_from_official
 
 ASSETS = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "reference" / "official_test_assets"
 
@@ -66,13 +66,7 @@ def run_official(official, user, sampling: SamplingConfig | None, seed=0):
         gen = LMGen(official, temp=sampling.temp, temp_text=sampling.temp_text, top_k=sampling.top_k,
                     top_k_text=sampling.top_k_text)
     torch.manual_seed(seed)
-    frames = []
-    with gen.streaming(user.shape[0]):
-        for t in range(user.shape[2]):
-            out = gen.step(user[:, :, t:t + 1])
-            if out is not None:
-                frames.append(out[:, :, 0])
-    return torch.stack(frames, dim=-1)
+    return official_frames(gen, user)
 
 
 def run_ours(lm, user, sampling: SamplingConfig, seed=0):
