@@ -9,8 +9,10 @@ in the run dtype.
 - int4: asymmetric per group of `group_size` inputs: W ~ (q - 8) * scale + offset, q in [0, 15],
   two values packed per byte.
 
-The reference forward dequantizes and calls `F.linear`; on CUDA, int4 uses PyTorch's tinygemm kernel
-(`torch._weight_int4pack_mm`), which reads half the bytes of int8 at batch 1. Quantized models save
+The reference forward dequantizes and calls `F.linear`; with bfloat16 activations int4 uses
+PyTorch's tinygemm kernels (`torch._weight_int4pack_mm` on CUDA, which reads half the bytes of int8
+at batch 1, and its CPU port). On CUDA the kernel's packed copy replaces ours once made, so the
+weights are held once. Quantized models save
 and load as safetensors with the format in the metadata.
 """
 
@@ -96,23 +98,35 @@ class QuantizedLinear(nn.Module):
         return dequantize_int4(self.qweight[rows], self.scale[rows], self.offset[rows], self.dtype)
 
     def forward(self, x: torch.Tensor, index: int = 0) -> torch.Tensor:
-        if self.mode == "int4" and x.is_cuda and x.dtype == torch.bfloat16:
+        if self.mode == "int4" and x.dtype == torch.bfloat16:
             return self._forward_tinygemm(x, index)
         return F.linear(x, self.weight(index).to(x.dtype))
 
     def _forward_tinygemm(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        """int4 through PyTorch's tinygemm kernels (CUDA, or their CPU port), bfloat16 activations."""
         if index not in self._tinygemm:  # packed once, on first use, in the kernel's own layout
-            rows = slice(index * self.out_dim, (index + 1) * self.out_dim)
-            packed = self.qweight[rows]
-            q = torch.stack([packed & 15, packed >> 4], dim=-1).view(self.out_dim, -1)
-            # The kernel's input packs the even column in the high nibble (ours: low nibble).
-            packed_tg = torch._convert_weight_to_int4pack(((q[:, 0::2] << 4) | q[:, 1::2]).contiguous(), 8)
-            # tinygemm computes (q - 8) * scale + zero: the same convention as ours.
-            scales_zeros = torch.stack([self.scale[rows], self.offset[rows]], dim=-1).transpose(0, 1)
-            self._tinygemm[index] = (packed_tg, scales_zeros.to(torch.bfloat16).contiguous())
+            self._tinygemm[index] = self._pack_tinygemm(index, x.is_cuda)
+            if x.is_cuda and len(self._tinygemm) == self.qweight.shape[0] // self.out_dim:
+                # Every set is packed: drop our own copy so the GPU holds the int4 weights once.
+                self.qweight = self.qweight.new_empty(0)
         packed_tg, scales_zeros = self._tinygemm[index]
-        y = torch._weight_int4pack_mm(x.reshape(-1, self.in_dim), packed_tg, self.group_size, scales_zeros)
+        mm = torch._weight_int4pack_mm if x.is_cuda else torch._weight_int4pack_mm_for_cpu
+        y = mm(x.reshape(-1, self.in_dim), packed_tg, self.group_size, scales_zeros)
         return y.view(*x.shape[:-1], self.out_dim)
+
+    def _pack_tinygemm(self, index: int, cuda: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.qweight.numel() == 0:
+            raise RuntimeError("int4 weights were already handed to the CUDA kernel and released")
+        rows = slice(index * self.out_dim, (index + 1) * self.out_dim)
+        packed = self.qweight[rows]
+        q = torch.stack([packed & 15, packed >> 4], dim=-1).view(self.out_dim, -1)  # [out, in] in 0..15
+        if cuda:  # the CUDA kernel's input packs the even column in the high nibble (ours: low)
+            packed_tg = torch._convert_weight_to_int4pack(((q[:, 0::2] << 4) | q[:, 1::2]).contiguous(), 8)
+        else:
+            packed_tg = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 2)
+        # tinygemm computes (q - 8) * scale + zero: the same convention as ours. [G, out, 2]
+        scales_zeros = torch.stack([self.scale[rows], self.offset[rows]], dim=-1).transpose(0, 1)
+        return packed_tg, scales_zeros.to(torch.bfloat16).contiguous()
 
 
 def _swap(parent: nn.Module, name: str, mode: str, group_size: int) -> None:
@@ -170,6 +184,9 @@ def save_quantized_lm(lm: nn.Module, path: str | Path) -> None:
     from safetensors.torch import save_file
 
     mode, group_size = lm.quantization
+    if any(isinstance(m, QuantizedLinear) and m.qweight.numel() == 0 for m in lm.modules()):
+        raise RuntimeError("this model already ran int4 on the GPU and released its packed weights: "
+                           "save the quantized model before running it on CUDA")
     state = {k: v.contiguous() for k, v in lm.state_dict().items()}
     save_file(state, str(path), metadata={FORMAT_KEY: mode, "group_size": str(group_size)})
 
