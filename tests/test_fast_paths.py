@@ -160,3 +160,50 @@ def test_int4_tinygemm_matches_reference_on_gpu():
     x = torch.randn(3, 512, device="cuda", dtype=torch.bfloat16)
     ref = torch.nn.functional.linear(x, ql.weight(0))
     torch.testing.assert_close(ql(x), ref, rtol=2e-2, atol=2e-1)
+
+
+def _tensors(obj, seen=None):
+    """Every tensor reachable from a streaming state (dataclasses, lists, tuples)."""
+    import dataclasses
+
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return []
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if dataclasses.is_dataclass(obj):
+        obj = [getattr(obj, f.name) for f in dataclasses.fields(obj)]
+    if isinstance(obj, (list, tuple)):
+        return [t for x in obj for t in _tensors(x, seen)]
+    return []
+
+
+def _storages(state):
+    return [(t.data_ptr(), tuple(t.shape)) for t in _tensors(state)]
+
+
+def test_streaming_states_are_updated_in_place():
+    """CUDA graphs replay fixed addresses: a step may change the state's values, never its tensors."""
+    from openmoshi.checkpoint import load_mimi
+
+    lm = random_lm()
+    state = G.init_state(lm, 2, SamplingConfig())
+    before = _storages(state)
+    assert len(before) > 10
+    for t in range(4):
+        G.step(lm, state, torch.randint(0, 64, (2, 8)), check=False)
+        G.reset_slots(state, torch.tensor([t == 2, False]))
+    assert _storages(state) == before
+
+    mimi = load_mimi(None, num_codebooks=8)
+    enc, dec = mimi.init_encode_state(2), mimi.init_decode_state(2)
+    enc_before, dec_before = _storages(enc), _storages(dec)
+    assert len(enc_before) > 10 and len(dec_before) > 10
+    with torch.no_grad():
+        for t in range(3):
+            codes = mimi.encode_step(torch.randn(2, 1, 1920) * 0.1, enc)
+            mimi.decode_step(codes, dec)
+            enc.reset(torch.tensor([t == 1, False]))
+            dec.reset(torch.tensor([t == 1, False]))
+    assert _storages(enc) == enc_before and _storages(dec) == dec_before
