@@ -83,8 +83,8 @@ def bench_loop(lm, mimi, batch_size: int, steps: int, warmup: int, device: torch
     if not codec_only:
         gen_state = G.init_state(lm, batch_size, SamplingConfig())
 
-        def lm_step(codes):
-            out = G.step(lm, gen_state, codes, check=False)
+        def lm_step(codes, attend):
+            out = G.step(lm, gen_state, codes, check=False, attend=attend)
             return out.text, out.audio, out.valid
         lm_fn = CUDAGraphed(lm_step, enabled=graphs, static=False)
     times: dict[str, list[float]] = {"enc": [], "lm": [], "dec": [], "frame": []}
@@ -99,7 +99,7 @@ def bench_loop(lm, mimi, batch_size: int, steps: int, warmup: int, device: torch
         _sync(device)
         t1 = time.perf_counter()
         if not codec_only:
-            text, audio_codes, valid = lm_fn(codes)
+            text, audio_codes, valid = lm_fn(codes, G.read_window(i, gen_state))
             audio = audio_codes.clamp(min=0)[:, :, None]
         else:
             audio = codes[:, :, None]

@@ -25,7 +25,7 @@ import torch
 from .config import UNGENERATED_TOKEN, ZERO_TOKEN
 from .lm import LMModel
 from .sampling import SamplingConfig, sample
-from .transformer import TransformerState
+from .transformer import Transformer, TransformerState
 
 
 @dataclass
@@ -43,6 +43,7 @@ class GenState:
     max_k: int  # top-k width computed for every slot
     max_k_text: int
     condition: torch.Tensor | None = None  # [B, 1, D] model dtype, added to the input; None: unconditioned model
+    calls: int = 0  # eager `step` calls since init: no slot is further along (host-side, no sync)
 
     @property
     def batch_size(self) -> int:
@@ -116,6 +117,11 @@ def set_condition(state: GenState, condition: torch.Tensor, mask: torch.Tensor |
         state.condition.copy_(torch.where(mask.to(condition.device)[:, None, None], condition, state.condition))
 
 
+def read_window(calls: int, state: GenState) -> int:
+    """Cache slots the temporal transformer must read at the (calls + 1)-th step since init."""
+    return Transformer.read_window(calls, state.temporal.capacity)
+
+
 def reset_slots(state: GenState, mask: torch.Tensor | None = None) -> None:
     """Starts a new conversation in the slots where mask [B] is True (all when None)."""
     if mask is None:
@@ -149,12 +155,19 @@ def _write(cache: torch.Tensor, positions: torch.Tensor, values: torch.Tensor, a
 
 @torch.no_grad()
 def step(lm: LMModel, state: GenState, user_codes: torch.Tensor, active: torch.Tensor | None = None,
-         generator: torch.Generator | None = None, check: bool = True) -> StepOutput:
+         generator: torch.Generator | None = None, check: bool = True,
+         attend: int | None | str = "auto") -> StepOutput:
     """One frame for every slot. user_codes [B, Ku] with Ku >= n_q - dep_q (extra codebooks are
     ignored). Slots where `active` [B] is False compute but change nothing (idle conversations).
 
     `check` validates the codes' range, which waits on the device: fast paths that feed codes
-    straight from Mimi pass check=False."""
+    straight from Mimi pass check=False. `attend` bounds the KV-cache slots the temporal
+    transformer reads: "auto" derives it from `state.calls` (right for eager use), None reads the
+    whole ring; a caller replaying a captured CUDA graph passes `read_window(n, state)` for its
+    own count n of steps, one graph per value."""
+    if attend == "auto":
+        attend = read_window(state.calls, state)
+    state.calls += 1
     cfg = lm.cfg
     Q, C = cfg.dep_q, state.cache.shape[2]
     if user_codes.dim() != 2:
@@ -179,7 +192,7 @@ def step(lm: LMModel, state: GenState, user_codes: torch.Tensor, active: torch.T
     index = (state.offset % C)[:, None, None].expand(B, cfg.num_codebooks, 1)
     tokens = torch.where(not_started, state.initial, state.cache.gather(2, index))  # [B, K, 1]
 
-    hidden, text_logits = lm.forward_text(tokens, state.temporal, active, state.condition)  # [B, 1, D], [B, 1, N]
+    hidden, text_logits = lm.forward_text(tokens, state.temporal, active, state.condition, attend)  # [B, 1, D], [B, 1, N]
     text = sample(text_logits[:, 0], state.temp_text, state.top_k_text, state.max_k_text, generator)
     audio = depth_step(lm, state, text, hidden, generator) if Q else None
 

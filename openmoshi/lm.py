@@ -125,13 +125,14 @@ class LMModel(nn.Module):
 
     def forward_text(self, tokens: torch.Tensor, state: TransformerState | None = None,
                      active: torch.Tensor | None = None, condition_sum: torch.Tensor | None = None,
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+                     attend: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """tokens [B, K, T] -> (hidden [B, T, D] after the output norm, text logits [B, T, N]).
-        condition_sum [B, 1, D] (see `condition_sum`) is added to every frame's input."""
+        condition_sum [B, 1, D] (see `condition_sum`) is added to every frame's input; `attend`
+        bounds the cache slots read (see Transformer.forward)."""
         x = self.embed(tokens)
         if condition_sum is not None:
             x = x + condition_sum.to(x.dtype)  # computed in float32, added in the model's dtype
-        h = self.out_norm(self.transformer(x, state, active).to(x.dtype))
+        h = self.out_norm(self.transformer(x, state, active, attend=attend).to(x.dtype))
         return h, self.text_linear(h)
 
     # ------------------------------------------------------------------ depth transformer

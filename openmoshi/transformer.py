@@ -243,7 +243,8 @@ class Attention(nn.Module):
             idx = (q_pos % k_cache.shape[2])[:, None, :, None].expand(B, self.kv_heads, T, cfg.head_dim)
             k_cache.scatter_(2, idx, k)
             v_cache.scatter_(2, idx, v)
-            k, v = k_cache, v_cache  # [B, Hkv, S, Dh]
+            n = mask.shape[-1]
+            k, v = k_cache[:, :, :n], v_cache[:, :, :n]  # [B, Hkv, S', Dh]
         if cfg.kv_repeat > 1:
             k = k.repeat_interleave(cfg.kv_repeat, dim=1)
             v = v.repeat_interleave(cfg.kv_repeat, dim=1)
@@ -343,13 +344,19 @@ class Transformer(nn.Module):
             max_chunk=capacity - cfg.context + 1 if cfg.context is not None else capacity)
 
     def forward(self, x: torch.Tensor, state: TransformerState | None = None,
-                active: torch.Tensor | None = None, step: int | None = None) -> torch.Tensor:
+                active: torch.Tensor | None = None, step: int | None = None,
+                attend: int | None = None) -> torch.Tensor:
         """x: [B, T, D] -> [B, T, D].
 
         state: None for a whole sequence starting at position 0, else the streaming state.
         active: bool [B]; slots that are False compute but keep their state (idle conversations).
         step: with weights per step, the index in the sequence of x[:, 0] (default: the state's
             offset of slot 0, or 0). All slots must then be at the same step.
+        attend: read only the first `attend` slots of the ring (None: all of it). The caller
+            guarantees that no slot has reached position `attend` yet (`read_window` computes it
+            from the number of calls since `init_state`): early in a conversation the attention
+            then reads what is filled, not the whole window. Fixed per value, so a CUDA graph can
+            be captured per value.
         """
         B, T, D = x.shape
         if state is None:
@@ -357,6 +364,7 @@ class Transformer(nn.Module):
         if T > state.max_chunk:  # keep each chunk within the ring buffer's reach
             return torch.cat([self.forward(x[:, i:i + state.max_chunk], state, active, step)
                               for i in range(0, T, state.max_chunk)], dim=1)
+        n = state.capacity if attend is None else min(attend, state.capacity)
         if self.cfg.weights_per_step:
             if T != 1:
                 raise ValueError("weights per step: give the steps one at a time")
@@ -367,13 +375,14 @@ class Transformer(nn.Module):
         slot = q_pos % state.capacity
         new_pos = q_pos if active is None else torch.where(active[:, None], q_pos, state.key_pos.gather(1, slot))
         state.key_pos.scatter_(1, slot, new_pos)
-        delta = q_pos[:, :, None] - state.key_pos[:, None, :]  # [B, T, S]
-        mask = (state.key_pos[:, None, :] >= 0) & (delta >= 0)
+        key_pos = state.key_pos[:, :n]  # [B, S'], S' = n
+        delta = q_pos[:, :, None] - key_pos[:, None, :]  # [B, T, S']
+        mask = (key_pos[:, None, :] >= 0) & (delta >= 0)
         if self.cfg.context is not None:
             mask &= delta < self.cfg.context
         if active is not None:  # idle slots attend to everything: finite garbage, never NaN
             mask |= ~active[:, None, None]
-        mask = mask[:, None]  # [B, 1, T, S]
+        mask = mask[:, None]  # [B, 1, T, S'], and the attention reads S' cache slots
         x = self._embed_positions(x, q_pos)
         rope = self._rope_tables(q_pos)
         for layer, k, v in zip(self.layers, state.keys, state.values):
@@ -383,6 +392,12 @@ class Transformer(nn.Module):
         else:
             state.offset.add_(active.long() * T)
         return x
+
+    @staticmethod
+    def read_window(calls: int, capacity: int, bucket: int = 64) -> int:
+        """`attend` for the (calls + 1)-th one-step call since init_state, rounded up to a multiple
+        of `bucket` so that a few CUDA graphs cover a conversation."""
+        return min(capacity, (calls // bucket + 1) * bucket)
 
     def _forward_whole(self, x: torch.Tensor, step: int) -> torch.Tensor:
         B, T, D = x.shape

@@ -103,15 +103,15 @@ def test_static_buffer_step_equals_eager_step():
     eager_state = G.init_state(lm, 2, SamplingConfig.greedy())
     static_state = G.init_state(lm, 2, SamplingConfig.greedy())
 
-    def fn(codes):
-        out = G.step(lm, static_state, codes, check=False)
+    def fn(codes, attend):
+        out = G.step(lm, static_state, codes, check=False, attend=attend)
         return out.text, out.audio, out.valid
 
     graphed = CUDAGraphed(fn, enabled=False, static=True)
     first = None
     for t in range(25):
         ref = G.step(lm, eager_state, user[:, :, t])
-        text, audio, valid = graphed(user[:, :, t])
+        text, audio, valid = graphed(user[:, :, t], G.read_window(t, static_state))
         first = text if first is None else first
         assert text is first  # the same output buffer every call
         assert torch.equal(valid, ref.valid)
@@ -138,14 +138,14 @@ def test_cuda_graph_step_equals_eager_on_gpu():
     eager_state = G.init_state(lm, 2, SamplingConfig.greedy())
     graph_state = G.init_state(lm, 2, SamplingConfig.greedy())
 
-    def fn(codes):
-        out = G.step(lm, graph_state, codes, check=False)
+    def fn(codes, attend):
+        out = G.step(lm, graph_state, codes, check=False, attend=attend)
         return out.text, out.audio, out.valid
 
     graphed = CUDAGraphed(fn)
     for t in range(30):
         ref = G.step(lm, eager_state, user[:, :, t])
-        text, audio, valid = graphed(user[:, :, t])
+        text, audio, valid = graphed(user[:, :, t], G.read_window(t, graph_state))
         assert torch.equal(valid, ref.valid)
         assert torch.equal(text[valid], ref.text[ref.valid]) and torch.equal(audio[valid], ref.audio[ref.valid])
     assert graphed.graph is not None

@@ -96,3 +96,24 @@ def test_per_slot_sampling_settings():
         assert tok[2] in logits[2].topk(3).indices
     with pytest.raises(ValueError):
         SamplingConfig(top_k=0)
+
+
+def test_bounded_cache_reads_change_nothing():
+    """Reading only the filled part of a long window (attend="auto") == reading the whole ring."""
+    torch.manual_seed(1)
+    m = LMModel(lm_config_from_dict({**TINY_7B, "context": 150})).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.2)
+    user = torch.randint(0, 64, (2, 8, 140))
+    auto, full = G.init_state(m, 2, SamplingConfig.greedy()), G.init_state(m, 2, SamplingConfig.greedy())
+    windows = set()
+    for t in range(140):
+        if t == 70:  # a reset keeps the bound valid: no slot is further along than the calls
+            G.reset_slots(auto, torch.tensor([True, False]))
+            G.reset_slots(full, torch.tensor([True, False]))
+        windows.add(G.read_window(auto.calls, auto))
+        a = G.step(m, auto, user[:, :, t])
+        b = G.step(m, full, user[:, :, t], attend=None)
+        assert torch.equal(a.text, b.text) and torch.equal(a.audio, b.audio) and torch.equal(a.valid, b.valid)
+    assert windows == {64, 128, 150}
