@@ -62,7 +62,7 @@ def init_state(lm: LMModel, batch_size: int, sampling: SamplingConfig = Sampling
     """Fresh state for `batch_size` slots. `max_k`/`max_k_text` bound the per-slot top-k (default:
     the sampling config's values)."""
     cfg = lm.cfg
-    param = lm.text_linear.weight
+    param = lm.text_emb.weight  # never swapped by the speed wrappers
     device, dtype = param.device, param.dtype
     K, C = cfg.num_codebooks, cfg.max_delay + 2
     depth = None
