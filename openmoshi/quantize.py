@@ -9,7 +9,8 @@ in the run dtype.
 - int4: asymmetric per group of `group_size` inputs: W ~ (q - 8) * scale + offset, q in [0, 15],
   two values packed per byte.
 
-The reference forward dequantizes and calls `F.linear`; with bfloat16 activations int4 uses
+The reference forward dequantizes and calls `F.linear`; on CUDA, int8 at a few rows uses a small
+Triton GEMV (`int8_kernel.py`) that reads each int8 weight once; with bfloat16 activations int4 uses
 PyTorch's tinygemm kernels (`torch._weight_int4pack_mm` on CUDA, which reads half the bytes of int8
 at batch 1, and its CPU port). On CUDA the kernel's packed copy replaces ours once made, so the
 weights are held once. Quantized models save
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import int8_kernel
 from .transformer import Attention, Gating, Layer, StackedLinear
 
 MODES = ("int8", "int4")
@@ -100,6 +102,12 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor, index: int = 0) -> torch.Tensor:
         if self.mode == "int4" and x.dtype == torch.bfloat16:
             return self._forward_tinygemm(x, index)
+        if self.mode == "int8" and x.is_cuda and int8_kernel.available():
+            x2 = x.reshape(-1, self.in_dim)
+            if x2.shape[0] <= int8_kernel.MAX_ROWS:
+                rows = slice(index * self.out_dim, (index + 1) * self.out_dim)
+                y = int8_kernel.int8_gemv(x2, self.qweight[rows], self.scale[rows])
+                return y.view(*x.shape[:-1], self.out_dim)
         return F.linear(x, self.weight(index).to(x.dtype))
 
     def _forward_tinygemm(self, x: torch.Tensor, index: int) -> torch.Tensor:

@@ -153,6 +153,22 @@ def test_cuda_graph_step_equals_eager_on_gpu():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_int8_triton_gemv_matches_reference_on_gpu():
+    from openmoshi import int8_kernel
+
+    assert int8_kernel.available()
+    w = torch.randn(2 * 300, 1000, device="cuda")
+    ql = QuantizedLinear.from_weight(w, "int8", num_sets=2)
+    ql.dtype = torch.bfloat16
+    for rows in (1, 5):
+        x = torch.randn(rows, 1000, device="cuda", dtype=torch.bfloat16)
+        for i in range(2):
+            ref = torch.nn.functional.linear(x.float(), ql.weight(i).float())
+            assert ((ql(x, i).float() - ref).abs().max() / ref.abs().max()) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_int4_tinygemm_matches_reference_on_gpu():
     w = torch.randn(256, 512, device="cuda")
     ql = QuantizedLinear.from_weight(w, "int4", group_size=128)
