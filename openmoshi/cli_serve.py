@@ -24,8 +24,9 @@ def add_serve_parser(subparsers) -> None:
     g = p.add_argument_group("server")
     g.add_argument("--host", default="localhost", help="address to listen on (default localhost; 0.0.0.0 for all)")
     g.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
-    g.add_argument("--max-sessions", type=positive_int, default=4, metavar="N",
-                   help="conversations served at once; more get a 'busy' error (default 4)")
+    g.add_argument("--max-sessions", type=positive_int, default=None, metavar="N",
+                   help="conversations served at once, in one batched step; more get a 'busy' error "
+                        "(default 8 on a GPU, 1 on a CPU, where every slot costs real time)")
     g.add_argument("--auth-token", default=None, metavar="TOKEN",
                    help="require this token, as 'Authorization: Bearer TOKEN' or ?worker_auth_id=TOKEN")
     g.add_argument("--ssl", default=None, metavar="DIR", help="serve https/wss with DIR/cert.pem and DIR/key.pem")
@@ -79,7 +80,8 @@ def run_serve(args) -> int:
     event("loading_model", hf_repo=args.hf_repo)
     model = with_fast_streaming(load_model(resolve_model(args), args.device, args.dtype, args.quantize))
     sampling = sampling_defaults(model)  # the checkpoint's lm_gen_config, else the official defaults
-    config = ServerConfig(max_sessions=args.max_sessions, auth_token=args.auth_token,
+    max_sessions = args.max_sessions or (8 if model.device.type == "cuda" else 1)
+    config = ServerConfig(max_sessions=max_sessions, auth_token=args.auth_token,
                           idle_timeout=args.idle_timeout,
                           static_dir=Path(args.static) if args.static else WEB_DIR)
     server = MoshiServer(model.lm, model.mimi, model.tokenizer, config, sampling)
