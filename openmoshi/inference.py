@@ -33,13 +33,14 @@ from pathlib import Path
 import torch
 
 from .audio import SAMPLE_RATE, AudioError, load_audio, resample
-from .generate import init_state, step
+from .generate import init_state, set_condition, step
 from .mimi import FRAME_SIZE
 from .resolve import DEFAULT_REPO, LoadedModel, load_model, resolve_files, with_fast_streaming
 from .sampling import SamplingConfig
 from .transcript import Piece, Word, pieces, text_of, transcript_dict, words
 
 FRAME_SECONDS = FRAME_SIZE / SAMPLE_RATE  # 0.08
+HIBIKI_CONDITION = {"description": "very_good"}  # what the official loop asks a conditioned Hibiki for
 ENCODE_CHUNK = 10  # frames Mimi encodes per call (bounds memory on long files)
 STT_TAIL_SECONDS = 1.0  # silence after audio_delay_seconds, as the official script
 HIBIKI_MAX_EXTRA_SECONDS = 60.0
@@ -162,6 +163,11 @@ def run(model: LoadedModel, inputs: list, sampling: SamplingConfig | None = None
     if seed is not None:
         generator = torch.Generator(device).manual_seed(seed)
     state = init_state(lm, B, sampling)
+    if lm.condition_provider is not None:
+        if kind != "hibiki":  # as the official loop: only Hibiki has a known condition
+            raise ValueError(f"this {kind} model expects conditioning, which offline inference supports "
+                             "for Hibiki only")
+        set_condition(state, lm.condition_sum([HIBIKI_CONDITION] * B))
     enc = _Encoder(mimi, padded, device)
     dec = mimi.init_decode_state(B) if lm.cfg.dep_q else None
     hibiki = kind == "hibiki"

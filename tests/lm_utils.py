@@ -45,14 +45,24 @@ CONFIGS = {"tiny_7b": TINY_7B, "golden": GOLDEN, "tiny_2b_like": TINY_2B_LIKE, "
 
 
 def make_official_lm(kwargs: dict, seed: int = 0, std: float = 0.2):
-    """The official LMModel with random weights (scaled up so logits are far from ties)."""
+    """The official LMModel with random weights (scaled up so logits are far from ties); with
+    `conditioners`/`fuser` keys, its conditioners are built as the official loader builds them."""
+    import copy
+
+    from moshi.models import loaders
     from moshi.models.lm import LMModel as OfficialLM
 
+    kwargs = copy.deepcopy(kwargs)
     torch.manual_seed(seed)
-    model = OfficialLM(**kwargs).eval()
+    extra = {}
+    if "conditioners" in kwargs:
+        extra["condition_provider"] = loaders.get_conditioner_provider(kwargs["dim"], "cpu", kwargs)
+        extra["fuser"] = loaders.get_condition_fuser(kwargs)
+        del kwargs["conditioners"], kwargs["fuser"]
+    model = OfficialLM(**extra, **kwargs).eval()
     with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, std)
+        for name, p in model.named_parameters():
+            p.normal_(0, 1.0 if name.startswith("condition_provider.") else std)
     return model
 
 

@@ -1,7 +1,6 @@
 """LM conditioning (the 2B dev model's `description` LUT, summed into the input): parity with the
 official moshi 0.2.13 on random weights, strict loading, config errors."""
 
-import copy
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ from openmoshi.config import ConfigError, lm_config_from_dict, load_model_config
 from openmoshi.lm import LMModel
 from openmoshi.sampling import SamplingConfig
 
-from lm_utils import TINY_2B_LIKE, official_frames, ours_from_official
+from lm_utils import TINY_2B_LIKE, make_official_lm, official_frames, ours_from_official
 
 CONFIGS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "official_configs"
 VALUES = ["very_bad", "bad", "neutral", "good", "very_good"]
@@ -24,23 +23,6 @@ CONDITIONERS = {"description": {"type": "lut", "lut": {"n_bins": 31, "dim": 16, 
 # The 2B dev model's structure (delay 2, multi-linear depformer, LUT description summed in) at tiny width.
 TINY_DEV = {**TINY_2B_LIKE, "depformer_multi_linear": True, "conditioners": CONDITIONERS,
             "fuser": {"sum": ["description"]}}
-
-
-def make_official(kwargs: dict, seed: int = 0):
-    """The official LMModel with conditioners built like its loader does, random weights."""
-    from moshi.models import loaders
-    from moshi.models.lm import LMModel as OfficialLM
-
-    kwargs = copy.deepcopy(kwargs)
-    torch.manual_seed(seed)
-    provider = loaders.get_conditioner_provider(kwargs["dim"], "cpu", kwargs)
-    fuser = loaders.get_condition_fuser(kwargs)
-    del kwargs["conditioners"], kwargs["fuser"]
-    model = OfficialLM(condition_provider=provider, fuser=fuser, **kwargs).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(0, 1.0 if name.startswith("condition_provider.") else 0.2)
-    return model
 
 
 def official_conditions(official, values):
@@ -57,7 +39,7 @@ def rel(a, b):
 
 @pytest.fixture(scope="module")
 def models():
-    official = make_official(TINY_DEV, seed=1)
+    official = make_official_lm(TINY_DEV, seed=1)
     return official, ours_from_official(official, TINY_DEV)
 
 
@@ -176,7 +158,7 @@ def test_hash_trick_without_possible_values():
 
     lut = {"description": {"type": "lut", "lut": {"n_bins": 7, "dim": 4, "tokenizer": "noop"}}}
     kw = {**TINY_DEV, "conditioners": lut}
-    official = make_official(kw, seed=3)
+    official = make_official_lm(kw, seed=3)
     ours = ours_from_official(official, kw)
     values = ["anything", "at all"]
     assert [hash_value(v, 7) for v in values] == [hash_trick(v, 7) for v in values]

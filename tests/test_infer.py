@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from infer_utils import make_checkpoint, official_loop
+from infer_utils import MOSHI, make_checkpoint, official_loop
 from official_utils import speech
 from openmoshi.audio import load_audio, save_wav
 from openmoshi.cli import main
@@ -137,6 +137,20 @@ def test_stt(tmp_path):
     assert all(0.0 <= p["start"] <= last + 1e-6 for p in data["pieces"])
     with pytest.raises(SystemExit):  # no audio out
         main(["infer", str(wav), "-o", str(tmp_path / "o.wav"), "--hf-repo", str(folder)])
+
+
+def test_conditioned_hibiki_matches_official(tmp_path):
+    """A Hibiki with a LUT description conditioner: conditioned on "very_good" as the official loop."""
+    folder = tmp_path / "hibiki_cond"
+    cond = {"conditioners": {"description": {"type": "lut", "lut": {
+        "n_bins": 31, "dim": 16, "tokenizer": "noop", "possible_values": ["very_bad", "very_good"]}}},
+        "fuser": {"sum": ["description"]}}
+    make_checkpoint(folder, "hibiki", seed=2, lm_kwargs=dict(MOSHI, **cond))
+    pcm = speech(0.3)[None]
+    result = load(str(folder)).run(pcm, greedy=True)
+    (ref_text, ref_pcm), = official_loop(folder, pcm, use_sampling=False)[0]
+    assert result.text_tokens == ref_text.tolist()
+    assert (result.audio - ref_pcm).abs().max() < 1e-4
 
 
 def test_hibiki_stops_at_eos(tmp_path):
