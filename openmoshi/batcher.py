@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from .config import TEXT_END_PADDING_ID, TEXT_PADDING_ID
-from .generate import init_state, reset_slots, set_sampling, step
+from .generate import init_state, reset_slots, set_condition, set_sampling, step
 from .metrics import Metrics
 from .sampling import SamplingConfig
 
@@ -62,9 +62,13 @@ class Batcher:
     """Owns the model states of `max_slots` conversations and the worker thread that steps them."""
 
     def __init__(self, lm, mimi, tokenizer: Any, max_slots: int, sampling: SamplingConfig = SamplingConfig(),
-                 metrics: Metrics | None = None):
+                 metrics: Metrics | None = None, condition: dict | None = None):
         if max_slots < 1:
             raise ValueError(f"max_slots must be >= 1, got {max_slots}")
+        if (lm.condition_provider is not None) != (condition is not None):
+            raise ValueError("a conditioned model needs condition attributes (e.g. Hibiki's "
+                             "{'description': 'very_good'}) and an unconditioned one takes none")
+        self.condition = condition
         if mimi.num_codebooks < lm.cfg.num_user_codebooks:
             raise ValueError(f"Mimi produces {mimi.num_codebooks} codebooks, the LM reads {lm.cfg.num_user_codebooks}")
         self.lm, self.mimi, self.tokenizer = lm, mimi, tokenizer
@@ -153,6 +157,8 @@ class Batcher:
         cfg = lm.cfg
         self.gen = init_state(lm, B, self.sampling, max_k=max(self.sampling.top_k, 250),
                               max_k_text=max(self.sampling.top_k_text, 25))
+        if self.condition is not None:  # every slot, once: resetting a slot keeps its condition
+            set_condition(self.gen, lm.condition_sum([self.condition] * B))
         self.enc = mimi.init_encode_state(B)
         self.dec = mimi.init_decode_state(B)
         self.mimi_dtype = next(mimi.parameters()).dtype

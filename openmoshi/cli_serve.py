@@ -9,7 +9,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from openmoshi.cli import positive_int
+from openmoshi.cli import UsageError, positive_int
 from openmoshi.resolve import add_model_args
 
 DEFAULT_PORT = 8998
@@ -70,7 +70,7 @@ def run_serve(args) -> int:
     from aiohttp import web
 
     from openmoshi.resolve import load_model, resolve_model, with_fast_streaming
-    from openmoshi.inference import sampling_defaults
+    from openmoshi.inference import HIBIKI_CONDITION, sampling_defaults
     from openmoshi.server import WEB_DIR, MoshiServer, ServerConfig, event
 
     setup_logging(args.log_format)
@@ -84,7 +84,13 @@ def run_serve(args) -> int:
     config = ServerConfig(max_sessions=max_sessions, auth_token=args.auth_token,
                           idle_timeout=args.idle_timeout,
                           static_dir=Path(args.static) if args.static else WEB_DIR)
-    server = MoshiServer(model.lm, model.mimi, model.tokenizer, config, sampling)
+    condition = None
+    if model.lm.condition_provider is not None:  # as the official server: Hibiki's condition only
+        if model.config.model_type != "hibiki":
+            raise UsageError(f"this {model.config.model_type} model expects conditioning, which the "
+                             "server supports for Hibiki only")
+        condition = HIBIKI_CONDITION
+    server = MoshiServer(model.lm, model.mimi, model.tokenizer, config, sampling, condition)
     scheme = "https" if ssl_context else "http"
     event("listening", url=f"{scheme}://{args.host}:{args.port}/", websocket="/api/chat")
     web.run_app(server.make_app(), host=args.host, port=args.port, ssl_context=ssl_context,

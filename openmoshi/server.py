@@ -225,7 +225,7 @@ class Conversation:
 
 class MoshiServer:
     def __init__(self, lm, mimi, tokenizer, config: ServerConfig = ServerConfig(),
-                 sampling: SamplingConfig = SamplingConfig()):
+                 sampling: SamplingConfig = SamplingConfig(), condition: dict | None = None):
         self.config = config
         self.sampling = sampling
         self.metrics = Metrics()
@@ -233,7 +233,7 @@ class MoshiServer:
         for direction in ("in", "out"):
             self.metrics.inc("openmoshi_frames_dropped_total", 0, direction=direction)
         self.metrics.inc("openmoshi_errors_total", 0, kind="protocol")
-        self.batcher = Batcher(lm, mimi, tokenizer, config.max_sessions, sampling, self.metrics)
+        self.batcher = Batcher(lm, mimi, tokenizer, config.max_sessions, sampling, self.metrics, condition)
         self.conversations: set[Conversation] = set()
         self.draining = False
 

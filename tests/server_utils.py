@@ -33,10 +33,10 @@ class FakeTokenizer:
         return ("\u2581" if token % 2 == 0 else "") + f"w{token}"
 
 
-def tiny_models(seed: int = 0):
+def tiny_models(seed: int = 0, lm_kwargs: dict | None = None):
     """(lm, mimi, tokenizer) with random weights; Mimi codebooks are random so codes vary."""
     torch.manual_seed(seed)
-    lm = LMModel(lm_config_from_dict(TINY_7B)).eval()
+    lm = LMModel(lm_config_from_dict(lm_kwargs or TINY_7B)).eval()
     with torch.no_grad():
         for p in lm.parameters():
             p.normal_(0, 0.2)

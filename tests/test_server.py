@@ -18,6 +18,7 @@ from openmoshi.server import MoshiServer, ServerConfig, sampling_from_query
 from openmoshi.sampling import SamplingConfig
 
 from chat_client import FRAME, chat
+from lm_utils import TINY_7B
 from server_utils import tiny_models
 
 
@@ -267,3 +268,25 @@ def test_idle_timeout_and_restart(models):
     got, code, active = run(main())
     assert any(m[:1] == b"\x01" for m in got)  # frames kept coming after the restart
     assert any(m[:1] == b"\x05" and b"no message" in m for m in got) and code == 1001 and active == 0
+
+
+def test_conditioned_model_gets_its_condition_in_every_slot():
+    from openmoshi.batcher import Batcher
+
+    cond = {"conditioners": {"description": {"type": "lut", "lut": {
+        "n_bins": 3, "dim": 8, "tokenizer": "noop", "possible_values": ["very_bad", "very_good"]}}},
+        "fuser": {"sum": ["description"]}}
+    lm, mimi, tok = tiny_models(lm_kwargs={**TINY_7B, **cond})
+    with pytest.raises(ValueError, match="conditioned model needs condition attributes"):
+        Batcher(lm, mimi, tok, 2)
+    batcher = Batcher(lm, mimi, tok, 2, condition={"description": "very_good"})
+    batcher.start()
+    try:
+        for _ in range(100):
+            if getattr(batcher, "gen", None) is not None and batcher.gen.condition is not None:
+                break
+            time.sleep(0.05)
+        expected = lm.condition_sum([{"description": "very_good"}] * 2).to(batcher.gen.condition.dtype)
+        assert torch.equal(batcher.gen.condition, expected) and expected.abs().sum() > 0
+    finally:
+        batcher.stop()
