@@ -35,7 +35,7 @@ from torch import nn
 
 from openmoshi.conv import StreamingConv1d, StreamingConvTranspose1d, _ConvHolder, _ConvTrHolder
 from openmoshi.mimi import Mimi
-from openmoshi.transformer import Attention, Layer, StackedLinear
+from openmoshi.transformer import StackedLinear, layer_linears
 
 WEIGHT_MODES = ("fp32", "bf16", "int8")
 DEFAULT_MIN_PARAMS = 1 << 18  # 256 K weights (1 MB in float32)
@@ -140,14 +140,10 @@ def _swap_linear(parent: nn.Module, name: str, mode: str, min_params: int) -> No
 
 
 def _swap_all(part: nn.Module, mode: str, min_params: int) -> None:
+    for module, name in layer_linears(part):
+        _swap_linear(module, name, mode, min_params)
     for module in list(part.modules()):
-        if isinstance(module, Attention):
-            _swap_linear(module, "in_proj", mode, min_params)
-            _swap_linear(module, "out_proj", mode, min_params)
-        elif isinstance(module, Layer) and module.cfg.gating == "none":
-            _swap_linear(module, "linear1", mode, min_params)
-            _swap_linear(module, "linear2", mode, min_params)
-        elif isinstance(module, StreamingConv1d):
+        if isinstance(module, StreamingConv1d):
             conv = module.conv.conv
             if conv.groups == 1 and conv.weight.numel() >= min_params:
                 module.conv = FastConvHolder(module.conv, mode)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import int8_kernel
-from .transformer import Attention, Gating, Layer, StackedLinear
+from .transformer import StackedLinear, layer_linears
 
 MODES = ("int8", "int4")
 FORMAT_KEY = "openmoshi_quantization"
@@ -157,16 +157,8 @@ def quantize_transformer_layers(model: nn.Module, mode: str, group_size: int = 1
     """Swaps the linears of every transformer layer in `model` for quantized ones, in place."""
     if mode not in MODES:
         raise ValueError(f"unknown quantization {mode!r}, expected one of {MODES}")
-    for module in list(model.modules()):
-        if isinstance(module, Attention):
-            _swap(module, "in_proj", mode, group_size)
-            _swap(module, "out_proj", mode, group_size)
-        elif isinstance(module, Gating):
-            _swap(module, "linear_in", mode, group_size)
-            _swap(module, "linear_out", mode, group_size)
-        elif isinstance(module, Layer) and module.cfg.gating == "none":
-            _swap(module, "linear1", mode, group_size)
-            _swap(module, "linear2", mode, group_size)
+    for module, name in layer_linears(model):
+        _swap(module, name, mode, group_size)
 
 
 def quantize_lm(lm: nn.Module, mode: str, group_size: int = 128) -> nn.Module:

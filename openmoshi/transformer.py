@@ -429,3 +429,18 @@ class Transformer(nn.Module):
         if self.cfg.positional_embedding == "sin":
             x = x + sin_embedding(q_pos, x.shape[-1], self.cfg.max_period, x.dtype)
         return x
+
+
+def layer_linears(model: nn.Module):
+    """(module, attribute) of every linear in the transformer layers of `model`: attention
+    projections and feed-forwards. What the speed wrappers (quantize, mimi_fast) swap."""
+    for m in list(model.modules()):  # a list first: callers replace the attributes they get
+        if isinstance(m, Attention):
+            yield m, "in_proj"
+            yield m, "out_proj"
+        elif isinstance(m, Gating):
+            yield m, "linear_in"
+            yield m, "linear_out"
+        elif isinstance(m, Layer) and m.cfg.gating == "none":
+            yield m, "linear1"
+            yield m, "linear2"

@@ -26,11 +26,19 @@ def official_pair():
     return SEANetEncoder(**_seanet_kwargs).eval(), SEANetDecoder(**_seanet_kwargs).eval()
 
 
-def test_default_config_matches_official(official_pair):
+@pytest.fixture(scope="module")
+def ours_pair(official_pair):
+    """Our encoder and decoder holding the official pair's weights, loaded strictly."""
     ref_enc, ref_dec = official_pair
     enc, dec = SeanetEncoder(SeanetConfig()), SeanetDecoder(SeanetConfig())
     enc.load_state_dict(ref_enc.state_dict(), strict=True)
     dec.load_state_dict(ref_dec.state_dict(), strict=True)
+    return enc, dec
+
+
+def test_default_config_matches_official(official_pair, ours_pair):
+    ref_enc, ref_dec = official_pair
+    enc, dec = ours_pair
     torch.manual_seed(1)
     x = 0.1 * torch.randn(1, 1, 3 * 960)
     z = enc(x)
@@ -42,11 +50,9 @@ def test_default_config_matches_official(official_pair):
     torch.testing.assert_close(y, ref_dec(z), rtol=0, atol=1e-6)
 
 
-def test_default_streaming_matches_official(official_pair):
+def test_default_streaming_matches_official(official_pair, ours_pair):
     ref_enc, ref_dec = official_pair
-    enc, dec = SeanetEncoder(SeanetConfig()), SeanetDecoder(SeanetConfig())
-    enc.load_state_dict(ref_enc.state_dict(), strict=True)
-    dec.load_state_dict(ref_dec.state_dict(), strict=True)
+    enc, dec = ours_pair
     torch.manual_seed(2)
     x = 0.1 * torch.randn(1, 1, 4 * 960)
     with ref_enc.streaming(1):

@@ -204,17 +204,22 @@ def test_graceful_shutdown(models):
             await ws.receive(timeout=10)
             t = time.monotonic()
             cleanup = asyncio.create_task(runner.cleanup())  # the client keeps reading meanwhile
-            messages = []
-            while True:
-                msg = await ws.receive(timeout=5)
-                if msg.type != aiohttp.WSMsgType.BINARY:
-                    break
-                messages.append(msg.data)
+            messages = await binary_until_close(ws, timeout=5)
             await cleanup
             return messages, time.monotonic() - t, ws.close_code
     messages, elapsed, code = run(main())
     assert any(m[:1] == b"\x05" and b"shutting down" in m for m in messages)
     assert code == 1001 and elapsed < 5
+
+
+async def binary_until_close(ws, timeout: float) -> list[bytes]:
+    """Every binary message until the server closes (or sends anything else)."""
+    messages = []
+    while True:
+        msg = await ws.receive(timeout=timeout)
+        if msg.type != aiohttp.WSMsgType.BINARY:
+            return messages
+        messages.append(msg.data)
 
 
 def test_self_signed_tls(models, tmp_path):
@@ -253,12 +258,7 @@ def test_idle_timeout_and_restart(models):
                 ws = await s.ws_connect(url)
                 await ws.receive(timeout=10)
                 await ws.send_bytes(protocol.encode_control(protocol.CONTROL_RESTART))
-                got = []
-                while True:
-                    msg = await ws.receive(timeout=10)
-                    if msg.type != aiohttp.WSMsgType.BINARY:
-                        break
-                    got.append(msg.data)
+                got = await binary_until_close(ws, timeout=10)
                 code = ws.close_code
             for _ in range(50):
                 if server.batcher.active == 0:
