@@ -44,6 +44,8 @@ class GenState:
     max_k_text: int
     condition: torch.Tensor | None = None  # [B, 1, D] model dtype, added to the input; None: unconditioned model
     calls: int = 0  # eager `step` calls since init: no slot is further along (host-side, no sync)
+    greedy_text: bool = False  # host-side: every slot decodes text greedily, so skip the sampler
+    greedy_audio: bool = False
 
     @property
     def batch_size(self) -> int:
@@ -97,6 +99,10 @@ def set_sampling(state: GenState, sampling: SamplingConfig, mask: torch.Tensor |
             target.fill_(value)
         else:
             target.masked_fill_(mask.to(target.device), value)
+    # Known on the host without a sync: all greedy after a full setting, or while only greedy
+    # settings have been added since.
+    state.greedy_text = sampling.temp_text <= 0 and (mask is None or state.greedy_text)
+    state.greedy_audio = sampling.temp <= 0 and (mask is None or state.greedy_audio)
 
 
 def set_condition(state: GenState, condition: torch.Tensor, mask: torch.Tensor | None = None) -> None:
@@ -164,7 +170,8 @@ def step(lm: LMModel, state: GenState, user_codes: torch.Tensor, active: torch.T
     straight from Mimi pass check=False. `attend` bounds the KV-cache slots the temporal
     transformer reads: "auto" derives it from `state.calls` (right for eager use), None reads the
     whole ring; a caller replaying a captured CUDA graph passes `read_window(n, state)` for its
-    own count n of steps, one graph per value."""
+    own count n of steps, one graph per value (and recaptures after changing the greedy flags
+    with `set_sampling`: they choose the code a graph records)."""
     if attend == "auto":
         attend = read_window(state.calls, state)
     state.calls += 1
@@ -193,7 +200,10 @@ def step(lm: LMModel, state: GenState, user_codes: torch.Tensor, active: torch.T
     tokens = torch.where(not_started, state.initial, state.cache.gather(2, index))  # [B, K, 1]
 
     hidden, text_logits = lm.forward_text(tokens, state.temporal, active, state.condition, attend)  # [B, 1, D], [B, 1, N]
-    text = sample(text_logits[:, 0], state.temp_text, state.top_k_text, state.max_k_text, generator)
+    if state.greedy_text:
+        text = text_logits[:, 0].argmax(dim=-1)
+    else:
+        text = sample(text_logits[:, 0], state.temp_text, state.top_k_text, state.max_k_text, generator)
     audio = depth_step(lm, state, text, hidden, generator) if Q else None
 
     if active is None:
@@ -223,7 +233,10 @@ def depth_step(lm: LMModel, state: GenState, text: torch.Tensor, hidden: torch.T
         x = lm.depformer_input(q, prev, hidden)  # [B, 1, Dd]
         y = lm.depformer(x, depth, step=q)
         logits = lm.depformer_logits(q, y)[:, 0]  # [B, card]
-        token = sample(logits, state.temp, state.top_k, state.max_k, generator)
+        if state.greedy_audio:
+            token = logits.argmax(dim=-1)
+        else:
+            token = sample(logits, state.temp, state.top_k, state.max_k, generator)
         out.append(token)
         prev = token[:, None]
     return torch.stack(out, dim=1)

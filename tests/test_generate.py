@@ -117,3 +117,14 @@ def test_bounded_cache_reads_change_nothing():
         b = G.step(m, full, user[:, :, t], attend=None)
         assert torch.equal(a.text, b.text) and torch.equal(a.audio, b.audio) and torch.equal(a.valid, b.valid)
     assert windows == {64, 128, 150}
+
+
+def test_greedy_flags_follow_the_slots_settings(lm):
+    state = G.init_state(lm, 2, SamplingConfig.greedy())
+    assert state.greedy_text and state.greedy_audio
+    G.set_sampling(state, SamplingConfig(temp=0.0, temp_text=0.7), torch.tensor([True, False]))
+    assert state.greedy_audio and not state.greedy_text
+    G.set_sampling(state, SamplingConfig.greedy(), torch.tensor([True, False]))
+    assert not state.greedy_text  # the host does not know the other slots became greedy: sample
+    G.set_sampling(state, SamplingConfig.greedy())
+    assert state.greedy_text
