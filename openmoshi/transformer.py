@@ -172,6 +172,12 @@ def sin_embedding(positions: torch.Tensor, dim: int, max_period: float, dtype: t
     return torch.cat([torch.cos(phase), torch.sin(phase)], dim=-1)
 
 
+def additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Boolean attention mask -> additive 0 / -inf bias, once per call rather than inside the
+    attention of every layer (where scaled_dot_product_attention would convert it each time)."""
+    return torch.where(mask, 0.0, float("-inf")).to(dtype)
+
+
 # ----------------------------------------------------------------------------- streaming state
 
 
@@ -232,25 +238,38 @@ class Attention(nn.Module):
         cfg = self.cfg
         B, T, D = x.shape
         qkv = self.in_proj(x, index)  # [B, T, D + 2 Hkv Dh]
-        q = qkv[..., :D].view(B, T, cfg.num_heads, cfg.head_dim).transpose(1, 2)  # [B, H, T, Dh]
-        kv = qkv[..., D:].view(B, T, 2, self.kv_heads, cfg.head_dim).permute(2, 0, 3, 1, 4)
-        k, v = kv[0], kv[1]  # [B, Hkv, T, Dh]
-        if cfg.positional_embedding == "rope":
-            q = apply_rope(q, q_pos, cfg.max_period, rope)
-            k = apply_rope(k, q_pos, cfg.max_period, rope)
-        if cache is not None:
-            k_cache, v_cache = cache
-            idx = (q_pos % k_cache.shape[2])[:, None, :, None].expand(B, self.kv_heads, T, cfg.head_dim)
-            k_cache.scatter_(2, idx, k)
-            v_cache.scatter_(2, idx, v)
-            n = mask.shape[-1]
-            k, v = k_cache[:, :, :n], v_cache[:, :, :n]  # [B, Hkv, S', Dh]
+        q, k, v = self.rotate_and_cache(qkv, q_pos, cache, rope, mask.shape[-1] if cache is not None else T)
         if cfg.kv_repeat > 1:
             k = k.repeat_interleave(cfg.kv_repeat, dim=1)
             v = v.repeat_interleave(cfg.kv_repeat, dim=1)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, T, Dh]
         y = y.transpose(1, 2).reshape(B, T, D)
         return self.out_proj(y, index)
+
+
+    def rotate_and_cache(self, qkv: torch.Tensor, q_pos: torch.Tensor,
+                         cache: tuple[torch.Tensor, torch.Tensor] | None,
+                         rope: tuple[torch.Tensor, torch.Tensor] | None, n: int):
+        """qkv [B, T, D + 2 Hkv Dh] -> q [B, H, T, Dh] and the keys/values to attend to: with a
+        cache, the rotated keys and the values go into the ring at q_pos % capacity and the first
+        `n` cache slots are returned [B, Hkv, n, Dh]; without, this call's own [B, Hkv, T, Dh].
+        (`fused.py` replaces this with one kernel on CUDA.)"""
+        cfg = self.cfg
+        B, T, _ = qkv.shape
+        D = cfg.d_model
+        q = qkv[..., :D].view(B, T, cfg.num_heads, cfg.head_dim).transpose(1, 2)  # [B, H, T, Dh]
+        kv = qkv[..., D:].view(B, T, 2, self.kv_heads, cfg.head_dim).permute(2, 0, 3, 1, 4)
+        k, v = kv[0], kv[1]  # [B, Hkv, T, Dh]
+        if cfg.positional_embedding == "rope":
+            q = apply_rope(q, q_pos, cfg.max_period, rope)
+            k = apply_rope(k, q_pos, cfg.max_period, rope)
+        if cache is None:
+            return q, k, v
+        k_cache, v_cache = cache
+        idx = (q_pos % k_cache.shape[2])[:, None, :, None].expand(B, self.kv_heads, T, cfg.head_dim)
+        k_cache.scatter_(2, idx, k)
+        v_cache.scatter_(2, idx, v)
+        return q, k_cache[:, :, :n], v_cache[:, :, :n]  # [B, Hkv, S', Dh]
 
 
 class Gating(nn.Module):
@@ -265,9 +284,12 @@ class Gating(nn.Module):
         self.activation = activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.linear_in(x)
+        return self.linear_out(self.gate(self.linear_in(x)))
+
+    def gate(self, h: torch.Tensor) -> torch.Tensor:
+        """[..., 2 F] -> act(h[..., :F]) * h[..., F:] (one kernel in `fused.py`)."""
         h = h.view(*h.shape[:-1], 2, -1)  # [..., 2, F]
-        return self.linear_out(activation(self.activation, h[..., 0, :]) * h[..., 1, :])
+        return activation(self.activation, h[..., 0, :]) * h[..., 1, :]
 
 
 def activation(name: str, x: torch.Tensor) -> torch.Tensor:
@@ -382,7 +404,7 @@ class Transformer(nn.Module):
             mask &= delta < self.cfg.context
         if active is not None:  # idle slots attend to everything: finite garbage, never NaN
             mask |= ~active[:, None, None]
-        mask = mask[:, None]  # [B, 1, T, S'], and the attention reads S' cache slots
+        mask = additive(mask[:, None], x.dtype)  # [B, 1, T, S'], and the attention reads S' cache slots
         x = self._embed_positions(x, q_pos)
         rope = self._rope_tables(q_pos)
         for layer, k, v in zip(self.layers, state.keys, state.values):
@@ -417,7 +439,7 @@ class Transformer(nn.Module):
         x = self._embed_positions(x, q_pos)
         rope = self._rope_tables(q_pos)
         for layer in self.layers:
-            x = layer(x, q_pos, 0, None, None, mask, rope)
+            x = layer(x, q_pos, 0, None, None, None if mask is None else additive(mask, x.dtype), rope)
         return x
 
     def _rope_tables(self, q_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
