@@ -49,7 +49,7 @@ class Count(TorchDispatchMode):
 
 def count(fn, with_triton: bool) -> tuple[int, Counter]:
     launches = Counter()
-    originals = {n: getattr(fused, n) for n in ("rms_norm", "rotate_and_cache", "gate")}
+    originals = {n: getattr(fused, n) for n in ("rms_norm", "add_rms_norm", "rotate_and_cache", "gate")}
     c = Count()
 
     def counted(name):
