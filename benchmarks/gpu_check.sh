@@ -20,3 +20,5 @@ timeout 120 python3 -m openmoshi bench --batch-sizes 1,64 --steps 40 --json "$OU
 for q in int8 int4; do
   timeout 90 python3 -m openmoshi bench --no-mimi --quantize $q --batch-sizes 1 --steps 40 --json "$OUT/bench_$q.json" 2>&1 | tee -a "$OUT/bench.txt"
 done
+# 4. quantization quality: int8/int4 vs bf16 (and fp32 vs bf16) logits, full 7B, random weights, same inputs (not yet timed on a GPU)
+timeout 90 python3 benchmarks/quant_quality.py --frames 300 --stream-frames 48 --json "$OUT/quant_quality.json" 2>&1 | tee "$OUT/quant_quality.txt"
