@@ -3,7 +3,8 @@
 Per frame: Mimi streaming encode of 1920 samples, one LM step (temporal + depth transformer with
 sampling), Mimi streaming decode of the frame's codes; median and p99 of each and of the whole
 frame, peak GPU memory. Nothing is downloaded: weights are random, shapes are those of the config.
-On CUDA the LM step and the Mimi steps run as CUDA graphs unless --no-cuda-graph.
+On CUDA the LM step and the Mimi steps run as CUDA graphs (`cuda_graph.graphed`, `GraphedStep`, as
+the server and offline inference run them) unless --no-cuda-graph or OPENMOSHI_NO_CUDA_GRAPH=1.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from . import generate as G
 from .checkpoint import load_lm, load_mimi
 from .config import LMConfig
-from .cuda_graph import CUDAGraphed
+from .cuda_graph import GraphedStep, graphed
 from .sampling import SamplingConfig
 
 
@@ -77,16 +78,11 @@ def bench_loop(lm, mimi, batch_size: int, steps: int, warmup: int, device: torch
         torch.cuda.reset_peak_memory_stats(device)
     enc_state = mimi.init_encode_state(batch_size) if mimi is not None else None
     dec_state = mimi.init_decode_state(batch_size) if mimi is not None else None
-    graphs = cuda_graph and device.type == "cuda"
-    encode = CUDAGraphed(lambda pcm: mimi.encode_step(pcm, enc_state), enabled=graphs, static=False)
-    decode = CUDAGraphed(lambda codes: mimi.decode_step(codes, dec_state), enabled=graphs, static=False)
+    graphs = None if cuda_graph else False  # None: on CUDA, unless OPENMOSHI_NO_CUDA_GRAPH=1
+    encode = graphed(lambda pcm: mimi.encode_step(pcm, enc_state), graphs, device, name="mimi_encode")
+    decode = graphed(lambda codes: mimi.decode_step(codes, dec_state), graphs, device, name="mimi_decode")
     if not codec_only:
-        gen_state = G.init_state(lm, batch_size, SamplingConfig())
-
-        def lm_step(codes, attend):
-            out = G.step(lm, gen_state, codes, check=False, attend=attend)
-            return out.text, out.audio, out.valid
-        lm_fn = CUDAGraphed(lm_step, enabled=graphs, static=False)
+        lm_step = GraphedStep(lm, G.init_state(lm, batch_size, SamplingConfig()), graphs)
     times: dict[str, list[float]] = {"enc": [], "lm": [], "dec": [], "frame": []}
     codes = torch.zeros(batch_size, K, dtype=torch.long, device=device)
     audio = torch.zeros(batch_size, K, 1, dtype=torch.long, device=device)
@@ -99,8 +95,7 @@ def bench_loop(lm, mimi, batch_size: int, steps: int, warmup: int, device: torch
         _sync(device)
         t1 = time.perf_counter()
         if not codec_only:
-            text, audio_codes, valid = lm_fn(codes, G.read_window(i, gen_state))
-            audio = audio_codes.clamp(min=0)[:, :, None]
+            audio = lm_step(codes).audio.clamp(min=0)[:, :, None]
         else:
             audio = codes[:, :, None]
         _sync(device)

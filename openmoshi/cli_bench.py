@@ -22,7 +22,8 @@ def add_bench_parser(subparsers) -> None:
     p.add_argument("--quantize", choices=["int8", "int4"], default=None, help="weight-only quantized LM")
     p.add_argument("--codec-only", action="store_true", help="time Mimi alone (no LM)")
     p.add_argument("--no-mimi", action="store_true", help="time the LM alone")
-    p.add_argument("--no-cuda-graph", action="store_true", help="run eagerly on CUDA")
+    p.add_argument("--no-cuda-graph", action="store_true",
+                   help="run eagerly on CUDA (also: environment OPENMOSHI_NO_CUDA_GRAPH=1)")
     p.add_argument("--mimi-fast", default=None, metavar="ENC,DEC",
                    help="Mimi CPU fast path: weight modes (fp32|bf16|int8) of the encoder and decoder "
                         "sides, or 'off' for the float32 reference; default fp32,fp32 on CPU")
@@ -51,6 +52,7 @@ def run_bench(args) -> int:
     from . import bench
     from .cli import UsageError, _resolve_device
     from .config import BUILTIN_CONFIGS, load_model_config
+    from .cuda_graph import wanted
 
     sizes = _batch_sizes(args.batch_sizes)
     if args.steps < 1 or args.warmup < 0:
@@ -77,9 +79,10 @@ def run_bench(args) -> int:
             from .mimi_fast import fast_cpu
             mimi = fast_cpu(mimi, *mimi_fast)
     params = sum(p.numel() for p in lm.parameters()) / 1e9 if lm is not None else 0
+    graphs = wanted(False if args.no_cuda_graph else None, device)
     print(f"openmoshi bench: config {args.config} ({params:.2f} B LM params), device {device}, {dtype_name}"
           f"{', ' + args.quantize if args.quantize else ''}, cuda graphs "
-          f"{'off' if args.no_cuda_graph or device.type != 'cuda' else 'on'}, threads {torch.get_num_threads()}, "
+          f"{'on' if graphs else 'off'}, threads {torch.get_num_threads()}, "
           f"mimi {'fast ' + ','.join(mimi_fast) if mimi_fast else 'float32 reference'}")
     print(bench.HEADER)
     results = []

@@ -169,9 +169,10 @@ def step(lm: LMModel, state: GenState, user_codes: torch.Tensor, active: torch.T
     `check` validates the codes' range, which waits on the device: fast paths that feed codes
     straight from Mimi pass check=False. `attend` bounds the KV-cache slots the temporal
     transformer reads: "auto" derives it from `state.calls` (right for eager use), None reads the
-    whole ring; a caller replaying a captured CUDA graph passes `read_window(n, state)` for its
-    own count n of steps, one graph per value (and recaptures after changing the greedy flags
-    with `set_sampling`: they choose the code a graph records)."""
+    whole ring. A captured CUDA graph freezes host-side values: a replay does not advance
+    `state.calls`, and the greedy flags set by `set_sampling` choose the code it records, so a
+    graphed caller passes `read_window(n, state)` for its own count n of steps and keys its
+    graphs on that window and the flags (`cuda_graph.GraphedStep` does both)."""
     if attend == "auto":
         attend = read_window(state.calls, state)
     state.calls += 1
