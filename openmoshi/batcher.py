@@ -15,6 +15,12 @@ waiting, or at the latest `TICK_SLACK` after the previous tick; a slot whose cli
 silence for that tick, so one slow client never holds back the others. Joining, leaving and
 restarting are commands applied by the worker between ticks; they reset only that slot (LM state,
 Mimi encoder and decoder state, sampling settings).
+
+On CUDA the three steps run as CUDA graphs (`openmoshi.cuda_graph`; `cuda_graph=False` or
+OPENMOSHI_NO_CUDA_GRAPH=1 for eager). The LM step's attention reads the window of the furthest
+occupied slot, known on the host (`Slot.steps`), so it shrinks again when conversations restart;
+every window's graph is captured when the worker starts, before any conversation, since a capture
+takes far longer than a tick. Their outputs are consumed within the tick, before the next call.
 """
 
 from __future__ import annotations
@@ -31,7 +37,8 @@ import numpy as np
 import torch
 
 from .config import TEXT_END_PADDING_ID, TEXT_PADDING_ID
-from .generate import init_state, reset_slots, set_condition, set_sampling, step
+from .cuda_graph import GraphedStep, graphed
+from .generate import init_state, reset_slots, set_condition, set_sampling
 from .metrics import Metrics
 from .sampling import SamplingConfig
 
@@ -62,7 +69,7 @@ class Batcher:
     """Owns the model states of `max_slots` conversations and the worker thread that steps them."""
 
     def __init__(self, lm, mimi, tokenizer: Any, max_slots: int, sampling: SamplingConfig = SamplingConfig(),
-                 metrics: Metrics | None = None, condition: dict | None = None):
+                 metrics: Metrics | None = None, condition: dict | None = None, cuda_graph: bool | None = None):
         if max_slots < 1:
             raise ValueError(f"max_slots must be >= 1, got {max_slots}")
         if (lm.condition_provider is not None) != (condition is not None):
@@ -74,6 +81,7 @@ class Batcher:
         self.lm, self.mimi, self.tokenizer = lm, mimi, tokenizer
         self.max_slots = max_slots
         self.sampling = sampling
+        self.cuda_graph = cuda_graph  # None: CUDA graphs on CUDA (see openmoshi.cuda_graph)
         self.frame_size = mimi.frame_size
         self.metrics = metrics or Metrics()
         self._slots: list[Slot | None] = [None] * max_slots  # worker's view
@@ -82,6 +90,7 @@ class Batcher:
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stop = threading.Event()
+        self.ready = threading.Event()  # set once the worker has its states (and graphs), or crashed
         self._thread: threading.Thread | None = None
         self._pieces: dict[int, str] = {}
 
@@ -147,14 +156,15 @@ class Batcher:
             log.exception("batcher crashed")
             self.metrics.inc("openmoshi_errors_total", kind="batcher")
             self.crashed = True
+        finally:
+            self.ready.set()
 
     crashed = False
 
-    def _loop(self) -> None:
+    def _init_states(self) -> None:
+        """Model states of every slot and the (graphed) steps over them; captures the graphs."""
         B, lm, mimi = self.max_slots, self.lm, self.mimi
-        param = next(lm.parameters())
-        self.device = param.device
-        cfg = lm.cfg
+        self.device = next(lm.parameters()).device
         self.gen = init_state(lm, B, self.sampling, max_k=max(self.sampling.top_k, 250),
                               max_k_text=max(self.sampling.top_k_text, 25))
         if self.condition is not None:  # every slot, once: resetting a slot keeps its condition
@@ -162,6 +172,34 @@ class Batcher:
         self.enc = mimi.init_encode_state(B)
         self.dec = mimi.init_decode_state(B)
         self.mimi_dtype = next(mimi.parameters()).dtype
+        enc, dec = self.enc, self.dec
+        graphs, device = self.cuda_graph, self.device
+        self.encode = graphed(lambda pcm: mimi.encode_step(pcm, enc), graphs, device, name="mimi_encode")
+        self.decode = graphed(lambda codes: mimi.decode_step(codes, dec), graphs, device, name="mimi_decode")
+        self.lm_step = GraphedStep(lm, self.gen, graphs)
+        if self.lm_step.enabled:
+            self._capture()
+
+    def _capture(self) -> None:
+        """Every graph of the default sampling settings, before the first conversation, with idle
+        slots; the states are reset after. Other sampler flags are captured when first needed."""
+        start = time.monotonic()
+        B, F, K = self.max_slots, self.frame_size, self.mimi.num_codebooks
+        idle = torch.zeros(B, dtype=torch.bool, device=self.device)
+        for _ in range(self.encode.warmup + 1):  # warm-up calls, then capture and replay
+            codes = self.encode(torch.zeros(B, 1, F, device=self.device, dtype=self.mimi_dtype))
+            self.decode(torch.zeros(B, K, 1, dtype=torch.long, device=self.device))
+        windows = self.lm_step.capture_all(codes[:, :, 0], idle)
+        everyone = torch.ones(B, dtype=torch.bool, device=self.device)
+        reset_slots(self.gen)
+        self.enc.reset(everyone)
+        self.dec.reset(everyone)
+        seconds = round(time.monotonic() - start, 2)
+        log.info("cuda_graphs_ready", extra={"fields": {"attention_windows": windows, "seconds": seconds}})
+
+    def _loop(self) -> None:
+        self._init_states()
+        self.ready.set()
         last_tick = time.monotonic()
         while not self._stop.is_set():
             self._apply_commands()
@@ -180,7 +218,7 @@ class Batcher:
             if not self._commands.empty():
                 continue  # a join/leave changes who takes part: apply it first
             last_tick = time.monotonic()
-            self._tick(occupied, cfg)
+            self._tick(occupied)
             self.metrics.observe_step(time.monotonic() - last_tick)
 
     def _apply_commands(self) -> None:
@@ -206,7 +244,7 @@ class Batcher:
                     self._reserved[slot.index] = False
                     self.metrics.set_active(sum(self._reserved))
 
-    def _tick(self, occupied: list[Slot], cfg) -> None:
+    def _tick(self, occupied: list[Slot]) -> None:
         B, F = self.max_slots, self.frame_size
         pcm = np.zeros((B, 1, F), dtype=np.float32)
         active = torch.zeros(B, dtype=torch.bool)
@@ -223,18 +261,18 @@ class Batcher:
         if silent:
             self.metrics.inc("openmoshi_silence_frames_total", silent)
         x = torch.from_numpy(pcm).to(self.device, self.mimi_dtype)
-        codes = self.mimi.encode_step(x, self.enc)  # [B, K, 1]
+        codes = self.encode(x)  # [B, K, 1]
         if bool(first.any()):
             # The first frame is in the model's past: restart the encoder with fresh left padding.
             self.enc.reset(first.to(self.device))
-        active_d = active.to(self.device)
-        out = step(self.lm, self.gen, codes[:, :, 0], active=active_d, check=False)
+        # Every occupied slot is active and at its own step count: the furthest one bounds the window.
+        out = self.lm_step(codes[:, :, 0], active.to(self.device), position=max(s.steps for s in occupied))
         valid = out.valid
         audio = torch.where(valid[:, None], out.audio, torch.zeros_like(out.audio))  # [B, Q]
-        pcm_out = self.mimi.decode_step(audio[:, :, None], self.dec)  # [B, 1, F]
+        pcm_out = self.decode(audio[:, :, None])  # [B, 1, F]
         # Slots without a complete frame yet decode placeholders: their decoder starts afresh.
         self.dec.reset(~valid)
-        pcm_out = pcm_out[:, 0].float().cpu().numpy()
+        pcm_out = pcm_out[:, 0].to("cpu", torch.float32, copy=True).numpy()  # a copy: slots keep their frame
         valid = valid.cpu().tolist()
         text = out.text.cpu().tolist()
         for s in occupied:

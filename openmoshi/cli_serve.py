@@ -35,6 +35,9 @@ def add_serve_parser(subparsers) -> None:
     g.add_argument("--idle-timeout", type=float, default=30.0, metavar="S",
                    help="close conversations silent for S seconds (default 30)")
     g.add_argument("--static", default=None, metavar="DIR", help="serve this folder at / instead of the built-in UI")
+    g.add_argument("--no-cuda-graph", action="store_true",
+                   help="run the model loop eagerly on CUDA instead of as CUDA graphs, which are captured at "
+                        "startup (also: environment OPENMOSHI_NO_CUDA_GRAPH=1)")
     g.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
     g.add_argument("--log-format", choices=("json", "text"), default="json", help="log lines format (default json)")
     p.set_defaults(handler=run_serve)
@@ -83,7 +86,8 @@ def run_serve(args) -> int:
     max_sessions = args.max_sessions or (8 if model.device.type == "cuda" else 1)
     config = ServerConfig(max_sessions=max_sessions, auth_token=args.auth_token,
                           idle_timeout=args.idle_timeout,
-                          static_dir=Path(args.static) if args.static else WEB_DIR)
+                          static_dir=Path(args.static) if args.static else WEB_DIR,
+                          cuda_graph=False if args.no_cuda_graph else None)
     condition = None
     if model.lm.condition_provider is not None:  # as the official server: Hibiki's condition only
         if model.config.model_type != "hibiki":

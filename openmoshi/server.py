@@ -55,6 +55,7 @@ class ServerConfig:
     ready_timeout: float = 10.0  # waiting for the model loop to reset a slot
     shutdown_grace: float = 10.0  # seconds given to conversations to end on shutdown
     static_dir: Path | None = WEB_DIR
+    cuda_graph: bool | None = None  # the model loop as CUDA graphs: None on CUDA (see openmoshi.cuda_graph)
 
 
 def event(name: str, level: int = logging.INFO, **fields) -> None:
@@ -233,7 +234,8 @@ class MoshiServer:
         for direction in ("in", "out"):
             self.metrics.inc("openmoshi_frames_dropped_total", 0, direction=direction)
         self.metrics.inc("openmoshi_errors_total", 0, kind="protocol")
-        self.batcher = Batcher(lm, mimi, tokenizer, config.max_sessions, sampling, self.metrics, condition)
+        self.batcher = Batcher(lm, mimi, tokenizer, config.max_sessions, sampling, self.metrics, condition,
+                               config.cuda_graph)
         self.conversations: set[Conversation] = set()
         self.draining = False
 
@@ -260,6 +262,7 @@ class MoshiServer:
 
     async def _on_startup(self, app) -> None:
         self.batcher.start()
+        await asyncio.to_thread(self.batcher.ready.wait)  # on CUDA, graph captures: seconds before listening
         event("server_started", max_sessions=self.config.max_sessions)
 
     async def _on_shutdown(self, app) -> None:
