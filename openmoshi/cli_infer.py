@@ -50,6 +50,8 @@ def add_infer_parser(subparsers) -> None:
     s.add_argument("--greedy", action="store_true", help="argmax decoding (temperatures 0)")
     s.add_argument("--seed", type=int, default=None, help="random seed (default 4242, as the official script)")
     p.add_argument("-q", "--quiet", action="store_true", help="print neither the text nor the progress")
+    p.add_argument("--no-cuda-graph", action="store_true",
+                   help="run eagerly on CUDA instead of as CUDA graphs (also: environment OPENMOSHI_NO_CUDA_GRAPH=1)")
     add_model_args(p)
     p.set_defaults(handler=infer)
 
@@ -136,7 +138,8 @@ def infer(args: argparse.Namespace) -> int:
     sampling = replace(sampling, **overrides)
     printer = _Printer(args.quiet)
     results = model.run(list(args.inputs), sampling, seed=DEFAULT_SEED if args.seed is None else args.seed,
-                        silence_tail=args.silence_tail, on_step=printer)
+                        silence_tail=args.silence_tail, on_step=printer,
+                        cuda_graph=False if args.no_cuda_graph else None)
     printer.finish()
     for result, path in zip(results, outputs or []):
         save_wav(path, result.stereo() if args.stereo else result.audio, SAMPLE_RATE, float32=args.float32)

@@ -21,7 +21,8 @@ Model types:
   ignored with a warning. At most `HIBIKI_MAX_EXTRA_SECONDS` more than the input.
 
 Several inputs run as one batch, shorter ones padded with silence; each result is trimmed to its
-own length.
+own length. On CUDA, Mimi's steps and the LM step run as CUDA graphs (`openmoshi.cuda_graph`;
+`cuda_graph=False` or OPENMOSHI_NO_CUDA_GRAPH=1 for eager), with the same tokens for the same seed.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ from pathlib import Path
 import torch
 
 from .audio import SAMPLE_RATE, AudioError, load_audio, resample
-from .generate import init_state, set_condition, step
+from .cuda_graph import GraphedStep, graphed
+from .generate import init_state, set_condition
 from .mimi import FRAME_SIZE
 from .resolve import DEFAULT_REPO, LoadedModel, load_model, resolve_files, with_fast_streaming
 from .sampling import SamplingConfig
@@ -111,11 +113,12 @@ def as_pcm(x, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
 class _Encoder:
     """Streaming Mimi codes of a growing batch signal: the inputs, then silence forever."""
 
-    def __init__(self, mimi, pcms: list[torch.Tensor], device):
+    def __init__(self, mimi, pcms: list[torch.Tensor], device, cuda_graph: bool | None = None):
         self.mimi, self.device = mimi, device
         n = max(p.shape[-1] for p in pcms)
         self.pcm = torch.stack([torch.nn.functional.pad(p[0], (0, n - p.shape[-1])) for p in pcms])[:, None]
-        self.state = mimi.init_encode_state(len(pcms))
+        self.state = state = mimi.init_encode_state(len(pcms))
+        self.encode = graphed(lambda pcm: mimi.encode_step(pcm, state), cuda_graph, device, name="mimi_encode")
         self.codes = []  # chunks [B, K, F]
         self.done = 0  # frames encoded
 
@@ -125,7 +128,8 @@ class _Encoder:
             a, b = self.done * FRAME_SIZE, (self.done + ENCODE_CHUNK) * FRAME_SIZE
             chunk = self.pcm[..., a:b]
             chunk = torch.nn.functional.pad(chunk, (0, b - a - chunk.shape[-1]))  # silence after the inputs
-            self.codes.append(self.mimi.encode_step(chunk.to(self.device), self.state))
+            # A copy: a graph's output buffer is overwritten by the next chunk.
+            self.codes.append(self.encode(chunk.to(self.device)).clone())
             self.done += ENCODE_CHUNK
         return self.codes[f // ENCODE_CHUNK][:, :, f % ENCODE_CHUNK]
 
@@ -133,8 +137,9 @@ class _Encoder:
 @torch.no_grad()
 def run(model: LoadedModel, inputs: list, sampling: SamplingConfig | None = None,
         seed: int | None = DEFAULT_SEED, silence_tail: float = 0.0, on_step=None,
-        sample_rate: int = SAMPLE_RATE) -> list[InferenceResult]:
-    """Runs the model over `inputs` (paths or arrays) as one batch; see the module docstring."""
+        sample_rate: int = SAMPLE_RATE, cuda_graph: bool | None = None) -> list[InferenceResult]:
+    """Runs the model over `inputs` (paths or arrays) as one batch; see the module docstring.
+    `cuda_graph`: None for CUDA graphs on CUDA, False for eager (see openmoshi.cuda_graph)."""
     lm, mimi, tok, cfg = model.lm, model.mimi, model.tokenizer, model.config
     kind = cfg.model_type
     if kind not in ("moshi", "stt", "hibiki"):
@@ -168,8 +173,12 @@ def run(model: LoadedModel, inputs: list, sampling: SamplingConfig | None = None
             raise ValueError(f"this {kind} model expects conditioning, which offline inference supports "
                              "for Hibiki only")
         set_condition(state, lm.condition_sum([HIBIKI_CONDITION] * B))
-    enc = _Encoder(mimi, padded, device)
-    dec = mimi.init_decode_state(B) if lm.cfg.dep_q else None
+    enc = _Encoder(mimi, padded, device, cuda_graph)
+    lm_step = GraphedStep(lm, state, cuda_graph, generator)  # outputs valid until its next call
+    decode = None
+    if lm.cfg.dep_q:
+        dec = mimi.init_decode_state(B)
+        decode = graphed(lambda codes: mimi.decode_step(codes, dec), cuda_graph, device, name="mimi_decode")
     hibiki = kind == "hibiki"
     total = None if hibiki else T + 1
     max_steps = T + 2 + int(HIBIKI_MAX_EXTRA_SECONDS / FRAME_SECONDS) if hibiki else T + 1
@@ -194,12 +203,14 @@ def run(model: LoadedModel, inputs: list, sampling: SamplingConfig | None = None
                 eos_fed[b] = True
             else:  # silence, continuing the encoder's stream where the input stopped
                 codes.append(enc.frame(f - 1)[b])
-        out = step(lm, state, torch.stack(codes), generator=generator, check=False)
+        out = lm_step(torch.stack(codes))
         if s == 0 or s < md:
             if on_step:
                 on_step(Progress(s + 1, total, time.perf_counter() - start, [None] * B))
             continue
-        pcm = mimi.decode_step(out.audio[:, :, None], dec).cpu() if dec is not None else None  # [B, 1, 1920]
+        pcm = None
+        if decode is not None:  # a copy: a graph's output is overwritten at its next call
+            pcm = decode(out.audio[:, :, None]).to("cpu", copy=True)  # [B, 1, 1920]
         text = out.text.cpu().tolist()
         shown: list[Piece | None] = [None] * B
         t_out = (s - md) * FRAME_SECONDS - shift
@@ -224,8 +235,8 @@ def run(model: LoadedModel, inputs: list, sampling: SamplingConfig | None = None
             on_step(Progress(s + 1, total, time.perf_counter() - start, shown))
     results = []
     for b in range(B):
-        pcm = torch.cat(audio[b], dim=-1) if dec is not None and audio[b] else (
-            torch.zeros(1, 0) if dec is not None else None)
+        pcm = torch.cat(audio[b], dim=-1) if decode is not None and audio[b] else (
+            torch.zeros(1, 0) if decode is not None else None)
         results.append(InferenceResult(input_pcm=heard[b], audio=pcm, text_tokens=texts[b], times=times[b],
                                        pieces=pieces(texts[b], times[b], tok), eos=eos[b]))
     return results
@@ -239,13 +250,14 @@ class InferenceModel:
 
     def run(self, inputs, sampling: SamplingConfig | None = None, greedy: bool = False,
             seed: int | None = DEFAULT_SEED, silence_tail: float = 0.0, sample_rate: int = SAMPLE_RATE,
-            on_step=None):
-        """One input (path or array) -> InferenceResult; a list of inputs -> a list, run as one batch."""
+            on_step=None, cuda_graph: bool | None = None):
+        """One input (path or array) -> InferenceResult; a list of inputs -> a list, run as one batch.
+        `cuda_graph=False` runs eagerly on CUDA (default: CUDA graphs there)."""
         single = isinstance(inputs, (str, Path)) or (hasattr(inputs, "shape") and len(inputs.shape) <= 2)
         if greedy:
             sampling = SamplingConfig.greedy()
         out = run(self.model, [inputs] if single else list(inputs), sampling, seed, silence_tail,
-                  on_step, sample_rate)
+                  on_step, sample_rate, cuda_graph)
         return out[0] if single else out
 
     def transcript(self, result: InferenceResult, source: str | None = None) -> dict:
