@@ -10,8 +10,9 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
-# 1. equivalence on the GPU: CUDA-graph step == eager step, tinygemm int4 == reference
-python3 -m pytest -q -m gpu tests/test_fast_paths.py 2>&1 | tail -5 | tee "$OUT/gpu_tests.txt"
+# 1. equivalence on the GPU: CUDA-graph step == eager step (alone, in the server batcher and in offline
+#    inference, seeded included), tinygemm int4 == reference
+python3 -m pytest -q -m gpu tests/test_fast_paths.py tests/test_graphed_loops.py 2>&1 | tail -5 | tee "$OUT/gpu_tests.txt"
 # 2. the official loop and ours, 7B bf16, batch 1/8/32
 timeout 240 python3 benchmarks/compare_official.py --config moshi_7b --batch-sizes 1,8,32 --steps 40 --warmup 10 \
   --device cuda --json "$OUT/compare_7b.json" 2>&1 | tee "$OUT/compare_7b.txt"
