@@ -69,13 +69,17 @@ class Batcher:
     """Owns the model states of `max_slots` conversations and the worker thread that steps them."""
 
     def __init__(self, lm, mimi, tokenizer: Any, max_slots: int, sampling: SamplingConfig = SamplingConfig(),
-                 metrics: Metrics | None = None, condition: dict | None = None, cuda_graph: bool | None = None):
+                 metrics: Metrics | None = None, condition: dict | None = None, cuda_graph: bool | None = None,
+                 cfg_coef: float = 1.0, negative: dict | None = None):
         if max_slots < 1:
             raise ValueError(f"max_slots must be >= 1, got {max_slots}")
         if (lm.condition_provider is not None) != (condition is not None):
             raise ValueError("a conditioned model needs condition attributes (e.g. Hibiki's "
                              "{'description': 'very_good'}) and an unconditioned one takes none")
-        self.condition = condition
+        if (cfg_coef != 1.0) != (negative is not None) or (negative is not None and condition is None):
+            raise ValueError("classifier-free guidance (cfg_coef != 1) needs a conditioned model and a "
+                             "negative condition (e.g. Hibiki's {'description': 'very_bad'}); use cfg_coef=1")
+        self.condition, self.negative, self.cfg_coef = condition, negative, cfg_coef
         if mimi.num_codebooks < lm.cfg.num_user_codebooks:
             raise ValueError(f"Mimi produces {mimi.num_codebooks} codebooks, the LM reads {lm.cfg.num_user_codebooks}")
         self.lm, self.mimi, self.tokenizer = lm, mimi, tokenizer
@@ -166,9 +170,10 @@ class Batcher:
         B, lm, mimi = self.max_slots, self.lm, self.mimi
         self.device = next(lm.parameters()).device
         self.gen = init_state(lm, B, self.sampling, max_k=max(self.sampling.top_k, 250),
-                              max_k_text=max(self.sampling.top_k_text, 25))
+                              max_k_text=max(self.sampling.top_k_text, 25), cfg_coef=self.cfg_coef)
         if self.condition is not None:  # every slot, once: resetting a slot keeps its condition
-            set_condition(self.gen, lm.condition_sum([self.condition] * B))
+            negative = lm.condition_sum([self.negative] * B) if self.negative is not None else None
+            set_condition(self.gen, lm.condition_sum([self.condition] * B), negative=negative)
         self.enc = mimi.init_encode_state(B)
         self.dec = mimi.init_decode_state(B)
         self.mimi_dtype = next(mimi.parameters()).dtype

@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .cli import UsageError, positive_int
+from .cli import UsageError, finite_float, positive_int
 from .resolve import add_model_args
 
 BAR_WIDTH = 24
@@ -49,6 +49,9 @@ def add_infer_parser(subparsers) -> None:
     s.add_argument("--top-k-text", type=positive_int, default=None, help="text top-k")
     s.add_argument("--greedy", action="store_true", help="argmax decoding (temperatures 0)")
     s.add_argument("--seed", type=int, default=None, help="random seed (default 4242, as the official script)")
+    s.add_argument("--cfg-coef", type=finite_float, default=1.0, metavar="C",
+                   help="classifier-free guidance of a conditioned Hibiki ('very_good' against "
+                        "'very_bad'; default 1: none), as the official --cfg-coef")
     p.add_argument("-q", "--quiet", action="store_true", help="print neither the text nor the progress")
     p.add_argument("--no-cuda-graph", action="store_true",
                    help="run eagerly on CUDA instead of as CUDA graphs (also: environment OPENMOSHI_NO_CUDA_GRAPH=1)")
@@ -129,6 +132,9 @@ def infer(args: argparse.Namespace) -> int:
     from .transcript import write_json
 
     files = resolve_model(args)
+    if args.cfg_coef != 1.0 and not files.config.lm.conditioners:
+        raise UsageError(f"--cfg-coef needs a conditioned model (Hibiki); this {files.config.model_type} "
+                         "model has no conditioners: leave --cfg-coef at 1")
     if outputs and files.config.lm.dep_q == 0:
         raise UsageError(f"this model ({files.config.model_type}) writes no audio: use --transcript FILE.json")
     model = InferenceModel(with_fast_streaming(load_model(files, args.device, args.dtype, args.quantize)))
@@ -139,7 +145,7 @@ def infer(args: argparse.Namespace) -> int:
     printer = _Printer(args.quiet)
     results = model.run(list(args.inputs), sampling, seed=DEFAULT_SEED if args.seed is None else args.seed,
                         silence_tail=args.silence_tail, on_step=printer,
-                        cuda_graph=False if args.no_cuda_graph else None)
+                        cuda_graph=False if args.no_cuda_graph else None, cfg_coef=args.cfg_coef)
     printer.finish()
     for result, path in zip(results, outputs or []):
         save_wav(path, result.stereo() if args.stereo else result.audio, SAMPLE_RATE, float32=args.float32)

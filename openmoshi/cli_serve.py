@@ -9,7 +9,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from openmoshi.cli import UsageError, positive_int
+from openmoshi.cli import UsageError, finite_float, positive_int
 from openmoshi.resolve import add_model_args
 
 DEFAULT_PORT = 8998
@@ -39,6 +39,9 @@ def add_serve_parser(subparsers) -> None:
                    help="run the model loop eagerly on CUDA instead of as CUDA graphs, which are captured at "
                         "startup (also: environment OPENMOSHI_NO_CUDA_GRAPH=1)")
     g.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
+    g.add_argument("--cfg-coef", type=finite_float, default=1.0, metavar="C",
+                   help="classifier-free guidance of a conditioned Hibiki ('very_good' against "
+                        "'very_bad'; default 1: none), as the official --cfg-coef")
     g.add_argument("--log-format", choices=("json", "text"), default="json", help="log lines format (default json)")
     p.set_defaults(handler=run_serve)
 
@@ -73,7 +76,7 @@ def run_serve(args) -> int:
     from aiohttp import web
 
     from openmoshi.resolve import load_model, resolve_model, with_fast_streaming
-    from openmoshi.inference import HIBIKI_CONDITION, sampling_defaults
+    from openmoshi.inference import HIBIKI_CONDITION, HIBIKI_NEGATIVE, sampling_defaults
     from openmoshi.server import WEB_DIR, MoshiServer, ServerConfig, event
 
     setup_logging(args.log_format)
@@ -87,14 +90,18 @@ def run_serve(args) -> int:
     config = ServerConfig(max_sessions=max_sessions, auth_token=args.auth_token,
                           idle_timeout=args.idle_timeout,
                           static_dir=Path(args.static) if args.static else WEB_DIR,
-                          cuda_graph=False if args.no_cuda_graph else None)
-    condition = None
+                          cuda_graph=False if args.no_cuda_graph else None, cfg_coef=args.cfg_coef)
+    condition = negative = None
     if model.lm.condition_provider is not None:  # as the official server: Hibiki's condition only
         if model.config.model_type != "hibiki":
             raise UsageError(f"this {model.config.model_type} model expects conditioning, which the "
                              "server supports for Hibiki only")
         condition = HIBIKI_CONDITION
-    server = MoshiServer(model.lm, model.mimi, model.tokenizer, config, sampling, condition)
+        negative = HIBIKI_NEGATIVE if args.cfg_coef != 1.0 else None
+    elif args.cfg_coef != 1.0:
+        raise UsageError(f"--cfg-coef needs a conditioned model (Hibiki); this {model.config.model_type} "
+                         "model has no conditioners: leave --cfg-coef at 1")
+    server = MoshiServer(model.lm, model.mimi, model.tokenizer, config, sampling, condition, negative)
     scheme = "https" if ssl_context else "http"
     event("listening", url=f"{scheme}://{args.host}:{args.port}/", websocket="/api/chat")
     web.run_app(server.make_app(), host=args.host, port=args.port, ssl_context=ssl_context,

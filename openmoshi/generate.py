@@ -5,6 +5,11 @@
     out.text [B], out.audio [B, dep_q], out.valid [B]
     set_condition(state, lm.condition_sum([{"description": "very_good"}] * B))  # conditioned LMs
 
+Classifier-free guidance (`init_state(..., cfg_coef=3.0)`, conditioned LMs): the transformers run
+2B rows, the slots' own condition in rows [0, B) and a negative one in [B, 2B) (`set_condition(...,
+negative=...)`), fed the same tokens; the logits sampled are null + (cond - null) * cfg_coef, as
+the official LMGen computes them.
+
 Dimension glossary: B batch (slots), K streams (1 text + n_q audio), Q dep_q, C ring length.
 
 The streams are read with their delays: a step writes the user's codes and the model's sampled
@@ -46,10 +51,15 @@ class GenState:
     calls: int = 0  # eager `step` calls since init: no slot is further along (host-side, no sync)
     greedy_text: bool = False  # host-side: every slot decodes text greedily, so skip the sampler
     greedy_audio: bool = False
+    cfg_coef: float = 1.0  # classifier-free guidance: != 1 doubles the transformers' rows
 
     @property
     def batch_size(self) -> int:
         return self.offset.shape[0]
+
+    @property
+    def guided(self) -> bool:
+        return self.cfg_coef != 1.0
 
 
 @dataclass
@@ -60,30 +70,35 @@ class StepOutput:
 
 
 def init_state(lm: LMModel, batch_size: int, sampling: SamplingConfig = SamplingConfig(),
-               max_k: int | None = None, max_k_text: int | None = None) -> GenState:
+               max_k: int | None = None, max_k_text: int | None = None, cfg_coef: float = 1.0) -> GenState:
     """Fresh state for `batch_size` slots. `max_k`/`max_k_text` bound the per-slot top-k (default:
-    the sampling config's values)."""
+    the sampling config's values). `cfg_coef` != 1: classifier-free guidance (conditioned LMs)."""
     cfg = lm.cfg
     param = lm.text_emb.weight  # never swapped by the speed wrappers
     device, dtype = param.device, param.dtype
     K, C = cfg.num_codebooks, cfg.max_delay + 2
+    if cfg_coef != 1.0 and lm.condition_provider is None:
+        raise ValueError("classifier-free guidance (cfg_coef != 1) needs a conditioned model "
+                         "(config keys 'conditioners'/'fuser', e.g. Hibiki); use cfg_coef=1")
+    rows = 2 * batch_size if cfg_coef != 1.0 else batch_size  # the transformers' batch
     depth = None
     if lm.depformer is not None:
-        depth = lm.depformer.init_state(batch_size, device=device, dtype=dtype, capacity=cfg.dep_q)
+        depth = lm.depformer.init_state(rows, device=device, dtype=dtype, capacity=cfg.dep_q)
     state = GenState(
         cache=torch.full((batch_size, K, C), UNGENERATED_TOKEN, dtype=torch.long, device=device),
         offset=torch.zeros(batch_size, dtype=torch.long, device=device),
         initial=lm.initial_tokens(device).view(1, K, 1),
         delays=torch.tensor(cfg.delays, dtype=torch.long, device=device),
-        temporal=lm.transformer.init_state(batch_size, device=device, dtype=dtype,
+        temporal=lm.transformer.init_state(rows, device=device, dtype=dtype,
                                            capacity=None if cfg.context else 4096),
         depth=depth,
         temp=torch.empty(batch_size, device=device), top_k=torch.empty(batch_size, dtype=torch.long, device=device),
         temp_text=torch.empty(batch_size, device=device),
         top_k_text=torch.empty(batch_size, dtype=torch.long, device=device),
-        max_k=min(max_k or sampling.top_k, cfg.card), max_k_text=min(max_k_text or sampling.top_k_text, cfg.text_out_card))
+        max_k=min(max_k or sampling.top_k, cfg.card), max_k_text=min(max_k_text or sampling.top_k_text, cfg.text_out_card),
+        cfg_coef=float(cfg_coef))
     if lm.condition_provider is not None:
-        state.condition = torch.zeros(batch_size, 1, cfg.dim, device=device, dtype=dtype)
+        state.condition = torch.zeros(rows, 1, cfg.dim, device=device, dtype=dtype)
     set_sampling(state, sampling)
     return state
 
@@ -105,22 +120,45 @@ def set_sampling(state: GenState, sampling: SamplingConfig, mask: torch.Tensor |
     state.greedy_audio = sampling.temp <= 0 and (mask is None or state.greedy_audio)
 
 
-def set_condition(state: GenState, condition: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+def set_condition(state: GenState, condition: torch.Tensor, mask: torch.Tensor | None = None,
+                  negative: torch.Tensor | None = None) -> None:
     """Sets the condition of the slots in `mask` (all when None), e.g. from
     `lm.condition_sum([{"description": "very_good"}] * B)`. condition: [B, 1, D] or [1, 1, D].
     Like the sampling settings, a slot keeps its condition across `reset_slots`; slots never set
     add zeros (an unconditioned input, which is not the model's learnt "no condition": for that,
-    pass the value None to `lm.condition_sum`)."""
+    pass the value None to `lm.condition_sum`). With classifier-free guidance, `negative` (same
+    shapes, e.g. the "very_bad" description) is what the guidance steers away from."""
     if state.condition is None:
         raise ValueError("this model has no conditioners (config keys 'conditioners'/'fuser')")
-    condition = condition.to(state.condition.device, state.condition.dtype)
-    B, _, D = state.condition.shape
-    if condition.dim() != 3 or condition.shape[0] not in (1, B) or condition.shape[1:] != (1, D):
-        raise ValueError(f"condition must be [{B} or 1, 1, {D}], got {tuple(condition.shape)}")
+    if state.guided != (negative is not None):
+        raise ValueError("classifier-free guidance needs a negative condition (set_condition(..., negative=...)), "
+                         "and only guidance uses one" if state.guided else
+                         "a negative condition is for classifier-free guidance: init_state(..., cfg_coef=...)")
+    B, D = state.batch_size, state.condition.shape[-1]
+    for name, c in (("condition", condition), ("negative", negative)):
+        if c is not None and (c.dim() != 3 or c.shape[0] not in (1, B) or c.shape[1:] != (1, D)):
+            raise ValueError(f"{name} must be [{B} or 1, 1, {D}], got {tuple(c.shape)}")
+    parts = [condition] if negative is None else [condition, negative]
+    value = torch.cat([c.to(state.condition.device, state.condition.dtype).expand(B, 1, D) for c in parts])
     if mask is None:
-        state.condition.copy_(condition.expand_as(state.condition))
+        state.condition.copy_(value)
     else:
-        state.condition.copy_(torch.where(mask.to(condition.device)[:, None, None], condition, state.condition))
+        rows = _rows(state, mask.to(value.device))
+        state.condition.copy_(torch.where(rows[:, None, None], value, state.condition))
+
+
+def _rows(state: GenState, per_slot: torch.Tensor) -> torch.Tensor:
+    """A per-slot [B] tensor as the transformers' rows: repeated for the guidance half."""
+    return per_slot.repeat(2, *[1] * (per_slot.dim() - 1)) if state.guided else per_slot
+
+
+def _guide(state: GenState, logits: torch.Tensor) -> torch.Tensor:
+    """[2B, ...] -> [B, ...]: null + (cond - null) * cfg_coef, in the logits' dtype as the official
+    LMGen; [B, ...] unchanged without guidance."""
+    if not state.guided:
+        return logits
+    cond, null = logits.chunk(2)
+    return null + (cond - null) * state.cfg_coef
 
 
 def read_window(calls: int, state: GenState) -> int:
@@ -137,6 +175,7 @@ def reset_slots(state: GenState, mask: torch.Tensor | None = None) -> None:
         mask = mask.to(state.offset.device)
         state.cache.masked_fill_(mask[:, None, None], UNGENERATED_TOKEN)
         state.offset.masked_fill_(mask, 0)
+        mask = _rows(state, mask)
     state.temporal.reset(mask)
 
 
@@ -200,7 +239,11 @@ def step(lm: LMModel, state: GenState, user_codes: torch.Tensor, active: torch.T
     index = (state.offset % C)[:, None, None].expand(B, cfg.num_codebooks, 1)
     tokens = torch.where(not_started, state.initial, state.cache.gather(2, index))  # [B, K, 1]
 
-    hidden, text_logits = lm.forward_text(tokens, state.temporal, active, state.condition, attend)  # [B, 1, D], [B, 1, N]
+    if state.guided:  # both halves read the same tokens
+        tokens = tokens.repeat(2, 1, 1)
+    rows_active = None if active is None else _rows(state, active)
+    hidden, text_logits = lm.forward_text(tokens, state.temporal, rows_active, state.condition, attend)  # [B', 1, D], [B', 1, N]
+    text_logits = _guide(state, text_logits)  # [B, 1, N]
     if state.greedy_text:
         text = text_logits[:, 0].argmax(dim=-1)
     else:
@@ -226,14 +269,15 @@ def step(lm: LMModel, state: GenState, user_codes: torch.Tensor, active: torch.T
 
 def depth_step(lm: LMModel, state: GenState, text: torch.Tensor, hidden: torch.Tensor,
                generator: torch.Generator | None = None) -> torch.Tensor:
-    """The depth transformer samples the frame's dep_q audio codebooks in order. text [B] -> [B, Q]."""
+    """The depth transformer samples the frame's dep_q audio codebooks in order. text [B] -> [B, Q].
+    hidden [B', 1, D]: B' = 2B rows with guidance."""
     depth = state.depth
     depth.reset()
     prev, out = text[:, None], []  # [B, 1]
     for q in range(lm.cfg.dep_q):
-        x = lm.depformer_input(q, prev, hidden)  # [B, 1, Dd]
+        x = lm.depformer_input(q, _rows(state, prev), hidden)  # [B', 1, Dd]
         y = lm.depformer(x, depth, step=q)
-        logits = lm.depformer_logits(q, y)[:, 0]  # [B, card]
+        logits = _guide(state, lm.depformer_logits(q, y)[:, 0])  # [B, card]
         if state.greedy_audio:
             token = logits.argmax(dim=-1)
         else:

@@ -43,6 +43,7 @@ from .transcript import Piece, Word, pieces, text_of, transcript_dict, words
 
 FRAME_SECONDS = FRAME_SIZE / SAMPLE_RATE  # 0.08
 HIBIKI_CONDITION = {"description": "very_good"}  # what the official loop asks a conditioned Hibiki for
+HIBIKI_NEGATIVE = {"description": "very_bad"}  # and what classifier-free guidance steers it away from
 ENCODE_CHUNK = 10  # frames Mimi encodes per call (bounds memory on long files)
 STT_TAIL_SECONDS = 1.0  # silence after audio_delay_seconds, as the official script
 HIBIKI_MAX_EXTRA_SECONDS = 60.0
@@ -137,7 +138,8 @@ class _Encoder:
 @torch.no_grad()
 def run(model: LoadedModel, inputs: list, sampling: SamplingConfig | None = None,
         seed: int | None = DEFAULT_SEED, silence_tail: float = 0.0, on_step=None,
-        sample_rate: int = SAMPLE_RATE, cuda_graph: bool | None = None) -> list[InferenceResult]:
+        sample_rate: int = SAMPLE_RATE, cuda_graph: bool | None = None,
+        cfg_coef: float = 1.0) -> list[InferenceResult]:
     """Runs the model over `inputs` (paths or arrays) as one batch; see the module docstring.
     `cuda_graph`: None for CUDA graphs on CUDA, False for eager (see openmoshi.cuda_graph)."""
     lm, mimi, tok, cfg = model.lm, model.mimi, model.tokenizer, model.config
@@ -167,12 +169,16 @@ def run(model: LoadedModel, inputs: list, sampling: SamplingConfig | None = None
     generator = None
     if seed is not None:
         generator = torch.Generator(device).manual_seed(seed)
-    state = init_state(lm, B, sampling)
+    if cfg_coef != 1.0 and lm.condition_provider is None:
+        raise ValueError(f"classifier-free guidance (cfg_coef={cfg_coef}) needs a conditioned model "
+                         f"(Hibiki); this {kind} model has no conditioners: use cfg_coef=1")
+    state = init_state(lm, B, sampling, cfg_coef=cfg_coef)
     if lm.condition_provider is not None:
         if kind != "hibiki":  # as the official loop: only Hibiki has a known condition
             raise ValueError(f"this {kind} model expects conditioning, which offline inference supports "
                              "for Hibiki only")
-        set_condition(state, lm.condition_sum([HIBIKI_CONDITION] * B))
+        negative = lm.condition_sum([HIBIKI_NEGATIVE] * B) if cfg_coef != 1.0 else None
+        set_condition(state, lm.condition_sum([HIBIKI_CONDITION] * B), negative=negative)
     enc = _Encoder(mimi, padded, device, cuda_graph)
     lm_step = GraphedStep(lm, state, cuda_graph, generator)  # outputs valid until its next call
     decode = None
@@ -250,14 +256,15 @@ class InferenceModel:
 
     def run(self, inputs, sampling: SamplingConfig | None = None, greedy: bool = False,
             seed: int | None = DEFAULT_SEED, silence_tail: float = 0.0, sample_rate: int = SAMPLE_RATE,
-            on_step=None, cuda_graph: bool | None = None):
+            on_step=None, cuda_graph: bool | None = None, cfg_coef: float = 1.0):
         """One input (path or array) -> InferenceResult; a list of inputs -> a list, run as one batch.
-        `cuda_graph=False` runs eagerly on CUDA (default: CUDA graphs there)."""
+        `cuda_graph=False` runs eagerly on CUDA (default: CUDA graphs there). `cfg_coef` != 1:
+        classifier-free guidance of a conditioned Hibiki ('very_good' against 'very_bad')."""
         single = isinstance(inputs, (str, Path)) or (hasattr(inputs, "shape") and len(inputs.shape) <= 2)
         if greedy:
             sampling = SamplingConfig.greedy()
         out = run(self.model, [inputs] if single else list(inputs), sampling, seed, silence_tail,
-                  on_step, sample_rate, cuda_graph)
+                  on_step, sample_rate, cuda_graph, cfg_coef)
         return out[0] if single else out
 
     def transcript(self, result: InferenceResult, source: str | None = None) -> dict:

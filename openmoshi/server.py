@@ -56,6 +56,7 @@ class ServerConfig:
     shutdown_grace: float = 10.0  # seconds given to conversations to end on shutdown
     static_dir: Path | None = WEB_DIR
     cuda_graph: bool | None = None  # the model loop as CUDA graphs: None on CUDA (see openmoshi.cuda_graph)
+    cfg_coef: float = 1.0  # classifier-free guidance of a conditioned model (needs `negative`)
 
 
 def event(name: str, level: int = logging.INFO, **fields) -> None:
@@ -226,7 +227,8 @@ class Conversation:
 
 class MoshiServer:
     def __init__(self, lm, mimi, tokenizer, config: ServerConfig = ServerConfig(),
-                 sampling: SamplingConfig = SamplingConfig(), condition: dict | None = None):
+                 sampling: SamplingConfig = SamplingConfig(), condition: dict | None = None,
+                 negative: dict | None = None):
         self.config = config
         self.sampling = sampling
         self.metrics = Metrics()
@@ -235,7 +237,7 @@ class MoshiServer:
             self.metrics.inc("openmoshi_frames_dropped_total", 0, direction=direction)
         self.metrics.inc("openmoshi_errors_total", 0, kind="protocol")
         self.batcher = Batcher(lm, mimi, tokenizer, config.max_sessions, sampling, self.metrics, condition,
-                               config.cuda_graph)
+                               config.cuda_graph, config.cfg_coef, negative)
         self.conversations: set[Conversation] = set()
         self.draining = False
 

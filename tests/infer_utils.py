@@ -95,7 +95,7 @@ def _hibiki_eos_bias(lm) -> None:
 
 
 def official_loop(folder: Path, wav: torch.Tensor, batch: int = 1, seed: int = 4242, timer: list | None = None,
-                  **gen) -> tuple:
+                  cfg_coef: float = 1.0, **gen) -> tuple:
     """The official offline loop (`moshi.run_inference.InferenceState`) on a checkpoint folder:
     ([(text tokens [T], pcm [1, N])] per batch item, the text it printed for item 0)."""
     from moshi.models import loaders
@@ -108,7 +108,7 @@ def official_loop(folder: Path, wav: torch.Tensor, batch: int = 1, seed: int = 4
     lm = info.get_moshi(device="cpu", dtype=torch.float32)
     tok = info.get_text_tokenizer()
     seed_all(seed)
-    state = InferenceState(info, mimi, tok, lm, batch, 1.0, "cpu", **(info.lm_gen_config | gen))
+    state = InferenceState(info, mimi, tok, lm, batch, cfg_coef, "cpu", **(info.lm_gen_config | gen))
     state.printer = _Collector()
     start = time.perf_counter()
     with torch.no_grad():

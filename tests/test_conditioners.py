@@ -220,3 +220,76 @@ def test_dev_2b_config_builds_on_meta():
     assert lm.condition_provider.conditioners["description"].embed.weight.shape == (32, 16)
     assert lm.condition_provider.conditioners["description"].output_proj.weight.shape == (2560, 16)
     assert lm.condition_provider.conditioners["description"].learnt_padding.shape == (1, 1, 2560)
+
+
+@pytest.mark.parametrize("coef", [3.0, 0.5])
+def test_classifier_free_guidance_matches_official(models, coef):
+    """cfg_coef != 1, as Hibiki's --cfg-coef: 2B rows (the slots' condition, then the negative one),
+    guided logits null + (cond - null) * coef. Greedy and seeded sampling, 30 steps."""
+    from moshi.models.lm import LMGen
+
+    official, ours = models
+    cfg = ours.cfg
+    B = 2
+    user = torch.randint(0, cfg.card, (B, cfg.num_user_codebooks, 30), generator=torch.Generator().manual_seed(5))
+    good, bad = ["very_good", "good"], ["very_bad", "very_bad"]
+    for sampling in (SamplingConfig.greedy(), SamplingConfig(temp=0.8, top_k=20, temp_text=0.7, top_k_text=10)):
+        use_sampling = sampling.temp > 0
+        kw = dict(temp=sampling.temp, top_k=sampling.top_k, temp_text=sampling.temp_text,
+                  top_k_text=sampling.top_k_text) if use_sampling else {}
+        torch.manual_seed(7)
+        gen = LMGen(official, use_sampling=use_sampling, cfg_coef=coef,
+                    condition_tensors=official_conditions(official, good + bad), **kw)
+        ref = official_frames(gen, user)
+        torch.manual_seed(7)
+        state = G.init_state(ours, B, sampling, cfg_coef=coef)
+        G.set_condition(state, ours.condition_sum([{"description": v} for v in good]),
+                        negative=ours.condition_sum([{"description": v} for v in bad]))
+        frames = []
+        for t in range(user.shape[2]):
+            out = G.step(ours, state, user[:, :, t])
+            if out.valid.all():
+                frames.append(torch.cat([out.text[:, None], out.audio], dim=1))
+        out = torch.stack(frames, dim=-1)
+        assert torch.equal(ref, out), sampling
+        if not use_sampling:
+            assert not torch.equal(run_ours(ours, good, user), out), "degenerate test: guidance changes nothing"
+
+
+def test_classifier_free_guidance_errors(models):
+    official, ours = models
+    state = G.init_state(ours, 2, cfg_coef=2.0)
+    cond = ours.condition_sum([{"description": "good"}])
+    with pytest.raises(ValueError, match="needs a negative condition"):
+        G.set_condition(state, cond)
+    plain = G.init_state(ours, 2)
+    with pytest.raises(ValueError, match="for classifier-free guidance"):
+        G.set_condition(plain, cond, negative=cond)
+    from lm_utils import TINY_7B
+
+    with pytest.raises(ValueError, match="needs a conditioned model"):
+        G.init_state(LMModel(lm_config_from_dict(TINY_7B)), 1, cfg_coef=3.0)
+
+
+def test_guided_step_through_the_graph_wrapper_equals_eager(models):
+    """The CUDA-graph discipline (on CPU: static buffers, eagerly) with guidance and idle slots."""
+    from openmoshi.cuda_graph import GraphedStep
+
+    _, ours = models
+    cfg = ours.cfg
+    states = []
+    for _ in range(2):
+        s = G.init_state(ours, 3, SamplingConfig.greedy(), cfg_coef=2.0)
+        G.set_condition(s, ours.condition_sum([{"description": v} for v in ("good", "bad", "very_good")]),
+                        negative=ours.condition_sum([{"description": "very_bad"}]))
+        states.append(s)
+    wrapped = GraphedStep(ours, states[1], cuda_graph=True)
+    g = torch.Generator().manual_seed(3)
+    active = torch.tensor([True, False, True])
+    for t in range(12):
+        codes = torch.randint(0, cfg.card, (3, cfg.num_user_codebooks), generator=g)
+        a = active if t % 4 == 3 else None
+        ref = G.step(ours, states[0], codes, active=a, check=False, attend=G.read_window(t, states[0]))
+        out = wrapped(codes, a)
+        assert torch.equal(ref.text, out.text) and torch.equal(ref.audio, out.audio)
+        assert torch.equal(ref.valid, out.valid)

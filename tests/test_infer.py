@@ -147,10 +147,29 @@ def test_conditioned_hibiki_matches_official(tmp_path):
         "fuser": {"sum": ["description"]}}
     make_checkpoint(folder, "hibiki", seed=2, lm_kwargs=dict(MOSHI, **cond))
     pcm = speech(0.3)[None]
-    result = load(str(folder)).run(pcm, greedy=True)
+    model = load(str(folder))
+    result = model.run(pcm, greedy=True)
     (ref_text, ref_pcm), = official_loop(folder, pcm, use_sampling=False)[0]
     assert result.text_tokens == ref_text.tolist()
     assert (result.audio - ref_pcm).abs().max() < 1e-4
+    # Classifier-free guidance ('very_good' against 'very_bad'), as the official --cfg-coef 3
+    guided = model.run(pcm, greedy=True, cfg_coef=3.0)
+    (ref_text, ref_pcm), = official_loop(folder, pcm, use_sampling=False, cfg_coef=3.0)[0]
+    assert guided.text_tokens == ref_text.tolist()
+    assert (guided.audio - ref_pcm).abs().max() < 1e-4
+    assert guided.text_tokens != result.text_tokens or not torch.equal(guided.audio, result.audio)
+
+
+def test_cfg_coef_needs_a_conditioned_model(tmp_path, capsys):
+    folder = tmp_path / "hibiki"
+    make_checkpoint(folder, "hibiki", seed=2)
+    wav = tmp_path / "in.wav"
+    save_wav(wav, speech(0.2)[None], float32=True)
+    with pytest.raises(SystemExit):
+        main(["infer", str(wav), "-o", str(tmp_path / "o.wav"), "--hf-repo", str(folder), "--cfg-coef", "3"])
+    assert "--cfg-coef needs a conditioned model" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="needs a conditioned model"):
+        load(str(folder)).run(str(wav), cfg_coef=3.0)
 
 
 def test_hibiki_stops_at_eos(tmp_path):

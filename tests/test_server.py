@@ -290,3 +290,15 @@ def test_conditioned_model_gets_its_condition_in_every_slot():
         assert torch.equal(batcher.gen.condition, expected) and expected.abs().sum() > 0
     finally:
         batcher.stop()
+    with pytest.raises(ValueError, match="classifier-free guidance"):
+        Batcher(lm, mimi, tok, 2, condition={"description": "very_good"}, cfg_coef=3.0)
+    guided = Batcher(lm, mimi, tok, 2, condition={"description": "very_good"}, cfg_coef=3.0,
+                     negative={"description": "very_bad"})
+    guided.start()
+    try:
+        assert guided.ready.wait(10) and not guided.crashed
+        good = lm.condition_sum([{"description": "very_good"}] * 2)
+        bad = lm.condition_sum([{"description": "very_bad"}] * 2)
+        assert guided.gen.guided and torch.equal(guided.gen.condition, torch.cat([good, bad]).to(guided.gen.condition.dtype))
+    finally:
+        guided.stop()
