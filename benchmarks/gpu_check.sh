@@ -12,14 +12,18 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
 # 1. equivalence on the GPU: CUDA-graph step == eager step (alone, in the server batcher and in offline
 #    inference, seeded included), tinygemm int4 == reference
-python3 -m pytest -q -m gpu tests/test_fast_paths.py tests/test_graphed_loops.py 2>&1 | tail -5 | tee "$OUT/gpu_tests.txt"
-# 2. the official loop and ours, 7B bf16, batch 1/8/32
-timeout 240 python3 benchmarks/compare_official.py --config moshi_7b --batch-sizes 1,8,32 --steps 40 --warmup 10 \
+#    and the fused Triton kernels (tests/test_fused.py runs them on CUDA tensors when a GPU is there)
+timeout 60 python3 -m pytest -q -m gpu tests/test_fast_paths.py tests/test_graphed_loops.py 2>&1 | tail -5 | tee "$OUT/gpu_tests.txt"
+timeout 40 python3 -m pytest -q tests/test_fused.py 2>&1 | tail -3 | tee -a "$OUT/gpu_tests.txt"
+# 2. the official loop and ours, 7B bf16, batch 1/32 (worst case of all timeouts: about 580 s)
+timeout 200 python3 benchmarks/compare_official.py --config moshi_7b --batch-sizes 1,32 --steps 40 --warmup 10 \
   --device cuda --json "$OUT/compare_7b.json" 2>&1 | tee "$OUT/compare_7b.txt"
-# 3. ours alone at larger batches, then int8 and int4 at batch 1
-timeout 120 python3 -m openmoshi bench --batch-sizes 1,64 --steps 40 --json "$OUT/bench_bf16.json" 2>&1 | tee "$OUT/bench.txt"
+# 3. ours alone at batch 64 (peak memory at the full context), without the fused kernels, then int8 and int4
+#    at batch 1 (the int4 run's peak memory is the "7B int4 at full context" number: the KV cache is preallocated)
+timeout 80 python3 -m openmoshi bench --batch-sizes 64 --steps 40 --json "$OUT/bench_bf16.json" 2>&1 | tee "$OUT/bench.txt"
+timeout 45 python3 -m openmoshi bench --no-mimi --no-fused --batch-sizes 1 --steps 40 --json "$OUT/bench_nofused.json" 2>&1 | tee -a "$OUT/bench.txt"
 for q in int8 int4; do
-  timeout 90 python3 -m openmoshi bench --no-mimi --quantize $q --batch-sizes 1 --steps 40 --json "$OUT/bench_$q.json" 2>&1 | tee -a "$OUT/bench.txt"
+  timeout 60 python3 -m openmoshi bench --no-mimi --quantize $q --batch-sizes 1 --steps 40 --json "$OUT/bench_$q.json" 2>&1 | tee -a "$OUT/bench.txt"
 done
 # 4. quantization quality: int8/int4 vs bf16 (and fp32 vs bf16) logits, full 7B, random weights, same inputs (not yet timed on a GPU)
-timeout 90 python3 benchmarks/quant_quality.py --frames 300 --stream-frames 48 --json "$OUT/quant_quality.json" 2>&1 | tee "$OUT/quant_quality.txt"
+timeout 75 python3 benchmarks/quant_quality.py --frames 300 --stream-frames 48 --json "$OUT/quant_quality.json" 2>&1 | tee "$OUT/quant_quality.txt"

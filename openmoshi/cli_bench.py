@@ -24,6 +24,8 @@ def add_bench_parser(subparsers) -> None:
     p.add_argument("--no-mimi", action="store_true", help="time the LM alone")
     p.add_argument("--no-cuda-graph", action="store_true",
                    help="run eagerly on CUDA (also: environment OPENMOSHI_NO_CUDA_GRAPH=1)")
+    p.add_argument("--no-fused", action="store_true",
+                   help="on CUDA, keep the reference norms/RoPE/gating instead of the fused Triton kernels")
     p.add_argument("--mimi-fast", default=None, metavar="ENC,DEC",
                    help="Mimi CPU fast path: weight modes (fp32|bf16|int8) of the encoder and decoder "
                         "sides, or 'off' for the float32 reference; default fp32,fp32 on CPU")
@@ -78,11 +80,17 @@ def run_bench(args) -> int:
         if mimi_fast is not None:
             from .mimi_fast import fast_cpu
             mimi = fast_cpu(mimi, *mimi_fast)
+    from . import fused
+    use_fused = device.type == "cuda" and fused.available() and not args.no_fused
+    if use_fused:  # the call-site speed wrapper, as serve and infer apply it on CUDA
+        for model in (lm, mimi):
+            if model is not None:
+                fused.apply(model)
     params = sum(p.numel() for p in lm.parameters()) / 1e9 if lm is not None else 0
     graphs = wanted(False if args.no_cuda_graph else None, device)
     print(f"openmoshi bench: config {args.config} ({params:.2f} B LM params), device {device}, {dtype_name}"
           f"{', ' + args.quantize if args.quantize else ''}, cuda graphs "
-          f"{'on' if graphs else 'off'}, threads {torch.get_num_threads()}, "
+          f"{'on' if graphs else 'off'}, fused kernels {'on' if use_fused else 'off'}, threads {torch.get_num_threads()}, "
           f"mimi {'fast ' + ','.join(mimi_fast) if mimi_fast else 'float32 reference'}")
     print(bench.HEADER)
     results = []
@@ -92,6 +100,6 @@ def run_bench(args) -> int:
         results.append(bench.as_dict(r))
     if args.json:
         Path(args.json).write_text(json.dumps({"config": args.config, "device": str(device), "dtype": dtype_name,
-                                               "quantize": args.quantize, "mimi_fast": mimi_fast,
+                                               "quantize": args.quantize, "mimi_fast": mimi_fast, "fused": use_fused,
                                                "threads": torch.get_num_threads(), "results": results}, indent=1))
     return 0

@@ -282,11 +282,11 @@ def with_fast_streaming(model: LoadedModel) -> LoadedModel:
     """The call-site speed wrapper for streaming use: on CPU, Mimi's streaming steps run through
     `mimi_fast.fast_cpu` (same codes as the reference, about 2x faster per frame); on CUDA, the
     LM's and Mimi's norms, RoPE + cache writes and gating run as fused Triton kernels
-    (`fused.apply`; NO_FUSED_KERNELS=1 keeps the reference modules)."""
+    (`fused.apply`; OPENMOSHI_NO_FUSED_KERNELS=1 keeps the reference modules)."""
     if model.device.type == "cuda":
         from . import fused
 
-        if os.environ.get("NO_FUSED_KERNELS", "0") not in ("", "0"):
+        if os.environ.get("OPENMOSHI_NO_FUSED_KERNELS", "0") not in ("", "0"):
             return model
         fused.apply(model.lm)
         fused.apply(model.mimi)

@@ -148,7 +148,7 @@ def test_with_fast_streaming_applies_the_kernels_on_cuda(monkeypatch):
                                mimi=torch.nn.Sequential(), device=torch.device("cuda"))
     m = with_fast_streaming(model())
     assert fused.is_applied(m.lm)
-    monkeypatch.setenv("NO_FUSED_KERNELS", "1")
+    monkeypatch.setenv("OPENMOSHI_NO_FUSED_KERNELS", "1")
     assert not fused.is_applied(with_fast_streaming(model()).lm)
 
 
