@@ -97,6 +97,7 @@ class Batcher:
         self.ready = threading.Event()  # set once the worker has its states (and graphs), or crashed
         self._thread: threading.Thread | None = None
         self._pieces: dict[int, str] = {}
+        self.on_free: Callable[[], None] | None = None  # called from the worker when a slot frees
 
     # ------------------------------------------------------------------ event-loop side
 
@@ -248,6 +249,8 @@ class Batcher:
                 with self._lock:
                     self._reserved[slot.index] = False
                     self.metrics.set_active(sum(self._reserved))
+                if self.on_free is not None:
+                    self.on_free()  # e.g. the server's waiting line takes the slot
 
     def _tick(self, occupied: list[Slot]) -> None:
         B, F = self.max_slots, self.frame_size

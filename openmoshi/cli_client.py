@@ -64,8 +64,15 @@ def client_main(args: argparse.Namespace) -> int:
         sys.stdout.flush()
 
     transcript = Transcript(on_piece=None if args.quiet else show)
+    shown = []
+
+    def queued(position: int, length: int) -> None:  # the server repeats it every few seconds
+        if shown[-1:] != [(position, length)]:
+            shown.append((position, length))
+            print(f"openmoshi: waiting for a free slot: position {position} of {length}", file=sys.stderr)
+
     try:
-        result = _run(args, source, output is not None, params, transcript)
+        result = _run(args, source, output is not None, params, transcript, queued)
     except ClientError as e:
         print(f"openmoshi: error: {e}", file=sys.stderr)
         return EXIT_CONNECTION
@@ -84,7 +91,7 @@ def client_main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run(args, source, record: bool, params, transcript):
+def _run(args, source, record: bool, params, transcript, on_queue):
     import asyncio
 
     from openmoshi.client import talk_file, talk_live
@@ -92,13 +99,14 @@ def _run(args, source, record: bool, params, transcript):
     if source is None:
         print("openmoshi: connecting; speak when connected, Ctrl-C to hang up", file=sys.stderr)
         return asyncio.run(talk_live(args.url, params=params, auth_token=args.auth_token,
-                                     transcript=transcript, max_lag_s=args.max_lag, record=record))
+                                     transcript=transcript, max_lag_s=args.max_lag, record=record,
+                                     on_queue=on_queue))
     from openmoshi.audio import load_audio
     from openmoshi.opus import SAMPLE_RATE
 
     pcm = load_audio(source, SAMPLE_RATE)[0].numpy()  # [N]
     return asyncio.run(talk_file(args.url, pcm, params=params, auth_token=args.auth_token,
-                                 transcript=transcript, tail_s=args.tail))
+                                 transcript=transcript, tail_s=args.tail, on_queue=on_queue))
 
 
 def _save_wav(path, pcm) -> None:

@@ -25,8 +25,13 @@ def add_serve_parser(subparsers) -> None:
     g.add_argument("--host", default="localhost", help="address to listen on (default localhost; 0.0.0.0 for all)")
     g.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
     g.add_argument("--max-sessions", type=positive_int, default=None, metavar="N",
-                   help="conversations served at once, in one batched step; more get a 'busy' error "
+                   help="conversations served at once, in one batched step; more wait in line (--queue) "
                         "(default 8 on a GPU, 1 on a CPU, where every slot costs real time)")
+    g.add_argument("--queue", type=int, default=16, metavar="N",
+                   help="clients that may wait for a free slot, first come first served, told their place "
+                        "every few seconds; more get a 'busy' error (default 16; 0: refuse at once)")
+    g.add_argument("--queue-timeout", type=finite_float, default=120.0, metavar="SECONDS",
+                   help="a waiting client is refused after this long (default 120)")
     g.add_argument("--auth-token", default=None, metavar="TOKEN",
                    help="require this token, as 'Authorization: Bearer TOKEN' or ?worker_auth_id=TOKEN")
     g.add_argument("--ssl", default=None, metavar="DIR", help="serve https/wss with DIR/cert.pem and DIR/key.pem")
@@ -79,6 +84,8 @@ def run_serve(args) -> int:
     from openmoshi.inference import HIBIKI_CONDITION, HIBIKI_NEGATIVE, sampling_defaults
     from openmoshi.server import WEB_DIR, MoshiServer, ServerConfig, event
 
+    if args.queue < 0 or args.queue_timeout <= 0:
+        raise UsageError("--queue must be >= 0 and --queue-timeout > 0")
     setup_logging(args.log_format)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -88,7 +95,7 @@ def run_serve(args) -> int:
     sampling = sampling_defaults(model)  # the checkpoint's lm_gen_config, else the official defaults
     max_sessions = args.max_sessions or (8 if model.device.type == "cuda" else 1)
     config = ServerConfig(max_sessions=max_sessions, auth_token=args.auth_token,
-                          idle_timeout=args.idle_timeout,
+                          idle_timeout=args.idle_timeout, queue_size=args.queue, queue_timeout=args.queue_timeout,
                           static_dir=Path(args.static) if args.static else WEB_DIR,
                           cuda_graph=False if args.no_cuda_graph else None, cfg_coef=args.cfg_coef)
     condition = negative = None

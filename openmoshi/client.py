@@ -29,7 +29,7 @@ from openmoshi.opus import SAMPLE_RATE, OpusDecoder, OpusEncoder
 FRAME_SIZE = 1920  # samples per 80 ms model step; the opus encoder takes whole frames
 FRAME_S = FRAME_SIZE / SAMPLE_RATE
 CHAT_PATH = "/api/chat"
-HANDSHAKE_TIMEOUT_S = 30.0  # a server may load or warm up before it answers
+HANDSHAKE_TIMEOUT_S = 30.0  # a server may load or warm up before it answers (or tell our place in line)
 SILENCE_TIMEOUT_S = 10.0  # as the official web client: no message for this long ends the call
 AUTH_PARAM = "worker_auth_id"  # the official web client's name for the auth token
 
@@ -110,8 +110,10 @@ def _redact(url: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(query)))
 
 
-async def _connect(session, url: str, auth_token: str | None):
-    """Opens the websocket and waits for the handshake; returns the websocket."""
+async def _connect(session, url: str, auth_token: str | None,
+                   on_queue: Callable[[int, int], None] | None = None):
+    """Opens the websocket and waits for the handshake; returns the websocket. A busy server may
+    first keep us waiting for a slot: `on_queue(position, length)` hears each place-in-line message."""
     import aiohttp
 
     headers = {"Authorization": f"Bearer {auth_token}"} if auth_token else None
@@ -144,7 +146,12 @@ async def _connect(session, url: str, auth_token: str | None):
                 raise ServerError(f"the server refused the conversation: {m.data}")
             if m.kind == protocol.KIND_HANDSHAKE:
                 return ws
-            # metadata (e.g. a queue position) or ping before the handshake: keep waiting
+            place = protocol.queue_position(m)
+            if place is not None:  # waiting in line: the server is alive, its own timeout bounds the wait
+                deadline = time.monotonic() + HANDSHAKE_TIMEOUT_S
+                if on_queue is not None:
+                    on_queue(*place)
+            # other metadata or a ping before the handshake: keep waiting
     except asyncio.TimeoutError:
         await ws.close()
         raise ClientError(f"{shown} sent no handshake within {HANDSHAKE_TIMEOUT_S:.0f} s") from None
@@ -197,9 +204,10 @@ def _frames(pcm: np.ndarray) -> np.ndarray:
 
 async def talk_file(url: str, pcm: np.ndarray, *, params: dict | None = None, auth_token: str | None = None,
                     transcript: Transcript | None = None, realtime: bool = True,
-                    tail_s: float = 2.0) -> TalkResult:
+                    tail_s: float = 2.0, on_queue: Callable[[int, int], None] | None = None) -> TalkResult:
     """Plays `pcm` (float32 [N], 24 kHz) to the server as if spoken, then waits until as much audio
-    has come back as was sent, or `tail_s` seconds more at most, and hangs up."""
+    has come back as was sent, or `tail_s` seconds more at most, and hangs up. While a busy server
+    keeps us waiting for a slot, `on_queue(position, length)` hears our place in line."""
     import aiohttp
 
     transcript = transcript or Transcript()
@@ -216,7 +224,7 @@ async def talk_file(url: str, pcm: np.ndarray, *, params: dict | None = None, au
             enough.set()
 
     async with aiohttp.ClientSession() as session:
-        ws = await _connect(session, chat_url(url, params, auth_token), auth_token)
+        ws = await _connect(session, chat_url(url, params, auth_token), auth_token, on_queue)
         receiver = asyncio.create_task(_receive(ws, on_audio, transcript, errors))
         encoder = OpusEncoder()
         start = time.monotonic()
@@ -298,8 +306,9 @@ def _sounddevice():
 
 async def talk_live(url: str, *, params: dict | None = None, auth_token: str | None = None,
                     transcript: Transcript | None = None, max_lag_s: float = 0.32,
-                    record: bool = False) -> TalkResult:
-    """A conversation through the default microphone and speaker, until Ctrl-C or the server ends it."""
+                    record: bool = False, on_queue: Callable[[int, int], None] | None = None) -> TalkResult:
+    """A conversation through the default microphone and speaker, until Ctrl-C or the server ends it
+    (`on_queue` as in `talk_file`)."""
     import aiohttp
 
     sd = _sounddevice()
@@ -333,7 +342,7 @@ async def talk_live(url: str, *, params: dict | None = None, auth_token: str | N
                 await ws.send_bytes(protocol.encode_audio(ogg))
 
     async with aiohttp.ClientSession() as session:
-        ws = await _connect(session, chat_url(url, params, auth_token), auth_token)
+        ws = await _connect(session, chat_url(url, params, auth_token), auth_token, on_queue)
         try:
             streams = (sd.InputStream(samplerate=SAMPLE_RATE, channels=1, blocksize=FRAME_SIZE,
                                       dtype="float32", callback=on_input),

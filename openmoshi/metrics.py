@@ -18,6 +18,7 @@ class Metrics:
         self._lock = threading.Lock()
         self.active = 0
         self.max_sessions = 0
+        self.waiting = 0
         self._counters: dict[tuple[str, tuple], float] = defaultdict(float)
         self._step_counts = [0] * (len(STEP_BUCKETS) + 1)
         self._step_sum = 0.0
@@ -35,6 +36,10 @@ class Metrics:
         with self._lock:
             self.active = n
 
+    def set_waiting(self, n: int) -> None:
+        with self._lock:
+            self.waiting = n
+
     def observe_step(self, seconds: float) -> None:
         with self._lock:
             i = next((i for i, b in enumerate(STEP_BUCKETS) if seconds <= b), len(STEP_BUCKETS))
@@ -51,6 +56,9 @@ class Metrics:
                 "# HELP openmoshi_conversations_max Model slots (--max-sessions).",
                 "# TYPE openmoshi_conversations_max gauge",
                 f"openmoshi_conversations_max {self.max_sessions}",
+                "# HELP openmoshi_queue_waiting Clients waiting for a free slot (--queue).",
+                "# TYPE openmoshi_queue_waiting gauge",
+                f"openmoshi_queue_waiting {self.waiting}",
                 "# HELP openmoshi_step_seconds Time of one batched 80 ms frame (encode, LM, decode).",
                 "# TYPE openmoshi_step_seconds histogram",
             ]

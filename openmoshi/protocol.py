@@ -11,9 +11,11 @@ Every websocket message is binary: the first byte is the kind, the rest is the p
     5     error      server -> client   UTF-8 message
     6     ping       both               empty (anything after the kind byte is ignored)
 
-The server sends the handshake once it is ready to take audio. The official web client throws on
-kinds it does not know and closes after 10 s without any server message, so the server only sends
-these kinds. `parse` never raises anything but `ProtocolError` on untrusted bytes.
+The server sends the handshake once it is ready to take audio. A client that has to wait for a
+free conversation slot first gets metadata `{"queue_position": k, "queue_length": n}` every few
+seconds (`encode_queue_position`). The official web client throws on kinds it does not know and
+closes after 10 s without any server message, so the server only sends these kinds. `parse` never
+raises anything but `ProtocolError` on untrusted bytes.
 """
 
 from __future__ import annotations
@@ -45,6 +47,10 @@ CONTROL_NAMES = {
     CONTROL_START: "start", CONTROL_END_TURN: "endTurn", CONTROL_PAUSE: "pause",
     CONTROL_RESTART: "restart",
 }
+
+# Keys of the metadata sent to a client waiting for a conversation slot, before the handshake.
+QUEUE_POSITION = "queue_position"  # 1: the next to start
+QUEUE_LENGTH = "queue_length"  # clients waiting, this one included
 
 # Versions sent in the long handshake form (the Rust server's); the Python server sends no payload.
 PROTOCOL_VERSION = 0
@@ -99,6 +105,11 @@ def encode_control(code: int) -> bytes:
 
 def encode_metadata(value: Any) -> bytes:
     return bytes([KIND_METADATA]) + json.dumps(value, separators=(",", ":")).encode("utf-8")
+
+
+def encode_queue_position(position: int, length: int) -> bytes:
+    """Metadata telling a waiting client its place in line: `position` (1 is next) of `length`."""
+    return encode_metadata({QUEUE_POSITION: position, QUEUE_LENGTH: length})
 
 
 def encode_error(text: str) -> bytes:
@@ -175,6 +186,17 @@ def parse(message: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
             raise ProtocolError(f"metadata message is not valid JSON: {e}") from None
         return Message(kind, value)
     raise ProtocolError(f"unknown message kind {kind}")
+
+
+def queue_position(message: Message) -> tuple[int, int] | None:
+    """(position, length) of a queue-position metadata message; None for any other message."""
+    data = message.data
+    if message.kind != KIND_METADATA or not isinstance(data, dict):
+        return None
+    position, length = data.get(QUEUE_POSITION), data.get(QUEUE_LENGTH)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (position, length)):
+        return None
+    return position, length
 
 
 def handshake_versions(message: Message) -> tuple[int, int] | None:

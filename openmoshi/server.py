@@ -8,11 +8,14 @@ Per conversation, on the event loop:
     Batcher (worker thread) ──on_frame──> outbox (bounded, oldest dropped) ──sender task──>
         PCM ──OpusEncoder──> audio message, text piece ──> text message
 
-A conversation that is refused (bad token, server full, shutting down, bad query parameters) gets an
-error message (kind 5), then a clean websocket close. Bad messages get an error message and the
-conversation goes on; after `max_errors` of them it is closed. A client that does not read has its
-oldest output dropped; one that sends nothing for `idle_timeout`, or whose sends block for
-`send_timeout`, is closed. None of this touches the other conversations.
+A client that arrives while every slot is taken waits in a bounded line, first come first served
+(`waiting`), told its place by metadata messages until a slot frees; then its conversation starts
+with the handshake as usual. A conversation that is refused (bad token, line full, waited too long,
+shutting down, bad query parameters) gets an error message (kind 5), then a clean websocket close.
+Bad messages get an error message and the conversation goes on; after `max_errors` of them it is
+closed. A client that does not read has its oldest output dropped; one that sends nothing for
+`idle_timeout`, or whose sends block for `send_timeout`, is closed. None of this touches the other
+conversations.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from .batcher import Batcher, Slot
 from .metrics import Metrics
 from .opus import OpusDecoder, OpusEncoder, OpusError
 from .sampling import SamplingConfig
+from .waiting import ADMITTED, LEFT, STOPPING, TIMED_OUT, Ticket, WaitingLine, wait_turn
 
 log = logging.getLogger("openmoshi.server")
 
@@ -57,6 +61,9 @@ class ServerConfig:
     static_dir: Path | None = WEB_DIR
     cuda_graph: bool | None = None  # the model loop as CUDA graphs: None on CUDA (see openmoshi.cuda_graph)
     cfg_coef: float = 1.0  # classifier-free guidance of a conditioned model (needs `negative`)
+    queue_size: int = 16  # clients waiting for a slot when all are taken; more are refused (0: no line)
+    queue_timeout: float = 120.0  # seconds a client waits for a slot before it is refused
+    queue_update: float = 2.0  # seconds between place-in-line messages (official client: silent 10 s = gone)
 
 
 def event(name: str, level: int = logging.INFO, **fields) -> None:
@@ -138,6 +145,7 @@ class Conversation:
         self.errors = 0
         self.dropped = 0
         self.frames_out = 0
+        self.waited = 0.0  # seconds in the waiting line
         self.slot: Slot | None = None
         self.closed_reason = "client closed"
 
@@ -236,9 +244,11 @@ class MoshiServer:
         for direction in ("in", "out"):
             self.metrics.inc("openmoshi_frames_dropped_total", 0, direction=direction)
         self.metrics.inc("openmoshi_errors_total", 0, kind="protocol")
+        self.metrics.inc("openmoshi_queue_timeouts_total", 0)
         self.batcher = Batcher(lm, mimi, tokenizer, config.max_sessions, sampling, self.metrics, condition,
                                config.cuda_graph, config.cfg_coef, negative)
         self.conversations: set[Conversation] = set()
+        self.line = WaitingLine(config.queue_size, self.metrics.set_waiting)
         self.draining = False
 
     def make_app(self) -> web.Application:
@@ -263,6 +273,15 @@ class MoshiServer:
         return app
 
     async def _on_startup(self, app) -> None:
+        loop = asyncio.get_running_loop()
+
+        def slot_freed() -> None:  # worker thread
+            try:
+                loop.call_soon_threadsafe(self._admit)
+            except RuntimeError:  # the loop is closed: the server is stopping
+                pass
+
+        self.batcher.on_free = slot_freed
         self.batcher.start()
         await asyncio.to_thread(self.batcher.ready.wait)  # on CUDA, graph captures: seconds before listening
         event("server_started", max_sessions=self.config.max_sessions)
@@ -270,7 +289,8 @@ class MoshiServer:
     async def _on_shutdown(self, app) -> None:
         """Stops taking conversations, lets the open ones end for `shutdown_grace`, closes the rest."""
         self.draining = True
-        event("draining", active=len(self.conversations))
+        event("draining", active=len(self.conversations), waiting=len(self.line))
+        self.line.wake_all()  # waiters see `draining` and are told to go
         deadline = time.monotonic() + self.config.shutdown_grace
         while self.conversations and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
@@ -288,7 +308,8 @@ class MoshiServer:
 
     async def handle_health(self, request: web.Request) -> web.Response:
         status = "crashed" if self.batcher.crashed else "draining" if self.draining else "ok"
-        body = {"status": status, "active": self.batcher.active, "max_sessions": self.config.max_sessions}
+        body = {"status": status, "active": self.batcher.active, "max_sessions": self.config.max_sessions,
+                "waiting": len(self.line), "queue_size": self.config.queue_size}
         return web.json_response(body, status=200 if status == "ok" else 503)
 
     async def handle_metrics(self, request: web.Request) -> web.Response:
@@ -321,17 +342,29 @@ class MoshiServer:
         except ValueError as e:
             return await self._refuse(ws, f"bad request: {e}", CLOSE_BAD_REQUEST, "bad_query", peer)
         conv = Conversation(self, ws, peer)
-        conv.slot = self.batcher.open(sampling, conv.on_ready, conv.on_frame)
+
+        def open_slot() -> Slot | None:
+            return self.batcher.open(sampling, conv.on_ready, conv.on_frame)
+
+        conv.slot = None if len(self.line) else open_slot()  # nobody overtakes those who wait
         if conv.slot is None:
-            return await self._refuse(ws, f"the server is busy: all {self.config.max_sessions} conversations "
-                                      "are taken, try again later", WSCloseCode.TRY_AGAIN_LATER, "busy", peer)
+            ticket = self.line.join(open_slot)
+            if ticket is None:
+                full = f" and the waiting line is full ({len(self.line)})" if self.config.queue_size else ""
+                return await self._refuse(ws, f"the server is busy: all {self.config.max_sessions} conversations "
+                                          f"are taken{full}, try again later", WSCloseCode.TRY_AGAIN_LATER,
+                                          "busy", peer)
+            conv.slot = await self._wait_in_line(conv, ticket)
+            if conv.slot is None:
+                return ws
         self.conversations.add(conv)
         self.metrics.inc("openmoshi_conversations_total")
         started = time.monotonic()
         sender = None
         try:
             await asyncio.wait_for(conv.ready, self.config.ready_timeout)
-            event("conversation_start", peer=peer, slot=conv.slot.index, sampling=sampling.__dict__)
+            event("conversation_start", peer=peer, slot=conv.slot.index, waited=round(conv.waited, 2),
+                  sampling=sampling.__dict__)
             await conv.send(protocol.encode_handshake())
             sender = asyncio.create_task(conv.sender())
             await self._receive(conv)
@@ -350,6 +383,69 @@ class MoshiServer:
                   seconds=round(time.monotonic() - started, 2), frames_in=conv.slot.frames_in,
                   frames_out=conv.frames_out, dropped=conv.dropped, errors=conv.errors)
         return ws
+
+    def _admit(self) -> None:
+        """A slot may have freed: the first waiters take it."""
+        if not self.draining:
+            self.line.admit()
+
+    async def _wait_in_line(self, conv: Conversation, ticket: Ticket) -> Slot | None:
+        """Waits for the client's turn, telling it its place; returns its slot. Returns None when it
+        left, waited `queue_timeout` or the server is shutting down: the client has then been told
+        and closed. A slot given to a client that left at that moment is closed again."""
+        cfg, ws = self.config, conv.ws
+        started = time.monotonic()
+        event("queued", peer=conv.peer, position=self.line.position(ticket), waiting=len(self.line))
+        self.line.admit()  # a slot may have freed just before this client joined
+        listener = asyncio.create_task(self._listen_while_waiting(conv))
+
+        async def tell(position: int, length: int) -> None:
+            await conv.send(protocol.encode_queue_position(position, length))
+
+        outcome = LEFT
+        try:
+            outcome = await wait_turn(self.line, ticket, tell, listener, cfg.queue_timeout, cfg.queue_update,
+                                      lambda: self.draining)
+        finally:
+            if ticket.slot is not None and outcome != ADMITTED:
+                self.batcher.close(ticket.slot)
+            listener.cancel()
+            await asyncio.wait({listener})  # its ws.receive() must end before the conversation's
+        conv.waited = time.monotonic() - started
+        if outcome == ADMITTED:
+            return ticket.slot
+        if outcome == TIMED_OUT:
+            self.metrics.inc("openmoshi_queue_timeouts_total")
+            await self._refuse(ws, f"no conversation slot freed up within {cfg.queue_timeout:g} s: the server "
+                               "is busy, try again later", WSCloseCode.TRY_AGAIN_LATER, "queue_timeout", conv.peer)
+        elif outcome == STOPPING:
+            await self._refuse(ws, "the server is shutting down", WSCloseCode.GOING_AWAY, "draining", conv.peer)
+        else:
+            event("queue_left", peer=conv.peer, seconds=round(conv.waited, 2))
+            if not ws.closed:
+                await ws.close()
+        return None
+
+    async def _listen_while_waiting(self, conv: Conversation) -> None:
+        """Reads a waiting client until it leaves. Pings are answered; audio goes through the
+        decoder, to keep its Ogg stream in step, and is dropped: it would be stale by the start."""
+        ws = conv.ws
+        while True:
+            msg = await ws.receive()
+            if msg.type != WSMsgType.BINARY:
+                if msg.type == WSMsgType.TEXT:
+                    continue
+                return  # CLOSE, CLOSING, CLOSED, ERROR
+            try:
+                m = protocol.parse(msg.data)
+                if m.kind == protocol.KIND_AUDIO:
+                    conv.decoder.decode(m.data)
+                elif m.kind == protocol.KIND_PING:
+                    await conv.send(protocol.encode_ping())
+            except (protocol.ProtocolError, OpusError):
+                pass  # the conversation has not started: nothing to report yet
+            except (asyncio.TimeoutError, ConnectionError, RuntimeError):
+                return  # cannot send: gone
 
     async def _receive(self, conv: Conversation) -> None:
         ws = conv.ws

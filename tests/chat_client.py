@@ -4,6 +4,7 @@ server's code): it streams a tone as real-time Ogg/Opus and records what comes b
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from dataclasses import dataclass, field
 
@@ -23,6 +24,8 @@ class ChatResult:
     texts: list = field(default_factory=list)
     arrivals: list = field(default_factory=list)  # monotonic time of each audio message
     close_code: int | None = None
+    queue: list = field(default_factory=list)  # (position, length) of each place-in-line message
+    handshake_at: float | None = None  # monotonic time of the handshake
 
     @property
     def frames_received(self) -> int:
@@ -44,6 +47,10 @@ async def chat(url: str, seconds: float, headers=None, read_for: float | None = 
     async with aiohttp.ClientSession() as session:
         async with session.ws_connect(url, headers=headers, max_msg_size=0) as ws:
             first = await ws.receive(timeout=10)
+            while first.type == aiohttp.WSMsgType.BINARY and first.data[0] == 4:  # waiting for a slot
+                meta = json.loads(first.data[1:])
+                res.queue.append((meta["queue_position"], meta["queue_length"]))
+                first = await ws.receive(timeout=10)
             if first.type != aiohttp.WSMsgType.BINARY:
                 res.close_code = ws.close_code
                 return res
@@ -53,7 +60,7 @@ async def chat(url: str, seconds: float, headers=None, read_for: float | None = 
                 res.close_code = ws.close_code
                 return res
             res.handshake = first.data[:1] == b"\x00"
-            start = time.monotonic()
+            start = res.handshake_at = time.monotonic()
 
             async def receive():
                 async for msg in ws:

@@ -35,9 +35,11 @@ class StubLog:
 
 
 class ChatStub:
-    def __init__(self, text_every: int = 5, busy: bool = False, auth_token: str | None = None):
+    def __init__(self, text_every: int = 5, busy: bool = False, auth_token: str | None = None,
+                 queue: int = 0, queue_interval: float = 0.5):
         self.text_every = text_every
         self.busy = busy
+        self.queue, self.queue_interval = queue, queue_interval  # a caller waits at places queue..1
         self.auth_token = auth_token
         self.log = StubLog()
 
@@ -64,6 +66,10 @@ class ChatStub:
             await ws.send_bytes(protocol.encode_error("server busy: all sessions are taken"))
             await ws.close()
             return ws
+        for position in range(self.queue, 0, -1):
+            for _ in range(2):  # told twice, as the server repeats it every few seconds
+                await ws.send_bytes(protocol.encode_queue_position(position, position))
+                await asyncio.sleep(self.queue_interval / 2)
         await ws.send_bytes(protocol.encode_handshake())
         decoder, encoder = OpusDecoder(), OpusEncoder()
         pending = np.zeros(0, np.float32)

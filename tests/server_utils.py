@@ -1,14 +1,20 @@
 """Tiny random models for server tests: a Mimi with the real 24 kHz / 1920-sample frame but few
-channels, and the tiny 7B-shaped LM, fast enough for several conversations on a small CPU."""
+channels, and the tiny 7B-shaped LM, fast enough for several conversations on a small CPU; and
+`serving`, the server on a free loopback port."""
 
 from __future__ import annotations
 
+import contextlib
+import socket
+
 import torch
+from aiohttp import web
 
 from openmoshi.config import lm_config_from_dict
 from openmoshi.lm import LMModel
 from openmoshi.mimi import Mimi
 from openmoshi.mimi_config import mimi_config_from_dict
+from openmoshi.server import MoshiServer, ServerConfig
 
 from lm_utils import TINY_7B
 
@@ -46,3 +52,21 @@ def tiny_models(seed: int = 0, lm_kwargs: dict | None = None):
             if b.dtype.is_floating_point and b.numel() and bool((b == b.flatten()[0]).all()):
                 b.normal_(0, 0.3).abs_() if "usage" in name else b.normal_(0, 0.3)
     return lm, mimi, FakeTokenizer()
+
+
+@contextlib.asynccontextmanager
+async def serving(models, **config):
+    """`async with serving(models, max_sessions=1) as (server, ws_url, http_url)`."""
+    config.setdefault("static_dir", None)
+    server = MoshiServer(*models, ServerConfig(**config))
+    runner = web.AppRunner(server.make_app(), shutdown_timeout=5)
+    await runner.setup()
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    site = web.SockSite(runner, sock)
+    await site.start()
+    port = sock.getsockname()[1]
+    try:
+        yield server, f"ws://127.0.0.1:{port}/api/chat", f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()

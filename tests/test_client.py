@@ -72,6 +72,21 @@ def test_refused_busy_and_auth():
         asyncio.run(talk_file(f"ws://127.0.0.1:{port}", _tone(0.2)))  # nobody listens there now
 
 
+def test_waiting_for_a_slot(tmp_path, capsys):
+    """A busy server keeps us waiting before the handshake: each place in line is reported, then
+    the conversation goes on as usual; the command line prints each new place once."""
+    places = []
+    with StubServer(ChatStub(queue=2, queue_interval=0.1)) as server:
+        result = asyncio.run(talk_file(server.url, _tone(0.3), tail_s=1.0, on_queue=lambda *a: places.append(a)))
+    assert places == [(2, 2), (2, 2), (1, 1), (1, 1)] and result.seconds_received > 0
+    wav = tmp_path / "in.wav"
+    _write_wav(wav, _tone(0.2))
+    with StubServer(ChatStub(queue=2, queue_interval=0.1)) as server:
+        assert cli.main(["client", "--url", server.url, "--input", str(wav), "--tail", "0.5", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "waiting for a free slot: position 2 of 2" in err and err.count("position 1 of 1") == 1
+
+
 def test_cli_errors(tmp_path, capsys):
     wav = tmp_path / "in.wav"
     _write_wav(wav, _tone(0.2))

@@ -40,6 +40,15 @@ def test_round_trip(message):
     assert p.parse(p.encode(message)) == message
 
 
+def test_queue_position():
+    data = p.encode_queue_position(2, 5)
+    assert data[:1] == b"\x04" and json.loads(data[1:]) == {"queue_position": 2, "queue_length": 5}
+    assert p.queue_position(p.parse(data)) == (2, 5)
+    for other in (p.encode_metadata({"queue_position": 1}), p.encode_metadata([1, 2]),
+                  p.encode_metadata({"queue_position": True, "queue_length": 1}), p.encode_text("queue_position")):
+        assert p.queue_position(p.parse(other)) is None
+
+
 def test_handshake_versions():
     assert p.handshake_versions(p.parse(p.encode_handshake())) is None
     assert p.handshake_versions(p.parse(p.encode_handshake(3, 7))) == (3, 7)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 import time
 
@@ -19,30 +18,13 @@ from openmoshi.sampling import SamplingConfig
 
 from chat_client import FRAME, chat
 from lm_utils import TINY_7B
-from server_utils import tiny_models
+from server_utils import serving, tiny_models
 
 
 @pytest.fixture(scope="module")
 def models():
     torch.set_num_threads(1)  # 2 busy cores: OpenMP spinning on 2 threads is far slower
     return tiny_models()
-
-
-@contextlib.asynccontextmanager
-async def serving(models, **config):
-    config.setdefault("static_dir", None)
-    server = MoshiServer(*models, ServerConfig(**config))
-    runner = web.AppRunner(server.make_app(), shutdown_timeout=5)
-    await runner.setup()
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    site = web.SockSite(runner, sock)
-    await site.start()
-    port = sock.getsockname()[1]
-    try:
-        yield server, f"ws://127.0.0.1:{port}/api/chat", f"http://127.0.0.1:{port}"
-    finally:
-        await runner.cleanup()
 
 
 def run(coro):
@@ -83,8 +65,8 @@ def test_load_8_clients_one_stops_reading(models):
 
 
 def test_busy_then_slot_freed(models):
-    async def main():
-        async with serving(models, max_sessions=1) as (server, url, http):
+    async def main():  # no waiting line: refused at once, as the official client expects a busy server
+        async with serving(models, max_sessions=1, queue_size=0) as (server, url, http):
             async with aiohttp.ClientSession() as s:
                 first = await s.ws_connect(url)
                 assert (await first.receive(timeout=10)).data == protocol.encode_handshake()

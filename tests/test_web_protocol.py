@@ -33,6 +33,12 @@ def test_query_params_agree():
     assert set(js) <= known
 
 
+def test_queue_metadata_keys_agree():
+    text = (WEB / "protocol.js").read_text()
+    js = dict(re.findall(r'export const (QUEUE_\w+) = "(\w+)";', text))
+    assert js == {"QUEUE_POSITION": protocol.QUEUE_POSITION, "QUEUE_LENGTH": protocol.QUEUE_LENGTH}
+
+
 def test_audio_constants_agree():
     js = _js_constants()
     assert js["SAMPLE_RATE"] == client.SAMPLE_RATE == 24000

@@ -135,3 +135,24 @@ def test_browser_shows_busy_server(browser):
         assert "busy" in page.inner_text("#error")
         assert page.is_enabled("#connect")
         page.close()
+
+
+def test_browser_waits_for_a_slot(browser):
+    """A busy server's place-in-line messages show as the status, then the conversation starts."""
+    from chat_stub import ChatStub
+
+    with StubServer(ChatStub(queue=2, queue_interval=1.0)) as server:
+        page = browser.new_page()
+        errors = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(server.url)
+        page.click("#connect")
+        page.wait_for_function("document.body.dataset.state === 'waiting'", timeout=10000)
+        assert page.inner_text("#status") == "Waiting for a free slot: position 2 of 2"
+        page.wait_for_function("document.getElementById('status').textContent.endsWith('position 1 of 1')",
+                               timeout=10000)
+        page.wait_for_function("document.body.dataset.state === 'connected'", timeout=10000)
+        page.wait_for_function("window.openmoshi.stats.audioSentS > 0.3", timeout=10000)
+        assert not errors and page.inner_text("#error") == ""
+        page.click("#disconnect")
+        page.close()

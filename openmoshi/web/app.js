@@ -40,7 +40,7 @@ function newStats() {
     state: "connecting", connectStartMs: performance.now(), handshakeMs: null, firstAudioMs: null,
     messagesIn: 0, messagesOut: 0, bytesIn: 0, bytesOut: 0,
     audioSentS: 0, audioReceivedS: 0, audioPlayedS: 0, droppedS: 0, underruns: 0, bufferedMs: 0,
-    textPieces: 0, rttMs: null, decodeErrors: 0, errors: [],
+    textPieces: 0, rttMs: null, decodeErrors: 0, errors: [], queuePosition: null, queueLength: null,
   };
 }
 
@@ -199,9 +199,19 @@ function onMessage(s, data) {
     case P.KIND_ERROR:
       showError(`Server: ${msg.data}`);
       break;
-    case P.KIND_METADATA:
-      $("metadata").textContent = JSON.stringify(msg.data, null, 2);
+    case P.KIND_METADATA: {
+      // A busy server keeps us waiting for a slot, telling our place every few seconds.
+      const place = P.queuePosition(msg.data);
+      if (place && s.stats.handshakeMs === null) {
+        s.stats.state = "waiting";
+        s.stats.queuePosition = place.position;
+        s.stats.queueLength = place.length;
+        setState("waiting", `Waiting for a free slot: position ${place.position} of ${place.length}`);
+      } else {
+        $("metadata").textContent = JSON.stringify(msg.data, null, 2);
+      }
       break;
+    }
     case P.KIND_PING:
       if (s.pingSentMs != null) { s.stats.rttMs = performance.now() - s.pingSentMs; s.pingSentMs = null; }
       break;
@@ -305,7 +315,7 @@ const fmt = (x, digits = 1, unit = "") => (x === null || x === undefined ? "—"
 function renderStats(st) {
   const elapsed = (performance.now() - st.connectStartMs) / 1000;
   const rows = [
-    ["State", st.state],
+    ["State", st.state === "waiting" ? `waiting (${st.queuePosition} of ${st.queueLength})` : st.state],
     ["Connected for", fmt(elapsed, 1, " s")],
     ["Handshake after", fmt(st.handshakeMs, 0, " ms")],
     ["First audio after", fmt(st.firstAudioMs, 0, " ms")],

@@ -20,6 +20,10 @@ export const QUERY_PARAMS = [
   "text_seed", "audio_seed", "repetition_penalty", "repetition_penalty_context", "worker_auth_id",
 ];
 
+// Metadata keys of a client's place in line while it waits for a free slot, before the handshake.
+export const QUEUE_POSITION = "queue_position"; // 1: the next to start
+export const QUEUE_LENGTH = "queue_length"; // clients waiting, this one included
+
 export const SAMPLE_RATE = 24000; // Hz, both directions
 export const FRAME_SIZE = 1920; // samples per model step (80 ms)
 
@@ -38,6 +42,13 @@ export function encodeControl(code) { return withKind(KIND_CONTROL, Uint8Array.o
 export function encodePing() { return Uint8Array.of(KIND_PING); }
 export function encodeMetadata(value) {
   return withKind(KIND_METADATA, utf8Encoder.encode(JSON.stringify(value)));
+}
+
+// {position, length} of a place-in-line metadata value, else null.
+export function queuePosition(data) {
+  if (data === null || typeof data !== "object") return null;
+  const position = data[QUEUE_POSITION], length = data[QUEUE_LENGTH];
+  return Number.isInteger(position) && Number.isInteger(length) ? { position, length } : null;
 }
 
 // Parses one binary message into {kind, data}; throws Error on anything malformed.
