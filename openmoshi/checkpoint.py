@@ -163,11 +163,14 @@ def load_lm(path: str | Path | None, cfg: LMConfig, device: str | torch.device =
             dtype: torch.dtype = torch.bfloat16, lora: str | Path | None = None,
             lora_scaling: float = 2.0, fuse_lora: bool = True, quantize: str | None = None) -> LMModel:
     """The LM from an official `model.safetensors` or `model.q8.safetensors` (random weights when
-    path is None), or from a quantized openmoshi checkpoint. `quantize` ("int8"/"int4") quantizes
-    the transformer layers after loading."""
-    from .quantize import quantization_of, quantize_lm, set_compute_dtype
+    path is None), or from a quantized openmoshi checkpoint (`openmoshi quantize`). `quantize`
+    ("int8"/"int4") quantizes the transformer layers after loading, one layer at a time, so that
+    the float weights and the quantized ones are never all held at once."""
+    from .quantize import QuantizedLinear, quantize_lm, set_compute_dtype
 
-    saved_quantization = None if path is None else _quantization_of(path, quantization_of)
+    saved = None if path is None else _quantized_metadata(path)
+    if saved is not None:
+        lora = _check_quantized(path, saved, lora, quantize)
     if path is None:
         with torch.device(device):
             model = LMModel(cfg).to(dtype)
@@ -175,27 +178,88 @@ def load_lm(path: str | Path | None, cfg: LMConfig, device: str | torch.device =
             model.condition_provider.float()  # like the loaded weights, see below
     else:
         state = canonical_keys(dequantize_q8(read_safetensors(path, device), dtype))
+        # The official loader keeps the conditioners in float32 whatever the model dtype; the
+        # scales of quantized weights stay float32 too (as `quantize_lm` makes them).
+        keep_fp32 = ("condition_provider.", "fuser.")
         with torch.device("meta"):
             model = LMModel(cfg)
-            if saved_quantization is not None:
-                quantize_lm(model, *saved_quantization)
-        # The official loader keeps the conditioners in float32 whatever the model dtype.
-        load_state_strict(model, state, path, dtype, keep_fp32=("condition_provider.", "fuser."))
+            if saved is not None:
+                quantize_lm(model, *_saved_mode(saved))
+                keep_fp32 += tuple(f"{name}.{b}" for name, m in model.named_modules()
+                                   if isinstance(m, QuantizedLinear) for b in ("scale", "offset"))
+        try:
+            load_state_strict(model, state, path, dtype, keep_fp32=keep_fp32)
+        except CheckpointError as e:
+            raise _config_mismatch(path, saved, cfg) or e from None
+        del state  # the model holds the tensors now; quantizing below frees each float weight
     if lora is not None:
-        if saved_quantization is not None:
-            raise CheckpointError(f"{path} is quantized: LoRA adapters need the float weights")
         apply_lora(model, lora, lora_scaling, fuse=fuse_lora)
-    if quantize is not None and saved_quantization is None:
+    if quantize is not None and saved is None:
         quantize_lm(model, quantize)
     set_compute_dtype(model, dtype)
     return model.eval()
 
 
-def _quantization_of(path, quantization_of):
+def _quantized_metadata(path) -> dict[str, str] | None:
+    from .quantize import quantized_metadata
+
     try:
-        return quantization_of(path)
+        return quantized_metadata(path)
     except Exception:  # unreadable files get their clear error from read_safetensors
         return None
+
+
+def _saved_mode(saved: dict[str, str]) -> tuple[str, int]:
+    from .quantize import DEFAULT_GROUP_SIZE, FORMAT_KEY, MODES
+
+    mode, group = saved[FORMAT_KEY], saved.get("group_size", str(DEFAULT_GROUP_SIZE))
+    if mode not in MODES or not group.isdigit() or int(group) < 1:
+        raise CheckpointError(f"unknown quantization {mode!r} (group size {group!r}) in the header")
+    return mode, int(group)
+
+
+def _check_quantized(path, saved: dict[str, str], lora, quantize) -> Path | None:
+    """Checks the load options against a quantized checkpoint; the LoRA adapter still to apply."""
+    from .quantize import LORA_KEY
+
+    try:
+        mode, _ = _saved_mode(saved)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    if quantize is not None and quantize != mode:
+        raise CheckpointError(f"{path} is already quantized as {mode}, not {quantize}: leave out --quantize "
+                              f"(or give --quantize {mode}), or make an {quantize} file from the float "
+                              f"checkpoint with 'openmoshi quantize --mode {quantize}'")
+    merged = saved.get(LORA_KEY)
+    if lora is None:
+        return None
+    if merged is not None and Path(lora).name == merged:
+        return None  # the adapter the file was made with, merged before quantizing
+    what = f"has the LoRA adapter {merged} merged" if merged else "has no LoRA adapter merged"
+    raise CheckpointError(f"{path} is quantized ({mode}) and {what}: a LoRA adapter ({Path(lora).name}) "
+                          "cannot be added to quantized weights; merge it while quantizing, with "
+                          "'openmoshi quantize --lora-weight LORA' on the float checkpoint")
+
+
+def _config_mismatch(path, saved: dict[str, str] | None, cfg: LMConfig) -> CheckpointError | None:
+    """For a quantized checkpoint that does not fit `cfg`: an error naming the config keys that
+    differ from those it was quantized with (None when it cannot tell)."""
+    from .quantize import CONFIG_KEY
+
+    if saved is None or CONFIG_KEY not in saved:
+        return None
+    try:
+        made = json.loads(saved[CONFIG_KEY])
+    except json.JSONDecodeError:
+        return None
+    given = json.loads(json.dumps(cfg.to_dict()))
+    diff = [k for k in sorted(set(made) | set(given)) if made.get(k) != given.get(k)]
+    if not diff:
+        return None
+    shown = ", ".join(f"{k}={made.get(k)!r} (given: {given.get(k)!r})" for k in diff[:4])
+    more = f" and {len(diff) - 4} more" if len(diff) > 4 else ""
+    return CheckpointError(f"{path} was quantized from a model with another config: {shown}{more}; pass "
+                           "the config it was made with (--hf-repo REPO or --config-path config.json)")
 
 
 def load_mimi(path: str | Path | None, num_codebooks: int = 8, device: str | torch.device = "cpu",

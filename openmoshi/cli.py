@@ -245,6 +245,7 @@ def build_parser() -> ArgumentParser:
     from openmoshi.cli_infer import add_infer_parser; add_infer_parser(subparsers)  # noqa: E702
     from openmoshi.cli_client import add_client_parser; add_client_parser(subparsers)  # noqa: E702
     from openmoshi.cli_serve import add_serve_parser; add_serve_parser(subparsers)  # noqa: E702
+    from openmoshi.cli_quantize import add_quantize_parser; add_quantize_parser(subparsers)  # noqa: E702
     return parser
 
 

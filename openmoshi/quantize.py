@@ -13,12 +13,15 @@ The reference forward dequantizes and calls `F.linear`; on CUDA, int8 at a few r
 Triton GEMV (`int8_kernel.py`) that reads each int8 weight once; with bfloat16 activations int4 uses
 PyTorch's tinygemm kernels (`torch._weight_int4pack_mm` on CUDA, which reads half the bytes of int8
 at batch 1, and its CPU port). On CUDA the kernel's packed copy replaces ours once made, so the
-weights are held once. Quantized models save
-and load as safetensors with the format in the metadata.
+weights are held once.
+
+Quantized models save and load as safetensors with the format in the header metadata
+(`openmoshi quantize` writes them; `checkpoint.load_lm` reads them back).
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -29,25 +32,36 @@ from . import int8_kernel
 from .transformer import StackedLinear, layer_linears
 
 MODES = ("int8", "int4")
+GROUP_SIZES = (32, 64, 128, 256)  # int4 group sizes PyTorch's tinygemm kernels support
+DEFAULT_GROUP_SIZE = 128
+# Header metadata of a quantized checkpoint: the mode and group size, and what it was made from
+# (the LM config as JSON, the LoRA adapter merged into it), which loading checks.
 FORMAT_KEY = "openmoshi_quantization"
+CONFIG_KEY = "openmoshi_lm_config"
+LORA_KEY = "openmoshi_lora_merged"
+
+
+# Both quantizers work in place on one float32 copy of the weight: a 7B layer has up to 92M
+# weights, and every temporary of that size costs 370 MB (`openmoshi quantize` runs on a CPU).
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """w [out, in] -> (q int8 [out, in], scale float32 [out])."""
-    w = w.float()
-    scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127
-    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    w = w.to(torch.float32, copy=True)
+    lo, hi = w.aminmax(dim=1)
+    scale = torch.maximum(-lo, hi).clamp(min=1e-8) / 127  # max |w| per row
+    q = w.div_(scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
     return q, scale
 
 
 def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """w [out, in] -> (packed uint8 [out, in / 2], scale [out, G], offset [out, G]), G = in / group_size."""
     out_dim, in_dim = w.shape
-    g = w.float().view(out_dim, in_dim // group_size, group_size)
-    lo, hi = g.amin(dim=-1), g.amax(dim=-1)
+    g = w.to(torch.float32, copy=True).view(out_dim, in_dim // group_size, group_size)
+    lo, hi = g.aminmax(dim=-1)
     scale = ((hi - lo) / 15).clamp(min=1e-8)
     offset = lo + 8 * scale  # the value of q = 8, the middle of the range
-    q = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8).view(out_dim, in_dim)
+    q = g.sub_(lo[..., None]).div_(scale[..., None]).round_().clamp_(0, 15).to(torch.uint8).view(out_dim, in_dim)
     packed = q[:, 0::2] | (q[:, 1::2] << 4)
     return packed, scale, offset
 
@@ -62,8 +76,8 @@ def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, offset: torch.Ten
 class QuantizedLinear(nn.Module):
     """Bias-free linear with quantized weights; `num_sets` stacked weight sets like StackedLinear."""
 
-    def __init__(self, in_dim: int, out_dim: int, mode: str, num_sets: int = 1, group_size: int = 128,
-                 dtype: torch.dtype = torch.bfloat16):
+    def __init__(self, in_dim: int, out_dim: int, mode: str, num_sets: int = 1,
+                 group_size: int = DEFAULT_GROUP_SIZE, dtype: torch.dtype = torch.bfloat16):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"unknown quantization {mode!r}, expected one of {MODES}")
@@ -81,7 +95,8 @@ class QuantizedLinear(nn.Module):
         self._tinygemm: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
-    def from_weight(cls, w: torch.Tensor, mode: str, num_sets: int = 1, group_size: int = 128) -> "QuantizedLinear":
+    def from_weight(cls, w: torch.Tensor, mode: str, num_sets: int = 1,
+                    group_size: int = DEFAULT_GROUP_SIZE) -> "QuantizedLinear":
         rows, in_dim = w.shape
         m = cls(in_dim, rows // num_sets, mode, num_sets, group_size, w.dtype).to(w.device)
         if w.is_meta:
@@ -153,7 +168,7 @@ def _swap(parent: nn.Module, name: str, mode: str, group_size: int) -> None:
     setattr(parent, name, new)
 
 
-def quantize_transformer_layers(model: nn.Module, mode: str, group_size: int = 128) -> None:
+def quantize_transformer_layers(model: nn.Module, mode: str, group_size: int = DEFAULT_GROUP_SIZE) -> None:
     """Swaps the linears of every transformer layer in `model` for quantized ones, in place."""
     if mode not in MODES:
         raise ValueError(f"unknown quantization {mode!r}, expected one of {MODES}")
@@ -161,7 +176,7 @@ def quantize_transformer_layers(model: nn.Module, mode: str, group_size: int = 1
         _swap(module, name, mode, group_size)
 
 
-def quantize_lm(lm: nn.Module, mode: str, group_size: int = 128) -> nn.Module:
+def quantize_lm(lm: nn.Module, mode: str, group_size: int = DEFAULT_GROUP_SIZE) -> nn.Module:
     quantize_transformer_layers(lm.transformer, mode, group_size)
     if lm.depformer is not None:
         quantize_transformer_layers(lm.depformer, mode, group_size)
@@ -180,7 +195,22 @@ def set_compute_dtype(model: nn.Module, dtype: torch.dtype) -> None:
                 m.offset = m.offset.float()
 
 
-def save_quantized_lm(lm: nn.Module, path: str | Path) -> None:
+def unquantizable_widths(lm: nn.Module, group_size: int) -> dict[str, int]:
+    """{name: input width} of the layer linears whose input width `group_size` does not divide:
+    int4 would leave them in float (see `_swap`). Works on a model built on the meta device."""
+    names = {id(m): n for n, m in lm.named_modules()}
+    out = {}
+    for module, attr in layer_linears(lm):
+        layer = getattr(module, attr)
+        width = layer.in_dim if isinstance(layer, QuantizedLinear) else layer.weight.shape[1]
+        if width % group_size:
+            out[f"{names[id(module)]}.{attr}"] = width
+    return out
+
+
+def save_quantized_lm(lm: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """Writes the quantized `lm` as safetensors, with the format (and `metadata`) in the header.
+    The file appears whole or not at all: written beside `path`, then renamed."""
     from safetensors.torch import save_file
 
     mode, group_size = lm.quantization
@@ -188,15 +218,28 @@ def save_quantized_lm(lm: nn.Module, path: str | Path) -> None:
         raise RuntimeError("this model already ran int4 on the GPU and released its packed weights: "
                            "save the quantized model before running it on CUDA")
     state = {k: v.contiguous() for k, v in lm.state_dict().items()}
-    save_file(state, str(path), metadata={FORMAT_KEY: mode, "group_size": str(group_size)})
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file(state, str(tmp), metadata={**(metadata or {}), FORMAT_KEY: mode, "group_size": str(group_size)})
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
-def quantization_of(path: str | Path) -> tuple[str, int] | None:
-    """(mode, group_size) when `path` is a quantized openmoshi checkpoint, else None."""
+def quantized_metadata(path: str | Path) -> dict[str, str] | None:
+    """The header metadata of a quantized openmoshi checkpoint, None for any other file."""
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
-    if FORMAT_KEY not in meta:
+    return meta if FORMAT_KEY in meta else None
+
+
+def quantization_of(path: str | Path) -> tuple[str, int] | None:
+    """(mode, group_size) when `path` is a quantized openmoshi checkpoint, else None."""
+    meta = quantized_metadata(path)
+    if meta is None:
         return None
-    return meta[FORMAT_KEY], int(meta.get("group_size", 128))
+    return meta[FORMAT_KEY], int(meta.get("group_size", DEFAULT_GROUP_SIZE))

@@ -47,8 +47,8 @@ class ModelFiles:
 
     config: ModelConfig
     moshi_weight: Path
-    mimi_weight: Path
-    tokenizer: Path
+    mimi_weight: Path | None  # None (with tokenizer) when resolved with lm_only=True
+    tokenizer: Path | None
     lora_weight: Path | None = None
     mimi_config: Path | None = None  # official Mimi config JSON, None for the released Mimi
     config_path: Path | None = None  # None: legacy repo, MOSHI_7B
@@ -62,23 +62,31 @@ class ModelFiles:
 # ----------------------------------------------------------------------------- arguments
 
 
-def add_model_args(parser: argparse.ArgumentParser) -> None:
-    """The model-selection flags shared by every command that runs the LM."""
+def add_model_args(parser: argparse.ArgumentParser, lm_only: bool = False) -> None:
+    """The model-selection flags shared by every command that runs the LM. `lm_only`: the flags of
+    a command that reads the LM alone: no --mimi-weight, --tokenizer, --quantize, and it adds its
+    own --device and --dtype."""
     g = parser.add_argument_group("model")
     g.add_argument("--hf-repo", default=DEFAULT_REPO, metavar="REPO",
                    help=f"Hugging Face repo id, or a local folder with the same files (default {DEFAULT_REPO})")
-    for flag, what in (("--moshi-weight", "LM weights (model.safetensors or model.q8.safetensors)"),
+    for flag, what in (("--moshi-weight", "LM weights (model.safetensors, model.q8.safetensors or a file "
+                                          "written by 'openmoshi quantize')"),
                        ("--mimi-weight", "Mimi weights (tokenizer-*.safetensors)"),
                        ("--tokenizer", "SentencePiece text tokenizer (.model)"),
                        ("--config-path", "config.json (default: the repo's, or Moshi 7B if it has none)"),
                        ("--lora-weight", "LoRA adapter weights (.safetensors)")):
+        if lm_only and flag in ("--mimi-weight", "--tokenizer"):
+            continue
         g.add_argument(flag, default=None, metavar="PATH",
                        help=f"{what}: a local path, file://PATH or hf://OWNER/REPO/FILE (default: from --hf-repo)")
+    if lm_only:
+        return
     g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     g.add_argument("--dtype", default=None, choices=DTYPES,
                    help="weights dtype (default: bfloat16 on cuda, float32 on cpu)")
     g.add_argument("--quantize", default=None, choices=("int8", "int4"),
-                   help="weight-only quantization of the LM's transformer layers")
+                   help="weight-only quantization of the LM's transformer layers (a file written by "
+                        "'openmoshi quantize' is quantized already: leave it out or give its mode)")
 
 
 def resolve_model(args: argparse.Namespace) -> ModelFiles:
@@ -157,12 +165,14 @@ class _Unreachable(ResolveError):
         super().__init__(f"cannot get {name} from {repo}: {why} and it is not in the local cache")
 
 
-def _needed_files_message(err: _Unreachable, config: ModelConfig | None) -> str:
+def _needed_files_message(err: _Unreachable, config: ModelConfig | None, lm_only: bool = False) -> str:
     from .config import MOSHI_7B, ModelConfig
 
     names = [(CONFIG_NAME, "config")] if config is None else []
     cfg = config or ModelConfig(lm=MOSHI_7B)
-    names += [(cfg.moshi_name, "moshi"), (cfg.mimi_name, "mimi"), (cfg.tokenizer_name, "tokenizer")]
+    names += [(cfg.moshi_name, "moshi")]
+    if not lm_only:
+        names += [(cfg.mimi_name, "mimi"), (cfg.tokenizer_name, "tokenizer")]
     listing = ", ".join(f"{n} ({_FLAGS[k]})" for n, k in names)
     return (f"{err}. The model needs {listing}: download them where the Hub is reachable and pass "
             f"the local copies with those flags, or put them in a folder and pass --hf-repo FOLDER")
@@ -186,8 +196,9 @@ def _warn(message: str) -> None:
 
 
 def resolve_files(hf_repo: str | None = DEFAULT_REPO, moshi_weight=None, mimi_weight=None,
-                  tokenizer=None, config_path=None, lora_weight=None) -> ModelFiles:
-    """Finds (downloading if needed) every file of a model. See the module docstring."""
+                  tokenizer=None, config_path=None, lora_weight=None, lm_only: bool = False) -> ModelFiles:
+    """Finds (downloading if needed) every file of a model. See the module docstring. `lm_only`:
+    the config, LM and LoRA files alone (mimi_weight and tokenizer are None)."""
     from .config import MOSHI_7B, ModelConfig, load_model_config
 
     fetch = _Fetcher(hf_repo)
@@ -202,7 +213,8 @@ def resolve_files(hf_repo: str | None = DEFAULT_REPO, moshi_weight=None, mimi_we
                 cfg_file = None
                 _warn(f"{fetch.local_dir} has no {CONFIG_NAME}: assuming the legacy Moshi 7B")
         elif hf_repo is not None:
-            cfg_file = _repo_config(fetch, hf_repo, explicit=None not in (moshi_weight, mimi_weight, tokenizer))
+            given = (moshi_weight,) if lm_only else (moshi_weight, mimi_weight, tokenizer)
+            cfg_file = _repo_config(fetch, hf_repo, explicit=None not in given)
         config = ModelConfig(lm=MOSHI_7B) if cfg_file is None else load_model_config(cfg_file)
 
         def pick(explicit, name: str | None, kind: str) -> Path | None:
@@ -211,12 +223,12 @@ def resolve_files(hf_repo: str | None = DEFAULT_REPO, moshi_weight=None, mimi_we
             return None if name is None else fetch.named(name, kind)
 
         moshi = pick(moshi_weight, config.moshi_name, "moshi")
-        mimi = pick(mimi_weight, config.mimi_name, "mimi")
-        tok = pick(tokenizer, config.tokenizer_name, "tokenizer")
+        mimi = None if lm_only else pick(mimi_weight, config.mimi_name, "mimi")
+        tok = None if lm_only else pick(tokenizer, config.tokenizer_name, "tokenizer")
         lora = pick(lora_weight, config.lora_name if config.lora else None, "lora")
-        mimi_cfg = pick(None, config.mimi_config_name, "mimi_config")
+        mimi_cfg = None if lm_only else pick(None, config.mimi_config_name, "mimi_config")
     except _Unreachable as e:
-        raise ResolveError(_needed_files_message(e, config)) from None
+        raise ResolveError(_needed_files_message(e, config, lm_only)) from None
     return ModelFiles(config=config, moshi_weight=moshi, mimi_weight=mimi, tokenizer=tok,
                       lora_weight=lora, mimi_config=mimi_cfg, config_path=cfg_file, hf_repo=hf_repo)
 

@@ -1,0 +1,157 @@
+"""`openmoshi quantize --mode int8|int4 -o OUT.safetensors`: write a weight-only quantized LM
+checkpoint once (see openmoshi.quantize), then load the small file anywhere a model is loaded:
+`openmoshi serve --moshi-weight OUT.safetensors`, with the config of the same --hf-repo.
+
+Only the LM is read (no Mimi, no text tokenizer), in the dtype of its file and on the CPU unless
+--device says otherwise, and it is quantized one layer at a time: the peak memory is about the size
+of the float weights (15.4 GB for the 7B in bfloat16). A LoRA adapter (--lora-weight, or the one
+the repo's config names) is merged into the float weights first, since an adapter cannot be added to
+quantized weights; the file records which one it holds. OUT is written beside itself and renamed,
+so it is whole or absent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from .cli import UsageError, _output_file
+from .resolve import DTYPES, add_model_args
+
+# As openmoshi.quantize.MODES, GROUP_SIZES and DEFAULT_GROUP_SIZE (not imported: it imports torch,
+# and building the parser must stay light).
+MODES = ("int8", "int4")
+GROUP_SIZES = (32, 64, 128, 256)
+DEFAULT_GROUP_SIZE = 128
+_SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+
+
+def add_quantize_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "quantize", help="write an int8/int4 weight-only quantized LM checkpoint",
+        description="Quantize the LM's transformer layers (weight-only int8 per output row, or int4 "
+                    "per group of inputs) and save them as one safetensors file, about half (int8) or "
+                    "a third (int4) of the bfloat16 size. Load it with --moshi-weight OUT.safetensors "
+                    "and the config it was made with (same --hf-repo or --config-path).")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.safetensors",
+                   help="where to write the quantized checkpoint")
+    q = p.add_argument_group("quantization")
+    q.add_argument("--mode", required=True, choices=MODES,
+                   help="int8: one scale per output row; int4: a scale and offset per group of inputs")
+    q.add_argument("--group-size", type=int, default=None, choices=GROUP_SIZES, metavar="N",
+                   help=f"int4 only: inputs per group, one of {', '.join(map(str, GROUP_SIZES))} "
+                        f"(default {DEFAULT_GROUP_SIZE}); it must divide every layer's input width")
+    q.add_argument("--device", default=None,
+                   help="torch device to quantize on (default cpu, where the float weights must fit "
+                        "in memory; a GPU with room for them is faster)")
+    q.add_argument("--dtype", default=None, choices=DTYPES,
+                   help="dtype of the weights kept in float (embeddings, norms, output heads) and of a "
+                        "LoRA merge (default: that of the input file)")
+    add_model_args(p, lm_only=True)
+    p.set_defaults(handler=quantize)
+
+
+def quantize(args: argparse.Namespace) -> int:
+    output = _output_file(args.output)
+    if args.mode == "int8" and args.group_size is not None:
+        raise UsageError("--group-size is for int4 only: int8 has one scale per output row")
+    group_size = args.group_size or DEFAULT_GROUP_SIZE
+
+    import torch
+
+    from .checkpoint import load_lm
+    from .quantize import CONFIG_KEY, LORA_KEY, quantize_lm, save_quantized_lm
+    from .resolve import resolve_device, resolve_files
+
+    files = resolve_files(args.hf_repo, args.moshi_weight, config_path=args.config_path,
+                          lora_weight=args.lora_weight, lm_only=True)
+    source, cfg = files.moshi_weight, files.config
+    if output.resolve() == source.resolve() or (output.exists() and output.samefile(source)):
+        raise UsageError(f"output {args.output} is the input checkpoint: write the quantized one to another file")
+    saved, file_dtype = _inspect(source)
+    if saved is not None:
+        raise UsageError(f"{source} is already quantized ({saved}): quantize the float checkpoint instead")
+    if args.mode == "int4":
+        _check_group_size(cfg.lm, group_size)
+
+    device = resolve_device(args.device or "cpu")
+    dtype = getattr(torch, args.dtype or file_dtype)
+    lora = files.lora_weight
+    dtype_name = str(dtype).removeprefix("torch.")
+    print(f"openmoshi: reading {source} ({_size(source.stat().st_size)}) as {dtype_name} on {device}"
+          + (f", merging the LoRA adapter {lora}" if lora else ""), file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    lm = load_lm(source, cfg.lm, device, dtype, lora=lora, lora_scaling=cfg.lora_scaling)
+    quantize_lm(lm, args.mode, group_size)  # layer by layer: each float weight is freed once swapped
+    metadata = {CONFIG_KEY: json.dumps(cfg.lm.to_dict(), sort_keys=True), "openmoshi_source": source.name}
+    if lora is not None:
+        metadata[LORA_KEY] = lora.name
+    save_quantized_lm(lm, output, metadata)
+    what = args.mode if args.mode == "int8" else f"int4, groups of {group_size}"
+    print(f"openmoshi: wrote {output} ({_size(output.stat().st_size)}, {what}) in "
+          f"{time.perf_counter() - start:.1f} s")
+    flags = _use_flags(args, output)
+    print(f"Use it with:\n  openmoshi serve {flags}\n  openmoshi infer INPUT.wav -o OUTPUT.wav {flags}")
+    return 0
+
+
+def _check_group_size(lm_cfg, group_size: int) -> None:
+    """int4 quantizes a layer only if the group size divides its input width: refuse to leave
+    layers in float silently."""
+    import torch
+
+    from .lm import LMModel
+    from .quantize import unquantizable_widths
+
+    with torch.device("meta"):
+        model = LMModel(lm_cfg)  # shapes only, no memory
+    bad = unquantizable_widths(model, group_size)
+    if not bad:
+        return
+    name, width = next(iter(bad.items()))
+    more = f" (and {len(bad) - 1} more layers)" if len(bad) > 1 else ""
+    fits = [g for g in GROUP_SIZES if not unquantizable_widths(model, g)]
+    hint = (f"use --group-size {' or '.join(map(str, fits))}" if fits else
+            f"none of {', '.join(map(str, GROUP_SIZES))} divides every width of this model: use --mode int8")
+    raise UsageError(f"--group-size {group_size} does not divide the input width {width} of {name}{more}; {hint}")
+
+
+def _inspect(path: Path) -> tuple[str | None, str]:
+    """From the header alone: the quantization of an openmoshi quantized file (None for another),
+    and the dtype most of the float tensors have (bfloat16 for the released models)."""
+    from collections import Counter
+
+    from safetensors import safe_open
+
+    from .checkpoint import read_safetensors
+    from .quantize import FORMAT_KEY
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            counts = Counter(f.get_slice(k).get_dtype() for k in f.keys())
+    except Exception:
+        read_safetensors(path)  # raises the error that says what is wrong with the file
+        raise
+    floats = [d for d, _ in counts.most_common() if d in _SAFETENSORS_DTYPES]
+    return meta.get(FORMAT_KEY), _SAFETENSORS_DTYPES[floats[0]] if floats else "bfloat16"
+
+
+def _use_flags(args: argparse.Namespace, output: Path) -> str:
+    """The model flags that load the new file with the config it was made with."""
+    flags = ["--hf-repo", args.hf_repo] if args.hf_repo else []
+    if args.config_path:
+        flags += ["--config-path", args.config_path]
+    flags += ["--moshi-weight", str(output)]
+    return " ".join(shlex.quote(f) for f in flags)
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
