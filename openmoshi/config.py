@@ -72,7 +72,9 @@ class LMConfig:
     depformer_norm: str | None = None
     depformer_max_period: float | None = None
     depformer_gating: str | None = None
-    depformer_layer_scale: float | None = None
+    # "main": the temporal transformer's (what an absent key means); an explicit null: none, as the
+    # official code reads every depformer_* key present, null included
+    depformer_layer_scale: float | None | str = "main"
     depformer_kv_repeat: int | None = None
     depformer_context: int | None = None  # accepted for compatibility; the official code ignores it
     conditioners: tuple[ConditionerConfig, ...] | None = None  # see conditioners.py
@@ -147,7 +149,7 @@ class LMConfig:
             gating=self.depformer_gating or self.gating,
             positional_embedding=self.depformer_pos_emb,
             max_period=self.depformer_max_period or self.max_period,
-            layer_scale=self.depformer_layer_scale if self.depformer_layer_scale is not None else self.layer_scale,
+            layer_scale=self.layer_scale if self.depformer_layer_scale == "main" else self.depformer_layer_scale,
             kv_repeat=self.depformer_kv_repeat or self.kv_repeat,
             weights_per_step=self.dep_q if self.depformer_weights_per_step else 0,
             weights_per_step_schedule=self.depformer_weights_per_step_schedule)

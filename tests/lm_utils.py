@@ -41,7 +41,9 @@ TINY_STT = dict(
     context=16, gating="silu", norm="rms_norm_f32", positional_embedding="rope",
     delays=[0, 0, 0, 0, 0])
 
-CONFIGS = {"tiny_7b": TINY_7B, "golden": GOLDEN, "tiny_2b_like": TINY_2B_LIKE, "tiny_stt": TINY_STT}
+CONFIGS = {"tiny_7b": TINY_7B, "golden": GOLDEN, "tiny_2b_like": TINY_2B_LIKE, "tiny_stt": TINY_STT,
+           # an explicit null depformer_layer_scale: no layer scale in the depth transformer (absent: the main one)
+           "tiny_2b_dep_no_scale": {**TINY_2B_LIKE, "depformer_layer_scale": None}}
 
 
 def make_official_lm(kwargs: dict, seed: int = 0, std: float = 0.2):

@@ -40,7 +40,7 @@ def test_golden_assets():
             assert abs(ce - ref_ce) <= 1e-6 * ref_ce
 
 
-@pytest.mark.parametrize("name", ["tiny_7b", "golden", "tiny_2b_like"])
+@pytest.mark.parametrize("name", ["tiny_7b", "golden", "tiny_2b_like", "tiny_2b_dep_no_scale"])
 def test_training_logits_match_official(name):
     kw = CONFIGS[name]
     official = make_official_lm(kw, seed=1)
