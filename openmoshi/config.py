@@ -155,9 +155,12 @@ class LMConfig:
             weights_per_step_schedule=self.depformer_weights_per_step_schedule)
 
     def to_dict(self) -> dict:
+        """The official flat keys (what lm_config_from_dict reads back)."""
         out = {}
         for f in fields(self):
             v = getattr(self, f.name)
+            if f.name == "depformer_layer_scale" and v == "main":
+                continue  # an absent key is how the official config says "the main one"
             if f.name == "conditioners" and v is not None:
                 v = {c.name: c.to_dict() for c in v}
             elif f.name == "fuser" and v is not None:

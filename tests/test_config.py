@@ -79,3 +79,11 @@ def test_missing_config_file(tmp_path):
 
 def test_round_trip_to_dict():
     assert lm_config_from_dict(MOSHI_7B.to_dict()) == MOSHI_7B
+    base = {k: v for k, v in MOSHI_7B.to_dict().items() if k != "depformer_layer_scale"}
+    base["layer_scale"] = 0.1
+    for depth_scale, expected in (({}, 0.1), ({"depformer_layer_scale": None}, None),
+                                  ({"depformer_layer_scale": 0.2}, 0.2)):
+        cfg = lm_config_from_dict({**base, **depth_scale})
+        assert cfg.depth.layer_scale == expected  # absent: the main one, as the official code
+        assert ("depformer_layer_scale" in cfg.to_dict()) == bool(depth_scale)
+        assert lm_config_from_dict(cfg.to_dict()) == cfg
