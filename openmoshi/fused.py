@@ -3,7 +3,8 @@
 At batch 1 a Moshi frame runs 32 temporal layers and 8 x 6 depth layers, each a handful of big
 matmuls and about 40 small element-wise kernels (norm: 7, RoPE on q and k: 20, cache writes: 4,
 gating: 2, ...). Each small kernel moves a few kilobytes but costs a launch (2-5 us even inside a
-CUDA graph), so together they cost about as much as reading the weights. Three kernels replace them:
+CUDA graph), so together they cost about as much as reading the weights. Four kernels replace them
+(a 7B frame's LM step: 2811 launches -> 1238, `benchmarks/kernel_count.py`):
 
     rms_norm            x * alpha / sqrt(mean(x^2) + eps), float32 inside, one program per row
     rotate_and_cache    q, k, v out of the fused projection; RoPE on q and k (interleaved pairs,
@@ -12,10 +13,11 @@ CUDA graph), so together they cost about as much as reading the weights. Three k
     gate                act(h[..., :F]) * h[..., F:] for silu / gelu, one read of h, one write
     add_rms_norm        the residual sum after attention and the norm before the feed-forward
 
-`apply(model)` switches the modules of a model (the norms, attentions and gated feed-forwards of
-`transformer.py`) to subclasses whose forward runs these kernels when the tensors are on CUDA and
-Triton is present; anything else (CPU, other norms or activations, training without a cache) runs
-the reference code, which stays the definition. Parameters and state-dict keys do not change.
+`apply(model)` switches the modules of a model (the norms, attentions, gated feed-forwards and
+layers of `transformer.py`) to subclasses whose forward runs these kernels when the tensors are on
+CUDA, Triton is present and no gradient is wanted; anything else (CPU, other norms or activations,
+training, attention without a cache) runs the reference code, which stays the definition.
+Parameters and state-dict keys do not change.
 
 Tests run the kernels on CPU tensors through Triton's interpreter (TRITON_INTERPRET=1 before
 Triton is imported) and compare them with the reference modules.
