@@ -74,8 +74,8 @@ def run_ours(cfg, batch_size, steps, warmup, device, dtype, codec_only, quantize
 
     mimi = load_mimi(None, num_codebooks=max(cfg.dep_q, cfg.n_q - cfg.dep_q), device=device)
     lm = None if codec_only else bench.random_lm(cfg, device, dtype, quantize)
-    if device.type == "cuda":  # the call-site speed wrapper, as serve/infer/bench apply it
-        from openmoshi import fused
+    from openmoshi import fused
+    if fused.wanted(device):  # the call-site speed wrapper, as serve/infer/bench apply it
         for model in (lm, mimi):
             if model is not None:
                 fused.apply(model)

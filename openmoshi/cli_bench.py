@@ -81,7 +81,7 @@ def run_bench(args) -> int:
             from .mimi_fast import fast_cpu
             mimi = fast_cpu(mimi, *mimi_fast)
     from . import fused
-    use_fused = device.type == "cuda" and fused.available() and not args.no_fused
+    use_fused = fused.wanted(device, args.no_fused)
     if use_fused:  # the call-site speed wrapper, as serve and infer apply it on CUDA
         for model in (lm, mimi):
             if model is not None:

@@ -153,9 +153,9 @@ class CUDAGraphed:
 # ----------------------------------------------------------------------------- call sites
 
 
-def env_disabled() -> bool:
-    """OPENMOSHI_NO_CUDA_GRAPH set to anything but "", 0, no, n, false."""
-    return os.environ.get(ENV_OFF, "").strip().lower() not in ("", "0", "no", "n", "false")
+def env_disabled(name: str = ENV_OFF) -> bool:
+    """An OPENMOSHI_NO_* switch (default OPENMOSHI_NO_CUDA_GRAPH) set to anything but "", 0, no, n, false."""
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "no", "n", "false")
 
 
 def wanted(cuda_graph: bool | None, device) -> bool:

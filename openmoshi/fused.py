@@ -40,10 +40,19 @@ except ImportError:  # CPU builds of torch come without Triton
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 ACTIVATIONS = {"silu": 0, "gelu": 1}  # the gated activations the kernel knows
+ENV_OFF = "OPENMOSHI_NO_FUSED_KERNELS"  # set: the call sites keep the reference modules
 
 
 def available() -> bool:
     return triton is not None
+
+
+def wanted(device, disabled: bool = False) -> bool:
+    """Whether a call site on `device` applies the kernels: CUDA with Triton, unless `disabled` (a
+    --no-fused flag) or the environment sets OPENMOSHI_NO_FUSED_KERNELS."""
+    from .cuda_graph import env_disabled
+
+    return torch.device(device).type == "cuda" and available() and not disabled and not env_disabled(ENV_OFF)
 
 
 def usable(x: torch.Tensor) -> bool:

@@ -298,10 +298,9 @@ def with_fast_streaming(model: LoadedModel) -> LoadedModel:
     if model.device.type == "cuda":
         from . import fused
 
-        if os.environ.get("OPENMOSHI_NO_FUSED_KERNELS", "0") not in ("", "0"):
-            return model
-        fused.apply(model.lm)
-        fused.apply(model.mimi)
+        if fused.wanted(model.device):
+            fused.apply(model.lm)
+            fused.apply(model.mimi)
         return model
     if model.device.type != "cpu":
         return model
