@@ -88,6 +88,14 @@ def finite_float(text: str) -> float:
     return value
 
 
+def check_cfg_coef(config, cfg_coef: float) -> None:
+    """--cfg-coef against a resolved ModelConfig, before the weights are loaded: guidance steers
+    between conditions, so it needs a conditioned model."""
+    if cfg_coef != 1.0 and not config.lm.conditioners:
+        raise UsageError(f"--cfg-coef needs a conditioned model (Hibiki); this {config.model_type} "
+                         "model has no conditioners: leave --cfg-coef at 1")
+
+
 def _existing_file(path: str, what: str) -> Path:
     p = Path(path)
     if not p.exists():

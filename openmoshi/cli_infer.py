@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .cli import UsageError, finite_float, positive_int
+from .cli import UsageError, check_cfg_coef, finite_float, positive_int
 from .resolve import add_model_args
 
 BAR_WIDTH = 24
@@ -132,9 +132,7 @@ def infer(args: argparse.Namespace) -> int:
     from .transcript import write_json
 
     files = resolve_model(args)
-    if args.cfg_coef != 1.0 and not files.config.lm.conditioners:
-        raise UsageError(f"--cfg-coef needs a conditioned model (Hibiki); this {files.config.model_type} "
-                         "model has no conditioners: leave --cfg-coef at 1")
+    check_cfg_coef(files.config, args.cfg_coef)
     if outputs and files.config.lm.dep_q == 0:
         raise UsageError(f"this model ({files.config.model_type}) writes no audio: use --transcript FILE.json")
     model = InferenceModel(with_fast_streaming(load_model(files, args.device, args.dtype, args.quantize)))

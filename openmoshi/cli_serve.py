@@ -9,7 +9,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from openmoshi.cli import UsageError, finite_float, positive_int
+from openmoshi.cli import UsageError, check_cfg_coef, finite_float, positive_int
 from openmoshi.resolve import add_model_args
 
 DEFAULT_PORT = 8998
@@ -91,23 +91,20 @@ def run_serve(args) -> int:
         torch.set_num_threads(args.threads)
     ssl_context = _ssl_context(args)  # before loading: a bad certificate fails fast
     event("loading_model", hf_repo=args.hf_repo)
-    model = with_fast_streaming(load_model(resolve_model(args), args.device, args.dtype, args.quantize))
+    files = resolve_model(args)
+    check_cfg_coef(files.config, args.cfg_coef)
+    if files.config.lm.conditioners and files.config.model_type != "hibiki":  # as the official server
+        raise UsageError(f"this {files.config.model_type} model expects conditioning, which the "
+                         "server supports for Hibiki only")
+    model = with_fast_streaming(load_model(files, args.device, args.dtype, args.quantize))
     sampling = sampling_defaults(model)  # the checkpoint's lm_gen_config, else the official defaults
     max_sessions = args.max_sessions or (8 if model.device.type == "cuda" else 1)
     config = ServerConfig(max_sessions=max_sessions, auth_token=args.auth_token,
                           idle_timeout=args.idle_timeout, queue_size=args.queue, queue_timeout=args.queue_timeout,
                           static_dir=Path(args.static) if args.static else WEB_DIR,
                           cuda_graph=False if args.no_cuda_graph else None, cfg_coef=args.cfg_coef)
-    condition = negative = None
-    if model.lm.condition_provider is not None:  # as the official server: Hibiki's condition only
-        if model.config.model_type != "hibiki":
-            raise UsageError(f"this {model.config.model_type} model expects conditioning, which the "
-                             "server supports for Hibiki only")
-        condition = HIBIKI_CONDITION
-        negative = HIBIKI_NEGATIVE if args.cfg_coef != 1.0 else None
-    elif args.cfg_coef != 1.0:
-        raise UsageError(f"--cfg-coef needs a conditioned model (Hibiki); this {model.config.model_type} "
-                         "model has no conditioners: leave --cfg-coef at 1")
+    condition = HIBIKI_CONDITION if model.lm.condition_provider is not None else None
+    negative = HIBIKI_NEGATIVE if args.cfg_coef != 1.0 else None
     server = MoshiServer(model.lm, model.mimi, model.tokenizer, config, sampling, condition, negative)
     scheme = "https" if ssl_context else "http"
     event("listening", url=f"{scheme}://{args.host}:{args.port}/", websocket="/api/chat")
