@@ -210,12 +210,12 @@ def _quantized_metadata(path) -> dict[str, str] | None:
 
 
 def _saved_mode(saved: dict[str, str]) -> tuple[str, int]:
-    from .quantize import DEFAULT_GROUP_SIZE, FORMAT_KEY, MODES
+    from .quantize import saved_mode
 
-    mode, group = saved[FORMAT_KEY], saved.get("group_size", str(DEFAULT_GROUP_SIZE))
-    if mode not in MODES or not group.isdigit() or int(group) < 1:
-        raise CheckpointError(f"unknown quantization {mode!r} (group size {group!r}) in the header")
-    return mode, int(group)
+    try:
+        return saved_mode(saved)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def _check_quantized(path, saved: dict[str, str], lora, quantize) -> Path | None:

@@ -237,9 +237,15 @@ def quantized_metadata(path: str | Path) -> dict[str, str] | None:
     return meta if FORMAT_KEY in meta else None
 
 
+def saved_mode(meta: dict[str, str]) -> tuple[str, int]:
+    """(mode, group_size) from a quantized checkpoint's header metadata; ValueError if unknown."""
+    mode, group = meta[FORMAT_KEY], meta.get("group_size", str(DEFAULT_GROUP_SIZE))
+    if mode not in MODES or not group.isdigit() or int(group) < 1:
+        raise ValueError(f"unknown quantization {mode!r} (group size {group!r}) in the header")
+    return mode, int(group)
+
+
 def quantization_of(path: str | Path) -> tuple[str, int] | None:
     """(mode, group_size) when `path` is a quantized openmoshi checkpoint, else None."""
     meta = quantized_metadata(path)
-    if meta is None:
-        return None
-    return meta[FORMAT_KEY], int(meta.get("group_size", DEFAULT_GROUP_SIZE))
+    return None if meta is None else saved_mode(meta)
