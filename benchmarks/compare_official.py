@@ -70,11 +70,11 @@ def run_official(cfg, batch_size, steps, warmup, device, dtype, codec_only):
 
 def run_ours(cfg, batch_size, steps, warmup, device, dtype, codec_only, quantize=None):
     from openmoshi import bench
-    from openmoshi.checkpoint import load_mimi
+    from openmoshi.loading.checkpoint import load_mimi
 
     mimi = load_mimi(None, num_codebooks=max(cfg.dep_q, cfg.n_q - cfg.dep_q), device=device)
     lm = None if codec_only else bench.random_lm(cfg, device, dtype, quantize)
-    from openmoshi import fused
+    from openmoshi.accel import fused
     if fused.wanted(device):  # the call-site speed wrapper, as serve/infer/bench apply it
         for model in (lm, mimi):
             if model is not None:
@@ -89,8 +89,8 @@ def compare_codec(batch_size, steps, warmup, device, mimi_fast):
     """Official Mimi, openmoshi reference, openmoshi fast path: one streaming frame each in turn."""
     from moshi.models import loaders
 
-    from openmoshi.checkpoint import load_mimi
-    from openmoshi.mimi_fast import fast_cpu
+    from openmoshi.loading.checkpoint import load_mimi
+    from openmoshi.accel.mimi_cpu import fast_cpu
 
     torch.manual_seed(0)
     official = loaders.get_mimi(None, device=device)
@@ -143,7 +143,7 @@ def whole_file(models, seconds, repeats, device):
 
 
 def main():
-    from openmoshi.config import BUILTIN_CONFIGS, load_model_config
+    from openmoshi.lm.config import BUILTIN_CONFIGS, load_model_config
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="small")

@@ -36,7 +36,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
 
-    from openmoshi.inference import load
+    from openmoshi.inference.offline import load
 
     pcm = speech(args.seconds)[None]
     audio_s = int(args.seconds * 24000) // 1920 * 0.08

@@ -1,4 +1,4 @@
-"""GPU kernel launches per streaming frame, eager vs fused kernels (openmoshi/fused.py).
+"""GPU kernel launches per streaming frame, eager vs fused kernels (openmoshi/accel/fused.py).
 
 At batch 1 the 7B step is bound by per-kernel cost as much as by reading weights: each launch
 costs a few microseconds even inside a CUDA graph. This counts, on CPU, the aten operators of one
@@ -21,11 +21,12 @@ from dataclasses import replace
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from openmoshi import fused, generate
-from openmoshi.checkpoint import load_lm
-from openmoshi.config import BUILTIN_CONFIGS
-from openmoshi.mimi import Mimi
-from openmoshi.sampling import SamplingConfig
+from openmoshi.accel import fused
+from openmoshi.lm import generate
+from openmoshi.loading.checkpoint import load_lm
+from openmoshi.lm.config import BUILTIN_CONFIGS
+from openmoshi.mimi.codec import Mimi
+from openmoshi.lm.sampling import SamplingConfig
 
 # Operators that never launch a kernel: views, metadata, allocations.
 NO_KERNEL = {"view", "_unsafe_view", "reshape", "transpose", "permute", "expand", "slice", "select",

@@ -42,12 +42,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import torch  # noqa: E402
 
-from openmoshi.checkpoint import load_lm  # noqa: E402
-from openmoshi.config import BUILTIN_CONFIGS, TEXT_END_PADDING_ID, TEXT_PADDING_ID, LMConfig  # noqa: E402
-from openmoshi.delays import delay_codes, undelay  # noqa: E402
-from openmoshi.lm import LMModel, LMOutput  # noqa: E402
-from openmoshi.quantize import QuantizedLinear, quantize_lm, set_compute_dtype  # noqa: E402
-from openmoshi.transformer import Transformer, layer_linears  # noqa: E402
+from openmoshi.loading.checkpoint import load_lm  # noqa: E402
+from openmoshi.lm.config import BUILTIN_CONFIGS, TEXT_END_PADDING_ID, TEXT_PADDING_ID, LMConfig  # noqa: E402
+from openmoshi.lm.delays import delay_codes, undelay  # noqa: E402
+from openmoshi.lm.model import LMModel, LMOutput  # noqa: E402
+from openmoshi.accel.quantize import QuantizedLinear, quantize_lm, set_compute_dtype  # noqa: E402
+from openmoshi.modules.transformer import Transformer, layer_linears  # noqa: E402
 
 REFERENCE = torch.bfloat16
 WORD_RATE = 0.2  # text tokens per frame that start a word (Moshi's text stream is mostly padding)

@@ -25,8 +25,8 @@ BUDGET = 0.08
 
 
 def measure(models, n: int, frames: int, warmup: int = 5) -> np.ndarray:
-    from openmoshi.batcher import Batcher
-    from openmoshi.metrics import Metrics
+    from openmoshi.serving.batcher import Batcher
+    from openmoshi.serving.metrics import Metrics
 
     lm, mimi, tokenizer = models
     batcher = Batcher(lm, mimi, tokenizer, n, metrics=Metrics())

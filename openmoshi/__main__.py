@@ -2,6 +2,6 @@
 
 import sys
 
-from openmoshi.cli import main
+from openmoshi.cli.main import main
 
 sys.exit(main())

@@ -15,11 +15,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from . import generate as G
-from .checkpoint import load_lm, load_mimi
-from .config import LMConfig
-from .cuda_graph import GraphedStep, graphed
-from .sampling import SamplingConfig
+from openmoshi.lm import generate as G
+from openmoshi.loading.checkpoint import load_lm, load_mimi
+from openmoshi.lm.config import LMConfig
+from openmoshi.accel.cuda_graph import GraphedStep, graphed
+from openmoshi.lm.sampling import SamplingConfig
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ def parse_mimi_fast(text: str | None, device: torch.device) -> tuple[str, str] |
     """`--mimi-fast` value -> (encode, decode) weight modes of `mimi_fast.fast_cpu`, or None for
     the float32 reference. Default: "fp32,fp32" on CPU (the reference's weights in a faster
     layout), None elsewhere (CUDA runs the Mimi steps as CUDA graphs instead)."""
-    from .mimi_fast import WEIGHT_MODES
+    from openmoshi.accel.mimi_cpu import WEIGHT_MODES
 
     if text is None:
         return ("fp32", "fp32") if device.type == "cpu" else None
@@ -65,7 +65,7 @@ def random_lm(cfg: LMConfig, device, dtype, quantize: str | None = None):
     torch.manual_seed(0)
     lm = load_lm(None, cfg, device=device, dtype=dtype)
     if quantize:
-        from .quantize import quantize_lm
+        from openmoshi.accel.quantize import quantize_lm
         quantize_lm(lm, quantize)
     return lm
 

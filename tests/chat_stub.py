@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 from aiohttp import WSMsgType, web
 
-from openmoshi import protocol
-from openmoshi.opus import OpusDecoder, OpusEncoder
+from openmoshi.serving import protocol
+from openmoshi.serving.opus import OpusDecoder, OpusEncoder
 
 FRAME = 1920
-WEB_DIR = Path(__file__).resolve().parent.parent / "openmoshi" / "web"
+WEB_DIR = Path(__file__).resolve().parent.parent / "openmoshi" / "serving" / "web"
 
 
 @dataclass

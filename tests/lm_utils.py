@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from openmoshi.checkpoint import canonical_keys, load_state_strict
-from openmoshi.config import lm_config_from_dict
-from openmoshi.lm import LMModel
+from openmoshi.loading.checkpoint import canonical_keys, load_state_strict
+from openmoshi.lm.config import lm_config_from_dict
+from openmoshi.lm.model import LMModel
 
 # The released 7B's structure (gated SiLU, RMSNorm f32, RoPE, multi-linear depformer with weights
 # per step, no depformer positions, acoustic delay 1) at tiny width, with a short context window.

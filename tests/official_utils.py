@@ -106,12 +106,12 @@ def save_official_mimi(path, seed: int, released_naming: bool = False, n_q: int 
 def load_into_openmoshi(official_mimi, num_codebooks: int | None = None,
                         config: dict | None = None):
     """An openmoshi `Mimi` holding the official model's weights, loaded strictly."""
-    from openmoshi.mimi import Mimi
-    from openmoshi.mimi_config import mimi_config_from_dict
+    from openmoshi.mimi.codec import Mimi
+    from openmoshi.mimi.config import mimi_config_from_dict
 
     cfg = None if config is None else mimi_config_from_dict(config)
     mimi = Mimi(cfg, num_codebooks=num_codebooks or official_mimi.num_codebooks)
-    from openmoshi.checkpoint import canonical_keys
+    from openmoshi.loading.checkpoint import canonical_keys
 
     mimi.load_state_dict(canonical_keys(dict(official_mimi.state_dict())), strict=True)
     return mimi.eval()

@@ -10,11 +10,11 @@ import socket
 import torch
 from aiohttp import web
 
-from openmoshi.config import lm_config_from_dict
-from openmoshi.lm import LMModel
-from openmoshi.mimi import Mimi
-from openmoshi.mimi_config import mimi_config_from_dict
-from openmoshi.server import MoshiServer, ServerConfig
+from openmoshi.lm.config import lm_config_from_dict
+from openmoshi.lm.model import LMModel
+from openmoshi.mimi.codec import Mimi
+from openmoshi.mimi.config import mimi_config_from_dict
+from openmoshi.serving.server import MoshiServer, ServerConfig
 
 from lm_utils import TINY_7B
 

@@ -36,8 +36,8 @@ def test_official_kwargs_build_the_same_model(name):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from compare_official import official_kwargs
 
-    from openmoshi.checkpoint import canonical_keys, load_lm
-    from openmoshi.config import BUILTIN_CONFIGS
+    from openmoshi.loading.checkpoint import canonical_keys, load_lm
+    from openmoshi.lm.config import BUILTIN_CONFIGS
 
     cfg = BUILTIN_CONFIGS[name]
     official = loaders.get_moshi_lm(None, lm_kwargs=official_kwargs(cfg), device="meta", dtype=torch.float32)

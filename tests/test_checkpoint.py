@@ -4,8 +4,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from openmoshi.checkpoint import CheckpointError, apply_lora, load_lm, load_text_tokenizer, read_safetensors
-from openmoshi.config import lm_config_from_dict
+from openmoshi.loading.checkpoint import CheckpointError, apply_lora, load_lm, load_text_tokenizer, read_safetensors
+from openmoshi.lm.config import lm_config_from_dict
 
 from lm_utils import TINY_7B, make_official_lm
 

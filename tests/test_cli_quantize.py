@@ -12,9 +12,10 @@ import torch
 from safetensors.torch import save_file
 
 from infer_utils import MOSHI, NAMES, make_checkpoint
-from openmoshi import cli_quantize, quantize
+from openmoshi.cli import quantize as cli_quantize
+from openmoshi.accel import quantize
 from openmoshi.audio import load_audio, save_wav
-from openmoshi.cli import main
+from openmoshi.cli.main import main
 
 # Every input width of the LM's layers a multiple of 128 (int4's default group size): dim 128,
 # gated feed-forwards of 512 (temporal) and 256 (depth) hidden units.
@@ -114,8 +115,8 @@ def test_speech_to_text_model(wav, tmp_path):
 def test_bfloat16_load_keeps_float32_scales(layer_scale, tmp_path):
     """Loading a quantized file in bfloat16 gives the model quantizing on load does: quantization
     scales in float32, everything else (LayerScale's `scale` too) in bfloat16."""
-    from openmoshi.checkpoint import load_lm
-    from openmoshi.config import lm_config_from_dict
+    from openmoshi.loading.checkpoint import load_lm
+    from openmoshi.lm.config import lm_config_from_dict
 
     kwargs = {k: v for k, v in WIDE.items() if k != "depformer_layer_scale"}  # the depformer's: layer_scale
     kwargs["layer_scale"] = layer_scale

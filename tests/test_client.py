@@ -7,8 +7,8 @@ import wave
 import numpy as np
 import pytest
 
-from openmoshi import cli
-from openmoshi.client import (FRAME_SIZE, SAMPLE_RATE, ClientError, ServerError, _Playback, chat_url,
+from openmoshi.cli import main as cli
+from openmoshi.serving.client import (FRAME_SIZE, SAMPLE_RATE, ClientError, ServerError, _Playback, chat_url,
                               talk_file)
 
 from chat_stub import AppServer, ChatStub, StubServer
@@ -113,7 +113,7 @@ def test_playback_drops_oldest_to_catch_up():
 @pytest.mark.slow
 def test_cli_headless_against_server(tmp_path, capsys):
     """`openmoshi client --input --output --transcript` holds a conversation with the real server."""
-    from openmoshi.server import MoshiServer, ServerConfig
+    from openmoshi.serving.server import MoshiServer, ServerConfig
 
     from server_utils import tiny_models
 
@@ -135,7 +135,7 @@ def test_cli_headless_against_server(tmp_path, capsys):
 def test_live_mode_without_sounddevice_says_so(monkeypatch):
     import sys
 
-    from openmoshi.client import _sounddevice
+    from openmoshi.serving.client import _sounddevice
 
     monkeypatch.setitem(sys.modules, "sounddevice", None)  # import raises ImportError
     with pytest.raises(ClientError, match="sounddevice"):

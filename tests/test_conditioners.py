@@ -7,12 +7,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from openmoshi import generate as G
-from openmoshi.checkpoint import load_lm
-from openmoshi.conditioners import hash_value
-from openmoshi.config import ConfigError, lm_config_from_dict, load_model_config
-from openmoshi.lm import LMModel
-from openmoshi.sampling import SamplingConfig
+from openmoshi.lm import generate as G
+from openmoshi.loading.checkpoint import load_lm
+from openmoshi.lm.conditioners import hash_value
+from openmoshi.lm.config import ConfigError, lm_config_from_dict, load_model_config
+from openmoshi.lm.model import LMModel
+from openmoshi.lm.sampling import SamplingConfig
 
 from lm_utils import TINY_2B_LIKE, make_official_lm, official_frames, ours_from_official
 
@@ -273,7 +273,7 @@ def test_classifier_free_guidance_errors(models):
 
 def test_guided_step_through_the_graph_wrapper_equals_eager(models):
     """The CUDA-graph discipline (on CPU: static buffers, eagerly) with guidance and idle slots."""
-    from openmoshi.cuda_graph import GraphedStep
+    from openmoshi.accel.cuda_graph import GraphedStep
 
     _, ours = models
     cfg = ours.cfg

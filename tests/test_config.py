@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from openmoshi.config import MOSHI_7B, ConfigError, load_model_config, lm_config_from_dict, parse_model_config
+from openmoshi.lm.config import MOSHI_7B, ConfigError, load_model_config, lm_config_from_dict, parse_model_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "official_configs"
 

@@ -6,7 +6,7 @@ import itertools
 import pytest
 import torch
 
-from openmoshi.conv import StreamingConv1d, StreamingConvTranspose1d
+from openmoshi.mimi.conv import StreamingConv1d, StreamingConvTranspose1d
 
 
 

@@ -1,6 +1,6 @@
 import torch
 
-from openmoshi.delays import delay_codes, undelay
+from openmoshi.lm.delays import delay_codes, undelay
 
 
 def test_delay_then_undelay_round_trip():

@@ -4,13 +4,13 @@
 import pytest
 import torch
 
-from openmoshi import generate as G
-from openmoshi.config import TINY, lm_config_from_dict
-from openmoshi.cuda_graph import CUDAGraphed
-from openmoshi.lm import LMModel
-from openmoshi.quantize import (QuantizedLinear, dequantize_int4, quantization_of, quantize_int4, quantize_int8,
+from openmoshi.lm import generate as G
+from openmoshi.lm.config import TINY, lm_config_from_dict
+from openmoshi.accel.cuda_graph import CUDAGraphed
+from openmoshi.lm.model import LMModel
+from openmoshi.accel.quantize import (QuantizedLinear, dequantize_int4, quantization_of, quantize_int4, quantize_int8,
                                 quantize_lm, save_quantized_lm)
-from openmoshi.sampling import SamplingConfig
+from openmoshi.lm.sampling import SamplingConfig
 
 from lm_utils import TINY_7B
 
@@ -88,7 +88,7 @@ def test_quantized_lm_quality_and_save_load(mode, tmp_path):
         assert kl < (0.05 if mode == "int8" else 0.5), kl.item()
     save_quantized_lm(q, tmp_path / "q.safetensors")
     assert quantization_of(tmp_path / "q.safetensors") == (mode, 32)
-    from openmoshi.checkpoint import load_lm
+    from openmoshi.loading.checkpoint import load_lm
     loaded = load_lm(tmp_path / "q.safetensors", lm_config_from_dict(kw), dtype=torch.float32)
     with torch.no_grad():
         c = loaded(codes)
@@ -119,7 +119,7 @@ def test_static_buffer_step_equals_eager_step():
 
 
 def test_bench_command_runs(tmp_path):
-    from openmoshi.cli import main
+    from openmoshi.cli.main import main
 
     out = tmp_path / "bench.json"
     assert main(["bench", "--config", "tiny", "--no-mimi", "--steps", "3", "--warmup", "1", "--batch-sizes", "1,2",
@@ -154,7 +154,7 @@ def test_cuda_graph_step_equals_eager_on_gpu():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_int8_triton_gemv_matches_reference_on_gpu():
-    from openmoshi import int8_kernel
+    from openmoshi.accel import int8_kernel
 
     assert int8_kernel.available()
     w = torch.randn(2 * 300, 1000, device="cuda")
@@ -201,7 +201,7 @@ def _storages(state):
 
 def test_streaming_states_are_updated_in_place():
     """CUDA graphs replay fixed addresses: a step may change the state's values, never its tensors."""
-    from openmoshi.checkpoint import load_mimi
+    from openmoshi.loading.checkpoint import load_mimi
 
     lm = random_lm()
     state = G.init_state(lm, 2, SamplingConfig())

@@ -1,4 +1,4 @@
-"""The fused Triton kernels (openmoshi/fused.py) compute what the reference modules compute.
+"""The fused Triton kernels (openmoshi/accel/fused.py) compute what the reference modules compute.
 
 Without a GPU the kernels run on CPU tensors through Triton's interpreter (conftest.py sets
 TRITON_INTERPRET=1); on a GPU the same tests run the compiled kernels on CUDA tensors.
@@ -9,10 +9,11 @@ import copy
 import pytest
 import torch
 
-from openmoshi import fused, generate
-from openmoshi.config import lm_config_from_dict
-from openmoshi.sampling import SamplingConfig
-from openmoshi.transformer import Attention, Gating, RMSNorm, Transformer, TransformerConfig
+from openmoshi.accel import fused
+from openmoshi.lm import generate
+from openmoshi.lm.config import lm_config_from_dict
+from openmoshi.lm.sampling import SamplingConfig
+from openmoshi.modules.transformer import Attention, Gating, RMSNorm, Transformer, TransformerConfig
 from lm_utils import TINY_7B
 
 pytestmark = pytest.mark.skipif(not fused.available(), reason="needs Triton (pip install triton)")
@@ -104,7 +105,7 @@ def test_add_rms_norm(scale):
 
 def test_lm_generation_equals_reference():
     """Greedy generation with the 7B structure (tiny widths): identical tokens with the kernels."""
-    from openmoshi.checkpoint import load_lm
+    from openmoshi.loading.checkpoint import load_lm
 
     torch.manual_seed(0)
     cfg = lm_config_from_dict(TINY_7B)
@@ -139,7 +140,7 @@ def test_state_dict_unchanged_and_training_and_cpu_without_interpreter_fall_back
 def test_with_fast_streaming_applies_the_kernels_on_cuda(monkeypatch):
     from types import SimpleNamespace
 
-    from openmoshi.resolve import with_fast_streaming
+    from openmoshi.loading.resolve import with_fast_streaming
 
     def model():  # with_fast_streaming looks at the device only: CPU modules stand in
         return SimpleNamespace(lm=Transformer(TransformerConfig(d_model=16, num_heads=2, num_layers=1,
@@ -153,8 +154,8 @@ def test_with_fast_streaming_applies_the_kernels_on_cuda(monkeypatch):
 
 
 def test_int8_gemv_kernel_matches_reference():
-    from openmoshi import int8_kernel
-    from openmoshi.quantize import QuantizedLinear
+    from openmoshi.accel import int8_kernel
+    from openmoshi.accel.quantize import QuantizedLinear
 
     w = torch.randn(2 * 40, 300, device=DEVICE)
     ql = QuantizedLinear.from_weight(w, "int8", num_sets=2)

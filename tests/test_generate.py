@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from openmoshi import generate as G
-from openmoshi.lm import LMModel
-from openmoshi.config import lm_config_from_dict
-from openmoshi.sampling import SamplingConfig, sample
+from openmoshi.lm import generate as G
+from openmoshi.lm.model import LMModel
+from openmoshi.lm.config import lm_config_from_dict
+from openmoshi.lm.sampling import SamplingConfig, sample
 
 from lm_utils import TINY_7B
 

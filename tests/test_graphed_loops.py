@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from openmoshi.batcher import Batcher
-from openmoshi.config import ModelConfig
-from openmoshi.cuda_graph import ENV_OFF, CUDAGraphed, GraphedStep, wanted
-from openmoshi.inference import run
-from openmoshi.resolve import LoadedModel
-from openmoshi.sampling import SamplingConfig
+from openmoshi.serving.batcher import Batcher
+from openmoshi.lm.config import ModelConfig
+from openmoshi.accel.cuda_graph import ENV_OFF, CUDAGraphed, GraphedStep, wanted
+from openmoshi.inference.offline import run
+from openmoshi.loading.resolve import LoadedModel
+from openmoshi.lm.sampling import SamplingConfig
 
 from lm_utils import TINY_7B
 from server_utils import tiny_models
@@ -174,7 +174,7 @@ def test_cuda_graph_switch(monkeypatch):
 
 
 def test_cli_flags():
-    from openmoshi.cli import build_parser
+    from openmoshi.cli.main import build_parser
 
     parser = build_parser()
     assert parser.parse_args(["serve", "--no-cuda-graph"]).no_cuda_graph

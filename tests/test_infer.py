@@ -1,4 +1,4 @@
-"""`openmoshi infer` and openmoshi.inference against the official offline loop, on real speech."""
+"""`openmoshi infer` and openmoshi.inference.offline against the official offline loop, on real speech."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import torch
 from infer_utils import MOSHI, make_checkpoint, official_loop
 from official_utils import speech
 from openmoshi.audio import load_audio, save_wav
-from openmoshi.cli import main
-from openmoshi.inference import load
+from openmoshi.cli.main import main
+from openmoshi.inference.offline import load
 
 pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng")
 SECONDS = 0.7  # 8 whole frames (the partial 9th is dropped, as the official loop does)

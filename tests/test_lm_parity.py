@@ -5,10 +5,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from openmoshi import generate as G
-from openmoshi.checkpoint import load_lm
-from openmoshi.config import lm_config_from_dict
-from openmoshi.sampling import SamplingConfig
+from openmoshi.lm import generate as G
+from openmoshi.loading.checkpoint import load_lm
+from openmoshi.lm.config import lm_config_from_dict
+from openmoshi.lm.sampling import SamplingConfig
 
 from lm_utils import CONFIGS, GOLDEN, make_official_lm, official_frames, ours_from_official
 

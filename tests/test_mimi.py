@@ -7,10 +7,10 @@ import copy
 import pytest
 import torch
 
-from openmoshi.checkpoint import canonical_keys
+from openmoshi.loading.checkpoint import canonical_keys
 
-from openmoshi.mimi import FRAME_RATE, FRAME_SIZE, SAMPLE_RATE, Mimi
-from openmoshi.mimi_config import MimiConfig, mimi_config_from_dict
+from openmoshi.mimi.codec import FRAME_RATE, FRAME_SIZE, SAMPLE_RATE, Mimi
+from openmoshi.mimi.config import MimiConfig, mimi_config_from_dict
 from official_utils import (load_into_openmoshi, make_official_mimi, save_official_mimi,
                             speech, to_released_naming)
 

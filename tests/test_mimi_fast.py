@@ -1,4 +1,4 @@
-"""The CPU fast path of Mimi (`openmoshi.mimi_fast.fast_cpu`) computes the same function as the
+"""The CPU fast path of Mimi (`openmoshi.accel.mimi_cpu.fast_cpu`) computes the same function as the
 float32 reference: each `FastMatmul` mode against `F.linear`, then end to end on real espeak-ng
 speech with the random official model of test_mimi.py: codes, decoded audio, whole signal."""
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from openmoshi.mimi import FRAME_SIZE
-from openmoshi.mimi_fast import WEIGHT_MODES, FastConvHolder, FastConvTrHolder, FastLinear, FastMatmul, fast_cpu
+from openmoshi.mimi.codec import FRAME_SIZE
+from openmoshi.accel.mimi_cpu import WEIGHT_MODES, FastConvHolder, FastConvTrHolder, FastLinear, FastMatmul, fast_cpu
 from official_utils import load_into_openmoshi, make_official_mimi, speech
 
 
@@ -146,7 +146,7 @@ def test_bench_mimi_fast_option(tmp_path):
     import json
 
     from openmoshi.bench import parse_mimi_fast
-    from openmoshi.cli import main
+    from openmoshi.cli.main import main
 
     cpu = torch.device("cpu")
     assert parse_mimi_fast(None, cpu) == ("fp32", "fp32")

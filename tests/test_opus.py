@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from openmoshi.opus import OpusDecoder, OpusEncoder, OpusError
+from openmoshi.serving.opus import OpusDecoder, OpusEncoder, OpusError
 
 FRAME = 1920
 

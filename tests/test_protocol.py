@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from openmoshi import protocol as p
+from openmoshi.serving import protocol as p
 
 
 def test_kind_constants_match_the_official_protocol():

@@ -4,8 +4,8 @@ formula, cache invalidation, codebook counts and error paths."""
 import pytest
 import torch
 
-from openmoshi.mimi_config import QuantizerConfig
-from openmoshi.quantizer import EPSILON, EuclideanCodebook, SplitResidualVectorQuantizer
+from openmoshi.mimi.config import QuantizerConfig
+from openmoshi.mimi.quantizer import EPSILON, EuclideanCodebook, SplitResidualVectorQuantizer
 
 
 

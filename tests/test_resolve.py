@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from infer_utils import NAMES, make_checkpoint
-from openmoshi.checkpoint import dequantize_q8, load_lm
-from openmoshi.cli import main
-from openmoshi.config import MOSHI_7B
-from openmoshi.resolve import ResolveError, resolve_files
+from openmoshi.loading.checkpoint import dequantize_q8, load_lm
+from openmoshi.cli.main import main
+from openmoshi.lm.config import MOSHI_7B
+from openmoshi.loading.resolve import ResolveError, resolve_files
 
 REV = "0123456789abcdef0123456789abcdef01234567"
 LEGACY = ("model.safetensors", "tokenizer-e351c8d8-checkpoint125.safetensors", "tokenizer_spm_32k_3.model")

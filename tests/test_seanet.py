@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from openmoshi.mimi_config import SeanetConfig
-from openmoshi.seanet import SeanetDecoder, SeanetEncoder
+from openmoshi.mimi.config import SeanetConfig
+from openmoshi.mimi.seanet import SeanetDecoder, SeanetEncoder
 
 
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 from aiohttp import web
 
-from openmoshi import protocol
-from openmoshi.server import MoshiServer, ServerConfig, sampling_from_query
-from openmoshi.sampling import SamplingConfig
+from openmoshi.serving import protocol
+from openmoshi.serving.server import MoshiServer, ServerConfig, sampling_from_query
+from openmoshi.lm.sampling import SamplingConfig
 
 from chat_client import FRAME, chat
 from lm_utils import TINY_7B
@@ -159,7 +159,7 @@ def test_bad_query_and_sampling():
 
 
 def test_outbox_drops_oldest(models):
-    from openmoshi.server import Conversation
+    from openmoshi.serving.server import Conversation
 
     async def main():
         server = MoshiServer(*models, ServerConfig(max_sessions=1, outbox_frames=3, static_dir=None))
@@ -207,7 +207,7 @@ async def binary_until_close(ws, timeout: float) -> list[bytes]:
 def test_self_signed_tls(models, tmp_path):
     import ssl
 
-    from openmoshi import tls
+    from openmoshi.serving import tls
 
     tls.self_signed(tmp_path, ["localhost", "127.0.0.1"])
     context = tls.server_context(tmp_path)
@@ -253,7 +253,7 @@ def test_idle_timeout_and_restart(models):
 
 
 def test_conditioned_model_gets_its_condition_in_every_slot():
-    from openmoshi.batcher import Batcher
+    from openmoshi.serving.batcher import Batcher
 
     cond = {"conditioners": {"description": {"type": "lut", "lut": {
         "n_bins": 3, "dim": 8, "tokenizer": "noop", "possible_values": ["very_bad", "very_good"]}}},

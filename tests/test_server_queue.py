@@ -10,8 +10,8 @@ import aiohttp
 import pytest
 import torch
 
-from openmoshi import protocol
-from openmoshi.waiting import ADMITTED, LEFT, STOPPING, TIMED_OUT, WaitingLine, wait_turn
+from openmoshi.serving import protocol
+from openmoshi.serving.waiting import ADMITTED, LEFT, STOPPING, TIMED_OUT, WaitingLine, wait_turn
 
 from chat_client import chat
 from server_utils import serving, tiny_models

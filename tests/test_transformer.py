@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from openmoshi.transformer import Transformer, TransformerConfig
+from openmoshi.modules.transformer import Transformer, TransformerConfig
 
 CONFIGS = {
     "mimi_like": TransformerConfig(d_model=32, num_heads=4, num_layers=2, dim_feedforward=64, context=6,

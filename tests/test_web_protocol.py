@@ -1,12 +1,14 @@
-"""The web UI's protocol module (openmoshi/web/protocol.js) agrees with openmoshi/protocol.py and
+"""The web UI's protocol module (openmoshi/serving/web/protocol.js) agrees with openmoshi/serving/protocol.py and
 with the query parameters the client and server use."""
 
 import re
 from pathlib import Path
 
-from openmoshi import client, protocol, server
+from openmoshi.serving import client
+from openmoshi.serving import protocol
+from openmoshi.serving import server
 
-WEB = Path(__file__).resolve().parent.parent / "openmoshi" / "web"
+WEB = Path(__file__).resolve().parent.parent / "openmoshi" / "serving" / "web"
 
 
 def _js_constants() -> dict[str, object]:
@@ -21,7 +23,7 @@ def test_kinds_and_controls_agree():
     js = _js_constants()
     py = {name: getattr(protocol, name) for name in dir(protocol) if name.startswith(("KIND_", "CONTROL_"))
           and isinstance(getattr(protocol, name), int)}
-    assert py, "no constants found in openmoshi/protocol.py"
+    assert py, "no constants found in openmoshi/serving/protocol.py"
     assert {k: v for k, v in js.items() if k.startswith(("KIND_", "CONTROL_"))} == py
 
 

@@ -101,7 +101,7 @@ def test_browser_conversation_with_stub(browser):
 @pytest.mark.slow
 def test_browser_conversation_with_server(browser):
     """Against `openmoshi serve`'s app with a tiny random model; screenshot for a human to look at."""
-    from openmoshi.server import MoshiServer, ServerConfig
+    from openmoshi.serving.server import MoshiServer, ServerConfig
 
     from server_utils import tiny_models
 

@@ -37,9 +37,9 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_flatten, tree_map
 
-from . import generate as G
+from openmoshi.lm import generate as G
 
-log = logging.getLogger("openmoshi.cuda_graph")
+log = logging.getLogger("openmoshi.accel.cuda_graph")
 
 ENV_OFF = "OPENMOSHI_NO_CUDA_GRAPH"
 

@@ -33,9 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from openmoshi.conv import StreamingConv1d, StreamingConvTranspose1d, _ConvHolder, _ConvTrHolder
-from openmoshi.mimi import Mimi
-from openmoshi.transformer import StackedLinear, layer_linears
+from openmoshi.mimi.conv import StreamingConv1d, StreamingConvTranspose1d, _ConvHolder, _ConvTrHolder
+from openmoshi.mimi.codec import Mimi
+from openmoshi.modules.transformer import StackedLinear, layer_linears
 
 WEIGHT_MODES = ("fp32", "bf16", "int8")
 DEFAULT_MIN_PARAMS = 1 << 18  # 256 K weights (1 MB in float32)

@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import int8_kernel
-from .transformer import StackedLinear, layer_linears
+from openmoshi.accel import int8_kernel
+from openmoshi.modules.transformer import StackedLinear, layer_linears
 
 MODES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)  # int4 group sizes PyTorch's tinygemm kernels support

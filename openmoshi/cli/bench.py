@@ -37,7 +37,7 @@ def add_bench_parser(subparsers) -> None:
 
 
 def _batch_sizes(text: str) -> list[int]:
-    from .cli import UsageError
+    from openmoshi.cli.main import UsageError
 
     try:
         sizes = [int(x) for x in text.split(",") if x.strip()]
@@ -51,10 +51,10 @@ def _batch_sizes(text: str) -> list[int]:
 def run_bench(args) -> int:
     import torch
 
-    from . import bench
-    from .cli import UsageError, _resolve_device
-    from .config import BUILTIN_CONFIGS, load_model_config
-    from .cuda_graph import wanted
+    from openmoshi import bench
+    from openmoshi.cli.main import UsageError, _resolve_device
+    from openmoshi.lm.config import BUILTIN_CONFIGS, load_model_config
+    from openmoshi.accel.cuda_graph import wanted
 
     sizes = _batch_sizes(args.batch_sizes)
     if args.steps < 1 or args.warmup < 0:
@@ -75,12 +75,12 @@ def run_bench(args) -> int:
     except ValueError as e:
         raise UsageError(str(e)) from None
     if not args.no_mimi:
-        from .checkpoint import load_mimi
+        from openmoshi.loading.checkpoint import load_mimi
         mimi = load_mimi(None, num_codebooks=max(cfg.dep_q, cfg.num_user_codebooks), device=device)
         if mimi_fast is not None:
-            from .mimi_fast import fast_cpu
+            from openmoshi.accel.mimi_cpu import fast_cpu
             mimi = fast_cpu(mimi, *mimi_fast)
-    from . import fused
+    from openmoshi.accel import fused
     use_fused = fused.wanted(device, args.no_fused)
     if use_fused:  # the call-site speed wrapper, as serve and infer apply it on CUDA
         for model in (lm, mimi):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from openmoshi.cli import UsageError, _existing_file, _output_file
+from openmoshi.cli.main import UsageError, _existing_file, _output_file
 
 EXIT_CONNECTION = 1  # the server could not be reached, refused us, or hung up
 
@@ -46,7 +46,7 @@ def add_client_parser(subparsers) -> None:
 
 
 def client_main(args: argparse.Namespace) -> int:
-    from openmoshi.client import SAMPLING_PARAMS, ClientError, Transcript, chat_url
+    from openmoshi.serving.client import SAMPLING_PARAMS, ClientError, Transcript, chat_url
 
     try:
         chat_url(args.url)
@@ -94,7 +94,7 @@ def client_main(args: argparse.Namespace) -> int:
 def _run(args, source, record: bool, params, transcript, on_queue):
     import asyncio
 
-    from openmoshi.client import talk_file, talk_live
+    from openmoshi.serving.client import talk_file, talk_live
 
     if source is None:
         print("openmoshi: connecting; speak when connected, Ctrl-C to hang up", file=sys.stderr)
@@ -102,7 +102,7 @@ def _run(args, source, record: bool, params, transcript, on_queue):
                                      transcript=transcript, max_lag_s=args.max_lag, record=record,
                                      on_queue=on_queue))
     from openmoshi.audio import load_audio
-    from openmoshi.opus import SAMPLE_RATE
+    from openmoshi.serving.opus import SAMPLE_RATE
 
     pcm = load_audio(source, SAMPLE_RATE)[0].numpy()  # [N]
     return asyncio.run(talk_file(args.url, pcm, params=params, auth_token=args.auth_token,
@@ -115,7 +115,7 @@ def _save_wav(path, pcm) -> None:
 
     import numpy as np
 
-    from openmoshi.opus import SAMPLE_RATE
+    from openmoshi.serving.opus import SAMPLE_RATE
 
     data = (np.clip(pcm, -1.0, 1.0) * 32767).round().astype("<i2").tobytes()
     with wave.open(str(path), "wb") as w:

@@ -1,4 +1,4 @@
-"""`openmoshi infer INPUT... -o OUT`: run the model over recorded audio (see openmoshi.inference).
+"""`openmoshi infer INPUT... -o OUT`: run the model over recorded audio (see openmoshi.inference.offline).
 
 Output files: one input writes OUT; several inputs write OUT-0.wav, OUT-1.wav, ... (as the
 official script), or DIR/<input name>.wav when OUT is an existing folder. `--transcript` writes
@@ -13,8 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from .cli import UsageError, check_cfg_coef, finite_float, positive_int
-from .resolve import add_model_args
+from openmoshi.cli.main import UsageError, check_cfg_coef, finite_float, positive_int
+from openmoshi.loading.resolve import add_model_args
 
 BAR_WIDTH = 24
 TEXT_TAIL = 40  # characters of live text on the progress line
@@ -125,11 +125,11 @@ def infer(args: argparse.Namespace) -> int:
 
     from dataclasses import replace
 
-    from .audio import SAMPLE_RATE, save_wav
-    from .inference import DEFAULT_SEED, InferenceModel, sampling_defaults
-    from .resolve import load_model, resolve_model, with_fast_streaming
-    from .sampling import SamplingConfig
-    from .transcript import write_json
+    from openmoshi.audio import SAMPLE_RATE, save_wav
+    from openmoshi.inference.offline import DEFAULT_SEED, InferenceModel, sampling_defaults
+    from openmoshi.loading.resolve import load_model, resolve_model, with_fast_streaming
+    from openmoshi.lm.sampling import SamplingConfig
+    from openmoshi.inference.transcript import write_json
 
     files = resolve_model(args)
     check_cfg_coef(files.config, args.cfg_coef)

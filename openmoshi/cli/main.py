@@ -61,7 +61,7 @@ def _add_device_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def _resolve_device(name: str | None):
-    from openmoshi.resolve import resolve_device
+    from openmoshi.loading.resolve import resolve_device
 
     return resolve_device(name)
 
@@ -167,7 +167,7 @@ def codec_encode(args: argparse.Namespace) -> int:
     from safetensors.torch import save_file
 
     from openmoshi.audio import load_audio
-    from openmoshi.checkpoint import load_mimi
+    from openmoshi.loading.checkpoint import load_mimi
 
     device = _resolve_device(args.device)
     pcm = load_audio(source)[None]  # [1, 1, N]
@@ -227,7 +227,7 @@ def codec_decode(args: argparse.Namespace) -> int:
     import torch
 
     from openmoshi.audio import SAMPLE_RATE, save_wav
-    from openmoshi.checkpoint import load_mimi
+    from openmoshi.loading.checkpoint import load_mimi
 
     device = _resolve_device(args.device)
     mimi = load_mimi(weight, num_codebooks=k, device=device)
@@ -241,7 +241,7 @@ def codec_decode(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> ArgumentParser:
-    from openmoshi.cli_bench import add_bench_parser  # light: its handler imports the heavy parts
+    from openmoshi.cli.bench import add_bench_parser  # light: its handler imports the heavy parts
 
     parser = ArgumentParser(
         prog="openmoshi", description="openmoshi: Moshi and the Mimi codec in plain PyTorch."
@@ -250,10 +250,10 @@ def build_parser() -> ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_codec_parser(subparsers)
     add_bench_parser(subparsers)
-    from openmoshi.cli_infer import add_infer_parser; add_infer_parser(subparsers)  # noqa: E702
-    from openmoshi.cli_client import add_client_parser; add_client_parser(subparsers)  # noqa: E702
-    from openmoshi.cli_serve import add_serve_parser; add_serve_parser(subparsers)  # noqa: E702
-    from openmoshi.cli_quantize import add_quantize_parser; add_quantize_parser(subparsers)  # noqa: E702
+    from openmoshi.cli.infer import add_infer_parser; add_infer_parser(subparsers)  # noqa: E702
+    from openmoshi.cli.client import add_client_parser; add_client_parser(subparsers)  # noqa: E702
+    from openmoshi.cli.serve import add_serve_parser; add_serve_parser(subparsers)  # noqa: E702
+    from openmoshi.cli.quantize import add_quantize_parser; add_quantize_parser(subparsers)  # noqa: E702
     return parser
 
 

@@ -1,5 +1,5 @@
 """`openmoshi quantize --mode int8|int4 -o OUT.safetensors`: write a weight-only quantized LM
-checkpoint once (see openmoshi.quantize), then load the small file anywhere a model is loaded:
+checkpoint once (see openmoshi.accel.quantize), then load the small file anywhere a model is loaded:
 `openmoshi serve --moshi-weight OUT.safetensors`, with the config of the same --hf-repo.
 
 Only the LM is read (no Mimi, no text tokenizer), in the dtype of its file and on the CPU unless
@@ -19,10 +19,10 @@ import sys
 import time
 from pathlib import Path
 
-from .cli import UsageError, _output_file
-from .resolve import DTYPES, add_model_args
+from openmoshi.cli.main import UsageError, _output_file
+from openmoshi.loading.resolve import DTYPES, add_model_args
 
-# As openmoshi.quantize.MODES, GROUP_SIZES and DEFAULT_GROUP_SIZE (not imported: it imports torch,
+# As openmoshi.accel.quantize.MODES, GROUP_SIZES and DEFAULT_GROUP_SIZE (not imported: it imports torch,
 # and building the parser must stay light).
 MODES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)
@@ -63,9 +63,9 @@ def quantize(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .checkpoint import load_lm
-    from .quantize import CONFIG_KEY, LORA_KEY, quantize_lm, save_quantized_lm
-    from .resolve import resolve_device, resolve_files
+    from openmoshi.loading.checkpoint import load_lm
+    from openmoshi.accel.quantize import CONFIG_KEY, LORA_KEY, quantize_lm, save_quantized_lm
+    from openmoshi.loading.resolve import resolve_device, resolve_files
 
     files = resolve_files(args.hf_repo, args.moshi_weight, config_path=args.config_path,
                           lora_weight=args.lora_weight, lm_only=True)
@@ -104,8 +104,8 @@ def _check_group_size(lm_cfg, group_size: int) -> None:
     layers in float silently."""
     import torch
 
-    from .lm import LMModel
-    from .quantize import unquantizable_widths
+    from openmoshi.lm.model import LMModel
+    from openmoshi.accel.quantize import unquantizable_widths
 
     with torch.device("meta"):
         model = LMModel(lm_cfg)  # shapes only, no memory
@@ -127,8 +127,8 @@ def _inspect(path: Path) -> tuple[str | None, str]:
 
     from safetensors import safe_open
 
-    from .checkpoint import read_safetensors
-    from .quantize import FORMAT_KEY
+    from openmoshi.loading.checkpoint import read_safetensors
+    from openmoshi.accel.quantize import FORMAT_KEY
 
     try:
         with safe_open(str(path), "pt") as f:

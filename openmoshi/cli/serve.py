@@ -1,4 +1,4 @@
-"""`openmoshi serve`: the real-time server (see `openmoshi.server`) on a model chosen by the
+"""`openmoshi serve`: the real-time server (see `openmoshi.serving.server`) on a model chosen by the
 shared model flags, many conversations at once."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from openmoshi.cli import UsageError, check_cfg_coef, finite_float, positive_int
-from openmoshi.resolve import add_model_args
+from openmoshi.cli.main import UsageError, check_cfg_coef, finite_float, positive_int
+from openmoshi.loading.resolve import add_model_args
 
 DEFAULT_PORT = 8998
 
@@ -52,7 +52,7 @@ def add_serve_parser(subparsers) -> None:
 
 
 def setup_logging(fmt: str) -> None:
-    from openmoshi.server import JsonFormatter
+    from openmoshi.serving.server import JsonFormatter
 
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else
@@ -64,7 +64,7 @@ def setup_logging(fmt: str) -> None:
 
 
 def _ssl_context(args):
-    from openmoshi import tls
+    from openmoshi.serving import tls
 
     if args.ssl is None and not args.self_signed:
         return None
@@ -72,7 +72,7 @@ def _ssl_context(args):
     if args.self_signed and not (folder / tls.CERT_FILE).exists():
         hosts = None if args.host in ("localhost", "0.0.0.0", "::") else [args.host, "localhost", "127.0.0.1"]
         tls.self_signed(folder, hosts)
-        logging.getLogger("openmoshi.server").info("self_signed_certificate", extra={"fields": {"folder": str(folder)}})
+        logging.getLogger("openmoshi.serving.server").info("self_signed_certificate", extra={"fields": {"folder": str(folder)}})
     return tls.server_context(folder)
 
 
@@ -80,9 +80,9 @@ def run_serve(args) -> int:
     import torch
     from aiohttp import web
 
-    from openmoshi.resolve import load_model, resolve_model, with_fast_streaming
-    from openmoshi.inference import HIBIKI_CONDITION, HIBIKI_NEGATIVE, sampling_defaults
-    from openmoshi.server import WEB_DIR, MoshiServer, ServerConfig, event
+    from openmoshi.loading.resolve import load_model, resolve_model, with_fast_streaming
+    from openmoshi.inference.offline import HIBIKI_CONDITION, HIBIKI_NEGATIVE, sampling_defaults
+    from openmoshi.serving.server import WEB_DIR, MoshiServer, ServerConfig, event
 
     if args.queue < 0 or args.queue_timeout <= 0:
         raise UsageError("--queue must be >= 0 and --queue-timeout > 0")

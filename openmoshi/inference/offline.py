@@ -21,7 +21,7 @@ Model types:
   ignored with a warning. At most `HIBIKI_MAX_EXTRA_SECONDS` more than the input.
 
 Several inputs run as one batch, shorter ones padded with silence; each result is trimmed to its
-own length. On CUDA, Mimi's steps and the LM step run as CUDA graphs (`openmoshi.cuda_graph`;
+own length. On CUDA, Mimi's steps and the LM step run as CUDA graphs (`openmoshi.accel.cuda_graph`;
 `cuda_graph=False` or OPENMOSHI_NO_CUDA_GRAPH=1 for eager), with the same tokens for the same seed.
 """
 
@@ -33,13 +33,13 @@ from pathlib import Path
 
 import torch
 
-from .audio import SAMPLE_RATE, AudioError, load_audio, resample
-from .cuda_graph import GraphedStep, graphed
-from .generate import init_state, set_condition
-from .mimi import FRAME_SIZE
-from .resolve import DEFAULT_REPO, LoadedModel, load_model, resolve_files, with_fast_streaming
-from .sampling import SamplingConfig
-from .transcript import Piece, Word, pieces, text_of, transcript_dict, words
+from openmoshi.audio import SAMPLE_RATE, AudioError, load_audio, resample
+from openmoshi.accel.cuda_graph import GraphedStep, graphed
+from openmoshi.lm.generate import init_state, set_condition
+from openmoshi.mimi.codec import FRAME_SIZE
+from openmoshi.loading.resolve import DEFAULT_REPO, LoadedModel, load_model, resolve_files, with_fast_streaming
+from openmoshi.lm.sampling import SamplingConfig
+from openmoshi.inference.transcript import Piece, Word, pieces, text_of, transcript_dict, words
 
 FRAME_SECONDS = FRAME_SIZE / SAMPLE_RATE  # 0.08
 HIBIKI_CONDITION = {"description": "very_good"}  # what the official loop asks a conditioned Hibiki for
@@ -141,7 +141,7 @@ def run(model: LoadedModel, inputs: list, sampling: SamplingConfig | None = None
         sample_rate: int = SAMPLE_RATE, cuda_graph: bool | None = None,
         cfg_coef: float = 1.0) -> list[InferenceResult]:
     """Runs the model over `inputs` (paths or arrays) as one batch; see the module docstring.
-    `cuda_graph`: None for CUDA graphs on CUDA, False for eager (see openmoshi.cuda_graph)."""
+    `cuda_graph`: None for CUDA graphs on CUDA, False for eager (see openmoshi.accel.cuda_graph)."""
     lm, mimi, tok, cfg = model.lm, model.mimi, model.tokenizer, model.config
     kind = cfg.model_type
     if kind not in ("moshi", "stt", "hibiki"):

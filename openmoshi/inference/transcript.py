@@ -12,7 +12,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .config import TEXT_END_PADDING_ID, TEXT_PADDING_ID
+from openmoshi.lm.config import TEXT_END_PADDING_ID, TEXT_PADDING_ID
 
 HIDDEN_IDS = (TEXT_END_PADDING_ID, TEXT_PADDING_ID)
 WORD_START = "\u2581"  # SentencePiece's word-boundary marker

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .conditioners import ConditionerConfig, FuserConfig, check_fuser, parse_conditioners, parse_fuser
-from .transformer import TransformerConfig
+from openmoshi.lm.conditioners import ConditionerConfig, FuserConfig, check_fuser, parse_conditioners, parse_fuser
+from openmoshi.modules.transformer import TransformerConfig
 
 # Special token ids and values (official LMModel).
 ZERO_TOKEN = -1  # "no input": contributes a zero embedding, no loss, nothing sampled

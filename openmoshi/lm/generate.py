@@ -27,10 +27,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import UNGENERATED_TOKEN, ZERO_TOKEN
-from .lm import LMModel
-from .sampling import SamplingConfig, sample
-from .transformer import Transformer, TransformerState
+from openmoshi.lm.config import UNGENERATED_TOKEN, ZERO_TOKEN
+from openmoshi.lm.model import LMModel
+from openmoshi.lm.sampling import SamplingConfig, sample
+from openmoshi.modules.transformer import Transformer, TransformerState
 
 
 @dataclass

@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .conditioners import Attributes, ConditionProvider
-from .config import ZERO_TOKEN, LMConfig
-from .delays import delay_codes, undelay
-from .transformer import Transformer, TransformerState, make_norm
+from openmoshi.lm.conditioners import Attributes, ConditionProvider
+from openmoshi.lm.config import ZERO_TOKEN, LMConfig
+from openmoshi.lm.delays import delay_codes, undelay
+from openmoshi.modules.transformer import Transformer, TransformerState, make_norm
 
 
 class ScaledEmbedding(nn.Module):

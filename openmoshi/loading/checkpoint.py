@@ -23,8 +23,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .config import LMConfig
-from .lm import LMModel
+from openmoshi.lm.config import LMConfig
+from openmoshi.lm.model import LMModel
 
 
 class CheckpointError(ValueError):
@@ -166,7 +166,7 @@ def load_lm(path: str | Path | None, cfg: LMConfig, device: str | torch.device =
     path is None), or from a quantized openmoshi checkpoint (`openmoshi quantize`). `quantize`
     ("int8"/"int4") quantizes the transformer layers after loading, one layer at a time, so that
     the float weights and the quantized ones are never all held at once."""
-    from .quantize import QuantizedLinear, quantize_lm, set_compute_dtype
+    from openmoshi.accel.quantize import QuantizedLinear, quantize_lm, set_compute_dtype
 
     saved = None if path is None else _quantized_metadata(path)
     if saved is not None:
@@ -201,7 +201,7 @@ def load_lm(path: str | Path | None, cfg: LMConfig, device: str | torch.device =
 
 
 def _quantized_metadata(path) -> dict[str, str] | None:
-    from .quantize import quantized_metadata
+    from openmoshi.accel.quantize import quantized_metadata
 
     try:
         return quantized_metadata(path)
@@ -210,7 +210,7 @@ def _quantized_metadata(path) -> dict[str, str] | None:
 
 
 def _saved_mode(saved: dict[str, str]) -> tuple[str, int]:
-    from .quantize import saved_mode
+    from openmoshi.accel.quantize import saved_mode
 
     try:
         return saved_mode(saved)
@@ -220,7 +220,7 @@ def _saved_mode(saved: dict[str, str]) -> tuple[str, int]:
 
 def _check_quantized(path, saved: dict[str, str], lora, quantize) -> Path | None:
     """Checks the load options against a quantized checkpoint; the LoRA adapter still to apply."""
-    from .quantize import LORA_KEY
+    from openmoshi.accel.quantize import LORA_KEY
 
     try:
         mode, _ = _saved_mode(saved)
@@ -244,7 +244,7 @@ def _check_quantized(path, saved: dict[str, str], lora, quantize) -> Path | None
 def _config_mismatch(path, saved: dict[str, str] | None, cfg: LMConfig) -> CheckpointError | None:
     """For a quantized checkpoint that does not fit `cfg`: an error naming the config keys that
     differ from those it was quantized with (None when it cannot tell)."""
-    from .quantize import CONFIG_KEY
+    from openmoshi.accel.quantize import CONFIG_KEY
 
     if saved is None or CONFIG_KEY not in saved:
         return None
@@ -265,7 +265,7 @@ def _config_mismatch(path, saved: dict[str, str] | None, cfg: LMConfig) -> Check
 def load_mimi(path: str | Path | None, num_codebooks: int = 8, device: str | torch.device = "cpu",
               dtype: torch.dtype = torch.float32, config=None):
     """Mimi from an official `tokenizer-*.safetensors` (random weights when path is None)."""
-    from .mimi import Mimi, MimiConfig
+    from openmoshi.mimi.codec import Mimi, MimiConfig
 
     cfg = MimiConfig.default() if config is None else config
     with torch.device(device):

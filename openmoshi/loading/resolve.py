@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .config import ModelConfig
+    from openmoshi.lm.config import ModelConfig
 
 
 DEFAULT_REPO = "kyutai/moshiko-pytorch-bf16"
@@ -166,7 +166,7 @@ class _Unreachable(ResolveError):
 
 
 def _needed_files_message(err: _Unreachable, config: ModelConfig | None, lm_only: bool = False) -> str:
-    from .config import MOSHI_7B, ModelConfig
+    from openmoshi.lm.config import MOSHI_7B, ModelConfig
 
     names = [(CONFIG_NAME, "config")] if config is None else []
     cfg = config or ModelConfig(lm=MOSHI_7B)
@@ -183,7 +183,7 @@ def _cached_legacy(repo: str) -> bool:
     from huggingface_hub import try_to_load_from_cache
     from huggingface_hub.file_download import _CACHED_NO_EXIST
 
-    from .config import MOSHI_7B, ModelConfig
+    from openmoshi.lm.config import MOSHI_7B, ModelConfig
 
     if try_to_load_from_cache(repo, CONFIG_NAME) is _CACHED_NO_EXIST:
         return True
@@ -199,7 +199,7 @@ def resolve_files(hf_repo: str | None = DEFAULT_REPO, moshi_weight=None, mimi_we
                   tokenizer=None, config_path=None, lora_weight=None, lm_only: bool = False) -> ModelFiles:
     """Finds (downloading if needed) every file of a model. See the module docstring. `lm_only`:
     the config, LM and LoRA files alone (mimi_weight and tokenizer are None)."""
-    from .config import MOSHI_7B, ModelConfig, load_model_config
+    from openmoshi.lm.config import MOSHI_7B, ModelConfig, load_model_config
 
     fetch = _Fetcher(hf_repo)
     config: ModelConfig | None = None
@@ -281,8 +281,8 @@ def resolve_dtype(name: str | None, device):
 
 @dataclass(frozen=True)
 class LoadedModel:
-    lm: object  # openmoshi.lm.LMModel
-    mimi: object  # openmoshi.mimi.Mimi
+    lm: object  # openmoshi.lm.model.LMModel
+    mimi: object  # openmoshi.mimi.codec.Mimi
     tokenizer: object  # sentencepiece.SentencePieceProcessor
     config: ModelConfig
     files: ModelFiles
@@ -296,7 +296,7 @@ def with_fast_streaming(model: LoadedModel) -> LoadedModel:
     LM's and Mimi's norms, RoPE + cache writes and gating run as fused Triton kernels
     (`fused.apply`; OPENMOSHI_NO_FUSED_KERNELS=1 keeps the reference modules)."""
     if model.device.type == "cuda":
-        from . import fused
+        from openmoshi.accel import fused
 
         if fused.wanted(model.device):
             fused.apply(model.lm)
@@ -306,7 +306,7 @@ def with_fast_streaming(model: LoadedModel) -> LoadedModel:
         return model
     from dataclasses import replace
 
-    from .mimi_fast import fast_cpu
+    from openmoshi.accel.mimi_cpu import fast_cpu
 
     return replace(model, mimi=fast_cpu(model.mimi))
 
@@ -317,7 +317,7 @@ def load_model(files: ModelFiles, device=None, dtype=None, quantize: str | None 
     weight-only quantization of the LM's transformer layers."""
     import torch
 
-    from .checkpoint import load_lm, load_mimi, load_text_tokenizer
+    from openmoshi.loading.checkpoint import load_lm, load_mimi, load_text_tokenizer
 
     device = resolve_device(device if device is None or isinstance(device, str) else str(device))
     if not isinstance(dtype, torch.dtype):
@@ -331,7 +331,7 @@ def load_model(files: ModelFiles, device=None, dtype=None, quantize: str | None 
             lm.text_emb.weight[2] = lm.text_emb.weight[3]
     mimi_config = None
     if files.mimi_config is not None:
-        from .mimi_config import mimi_config_from_dict
+        from openmoshi.mimi.config import mimi_config_from_dict
         mimi_config = mimi_config_from_dict(json.loads(files.mimi_config.read_text()))
     mimi = load_mimi(files.mimi_weight, cfg.mimi_codebooks, device, torch.float32, config=mimi_config)
     tokenizer = load_text_tokenizer(files.tokenizer)

@@ -31,11 +31,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from openmoshi.conv import Conv1dState, ConvTr1dState, StreamingConv1d, StreamingConvTranspose1d
-from openmoshi.mimi_config import MimiConfig
-from openmoshi.quantizer import SplitResidualVectorQuantizer
-from openmoshi.seanet import SeanetDecoder, SeanetEncoder, SeanetState
-from openmoshi.transformer import Transformer, TransformerConfig, TransformerState
+from openmoshi.mimi.conv import Conv1dState, ConvTr1dState, StreamingConv1d, StreamingConvTranspose1d
+from openmoshi.mimi.config import MimiConfig
+from openmoshi.mimi.quantizer import SplitResidualVectorQuantizer
+from openmoshi.mimi.seanet import SeanetDecoder, SeanetEncoder, SeanetState
+from openmoshi.modules.transformer import Transformer, TransformerConfig, TransformerState
 
 SAMPLE_RATE = 24000
 FRAME_RATE = 12.5

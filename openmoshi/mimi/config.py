@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from openmoshi.transformer import TransformerConfig
+from openmoshi.modules.transformer import TransformerConfig
 
 
 @dataclass(frozen=True)

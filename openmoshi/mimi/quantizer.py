@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from openmoshi.mimi_config import QuantizerConfig
+from openmoshi.mimi.config import QuantizerConfig
 
 EPSILON = 1e-5  # lower bound of cluster_usage when turning the EMA sums into centroids
 

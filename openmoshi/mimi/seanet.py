@@ -23,8 +23,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from openmoshi.conv import StreamingConv1d, StreamingConvTranspose1d
-from openmoshi.mimi_config import SeanetConfig
+from openmoshi.mimi.conv import StreamingConv1d, StreamingConvTranspose1d
+from openmoshi.mimi.config import SeanetConfig
 
 
 class SeanetState(list):

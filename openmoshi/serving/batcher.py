@@ -16,7 +16,7 @@ silence for that tick, so one slow client never holds back the others. Joining, 
 restarting are commands applied by the worker between ticks; they reset only that slot (LM state,
 Mimi encoder and decoder state, sampling settings).
 
-On CUDA the three steps run as CUDA graphs (`openmoshi.cuda_graph`; `cuda_graph=False` or
+On CUDA the three steps run as CUDA graphs (`openmoshi.accel.cuda_graph`; `cuda_graph=False` or
 OPENMOSHI_NO_CUDA_GRAPH=1 for eager). The LM step's attention reads the window of the furthest
 occupied slot, known on the host (`Slot.steps`), so it shrinks again when conversations restart;
 every window's graph is captured when the worker starts, before any conversation, since a capture
@@ -36,13 +36,13 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .config import TEXT_END_PADDING_ID, TEXT_PADDING_ID
-from .cuda_graph import GraphedStep, graphed
-from .generate import init_state, reset_slots, set_condition, set_sampling
-from .metrics import Metrics
-from .sampling import SamplingConfig
+from openmoshi.lm.config import TEXT_END_PADDING_ID, TEXT_PADDING_ID
+from openmoshi.accel.cuda_graph import GraphedStep, graphed
+from openmoshi.lm.generate import init_state, reset_slots, set_condition, set_sampling
+from openmoshi.serving.metrics import Metrics
+from openmoshi.lm.sampling import SamplingConfig
 
-log = logging.getLogger("openmoshi.server")
+log = logging.getLogger("openmoshi.serving.server")
 
 FRAME_SECONDS = 0.08
 TICK_SLACK = 0.1  # latest tick: 80 ms plus 20 ms of grace for a client's network jitter
@@ -85,7 +85,7 @@ class Batcher:
         self.lm, self.mimi, self.tokenizer = lm, mimi, tokenizer
         self.max_slots = max_slots
         self.sampling = sampling
-        self.cuda_graph = cuda_graph  # None: CUDA graphs on CUDA (see openmoshi.cuda_graph)
+        self.cuda_graph = cuda_graph  # None: CUDA graphs on CUDA (see openmoshi.accel.cuda_graph)
         self.frame_size = mimi.frame_size
         self.metrics = metrics or Metrics()
         self._slots: list[Slot | None] = [None] * max_slots  # worker's view

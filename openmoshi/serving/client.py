@@ -1,4 +1,4 @@
-"""A client for the `/api/chat` websocket protocol (`openmoshi.protocol`), against `openmoshi serve`
+"""A client for the `/api/chat` websocket protocol (`openmoshi.serving.protocol`), against `openmoshi serve`
 or the official Moshi servers.
 
 Two ways to talk:
@@ -23,8 +23,8 @@ from typing import Callable
 
 import numpy as np
 
-from openmoshi import protocol
-from openmoshi.opus import SAMPLE_RATE, OpusDecoder, OpusEncoder
+from openmoshi.serving import protocol
+from openmoshi.serving.opus import SAMPLE_RATE, OpusDecoder, OpusEncoder
 
 FRAME_SIZE = 1920  # samples per 80 ms model step; the opus encoder takes whole frames
 FRAME_S = FRAME_SIZE / SAMPLE_RATE

@@ -33,14 +33,14 @@ from pathlib import Path
 import numpy as np
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from . import protocol
-from .batcher import Batcher, Slot
-from .metrics import Metrics
-from .opus import OpusDecoder, OpusEncoder, OpusError
-from .sampling import SamplingConfig
-from .waiting import ADMITTED, LEFT, STOPPING, TIMED_OUT, Ticket, WaitingLine, wait_turn
+from openmoshi.serving import protocol
+from openmoshi.serving.batcher import Batcher, Slot
+from openmoshi.serving.metrics import Metrics
+from openmoshi.serving.opus import OpusDecoder, OpusEncoder, OpusError
+from openmoshi.lm.sampling import SamplingConfig
+from openmoshi.serving.waiting import ADMITTED, LEFT, STOPPING, TIMED_OUT, Ticket, WaitingLine, wait_turn
 
-log = logging.getLogger("openmoshi.server")
+log = logging.getLogger("openmoshi.serving.server")
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
 CLOSE_UNAUTHORIZED = 4001  # private-use websocket close code
@@ -59,7 +59,7 @@ class ServerConfig:
     ready_timeout: float = 10.0  # waiting for the model loop to reset a slot
     shutdown_grace: float = 10.0  # seconds given to conversations to end on shutdown
     static_dir: Path | None = WEB_DIR
-    cuda_graph: bool | None = None  # the model loop as CUDA graphs: None on CUDA (see openmoshi.cuda_graph)
+    cuda_graph: bool | None = None  # the model loop as CUDA graphs: None on CUDA (see openmoshi.accel.cuda_graph)
     cfg_coef: float = 1.0  # classifier-free guidance of a conditioned model (needs `negative`)
     queue_size: int = 16  # clients waiting for a slot when all are taken; more are refused (0: no line)
     queue_timeout: float = 120.0  # seconds a client waits for a slot before it is refused

@@ -1,5 +1,5 @@
 // The binary websocket protocol of /api/chat: first byte is the kind, the rest is the payload.
-// Keep in step with openmoshi/protocol.py (tests/test_web_protocol.py checks that both agree).
+// Keep in step with openmoshi/serving/protocol.py (tests/test_web_protocol.py checks that both agree).
 
 export const KIND_HANDSHAKE = 0;
 export const KIND_AUDIO = 1;
