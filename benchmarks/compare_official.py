@@ -70,7 +70,7 @@ def run_official(cfg, batch_size, steps, warmup, device, dtype, codec_only):
 
 def run_ours(cfg, batch_size, steps, warmup, device, dtype, codec_only, quantize=None):
     from openmoshi import bench
-    from openmoshi.loading.checkpoint import load_mimi
+    from openmoshi.loading.mimi import load_mimi
 
     mimi = load_mimi(None, num_codebooks=max(cfg.dep_q, cfg.n_q - cfg.dep_q), device=device)
     lm = None if codec_only else bench.random_lm(cfg, device, dtype, quantize)
@@ -89,7 +89,7 @@ def compare_codec(batch_size, steps, warmup, device, mimi_fast):
     """Official Mimi, openmoshi reference, openmoshi fast path: one streaming frame each in turn."""
     from moshi.models import loaders
 
-    from openmoshi.loading.checkpoint import load_mimi
+    from openmoshi.loading.mimi import load_mimi
     from openmoshi.accel.mimi_cpu import fast_cpu
 
     torch.manual_seed(0)

@@ -23,7 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from openmoshi.accel import fused
 from openmoshi.lm import generate
-from openmoshi.loading.checkpoint import load_lm
+from openmoshi.loading.lm import load_lm
 from openmoshi.lm.config import BUILTIN_CONFIGS
 from openmoshi.mimi.codec import Mimi
 from openmoshi.lm.sampling import SamplingConfig

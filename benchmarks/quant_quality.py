@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import torch  # noqa: E402
 
-from openmoshi.loading.checkpoint import load_lm  # noqa: E402
+from openmoshi.loading.lm import load_lm  # noqa: E402
 from openmoshi.lm.config import BUILTIN_CONFIGS, TEXT_END_PADDING_ID, TEXT_PADDING_ID, LMConfig  # noqa: E402
 from openmoshi.lm.delays import delay_codes, undelay  # noqa: E402
 from openmoshi.lm.model import LMModel, LMOutput  # noqa: E402

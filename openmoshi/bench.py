@@ -15,11 +15,13 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from openmoshi.lm import generate as G
-from openmoshi.loading.checkpoint import load_lm, load_mimi
-from openmoshi.lm.config import LMConfig
 from openmoshi.accel.cuda_graph import GraphedStep, graphed
+from openmoshi.accel.mimi_cpu import WEIGHT_MODES
+from openmoshi.lm import generate as G
+from openmoshi.lm.config import LMConfig
 from openmoshi.lm.sampling import SamplingConfig
+from openmoshi.loading.lm import load_lm
+from openmoshi.loading.mimi import load_mimi
 
 
 @dataclass(frozen=True)
@@ -46,11 +48,9 @@ def _p99(xs: list[float]) -> float:
 
 
 def parse_mimi_fast(text: str | None, device: torch.device) -> tuple[str, str] | None:
-    """`--mimi-fast` value -> (encode, decode) weight modes of `mimi_fast.fast_cpu`, or None for
+    """`--mimi-fast` value -> (encode, decode) weight modes of `mimi_cpu.fast_cpu`, or None for
     the float32 reference. Default: "fp32,fp32" on CPU (the reference's weights in a faster
     layout), None elsewhere (CUDA runs the Mimi steps as CUDA graphs instead)."""
-    from openmoshi.accel.mimi_cpu import WEIGHT_MODES
-
     if text is None:
         return ("fp32", "fp32") if device.type == "cpu" else None
     if text == "off":
@@ -63,11 +63,7 @@ def parse_mimi_fast(text: str | None, device: torch.device) -> tuple[str, str] |
 
 def random_lm(cfg: LMConfig, device, dtype, quantize: str | None = None):
     torch.manual_seed(0)
-    lm = load_lm(None, cfg, device=device, dtype=dtype)
-    if quantize:
-        from openmoshi.accel.quantize import quantize_lm
-        quantize_lm(lm, quantize)
-    return lm
+    return load_lm(None, cfg, device=device, dtype=dtype, quantize=quantize)
 
 
 @torch.no_grad()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from openmoshi.loading.checkpoint import canonical_keys, load_state_strict
+from openmoshi.loading.files import canonical_keys, load_state_strict
 from openmoshi.lm.config import lm_config_from_dict
 from openmoshi.lm.model import LMModel
 

@@ -111,7 +111,7 @@ def load_into_openmoshi(official_mimi, num_codebooks: int | None = None,
 
     cfg = None if config is None else mimi_config_from_dict(config)
     mimi = Mimi(cfg, num_codebooks=num_codebooks or official_mimi.num_codebooks)
-    from openmoshi.loading.checkpoint import canonical_keys
+    from openmoshi.loading.files import canonical_keys
 
     mimi.load_state_dict(canonical_keys(dict(official_mimi.state_dict())), strict=True)
     return mimi.eval()

@@ -36,7 +36,8 @@ def test_official_kwargs_build_the_same_model(name):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from compare_official import official_kwargs
 
-    from openmoshi.loading.checkpoint import canonical_keys, load_lm
+    from openmoshi.loading.files import canonical_keys
+    from openmoshi.loading.lm import load_lm
     from openmoshi.lm.config import BUILTIN_CONFIGS
 
     cfg = BUILTIN_CONFIGS[name]

@@ -4,7 +4,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from openmoshi.loading.checkpoint import CheckpointError, apply_lora, load_lm, load_text_tokenizer, read_safetensors
+from openmoshi.loading.files import CheckpointError, read_safetensors
+from openmoshi.loading.lora import apply_lora
+from openmoshi.loading.lm import load_lm
+from openmoshi.loading.tokenizer import load_text_tokenizer
 from openmoshi.lm.config import lm_config_from_dict
 
 from lm_utils import TINY_7B, make_official_lm

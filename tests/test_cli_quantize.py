@@ -16,6 +16,7 @@ from openmoshi.cli import quantize as cli_quantize
 from openmoshi.accel import quantize
 from openmoshi.audio import load_audio, save_wav
 from openmoshi.cli.main import main
+from openmoshi.loading.formats.quantized import quantization_of
 
 # Every input width of the LM's layers a multiple of 128 (int4's default group size): dim 128,
 # gated feed-forwards of 512 (temporal) and 256 (depth) hidden units.
@@ -83,7 +84,7 @@ def test_quantized_file_runs_as_quantize_on_load(mode, ckpt, wav, tmp_path, caps
     q = tmp_path / "q.safetensors"
     _quantize(ckpt, q, "--mode", mode)
     out = capsys.readouterr().out
-    assert quantize.quantization_of(q) == (mode, 128)
+    assert quantization_of(q) == (mode, 128)
     assert q.stat().st_size < (ckpt / NAMES["moshi_name"]).stat().st_size
     assert f"openmoshi serve --hf-repo {ckpt} --moshi-weight {q}" in out and "MB" in out
     assert list(tmp_path.iterdir()) == [q]  # no temporary file left behind
@@ -115,7 +116,7 @@ def test_speech_to_text_model(wav, tmp_path):
 def test_bfloat16_load_keeps_float32_scales(layer_scale, tmp_path):
     """Loading a quantized file in bfloat16 gives the model quantizing on load does: quantization
     scales in float32, everything else (LayerScale's `scale` too) in bfloat16."""
-    from openmoshi.loading.checkpoint import load_lm
+    from openmoshi.loading.lm import load_lm
     from openmoshi.lm.config import lm_config_from_dict
 
     kwargs = {k: v for k, v in WIDE.items() if k != "depformer_layer_scale"}  # the depformer's: layer_scale

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from openmoshi.cli import main as cli
+from openmoshi.cli.common import EXIT_USAGE
 from openmoshi.serving.client import (FRAME_SIZE, SAMPLE_RATE, ClientError, ServerError, _Playback, chat_url,
                               talk_file)
 
@@ -92,7 +93,7 @@ def test_cli_errors(tmp_path, capsys):
     _write_wav(wav, _tone(0.2))
     with pytest.raises(SystemExit) as e:
         cli.main(["client", "--url", "ftp://x", "--input", str(wav)])
-    assert e.value.code == cli.EXIT_USAGE
+    assert e.value.code == EXIT_USAGE
     assert "bad URL" in capsys.readouterr().err
     with StubServer(ChatStub(busy=True)) as server:
         assert cli.main(["client", "--url", server.url, "--input", str(wav)]) == 1

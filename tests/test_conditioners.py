@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from openmoshi.lm import generate as G
-from openmoshi.loading.checkpoint import load_lm
+from openmoshi.loading.lm import load_lm
 from openmoshi.lm.conditioners import hash_value
 from openmoshi.lm.config import ConfigError, lm_config_from_dict, load_model_config
 from openmoshi.lm.model import LMModel

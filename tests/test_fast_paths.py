@@ -8,8 +8,8 @@ from openmoshi.lm import generate as G
 from openmoshi.lm.config import TINY, lm_config_from_dict
 from openmoshi.accel.cuda_graph import CUDAGraphed
 from openmoshi.lm.model import LMModel
-from openmoshi.accel.quantize import (QuantizedLinear, dequantize_int4, quantization_of, quantize_int4, quantize_int8,
-                                quantize_lm, save_quantized_lm)
+from openmoshi.accel.quantize import QuantizedLinear, dequantize_int4, quantize_int4, quantize_int8, quantize_lm
+from openmoshi.loading.formats.quantized import quantization_of, save_quantized_lm
 from openmoshi.lm.sampling import SamplingConfig
 
 from lm_utils import TINY_7B
@@ -88,7 +88,7 @@ def test_quantized_lm_quality_and_save_load(mode, tmp_path):
         assert kl < (0.05 if mode == "int8" else 0.5), kl.item()
     save_quantized_lm(q, tmp_path / "q.safetensors")
     assert quantization_of(tmp_path / "q.safetensors") == (mode, 32)
-    from openmoshi.loading.checkpoint import load_lm
+    from openmoshi.loading.lm import load_lm
     loaded = load_lm(tmp_path / "q.safetensors", lm_config_from_dict(kw), dtype=torch.float32)
     with torch.no_grad():
         c = loaded(codes)
@@ -201,7 +201,7 @@ def _storages(state):
 
 def test_streaming_states_are_updated_in_place():
     """CUDA graphs replay fixed addresses: a step may change the state's values, never its tensors."""
-    from openmoshi.loading.checkpoint import load_mimi
+    from openmoshi.loading.mimi import load_mimi
 
     lm = random_lm()
     state = G.init_state(lm, 2, SamplingConfig())

@@ -105,7 +105,7 @@ def test_add_rms_norm(scale):
 
 def test_lm_generation_equals_reference():
     """Greedy generation with the 7B structure (tiny widths): identical tokens with the kernels."""
-    from openmoshi.loading.checkpoint import load_lm
+    from openmoshi.loading.lm import load_lm
 
     torch.manual_seed(0)
     cfg = lm_config_from_dict(TINY_7B)
@@ -140,7 +140,7 @@ def test_state_dict_unchanged_and_training_and_cpu_without_interpreter_fall_back
 def test_with_fast_streaming_applies_the_kernels_on_cuda(monkeypatch):
     from types import SimpleNamespace
 
-    from openmoshi.loading.resolve import with_fast_streaming
+    from openmoshi.accel.streaming import with_fast_streaming
 
     def model():  # with_fast_streaming looks at the device only: CPU modules stand in
         return SimpleNamespace(lm=Transformer(TransformerConfig(d_model=16, num_heads=2, num_layers=1,

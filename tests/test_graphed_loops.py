@@ -18,7 +18,7 @@ from openmoshi.serving.batcher import Batcher
 from openmoshi.lm.config import ModelConfig
 from openmoshi.accel.cuda_graph import ENV_OFF, CUDAGraphed, GraphedStep, wanted
 from openmoshi.inference.offline import run
-from openmoshi.loading.resolve import LoadedModel
+from openmoshi.loading.model import LoadedModel
 from openmoshi.lm.sampling import SamplingConfig
 
 from lm_utils import TINY_7B

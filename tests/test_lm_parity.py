@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from openmoshi.lm import generate as G
-from openmoshi.loading.checkpoint import load_lm
+from openmoshi.loading.lm import load_lm
 from openmoshi.lm.config import lm_config_from_dict
 from openmoshi.lm.sampling import SamplingConfig
 

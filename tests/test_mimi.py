@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from openmoshi.loading.checkpoint import canonical_keys
+from openmoshi.loading.files import canonical_keys
 
 from openmoshi.mimi.codec import FRAME_RATE, FRAME_SIZE, SAMPLE_RATE, Mimi
 from openmoshi.mimi.config import MimiConfig, mimi_config_from_dict

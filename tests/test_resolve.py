@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from infer_utils import NAMES, make_checkpoint
-from openmoshi.loading.checkpoint import dequantize_q8, load_lm
+from openmoshi.loading.formats.q8 import dequantize_q8
+from openmoshi.loading.lm import load_lm
 from openmoshi.cli.main import main
 from openmoshi.lm.config import MOSHI_7B
 from openmoshi.loading.resolve import ResolveError, resolve_files

@@ -28,7 +28,6 @@ plain eager calls, True means the wrapper always (on CPU: its static-buffer disc
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_flatten, tree_map
 
+from openmoshi.accel.env import env_disabled
 from openmoshi.lm import generate as G
 
 log = logging.getLogger("openmoshi.accel.cuda_graph")
@@ -153,15 +153,10 @@ class CUDAGraphed:
 # ----------------------------------------------------------------------------- call sites
 
 
-def env_disabled(name: str = ENV_OFF) -> bool:
-    """An OPENMOSHI_NO_* switch (default OPENMOSHI_NO_CUDA_GRAPH) set to anything but "", 0, no, n, false."""
-    return os.environ.get(name, "").strip().lower() not in ("", "0", "no", "n", "false")
-
-
 def wanted(cuda_graph: bool | None, device) -> bool:
     """Whether a call site wraps its steps in `CUDAGraphed`; see the module doc for `cuda_graph`."""
     if cuda_graph is None:
-        return torch.device(device).type == "cuda" and not env_disabled()
+        return torch.device(device).type == "cuda" and not env_disabled(ENV_OFF)
     return bool(cuda_graph)
 
 

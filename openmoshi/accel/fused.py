@@ -30,7 +30,8 @@ import os
 import torch
 from torch import nn
 
-from openmoshi.modules.transformer import Attention, Gating, Layer, LayerScale, RMSNorm
+from openmoshi.accel.env import env_disabled
+from openmoshi.modules.transformer import Attention, Gating, Layer, LayerScale, RMSNorm, rope_tables
 
 try:
     import triton
@@ -50,8 +51,6 @@ def available() -> bool:
 def wanted(device, disabled: bool = False) -> bool:
     """Whether a call site on `device` applies the kernels: CUDA with Triton, unless `disabled` (a
     --no-fused flag) or the environment sets OPENMOSHI_NO_FUSED_KERNELS."""
-    from openmoshi.accel.cuda_graph import env_disabled
-
     return torch.device(device).type == "cuda" and available() and not disabled and not env_disabled(ENV_OFF)
 
 
@@ -212,7 +211,6 @@ class FusedAttention(Attention):
         k_cache, v_cache = cache
         rotate = self.cfg.positional_embedding == "rope"
         if rotate and rope is None:  # not precomputed by the caller
-            from openmoshi.modules.transformer import rope_tables
             rope = rope_tables(q_pos, self.cfg.head_dim, self.cfg.max_period)
         q = rotate_and_cache(qkv, q_pos, rope if rotate else None, k_cache, v_cache, self.cfg.num_heads)
         return q, k_cache[:, :, :n], v_cache[:, :, :n]

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from openmoshi.cli.common import UsageError
+from openmoshi.loading.resolve import DTYPES, resolve_device
+
 
 def add_bench_parser(subparsers) -> None:
     p = subparsers.add_parser(
@@ -17,7 +20,7 @@ def add_bench_parser(subparsers) -> None:
     p.add_argument("--steps", type=int, default=50, help="timed frames per batch size")
     p.add_argument("--warmup", type=int, default=10, help="untimed frames first")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+    p.add_argument("--dtype", default=None, choices=DTYPES,
                    help="default: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--quantize", choices=["int8", "int4"], default=None, help="weight-only quantized LM")
     p.add_argument("--codec-only", action="store_true", help="time Mimi alone (no LM)")
@@ -37,8 +40,6 @@ def add_bench_parser(subparsers) -> None:
 
 
 def _batch_sizes(text: str) -> list[int]:
-    from openmoshi.cli.main import UsageError
-
     try:
         sizes = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
@@ -52,14 +53,13 @@ def run_bench(args) -> int:
     import torch
 
     from openmoshi import bench
-    from openmoshi.cli.main import UsageError, _resolve_device
-    from openmoshi.lm.config import BUILTIN_CONFIGS, load_model_config
     from openmoshi.accel.cuda_graph import wanted
+    from openmoshi.lm.config import BUILTIN_CONFIGS, load_model_config
 
     sizes = _batch_sizes(args.batch_sizes)
     if args.steps < 1 or args.warmup < 0:
         raise UsageError("--steps must be >= 1 and --warmup >= 0")
-    device = _resolve_device(args.device)
+    device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
@@ -75,7 +75,7 @@ def run_bench(args) -> int:
     except ValueError as e:
         raise UsageError(str(e)) from None
     if not args.no_mimi:
-        from openmoshi.loading.checkpoint import load_mimi
+        from openmoshi.loading.mimi import load_mimi
         mimi = load_mimi(None, num_codebooks=max(cfg.dep_q, cfg.num_user_codebooks), device=device)
         if mimi_fast is not None:
             from openmoshi.accel.mimi_cpu import fast_cpu

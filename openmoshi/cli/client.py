@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from openmoshi.cli.main import UsageError, _existing_file, _output_file
+from openmoshi.cli.common import UsageError, existing_file, output_file
 
 EXIT_CONNECTION = 1  # the server could not be reached, refused us, or hung up
 
@@ -52,9 +52,9 @@ def client_main(args: argparse.Namespace) -> int:
         chat_url(args.url)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    source = _existing_file(args.input, "audio file") if args.input else None
-    output = _output_file(args.output) if args.output else None
-    text_out = _output_file(args.transcript) if args.transcript else None
+    source = existing_file(args.input, "audio file") if args.input else None
+    output = output_file(args.output) if args.output else None
+    text_out = output_file(args.transcript) if args.transcript else None
     if args.tail < 0 or args.max_lag <= 0:
         raise UsageError("--tail must be >= 0 and --max-lag > 0")
     params = {name: getattr(args, name) for name in SAMPLING_PARAMS}

@@ -13,8 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from openmoshi.cli.main import UsageError, check_cfg_coef, finite_float, positive_int
-from openmoshi.loading.resolve import add_model_args
+from openmoshi.cli.common import UsageError, add_model_args, check_cfg_coef, finite_float, positive_int, resolve_model
 
 BAR_WIDTH = 24
 TEXT_TAIL = 40  # characters of live text on the progress line
@@ -125,18 +124,19 @@ def infer(args: argparse.Namespace) -> int:
 
     from dataclasses import replace
 
+    from openmoshi.accel.streaming import with_fast_streaming
     from openmoshi.audio import SAMPLE_RATE, save_wav
-    from openmoshi.inference.offline import DEFAULT_SEED, InferenceModel, sampling_defaults
-    from openmoshi.loading.resolve import load_model, resolve_model, with_fast_streaming
-    from openmoshi.lm.sampling import SamplingConfig
+    from openmoshi.inference.offline import DEFAULT_SEED, InferenceModel
     from openmoshi.inference.transcript import write_json
+    from openmoshi.lm.sampling import SamplingConfig
+    from openmoshi.loading.model import load_model
 
     files = resolve_model(args)
     check_cfg_coef(files.config, args.cfg_coef)
     if outputs and files.config.lm.dep_q == 0:
         raise UsageError(f"this model ({files.config.model_type}) writes no audio: use --transcript FILE.json")
     model = InferenceModel(with_fast_streaming(load_model(files, args.device, args.dtype, args.quantize)))
-    sampling = SamplingConfig.greedy() if args.greedy else sampling_defaults(model.model)
+    sampling = SamplingConfig.greedy() if args.greedy else SamplingConfig.from_gen_config(model.model.config.lm_gen_config)
     overrides = {k: getattr(args, k) for k in ("temp", "temp_text", "top_k", "top_k_text")
                  if getattr(args, k) is not None}
     sampling = replace(sampling, **overrides)

@@ -13,14 +13,13 @@ so it is whole or absent.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 import time
 from pathlib import Path
 
-from openmoshi.cli.main import UsageError, _output_file
-from openmoshi.loading.resolve import DTYPES, add_model_args
+from openmoshi.cli.common import UsageError, add_model_args, output_file
+from openmoshi.loading.resolve import DTYPES, resolve_device, resolve_files
 
 # As openmoshi.accel.quantize.MODES, GROUP_SIZES and DEFAULT_GROUP_SIZE (not imported: it imports torch,
 # and building the parser must stay light).
@@ -56,16 +55,16 @@ def add_quantize_parser(subparsers) -> None:
 
 
 def quantize(args: argparse.Namespace) -> int:
-    output = _output_file(args.output)
+    output = output_file(args.output)
     if args.mode == "int8" and args.group_size is not None:
         raise UsageError("--group-size is for int4 only: int8 has one scale per output row")
     group_size = args.group_size or DEFAULT_GROUP_SIZE
 
     import torch
 
-    from openmoshi.loading.checkpoint import load_lm
-    from openmoshi.accel.quantize import CONFIG_KEY, LORA_KEY, quantize_lm, save_quantized_lm
-    from openmoshi.loading.resolve import resolve_device, resolve_files
+    from openmoshi.accel.quantize import quantize_lm
+    from openmoshi.loading.formats.quantized import save_quantized_lm
+    from openmoshi.loading.lm import load_lm
 
     files = resolve_files(args.hf_repo, args.moshi_weight, config_path=args.config_path,
                           lora_weight=args.lora_weight, lm_only=True)
@@ -87,10 +86,7 @@ def quantize(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     lm = load_lm(source, cfg.lm, device, dtype, lora=lora, lora_scaling=cfg.lora_scaling)
     quantize_lm(lm, args.mode, group_size)  # layer by layer: each float weight is freed once swapped
-    metadata = {CONFIG_KEY: json.dumps(cfg.lm.to_dict(), sort_keys=True), "openmoshi_source": source.name}
-    if lora is not None:
-        metadata[LORA_KEY] = lora.name
-    save_quantized_lm(lm, output, metadata)
+    save_quantized_lm(lm, output, cfg.lm, source=source.name, lora=lora.name if lora else None)
     what = args.mode if args.mode == "int8" else f"int4, groups of {group_size}"
     print(f"openmoshi: wrote {output} ({_size(output.stat().st_size)}, {what}) in "
           f"{time.perf_counter() - start:.1f} s")
@@ -104,8 +100,8 @@ def _check_group_size(lm_cfg, group_size: int) -> None:
     layers in float silently."""
     import torch
 
-    from openmoshi.lm.model import LMModel
     from openmoshi.accel.quantize import unquantizable_widths
+    from openmoshi.lm.model import LMModel
 
     with torch.device("meta"):
         model = LMModel(lm_cfg)  # shapes only, no memory
@@ -125,20 +121,13 @@ def _inspect(path: Path) -> tuple[str | None, str]:
     and the dtype most of the float tensors have (bfloat16 for the released models)."""
     from collections import Counter
 
-    from safetensors import safe_open
+    from openmoshi.loading.files import read_header
+    from openmoshi.loading.formats.quantized import FORMAT_KEY
 
-    from openmoshi.loading.checkpoint import read_safetensors
-    from openmoshi.accel.quantize import FORMAT_KEY
-
-    try:
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-            counts = Counter(f.get_slice(k).get_dtype() for k in f.keys())
-    except Exception:
-        read_safetensors(path)  # raises the error that says what is wrong with the file
-        raise
+    header = read_header(path)  # raises the error that says what is wrong with the file
+    counts = Counter(info.get("dtype") for info in header.tensors.values() if isinstance(info, dict))
     floats = [d for d, _ in counts.most_common() if d in _SAFETENSORS_DTYPES]
-    return meta.get(FORMAT_KEY), _SAFETENSORS_DTYPES[floats[0]] if floats else "bfloat16"
+    return header.metadata.get(FORMAT_KEY), _SAFETENSORS_DTYPES[floats[0]] if floats else "bfloat16"
 
 
 def _use_flags(args: argparse.Namespace, output: Path) -> str:

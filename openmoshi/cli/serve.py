@@ -9,8 +9,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from openmoshi.cli.main import UsageError, check_cfg_coef, finite_float, positive_int
-from openmoshi.loading.resolve import add_model_args
+from openmoshi.cli.common import UsageError, add_model_args, check_cfg_coef, finite_float, positive_int, resolve_model
 
 DEFAULT_PORT = 8998
 
@@ -80,8 +79,10 @@ def run_serve(args) -> int:
     import torch
     from aiohttp import web
 
-    from openmoshi.loading.resolve import load_model, resolve_model, with_fast_streaming
-    from openmoshi.inference.offline import HIBIKI_CONDITION, HIBIKI_NEGATIVE, sampling_defaults
+    from openmoshi.accel.streaming import with_fast_streaming
+    from openmoshi.lm.conditioners import HIBIKI_CONDITION, HIBIKI_NEGATIVE
+    from openmoshi.lm.sampling import SamplingConfig
+    from openmoshi.loading.model import load_model
     from openmoshi.serving.server import WEB_DIR, MoshiServer, ServerConfig, event
 
     if args.queue < 0 or args.queue_timeout <= 0:
@@ -97,7 +98,7 @@ def run_serve(args) -> int:
         raise UsageError(f"this {files.config.model_type} model expects conditioning, which the "
                          "server supports for Hibiki only")
     model = with_fast_streaming(load_model(files, args.device, args.dtype, args.quantize))
-    sampling = sampling_defaults(model)  # the checkpoint's lm_gen_config, else the official defaults
+    sampling = SamplingConfig.from_gen_config(model.config.lm_gen_config)  # the checkpoint's lm_gen_config, else the official defaults
     max_sessions = args.max_sessions or (8 if model.device.type == "cuda" else 1)
     config = ServerConfig(max_sessions=max_sessions, auth_token=args.auth_token,
                           idle_timeout=args.idle_timeout, queue_size=args.queue, queue_timeout=args.queue_timeout,

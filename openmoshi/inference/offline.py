@@ -33,23 +33,22 @@ from pathlib import Path
 
 import torch
 
-from openmoshi.audio import SAMPLE_RATE, AudioError, load_audio, resample
 from openmoshi.accel.cuda_graph import GraphedStep, graphed
-from openmoshi.lm.generate import init_state, set_condition
-from openmoshi.mimi.codec import FRAME_SIZE
-from openmoshi.loading.resolve import DEFAULT_REPO, LoadedModel, load_model, resolve_files, with_fast_streaming
-from openmoshi.lm.sampling import SamplingConfig
+from openmoshi.accel.streaming import with_fast_streaming
+from openmoshi.audio import SAMPLE_RATE, AudioError, load_audio, resample
 from openmoshi.inference.transcript import Piece, Word, pieces, text_of, transcript_dict, words
+from openmoshi.lm.conditioners import HIBIKI_CONDITION, HIBIKI_NEGATIVE
+from openmoshi.lm.generate import init_state, set_condition
+from openmoshi.lm.sampling import SamplingConfig
+from openmoshi.loading.model import LoadedModel, load_model
+from openmoshi.loading.resolve import DEFAULT_REPO, resolve_files
+from openmoshi.mimi.codec import FRAME_SIZE
 
 FRAME_SECONDS = FRAME_SIZE / SAMPLE_RATE  # 0.08
-HIBIKI_CONDITION = {"description": "very_good"}  # what the official loop asks a conditioned Hibiki for
-HIBIKI_NEGATIVE = {"description": "very_bad"}  # and what classifier-free guidance steers it away from
 ENCODE_CHUNK = 10  # frames Mimi encodes per call (bounds memory on long files)
 STT_TAIL_SECONDS = 1.0  # silence after audio_delay_seconds, as the official script
 HIBIKI_MAX_EXTRA_SECONDS = 60.0
 DEFAULT_SEED = 4242  # the official script's seed: runs are reproducible by default
-# lm_gen_config keys -> SamplingConfig fields (the official LMGen names).
-GEN_KEYS = {"temp": "temp", "temp_text": "temp_text", "top_k": "top_k", "top_k_text": "top_k_text"}
 
 
 @dataclass(frozen=True)
@@ -90,12 +89,6 @@ class Progress:
     def rtf(self) -> float:
         """Real-time factor: compute seconds per second of audio processed (< 1: faster)."""
         return self.elapsed / max(self.step * FRAME_SECONDS, 1e-9)
-
-
-def sampling_defaults(model: LoadedModel) -> SamplingConfig:
-    """The checkpoint's `lm_gen_config`, else the official defaults."""
-    gen = model.config.lm_gen_config
-    return SamplingConfig(**{ours: gen[key] for key, ours in GEN_KEYS.items() if key in gen})
 
 
 def as_pcm(x, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
@@ -146,7 +139,7 @@ def run(model: LoadedModel, inputs: list, sampling: SamplingConfig | None = None
     kind = cfg.model_type
     if kind not in ("moshi", "stt", "hibiki"):
         raise ValueError(f"model_type {kind!r} is not supported by offline inference")
-    sampling = sampling or sampling_defaults(model)
+    sampling = sampling or SamplingConfig.from_gen_config(model.config.lm_gen_config)
     device = model.device
     heard = [as_pcm(x, sample_rate) for x in inputs]  # [1, N] each
     if silence_tail < 0:

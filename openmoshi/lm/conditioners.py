@@ -32,6 +32,8 @@ CONDITIONER_TYPES = ("lut", "tensor")
 LUT_TOKENIZERS = ("noop",)
 FUSE_METHODS = ("sum", "cross")  # the official ConditionFuser's "prepend" is rejected by it too
 FUSER_OPTIONS = ("cross_attention_pos_emb", "cross_attention_pos_emb_scale")
+HIBIKI_CONDITION = {"description": "very_good"}  # what the official loops ask a conditioned Hibiki for
+HIBIKI_NEGATIVE = {"description": "very_bad"}  # and what classifier-free guidance steers it away from
 
 Attributes = Mapping[str, Any]  # one batch item: condition name -> value (str, tensor or None)
 

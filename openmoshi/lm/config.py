@@ -22,6 +22,7 @@ ZERO_TOKEN = -1  # "no input": contributes a zero embedding, no loss, nothing sa
 UNGENERATED_TOKEN = -2  # "to be generated"
 TEXT_PADDING_ID = 3  # existing_text_padding_id in the released models
 TEXT_END_PADDING_ID = 0  # marks the last padding step before a word
+TEXT_EOS_ID = 2  # the text tokenizer's end of sequence (Hibiki ends its translation with it)
 
 MODEL_TYPES = ("moshi", "hibiki", "stt", "tts")
 

@@ -27,6 +27,12 @@ class SamplingConfig:
     def greedy(cls) -> "SamplingConfig":
         return cls(temp=0.0, temp_text=0.0)
 
+    @classmethod
+    def from_gen_config(cls, gen: dict) -> "SamplingConfig":
+        """A checkpoint's `lm_gen_config` (the official LMGen's names, which are ours); the
+        defaults for what it leaves out."""
+        return cls(**{k: gen[k] for k in ("temp", "top_k", "temp_text", "top_k_text") if k in gen})
+
     def __post_init__(self):
         for name in ("top_k", "top_k_text"):
             if getattr(self, name) < 1:

@@ -1,8 +1,7 @@
-"""Model resolution shared by every command: which files make a model, where they come from, and
-loading them.
+"""Model resolution shared by every command: which files make a model and where they come from.
 
-    files = resolve_files(hf_repo="kyutai/moshiko-pytorch-bf16")     # or resolve_model(args)
-    model = load_model(files, device="cpu", dtype=torch.float32)      # LoadedModel
+    files = resolve_files(hf_repo="kyutai/moshiko-pytorch-bf16")     # ModelFiles, local paths
+    model = loading.model.load_model(files, device="cpu")             # LoadedModel
 
 Each file argument is a local path, `file://path` (always local) or `hf://owner/repo/file` (that
 file of another Hugging Face repo), as the official tools accept. Files not given explicitly come
@@ -16,8 +15,6 @@ take local copies.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 from dataclasses import dataclass
@@ -57,43 +54,6 @@ class ModelFiles:
     @property
     def model_type(self) -> str:
         return self.config.model_type
-
-
-# ----------------------------------------------------------------------------- arguments
-
-
-def add_model_args(parser: argparse.ArgumentParser, lm_only: bool = False) -> None:
-    """The model-selection flags shared by every command that runs the LM. `lm_only`: the flags of
-    a command that reads the LM alone: no --mimi-weight, --tokenizer, --quantize, and it adds its
-    own --device and --dtype."""
-    g = parser.add_argument_group("model")
-    g.add_argument("--hf-repo", default=DEFAULT_REPO, metavar="REPO",
-                   help=f"Hugging Face repo id, or a local folder with the same files (default {DEFAULT_REPO})")
-    for flag, what in (("--moshi-weight", "LM weights (model.safetensors, model.q8.safetensors or a file "
-                                          "written by 'openmoshi quantize')"),
-                       ("--mimi-weight", "Mimi weights (tokenizer-*.safetensors)"),
-                       ("--tokenizer", "SentencePiece text tokenizer (.model)"),
-                       ("--config-path", "config.json (default: the repo's, or Moshi 7B if it has none)"),
-                       ("--lora-weight", "LoRA adapter weights (.safetensors)")):
-        if lm_only and flag in ("--mimi-weight", "--tokenizer"):
-            continue
-        g.add_argument(flag, default=None, metavar="PATH",
-                       help=f"{what}: a local path, file://PATH or hf://OWNER/REPO/FILE (default: from --hf-repo)")
-    if lm_only:
-        return
-    g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    g.add_argument("--dtype", default=None, choices=DTYPES,
-                   help="weights dtype (default: bfloat16 on cuda, float32 on cpu)")
-    g.add_argument("--quantize", default=None, choices=("int8", "int4"),
-                   help="weight-only quantization of the LM's transformer layers (a file written by "
-                        "'openmoshi quantize' is quantized already: leave it out or give its mode)")
-
-
-def resolve_model(args: argparse.Namespace) -> ModelFiles:
-    """The files named by `add_model_args` flags, fetched and checked."""
-    return resolve_files(hf_repo=args.hf_repo, moshi_weight=args.moshi_weight,
-                         mimi_weight=args.mimi_weight, tokenizer=args.tokenizer,
-                         config_path=args.config_path, lora_weight=args.lora_weight)
 
 
 # ----------------------------------------------------------------------------- resolution
@@ -252,7 +212,7 @@ def _repo_config(fetch: _Fetcher, repo: str, explicit: bool) -> Path | None:
         return None
 
 
-# ----------------------------------------------------------------------------- loading
+# ----------------------------------------------------------------------------- device and dtype
 
 
 def resolve_device(name: str | None):
@@ -277,63 +237,3 @@ def resolve_dtype(name: str | None, device):
     if name not in DTYPES:
         raise ResolveError(f"bad --dtype {name!r}, expected one of {', '.join(DTYPES)}")
     return getattr(torch, name)
-
-
-@dataclass(frozen=True)
-class LoadedModel:
-    lm: object  # openmoshi.lm.model.LMModel
-    mimi: object  # openmoshi.mimi.codec.Mimi
-    tokenizer: object  # sentencepiece.SentencePieceProcessor
-    config: ModelConfig
-    files: ModelFiles
-    device: object  # torch.device
-    dtype: object  # torch.dtype
-
-
-def with_fast_streaming(model: LoadedModel) -> LoadedModel:
-    """The call-site speed wrapper for streaming use: on CPU, Mimi's streaming steps run through
-    `mimi_fast.fast_cpu` (same codes as the reference, about 2x faster per frame); on CUDA, the
-    LM's and Mimi's norms, RoPE + cache writes and gating run as fused Triton kernels
-    (`fused.apply`; OPENMOSHI_NO_FUSED_KERNELS=1 keeps the reference modules)."""
-    if model.device.type == "cuda":
-        from openmoshi.accel import fused
-
-        if fused.wanted(model.device):
-            fused.apply(model.lm)
-            fused.apply(model.mimi)
-        return model
-    if model.device.type != "cpu":
-        return model
-    from dataclasses import replace
-
-    from openmoshi.accel.mimi_cpu import fast_cpu
-
-    return replace(model, mimi=fast_cpu(model.mimi))
-
-
-def load_model(files: ModelFiles, device=None, dtype=None, quantize: str | None = None) -> LoadedModel:
-    """LM, Mimi and text tokenizer of `files`. device/dtype: torch objects or names (None: default).
-    Mimi runs in float32 whatever the LM dtype, like the official tools. `quantize`: "int8"/"int4"
-    weight-only quantization of the LM's transformer layers."""
-    import torch
-
-    from openmoshi.loading.checkpoint import load_lm, load_mimi, load_text_tokenizer
-
-    device = resolve_device(device if device is None or isinstance(device, str) else str(device))
-    if not isinstance(dtype, torch.dtype):
-        dtype = resolve_dtype(dtype, device)
-    cfg = files.config
-    lm = load_lm(files.moshi_weight, cfg.lm, device, dtype, lora=files.lora_weight,
-                 lora_scaling=cfg.lora_scaling, quantize=quantize)
-    if cfg.model_type == "hibiki":
-        # As the official loader: an early text EOS (2) reads like padding (3) until the input ends.
-        with torch.no_grad():
-            lm.text_emb.weight[2] = lm.text_emb.weight[3]
-    mimi_config = None
-    if files.mimi_config is not None:
-        from openmoshi.mimi.config import mimi_config_from_dict
-        mimi_config = mimi_config_from_dict(json.loads(files.mimi_config.read_text()))
-    mimi = load_mimi(files.mimi_weight, cfg.mimi_codebooks, device, torch.float32, config=mimi_config)
-    tokenizer = load_text_tokenizer(files.tokenizer)
-    return LoadedModel(lm=lm, mimi=mimi, tokenizer=tokenizer, config=cfg, files=files,
-                       device=device, dtype=dtype)

@@ -44,7 +44,7 @@ LIBRARY_CONV_MIN_WINDOWS = 64  # streaming convs with this many output steps use
 class _ConvHolder(nn.Module):
     """Holds the torch conv one level down so parameter names match the released checkpoint
     (`...conv.conv.weight`). `matmul` is the conv on im2col windows, the streaming hot spot:
-    mimi_fast.py swaps the holder for one that keeps the weight in a faster layout or precision."""
+    accel/mimi_cpu.py swaps the holder for one that keeps the weight in a faster layout or precision."""
 
     def __init__(self, conv: nn.Conv1d):
         super().__init__()

@@ -455,7 +455,7 @@ class Transformer(nn.Module):
 
 def layer_linears(model: nn.Module):
     """(module, attribute) of every linear in the transformer layers of `model`: attention
-    projections and feed-forwards. What the speed wrappers (quantize, mimi_fast) swap."""
+    projections and feed-forwards. What the speed wrappers (accel.quantize, accel.mimi_cpu) swap."""
     for m in list(model.modules()):  # a list first: callers replace the attributes they get
         if isinstance(m, Attention):
             yield m, "in_proj"
