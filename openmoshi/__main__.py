@@ -1,4 +1,7 @@
-"""`python -m openmoshi` runs the `openmoshi` command line."""
+"""`python -m openmoshi` runs the `openmoshi` command line.
+
+May import: openmoshi.cli.
+"""
 
 import sys
 

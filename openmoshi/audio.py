@@ -7,6 +7,8 @@ and known (`ceil(N * to_sr / from_sr)` samples, output sample j at input time j 
 `save_wav` writes 16-bit PCM or 32-bit float WAV files.
 
 Shapes: C channels, N samples.
+
+May import: nothing.
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ sampling), Mimi streaming decode of the frame's codes; median and p99 of each an
 frame, peak GPU memory. Nothing is downloaded: weights are random, shapes are those of the config.
 On CUDA the LM step and the Mimi steps run as CUDA graphs (`cuda_graph.graphed`, `GraphedStep`, as
 the server and offline inference run them) unless --no-cuda-graph or OPENMOSHI_NO_CUDA_GRAPH=1.
+
+May import: openmoshi.modules, openmoshi.mimi, openmoshi.lm, openmoshi.accel, openmoshi.loading.
 """
 
 from __future__ import annotations

@@ -1,0 +1,10 @@
+"""Offline inference on recorded audio, with the official offline frame policy, and transcripts.
+
+- `offline`: `load(...)` -> `InferenceModel`, whose `run(inputs)` gives `InferenceResult`s;
+- `transcript`: text pieces, words with their times, the JSON transcript.
+
+Offers: `offline.load`, `offline.InferenceModel`, `offline.InferenceResult`.
+
+May import: openmoshi.audio, openmoshi.modules, openmoshi.mimi, openmoshi.lm, openmoshi.accel,
+openmoshi.loading.
+"""

@@ -1,0 +1,16 @@
+"""The Moshi language model and its generation loop.
+
+- `config`: `LMConfig` / `ModelConfig` from the official `config.json`, the built-in configs
+  (`MOSHI_7B`, `tiny`, `small`) and the special token ids;
+- `conditioners`: the conditioning of the 2B models (Hibiki);
+- `model`: `LMModel`, the temporal transformer over text + audio streams and the depth transformer
+  over codebooks, with the training forward (`LMModel.forward`) and the streaming steps;
+- `delays`: bookkeeping between frame time and the delayed streams;
+- `sampling`: per-slot temperature and top-k sampling;
+- `generate`: one 80 ms frame per call, `init_state` / `step` on caller-owned state.
+
+Offers: `config.LMConfig`, `config.ModelConfig`, `config.load_model_config`, `config.MOSHI_7B`,
+`model.LMModel`, `sampling.SamplingConfig`, `generate.init_state`, `generate.step`.
+
+May import: openmoshi.modules.
+"""

@@ -1,0 +1,15 @@
+"""The real-time server and its clients: many conversations share one model, one batched step per
+80 ms frame.
+
+- `protocol`: the official websocket protocol's messages (independent of any web framework);
+- `opus`: streaming Ogg/Opus in and out;
+- `batcher`: the model loop, one slot per conversation;
+- `waiting`: the first-come first-served line for a free slot;
+- `server`: the HTTP/websocket app (`/api/chat`, `/health`, `/metrics`, the web UI in `web/`);
+- `metrics`, `tls`: Prometheus counters; certificates;
+- `client`: the Python client of the protocol (files or sound card).
+
+Offers: `server.MoshiServer`, `server.ServerConfig`, `batcher.Batcher`, `client.talk_file`.
+
+May import: openmoshi.audio, openmoshi.mimi, openmoshi.lm, openmoshi.accel, openmoshi.loading.
+"""
