@@ -51,8 +51,9 @@ class AudioError(ValueError):
     """An audio file could not be read or written; the message says which file and why."""
 
 
-def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
-    """Decode the first audio stream of `path` to mono float32 at `sample_rate`: [1, N]."""
+def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE, mono: bool = True) -> torch.Tensor:
+    """Decode the first audio stream of `path` to float32 at `sample_rate`: [1, N] averaged over
+    the channels (`mono`), else [C, N] with the file's channels."""
     import av  # Imported here so that `import openmoshi.audio` stays cheap.
 
     path = Path(path)
@@ -70,16 +71,18 @@ def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> torch
         if not container.streams.audio:
             raise AudioError(f"file {path} has no audio stream")
         stream = container.streams.audio[0]
-        # Decoded frames, downmixed to mono, grouped into runs of one sample rate (a stream may
-        # change rate midway, e.g. chained Ogg files).
+        # Decoded frames [C, n] (C = 1 for mono), grouped into runs of one sample rate (a stream
+        # may change rate midway, e.g. chained Ogg files).
         runs: list[tuple[int, list[np.ndarray]]] = []
         try:
             for frame in container.decode(stream):
-                mono = _frame_to_mono(frame, path)
+                samples = _frame_samples(frame, path, mono)
+                if runs and samples.shape[0] != runs[-1][1][0].shape[0]:
+                    raise AudioError(f"file {path} changes its number of channels midway")
                 if runs and runs[-1][0] == frame.sample_rate:
-                    runs[-1][1].append(mono)
+                    runs[-1][1].append(samples)
                 else:
-                    runs.append((frame.sample_rate, [mono]))
+                    runs.append((frame.sample_rate, [samples]))
         except av.FFmpegError as e:
             codec = stream.codec_context.name if stream.codec_context else "unknown"
             raise AudioError(
@@ -87,12 +90,12 @@ def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> torch
             ) from None
     pieces = []
     for rate, frames in runs:
-        pcm = torch.from_numpy(np.concatenate(frames))
+        pcm = torch.from_numpy(np.concatenate(frames, axis=1))  # [C, n]
         pieces.append(resample(pcm, rate, sample_rate))
-    pcm = torch.cat(pieces) if pieces else torch.zeros(0)
+    pcm = torch.cat(pieces, dim=1) if pieces else torch.zeros(1, 0)
     if pcm.numel() == 0:
         raise AudioError(f"file {path} has no audio samples")
-    return pcm.to(torch.float32)[None]  # [1, N]
+    return pcm.to(torch.float32)  # [C, N]
 
 
 def _reason(error: Exception) -> str:
@@ -100,8 +103,8 @@ def _reason(error: Exception) -> str:
     return getattr(error, "strerror", None) or str(error)
 
 
-def _frame_to_mono(frame, path: Path) -> np.ndarray:
-    """One decoded PyAV audio frame -> float32 mono samples in [-1, 1]."""
+def _frame_samples(frame, path: Path, mono: bool) -> np.ndarray:
+    """One decoded PyAV audio frame -> float32 samples in [-1, 1], [C, n] ([1, n] if `mono`)."""
     name = frame.format.name.rstrip("p")
     if name not in _FORMATS:
         raise AudioError(f"unsupported sample format {frame.format.name!r} in file {path}")
@@ -111,7 +114,9 @@ def _frame_to_mono(frame, path: Path) -> np.ndarray:
     if not frame.format.is_planar:
         data = data.reshape(-1, channels).T  # packed [1, N * C] -> [C, N]
     data = data.reshape(channels, -1)
-    return ((data.mean(axis=0) - offset) / scale).astype(np.float32)
+    if mono:
+        data = data.mean(axis=0, keepdims=True)
+    return ((data - offset) / scale).astype(np.float32)
 
 
 def _kernel(phase_times: torch.Tensor, cutoff: float, zero_crossings: int) -> torch.Tensor:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from openmoshi.accel import int8_kernel
-from openmoshi.modules.transformer import StackedLinear, layer_linears
+from openmoshi.modules.transformer import Index, StackedLinear, layer_linears, per_step
 
 MODES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)  # int4 group sizes PyTorch's tinygemm kernels support
@@ -114,7 +114,9 @@ class QuantizedLinear(nn.Module):
             return (self.qweight[rows].float() * self.scale[rows, None]).to(self.dtype)
         return dequantize_int4(self.qweight[rows], self.scale[rows], self.offset[rows], self.dtype)
 
-    def forward(self, x: torch.Tensor, index: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, index: Index = 0) -> torch.Tensor:
+        if not isinstance(index, int):  # one weight set per step (a whole depth-transformer sequence)
+            return per_step(self.forward, x, index)
         if self.mode == "int4" and x.dtype == torch.bfloat16:
             return self._forward_tinygemm(x, index)
         if self.mode == "int8" and x.is_cuda and int8_kernel.available():

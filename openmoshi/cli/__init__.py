@@ -1,8 +1,9 @@
 """The `openmoshi` command: `main` builds one parser with a subcommand per module here (codec,
-bench, infer, client, serve, quantize); `common` holds what they share.
+bench, infer, client, serve, quantize, finetune, annotate); `common` holds what they share.
 
 Offers: `main.main`, `main.build_parser`.
 
 May import: openmoshi, openmoshi.audio, openmoshi.modules, openmoshi.mimi, openmoshi.lm,
-openmoshi.accel, openmoshi.loading, openmoshi.inference, openmoshi.serving, openmoshi.bench.
+openmoshi.accel, openmoshi.loading, openmoshi.inference, openmoshi.serving, openmoshi.training,
+openmoshi.bench.
 """

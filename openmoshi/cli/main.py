@@ -16,7 +16,7 @@ import argparse
 import sys
 
 from openmoshi import __version__
-from openmoshi.cli import bench, client, codec, infer, quantize, serve
+from openmoshi.cli import annotate, bench, client, codec, finetune, infer, quantize, serve
 from openmoshi.cli.common import EXIT_USAGE
 
 
@@ -44,11 +44,15 @@ def build_parser() -> ArgumentParser:
     client.add_client_parser(subparsers)
     serve.add_serve_parser(subparsers)
     quantize.add_quantize_parser(subparsers)
+    finetune.add_finetune_parser(subparsers)
+    annotate.add_annotate_parser(subparsers)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = finetune.route(sys.argv[1:] if argv is None else list(argv))
     args = build_parser().parse_args(argv)
+    args.argv = argv  # what a handler re-runs (finetune --nproc under torchrun)
     try:
         return args.handler(args)
     except (ValueError, OSError) as e:  # AudioError, CheckpointError, UsageError, bad shapes, I/O

@@ -26,7 +26,6 @@ from openmoshi.loading.resolve import DTYPES, resolve_device, resolve_files
 MODES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)
 DEFAULT_GROUP_SIZE = 128
-_SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 
 
 def add_quantize_parser(subparsers) -> None:
@@ -63,7 +62,8 @@ def quantize(args: argparse.Namespace) -> int:
     import torch
 
     from openmoshi.accel.quantize import quantize_lm
-    from openmoshi.loading.formats.quantized import save_quantized_lm
+    from openmoshi.loading.files import read_header
+    from openmoshi.loading.formats.quantized import FORMAT_KEY, save_quantized_lm
     from openmoshi.loading.lm import load_lm
 
     files = resolve_files(args.hf_repo, args.moshi_weight, config_path=args.config_path,
@@ -71,14 +71,15 @@ def quantize(args: argparse.Namespace) -> int:
     source, cfg = files.moshi_weight, files.config
     if output.resolve() == source.resolve() or (output.exists() and output.samefile(source)):
         raise UsageError(f"output {args.output} is the input checkpoint: write the quantized one to another file")
-    saved, file_dtype = _inspect(source)
+    header = read_header(source)  # an unreadable file fails here, with what is wrong with it
+    saved = header.metadata.get(FORMAT_KEY)
     if saved is not None:
         raise UsageError(f"{source} is already quantized ({saved}): quantize the float checkpoint instead")
     if args.mode == "int4":
         _check_group_size(cfg.lm, group_size)
 
     device = resolve_device(args.device or "cpu")
-    dtype = getattr(torch, args.dtype or file_dtype)
+    dtype = getattr(torch, args.dtype) if args.dtype else (header.float_dtype or torch.bfloat16)
     lora = files.lora_weight
     dtype_name = str(dtype).removeprefix("torch.")
     print(f"openmoshi: reading {source} ({_size(source.stat().st_size)}) as {dtype_name} on {device}"
@@ -114,20 +115,6 @@ def _check_group_size(lm_cfg, group_size: int) -> None:
     hint = (f"use --group-size {' or '.join(map(str, fits))}" if fits else
             f"none of {', '.join(map(str, GROUP_SIZES))} divides every width of this model: use --mode int8")
     raise UsageError(f"--group-size {group_size} does not divide the input width {width} of {name}{more}; {hint}")
-
-
-def _inspect(path: Path) -> tuple[str | None, str]:
-    """From the header alone: the quantization of an openmoshi quantized file (None for another),
-    and the dtype most of the float tensors have (bfloat16 for the released models)."""
-    from collections import Counter
-
-    from openmoshi.loading.files import read_header
-    from openmoshi.loading.formats.quantized import FORMAT_KEY
-
-    header = read_header(path)  # raises the error that says what is wrong with the file
-    counts = Counter(info.get("dtype") for info in header.tensors.values() if isinstance(info, dict))
-    floats = [d for d, _ in counts.most_common() if d in _SAFETENSORS_DTYPES]
-    return header.metadata.get(FORMAT_KEY), _SAFETENSORS_DTYPES[floats[0]] if floats else "bfloat16"
 
 
 def _use_flags(args: argparse.Namespace, output: Path) -> str:

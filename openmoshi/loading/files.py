@@ -34,6 +34,18 @@ class Header:
     metadata: dict[str, str]  # the free-form `__metadata__` strings
     tensors: dict[str, dict]  # key -> {"dtype": "BF16", "shape": [...], "data_offsets": [a, b]}
 
+    @property
+    def float_dtype(self) -> torch.dtype | None:
+        """The dtype most of the file's float tensors have (bfloat16 for the released models)."""
+        from collections import Counter
+
+        counts = Counter(_FLOAT_DTYPES[i["dtype"]] for i in self.tensors.values()
+                         if isinstance(i, dict) and i.get("dtype") in _FLOAT_DTYPES)
+        return counts.most_common(1)[0][0] if counts else None
+
+
+_FLOAT_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
 
 def read_header(path: str | Path) -> Header:
     """The header of a safetensors file, checking that the file is whole."""
@@ -102,6 +114,13 @@ def canonical_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         name = f"{prefix}.{kind}_proj.weight"
         out[name] = torch.cat([parts[i] for i in range(len(parts))], dim=0)
     return out
+
+
+def released_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Ours -> the released spelling (`X.in_proj.weight` -> `X.in_proj_weight`), which both the
+    official loader and `canonical_keys` read: how files we write for others name their keys."""
+    return {(k[: -len(".in_proj.weight")] + ".in_proj_weight" if k.endswith(".in_proj.weight") else k): v
+            for k, v in state.items()}
 
 
 # ----------------------------------------------------------------------------- assigning

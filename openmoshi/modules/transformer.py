@@ -209,6 +209,16 @@ class TransformerState:
 # ----------------------------------------------------------------------------- layers
 
 
+Index = int | tuple[int, ...]  # one weight set for every step of x, or one per step (x[:, t])
+
+
+def per_step(fn, x: torch.Tensor, index: Index) -> torch.Tensor:
+    """fn(x, i) with weight set `index`; a tuple gives step t of x [B, T, ...] the set index[t]."""
+    if isinstance(index, int):
+        return fn(x, index)
+    return torch.cat([fn(x[:, t:t + 1], i) for t, i in enumerate(index)], dim=1)
+
+
 class StackedLinear(nn.Module):
     """M bias-free linear layers stored as one [M * out, in] weight, as in the checkpoints."""
 
@@ -218,8 +228,12 @@ class StackedLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_sets * out_dim, in_dim))
         nn.init.normal_(self.weight, std=in_dim ** -0.5)
 
-    def forward(self, x: torch.Tensor, index: int = 0) -> torch.Tensor:
-        return F.linear(x, self.weight[index * self.out_dim:(index + 1) * self.out_dim])
+    @property
+    def num_sets(self) -> int:
+        return self.weight.shape[0] // self.out_dim
+
+    def forward(self, x: torch.Tensor, index: Index = 0) -> torch.Tensor:
+        return per_step(lambda x, i: F.linear(x, self.weight[i * self.out_dim:(i + 1) * self.out_dim]), x, index)
 
 
 class Attention(nn.Module):
@@ -232,7 +246,7 @@ class Attention(nn.Module):
         self.in_proj = StackedLinear(D, self.qkv_dim, M)
         self.out_proj = StackedLinear(D, D, M)
 
-    def forward(self, x: torch.Tensor, q_pos: torch.Tensor, index: int,
+    def forward(self, x: torch.Tensor, q_pos: torch.Tensor, index: Index,
                 cache: tuple[torch.Tensor, torch.Tensor] | None, key_pos: torch.Tensor,
                 mask: torch.Tensor | None, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         cfg = self.cfg
@@ -322,11 +336,11 @@ class Layer(nn.Module):
         else:
             self.layer_scale_1 = self.layer_scale_2 = nn.Identity()
 
-    def feed_forward(self, x: torch.Tensor, index: int) -> torch.Tensor:
+    def feed_forward(self, x: torch.Tensor, index: Index) -> torch.Tensor:
         if self.cfg.gating == "none":
             return self.linear2(F.gelu(self.linear1(x)))
         if self.cfg.weights_per_step:
-            return self.gating[index](x)
+            return per_step(lambda x, i: self.gating[i](x), x, index)
         return self.gating(x)
 
     def forward(self, x, q_pos, index, cache, key_pos, mask, rope=None):
@@ -431,15 +445,12 @@ class Transformer(nn.Module):
             mask = delta >= 0
             if self.cfg.context is not None:
                 mask &= delta < self.cfg.context
-        if self.cfg.weights_per_step:
-            # Step t of the sequence uses its own weights, so run the steps one by one with a
-            # small cache (the depth transformer's sequences are only a few steps long).
-            state = self.init_state(B, device=x.device, dtype=x.dtype, capacity=T)
-            return torch.cat([self.forward(x[:, t:t + 1], state, step=step + t) for t in range(T)], dim=1)
+        # With weights per step, step t of the sequence uses its own weight set (depth transformer).
+        index = tuple(self.cfg.weight_index(step + t) for t in range(T)) if self.cfg.weights_per_step else 0
         x = self._embed_positions(x, q_pos)
         rope = self._rope_tables(q_pos)
         for layer in self.layers:
-            x = layer(x, q_pos, 0, None, None, None if mask is None else additive(mask, x.dtype), rope)
+            x = layer(x, q_pos, index, None, None, None if mask is None else additive(mask, x.dtype), rope)
         return x
 
     def _rope_tables(self, q_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
