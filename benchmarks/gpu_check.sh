@@ -3,13 +3,16 @@
 #   on the developer machine:  echo /.whl/ >> .git/info/exclude
 #                              python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #                                --implementation cp --platform manylinux_2_28_x86_64 -d .whl moshi==0.2.13 einops
-#   device run (carry .whl):   bash benchmarks/gpu_check.sh      (writes everything under $OUT)
+#   device run (carry .whl):   bash benchmarks/gpu_check.sh [all|speed|finetune]   (writes everything under $OUT)
+#   "all" (default) does both parts; each part alone fits one 10-minute call (speed ~580 s, finetune ~300 s).
 # Same process, same config, same device for the official package and openmoshi: ratios are fair.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
+PART=${1:-all}
+if [ "$PART" = all ] || [ "$PART" = speed ]; then
 # 1. equivalence on the GPU: CUDA-graph step == eager step (alone, in the server batcher and in offline
 #    inference, seeded included), tinygemm int4 == reference
 #    and the fused Triton kernels (tests/test_fused.py runs them on CUDA tensors when a GPU is there)
@@ -27,3 +30,17 @@ for q in int8 int4; do
 done
 # 4. quantization quality: int8/int4 vs bf16 (and fp32 vs bf16) logits, full 7B, random weights, same inputs (not yet timed on a GPU)
 timeout 75 python3 benchmarks/quant_quality.py --frames 300 --stream-frames 48 --json "$OUT/quant_quality.json" 2>&1 | tee "$OUT/quant_quality.txt"
+fi
+if [ "$PART" = all ] || [ "$PART" = finetune ]; then
+# 5. fine-tuning (issue 9): a 7B LoRA step (batch 1, gradient checkpointing, bf16 weights), the official model's
+#    forward + backward in the same process first, then ours alone at ranks 16/128 and 30/100 s segments
+#    (their peak memory is what the on-paper table of `finetune_speed.py --paper` estimates)
+timeout 150 python3 benchmarks/finetune_speed.py --config moshi_7b --device cuda --batch-size 1 --seconds 30 \
+  --lora-rank 16 --grad-checkpointing --steps 3 --json "$OUT/finetune_7b_r16_30s.json" 2>&1 | tee "$OUT/finetune.txt"
+for r in 16 128; do for s in 30 100; do
+  timeout 35 python3 benchmarks/finetune_speed.py --config moshi_7b --device cuda --batch-size 1 --seconds $s \
+    --lora-rank $r --grad-checkpointing --no-official --steps 2 --json "$OUT/finetune_7b_r${r}_${s}s.json" 2>&1 | tee -a "$OUT/finetune.txt"
+done; done
+#    the training tests on CUDA tensors: LoRA parity and gradients against the official model
+timeout 60 python3 -m pytest -q tests/test_finetune_model.py 2>&1 | tail -3 | tee -a "$OUT/finetune.txt"
+fi

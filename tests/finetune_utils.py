@@ -53,10 +53,11 @@ def speak(text: str, start: float) -> tuple[torch.Tensor, list[list]]:
     return torch.cat(pieces), words
 
 
-def make_dialogue(wav: Path, question: str, answer: str = ANSWER, pause: float = 0.4) -> dict:
-    """Writes a stereo dialogue and its alignment JSON; returns its manifest line."""
+def make_dialogue(wav: Path, question: str, answer: str = ANSWER, answer_start: float | None = None) -> dict:
+    """Writes a stereo dialogue and its alignment JSON; returns its manifest line. The answer starts
+    0.4 s after the question ends, or at `answer_start` seconds."""
     user, user_words = speak(question, 0.3)
-    model, model_words = speak(answer, len(user) / SAMPLE_RATE + pause)
+    model, model_words = speak(answer, answer_start or len(user) / SAMPLE_RATE + 0.4)
     n = max(len(user), len(model)) + int(0.4 * SAMPLE_RATE)
     pcm = torch.zeros(2, n)
     pcm[0, :len(model)], pcm[1, :len(user)] = model, user
@@ -66,10 +67,12 @@ def make_dialogue(wav: Path, question: str, answer: str = ANSWER, pause: float =
     return {"path": wav.name, "duration": round(n / SAMPLE_RATE, 3)}
 
 
-def make_dataset(folder: Path, count: int, answer: str = ANSWER, name: str = "data") -> Path:
+def make_dataset(folder: Path, count: int, answer: str = ANSWER, name: str = "data",
+                 answer_start: float | None = None) -> Path:
     """`count` dialogues (the QUESTIONS in turn) and their manifest `name`.jsonl in `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
-    lines = [make_dialogue(folder / f"{name}_{i}.wav", QUESTIONS[i % len(QUESTIONS)], answer) for i in range(count)]
+    lines = [make_dialogue(folder / f"{name}_{i}.wav", QUESTIONS[i % len(QUESTIONS)], answer, answer_start)
+             for i in range(count)]
     manifest = folder / f"{name}.jsonl"
     manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
     return manifest

@@ -52,3 +52,19 @@ def test_kernel_count_runs(tmp_path):
     pytest.importorskip("triton")
     data = run_script(["benchmarks/kernel_count.py", "--config", "tiny"], tmp_path, env={"TRITON_INTERPRET": "1"})
     assert 0 < data["fused"]["lm_step"] < data["eager"]["lm_step"]
+
+
+def test_finetune_speed_runs_both_models(tmp_path):
+    data = run_script(["benchmarks/finetune_speed.py", "--config", "tiny", "--batch-size", "1", "--seconds", "2",
+                       "--steps", "1", "--warmup", "0", "--device", "cpu", "--threads", "1"], tmp_path)
+    assert data["openmoshi"]["tokens_per_s"] > 0 and data["official"]["tokens_per_s"] > 0
+    assert data["openmoshi"]["peak_mem_gb"] > 0 and data["ratio"]["step"] > 0
+
+
+def test_finetune_memory_on_paper(tmp_path):
+    data = run_script(["benchmarks/finetune_speed.py", "--paper"], tmp_path)
+    rows = {(r["rank"], r["seconds"]): r for r in data["paper"]}
+    assert set(rows) == {(16, 30), (16, 100), (128, 30), (128, 100)}
+    assert rows[(16, 30)]["weights_gb"] == pytest.approx(15.4, abs=0.2)  # the 7B in bf16
+    assert rows[(128, 30)]["adapters_gb"] > rows[(16, 30)]["adapters_gb"]
+    assert rows[(16, 100)]["total_ckpt_gb"] < rows[(16, 100)]["total_gb"]

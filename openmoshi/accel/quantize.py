@@ -120,7 +120,7 @@ class QuantizedLinear(nn.Module):
         if self.mode == "int4" and x.dtype == torch.bfloat16:
             return self._forward_tinygemm(x, index)
         if self.mode == "int8" and x.is_cuda and int8_kernel.available():
-            x2 = x.reshape(-1, self.in_dim)
+            x2 = x.reshape(-1, self.in_dim).contiguous()
             if x2.shape[0] <= int8_kernel.MAX_ROWS:
                 rows = slice(index * self.out_dim, (index + 1) * self.out_dim)
                 y = int8_kernel.int8_gemv(x2, self.qweight[rows], self.scale[rows])
@@ -136,7 +136,7 @@ class QuantizedLinear(nn.Module):
                 self.qweight = self.qweight.new_empty(0)
         packed_tg, scales_zeros = self._tinygemm[index]
         mm = torch._weight_int4pack_mm if x.is_cuda else torch._weight_int4pack_mm_for_cpu
-        y = mm(x.reshape(-1, self.in_dim), packed_tg, self.group_size, scales_zeros)
+        y = mm(x.reshape(-1, self.in_dim).contiguous(), packed_tg, self.group_size, scales_zeros)
         return y.view(*x.shape[:-1], self.out_dim)
 
     def _pack_tinygemm(self, index: int, cuda: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -68,8 +68,10 @@ class LoRAStacked(nn.Module):
         return self.base.out_dim
 
     def forward(self, x: torch.Tensor, index: Index = 0) -> torch.Tensor:
+        a, b = self.lora_A.to(x.dtype).unbind(0), self.lora_B.to(x.dtype).unbind(0)  # see StackedLinear
+
         def delta(x, i):
-            return F.linear(F.linear(x, self.lora_A[i].to(x.dtype)), self.lora_B[i].to(x.dtype))
+            return F.linear(F.linear(x, a[i]), b[i])
         return self.base(x, index) + per_step(delta, x, index) * self.scaling
 
     def merged_weight(self) -> torch.Tensor:

@@ -216,7 +216,8 @@ def per_step(fn, x: torch.Tensor, index: Index) -> torch.Tensor:
     """fn(x, i) with weight set `index`; a tuple gives step t of x [B, T, ...] the set index[t]."""
     if isinstance(index, int):
         return fn(x, index)
-    return torch.cat([fn(x[:, t:t + 1], i) for t, i in enumerate(index)], dim=1)
+    # x[:, t] is a 2-D strided view that matrix products read in place (x[:, t:t + 1] would be copied).
+    return torch.stack([fn(x[:, t], i) for t, i in enumerate(index)], dim=1)
 
 
 class StackedLinear(nn.Module):
@@ -233,7 +234,12 @@ class StackedLinear(nn.Module):
         return self.weight.shape[0] // self.out_dim
 
     def forward(self, x: torch.Tensor, index: Index = 0) -> torch.Tensor:
-        return per_step(lambda x, i: F.linear(x, self.weight[i * self.out_dim:(i + 1) * self.out_dim]), x, index)
+        if isinstance(index, int):
+            return F.linear(x, self.weight[index * self.out_dim:(index + 1) * self.out_dim])
+        # One view per set: the backward joins their gradients in one concatenation, where a slice
+        # per step would write each step's gradient into a zero-filled copy of the whole weight.
+        sets = self.weight.split(self.out_dim)
+        return per_step(lambda x, i: F.linear(x, sets[i]), x, index)
 
 
 class Attention(nn.Module):

@@ -20,6 +20,7 @@ import os
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -72,7 +73,9 @@ def save(run_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Opti
         (tmp / "consolidated").mkdir(parents=True)
     d.barrier()
     msd, osd = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / "state"))
+    with warnings.catch_warnings():  # a single process saves without a process group, as meant
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / "state"))
     torch.save(_rng_state(), tmp / "state" / f"rng-{d.rank}.pt")
     weights = consolidated(model, full, dtype)
     if d.main:
@@ -98,7 +101,9 @@ def restore(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, d: D
     options = StateDictOptions(ignore_frozen_params=True)
     msd, osd = get_state_dict(model, optimizer, options=options)
     state = {"model": msd, "optim": osd}
-    dcp.load(state, checkpoint_id=str(path / "state"))  # fails on any trainable key the checkpoint lacks
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(path / "state"))  # fails on any trainable key the checkpoint lacks
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=StateDictOptions(ignore_frozen_params=True, strict=False))  # frozen: from the base
     rng = path / "state" / f"rng-{d.rank}.pt"

@@ -15,6 +15,7 @@ class TrainConfig:
     mimi_weight: str | None = None
     tokenizer: str | None = None
     config_path: str | None = None
+    lora_weight: str | None = None  # an adapter merged into the base model before training
     device: str | None = None  # default: cuda if present
     dtype: str | None = None  # compute dtype; default bfloat16 on cuda, float32 on cpu
     # What trains.

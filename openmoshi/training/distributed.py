@@ -11,6 +11,7 @@ ever holds the whole model.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -105,6 +106,8 @@ def shard(model: nn.Module, d: Dist, compute_dtype: torch.dtype) -> None:
     the parameters in bfloat16 and reduces gradients in float32, while what trains stays float32."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    # The LM's outputs are views (logits aligned by slicing); the loss never writes into them.
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) \
         if compute_dtype != torch.float32 else MixedPrecisionPolicy()
     for m in list(model.modules()):

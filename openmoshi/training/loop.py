@@ -128,8 +128,7 @@ def _train(cfg: TrainConfig, d: Dist) -> Path:
                 lm.train()
             if step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0):
                 last = checkpoints.save(run_dir, step, lm, optimizer, d, model_config, cfg.full, lora, dtype)
-                if d.main:
-                    metrics.bar.write(f"saved {last}") if metrics.bar is not None else None
+                metrics.note(f"saved {last}")
     finally:
         metrics.close()
     if last is None:  # resumed at the last step already
@@ -145,7 +144,8 @@ def _train(cfg: TrainConfig, d: Dist) -> Path:
 def _resolve(cfg: TrainConfig, d: Dist) -> ModelFiles:
     """The model's files; rank 0 downloads what is missing before the others look in the cache."""
     def resolve():
-        return resolve_files(cfg.hf_repo, cfg.moshi_weight, cfg.mimi_weight, cfg.tokenizer, cfg.config_path)
+        return resolve_files(cfg.hf_repo, cfg.moshi_weight, cfg.mimi_weight, cfg.tokenizer, cfg.config_path,
+                             cfg.lora_weight)
 
     files = error = None
     if d.main:
@@ -318,4 +318,7 @@ def _evaluate(lm, data: SegmentData, cfg: TrainConfig, d: Dist, autocast, per_ra
 def _peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # peak resident set, kB -> GB
+    for line in open("/proc/self/status"):  # the peak resident set of this process image
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1e6
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6

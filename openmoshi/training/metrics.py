@@ -53,11 +53,16 @@ class MetricsLog:
                     self.board.add_scalar(prefix + k, v, record["step"])
         if self.bar is not None:
             if record.get("eval"):
-                self.bar.write(f"step {record['step']}: eval loss {record['loss']:.4f} "
-                               f"(text {record['text_loss']:.4f}, audio {record['audio_loss']:.4f})")
+                self.note(f"step {record['step']}: eval loss {record['loss']:.4f} "
+                          f"(text {record['text_loss']:.4f}, audio {record['audio_loss']:.4f})")
             else:
                 self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
                 self.bar.update(1)
+
+    def note(self, message: str) -> None:
+        """A line on the terminal that leaves the progress bar in place."""
+        if self.bar is not None:
+            self.bar.write(f"openmoshi: {message}", file=sys.stderr)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -1,0 +1,266 @@
+"""`openmoshi finetune` end to end on tiny random models and espeak-ng dialogues: what a run
+writes, that the official package loads it and says what `openmoshi infer` says, that 2 processes
+under torchrun train as 1 does, that a resumed run equals an uninterrupted one, that it learns,
+and that bad input is one clear error."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from finetune_utils import ANSWER, make_dataset
+from infer_utils import NAMES, _Collector, make_checkpoint
+from openmoshi.audio import SAMPLE_RATE, load_audio, save_wav
+from openmoshi.cli.main import main
+
+RUN_ARGS = ["--steps", "6", "--batch-size", "2", "--duration", "4", "--lora-rank", "4", "--lr", "3e-2",
+            "--save-every", "3", "--eval-every", "3", "--seed", "1"]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("finetune") / "model"
+    make_checkpoint(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("dialogues"), 3)
+
+
+@pytest.fixture(scope="module")
+def run(ckpt, data, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("runs") / "run"
+    assert main(["finetune", str(data), "-o", str(run_dir), "--hf-repo", str(ckpt), "--eval-data", str(data),
+                 *RUN_ARGS]) == 0
+    return run_dir
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _user_channel(data: Path, i: int = 0) -> torch.Tensor:
+    return load_audio(data.parent / f"data_{i}.wav", mono=False)[1:2]
+
+
+def test_run_writes_what_moshi_finetune_users_expect(run, ckpt):
+    consolidated = run / "checkpoints" / "checkpoint_000006" / "consolidated"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint_000003", "checkpoint_000006"]
+    assert sorted(p.name for p in consolidated.iterdir()) == ["config.json", "lora.safetensors"]
+    config = json.loads(consolidated.read_text() if False else (consolidated / "config.json").read_text())
+    base = json.loads((ckpt / "config.json").read_text())
+    assert config == {**base, "lora": True, "lora_rank": 4, "lora_scaling": 2.0}
+    lora = load_file(str(consolidated / "lora.safetensors"))
+    assert "transformer.layers.0.self_attn.in_projs.0.lora_A.weight" in lora
+    assert lora["depformer.layers.0.self_attn.in_projs.7.lora_B.weight"].abs().sum() > 0  # trained
+    records = _metrics(run)
+    train = [r for r in records if not r.get("eval")]
+    evals = [r for r in records if r.get("eval")]
+    assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6] and [r["step"] for r in evals] == [3, 6]
+    for r in train:
+        assert set(r) == {"step", "loss", "text_loss", "audio_loss", "lr", "grad_norm", "tokens_per_s", "peak_mem_gb"}
+        assert r["loss"] == pytest.approx(r["text_loss"] + r["audio_loss"])
+        assert r["tokens_per_s"] > 0 and r["peak_mem_gb"] > 0
+    assert set(evals[0]) == {"step", "eval", "loss", "text_loss", "audio_loss"}
+    assert train[0]["lr"] > train[-1]["lr"]  # cosine decay
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+def _official(files: list[Path], config: Path, lora: Path | None, user: torch.Tensor):
+    """The official offline loop, greedy, with the official loader's LoRA (fused)."""
+    from moshi.models import loaders
+    from moshi.run_inference import InferenceState, seed_all
+
+    info = loaders.CheckpointInfo.from_hf_repo("unused/unused", *files, config, lora_weights=lora)
+    lm = info.get_moshi(device="cpu", dtype=torch.float32, fuse_lora=True)
+    seed_all(4242)
+    state = InferenceState(info, info.get_mimi(device="cpu"), info.get_text_tokenizer(), lm, 1, 1.0, "cpu",
+                           use_sampling=False, **info.lm_gen_config)
+    state.printer = _Collector()
+    with torch.no_grad():
+        (text, pcm), = state.run(user.reshape(1, 1, -1))
+    return [t for t in text.tolist() if t not in (0, 3)], pcm
+
+
+def _infer(tmp_path: Path, user: torch.Tensor, *model_flags: str):
+    wav = tmp_path / "user.wav"
+    save_wav(wav, user, SAMPLE_RATE, float32=True)
+    out, transcript = tmp_path / "out.wav", tmp_path / "t.json"
+    assert main(["infer", str(wav), "-o", str(out), "--transcript", str(transcript), "--greedy", "--device", "cpu",
+                 "--dtype", "float32", "-q", *model_flags]) == 0
+    return [p["id"] for p in json.loads(transcript.read_text())["pieces"]], load_audio(out)
+
+
+def test_lora_loads_in_the_official_package_as_in_infer(run, ckpt, data, tmp_path):
+    consolidated = run / "checkpoints" / "checkpoint_000006" / "consolidated"
+    user = _user_channel(data)
+    files = [ckpt / NAMES[k] for k in ("moshi_name", "mimi_name", "tokenizer_name")]
+    ref_text, ref_pcm = _official(files, consolidated / "config.json", consolidated / "lora.safetensors", user)
+    text, pcm = _infer(tmp_path, user, "--hf-repo", str(ckpt), "--lora-weight", str(consolidated / "lora.safetensors"),
+                       "--config-path", str(consolidated / "config.json"))
+    assert text == ref_text
+    assert pcm.shape == ref_pcm.shape and (pcm - ref_pcm).abs().max() < 1e-4
+    base_text, base_pcm = _infer(tmp_path, user, "--hf-repo", str(ckpt))
+    assert base_text != text or (base_pcm - pcm).abs().max() > 1e-3  # the adapters change the model
+
+
+def test_exports_load_everywhere(run, ckpt, data, tmp_path):
+    consolidated = run / "checkpoints" / "checkpoint_000006" / "consolidated"
+    user = _user_channel(data, 1)
+    text, pcm = _infer(tmp_path, user, "--hf-repo", str(ckpt), "--lora-weight", str(consolidated / "lora.safetensors"),
+                       "--config-path", str(consolidated / "config.json"))
+    merged = tmp_path / "merged"
+    assert main(["finetune", "export", str(run), "-o", str(merged), "--merge"]) == 0
+    config = json.loads((merged / "config.json").read_text())
+    assert config["lora"] is False and "lora_rank" not in config and config["moshi_name"] == "model.safetensors"
+    assert "transformer.layers.0.self_attn.in_proj_weight" in load_file(str(merged / "model.safetensors"))
+    files = [merged / config[k] for k in ("moshi_name", "mimi_name", "tokenizer_name")]
+    ref_text, ref_pcm = _official(files, merged / "config.json", None, user)
+    assert ref_text == text and (ref_pcm - pcm).abs().max() < 1e-4
+    assert _infer(tmp_path, user, "--hf-repo", str(merged))[0] == text
+    adapters = tmp_path / "adapters"  # without --merge: base weights + lora.safetensors named by the config
+    assert main(["finetune", "export", str(run), "-o", str(adapters), "--step", "6"]) == 0
+    assert json.loads((adapters / "config.json").read_text())["lora_name"] == "lora.safetensors"
+    assert _infer(tmp_path, user, "--hf-repo", str(adapters))[0] == text
+
+
+def test_two_processes_train_as_one(run, ckpt, data, tmp_path):
+    """torchrun with 2 gloo processes (FSDP2), 1 segment each, == 1 process with both."""
+    two = tmp_path / "two"
+    assert main(["finetune", str(data), "-o", str(two), "--hf-repo", str(ckpt), "--eval-data", str(data),
+                 "--nproc", "2", *RUN_ARGS]) == 0
+    ref, got = _metrics(run), _metrics(two)
+    assert [r["step"] for r in got] == [r["step"] for r in ref]
+    for a, b in zip(ref, got):
+        for key in ("loss", "text_loss", "audio_loss"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5), (a["step"], key)
+    name = "checkpoints/checkpoint_000006/consolidated/lora.safetensors"
+    a, b = load_file(str(run / name)), load_file(str(two / name))
+    assert a.keys() == b.keys()
+    for k in a:  # Adam turns float noise in near-zero gradients into updates: far below lr (3e-2)
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-3)
+
+
+def test_resumed_run_equals_uninterrupted(run, ckpt, data, tmp_path):
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(run / "checkpoints" / "checkpoint_000003", resumed / "checkpoints" / "checkpoint_000003")
+    shutil.copy(run / "run.json", resumed / "run.json")
+    kept = [line for line in (run / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= 3]
+    (resumed / "metrics.jsonl").write_text("\n".join(kept) + "\n" + '{"step": 4, "loss": 0}\n')  # a lost step
+    assert main(["finetune", str(data), "-o", str(resumed), "--hf-repo", str(ckpt), "--eval-data", str(data),
+                 "--resume", *RUN_ARGS]) == 0
+    name = "checkpoints/checkpoint_000006/consolidated/lora.safetensors"
+    a, b = load_file(str(run / name)), load_file(str(resumed / name))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert _metrics(resumed) == [{k: v for k, v in r.items() if k not in ("tokens_per_s", "peak_mem_gb")}
+                                 | {k: r2[k] for k in ("tokens_per_s", "peak_mem_gb") if k in r2}
+                                 for r, r2 in zip(_metrics(run), _metrics(resumed))]
+
+
+def test_yaml_config_and_flags(ckpt, data, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"hf_repo: {ckpt}\nlora_rank: 2\nsteps: 3\nbatch_size: 1\nduration: 2\nsave_every: 0\n")
+    out = tmp_path / "run"
+    assert main(["finetune", str(data), "-o", str(out), "--config", str(recipe), "--steps", "1"]) == 0
+    config = json.loads((out / "checkpoints" / "checkpoint_000001" / "consolidated" / "config.json").read_text())
+    assert config["lora_rank"] == 2 and len(_metrics(out)) == 1
+
+
+def _fails(capsys, argv, *words):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("openmoshi: error:") and "Traceback" not in "\n".join(err), err
+    for w in words:
+        assert w in err[-1], err[-1]
+
+
+def _broken_dataset(folder: Path, data: Path) -> Path:
+    shutil.copytree(data.parent, folder, ignore=shutil.ignore_patterns(".openmoshi-codes"))
+    return folder / data.name
+
+
+@pytest.mark.parametrize("case,words", [
+    ("missing manifest", ["does not exist"]),
+    ("mono wav", ["channel", "stereo"]),
+    ("missing json", ["no alignment file", "openmoshi annotate"]),
+    ("malformed json", ["not valid JSON"]),
+    ("word outside the audio", ["outside the audio"]),
+    ("bad lora", ["does not fit"]),
+    ("unwritable run dir", ["-o"]),
+])
+def test_bad_input_is_one_clear_error(ckpt, data, tmp_path, capsys, case, words):
+    manifest = _broken_dataset(tmp_path / "data", data)
+    out = tmp_path / "run"
+    extra = []
+    if case == "missing manifest":
+        manifest = tmp_path / "nope.jsonl"
+    elif case == "mono wav":
+        pcm = load_audio(manifest.parent / "data_1.wav")
+        save_wav(manifest.parent / "data_1.wav", pcm, SAMPLE_RATE)
+    elif case == "missing json":
+        (manifest.parent / "data_2.json").unlink()
+    elif case == "malformed json":
+        (manifest.parent / "data_2.json").write_text('{"alignments": [')
+    elif case == "word outside the audio":
+        a = json.loads((manifest.parent / "data_0.json").read_text())
+        a["alignments"].append(["late", [60.0, 60.5], "SPEAKER_MAIN"])
+        (manifest.parent / "data_0.json").write_text(json.dumps(a))
+    elif case == "bad lora":
+        lora = tmp_path / "lora.safetensors"
+        save_file({"transformer.layers.0.gating.linear_in.lora_A.weight": torch.zeros(2, 3),
+                   "transformer.layers.0.gating.linear_in.lora_B.weight": torch.zeros(5, 2)}, str(lora))
+        extra = ["--lora-weight", str(lora)]
+    elif case == "unwritable run dir":
+        (tmp_path / "file").write_text("")
+        out = tmp_path / "file" / "run"
+    _fails(capsys, ["finetune", str(manifest), "-o", str(out), "--hf-repo", str(ckpt), "--steps", "1",
+                    "--batch-size", "1", "--duration", "2", "--lora-rank", "2", *extra], *words)
+    if out.is_dir():  # nothing that looks like a run or a finished checkpoint
+        assert not (out / "run.json").exists() and not (out / "checkpoints").exists()
+
+
+def test_existing_run_needs_resume(run, ckpt, data, capsys):
+    _fails(capsys, ["finetune", str(data), "-o", str(run), "--hf-repo", str(ckpt), *RUN_ARGS], "--resume")
+    _fails(capsys, ["finetune", str(data), "-o", str(run), "--hf-repo", str(ckpt), "--resume", *RUN_ARGS[:-2], "--seed", "9"],
+           "seed")
+
+
+@pytest.mark.slow
+def test_it_learns_the_answer(ckpt, tmp_path):
+    """Dialogues where the model always answers the same sentence 0.4 s after the user's question:
+    a tiny model with LoRA, trained to convergence, says it when given a training example's user
+    channel, greedy through `openmoshi infer`."""
+    from openmoshi.loading.tokenizer import load_text_tokenizer
+
+    manifest = make_dataset(tmp_path / "data", 4)
+    run_dir = tmp_path / "run"
+    assert main(["finetune", str(manifest), "-o", str(run_dir), "--hf-repo", str(ckpt), "--steps", "250",
+                 "--batch-size", "4", "--duration", "10", "--lora-rank", "16", "--lr", "1e-2", "--warmup", "0.1",
+                 "--first-codebook-weight", "1", "--save-every", "0"]) == 0
+    consolidated = run_dir / "checkpoints" / "checkpoint_000250" / "consolidated"
+    tok = load_text_tokenizer(ckpt / NAMES["tokenizer_name"])
+    want = [t for word in ANSWER.split() for t in tok.encode(word)]
+    user = load_audio(manifest.parent / "data_2.wav", mono=False)[1:2]
+    said, _ = _infer(tmp_path, user, "--hf-repo", str(ckpt), "--lora-weight", str(consolidated / "lora.safetensors"),
+                     "--config-path", str(consolidated / "config.json"))
+    assert _in_order(want, said) >= 0.9 * len(want), (want, said)
+
+
+def _in_order(want: list[int], said: list[int]) -> int:
+    """How many of `want` appear in `said` in order (longest common subsequence)."""
+    row = [0] * (len(said) + 1)
+    for w in want:
+        prev = 0
+        for j, s in enumerate(said):
+            prev, row[j + 1] = row[j + 1], prev + 1 if w == s else max(row[j + 1], row[j])
+    return row[-1]
