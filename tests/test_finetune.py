@@ -174,6 +174,70 @@ def test_yaml_config_and_flags(ckpt, data, tmp_path):
     assert config["lora_rank"] == 2 and len(_metrics(out)) == 1
 
 
+def test_full_finetune_loads_in_the_official_package(ckpt, data, tmp_path):
+    out = tmp_path / "full"
+    assert main(["finetune", str(data), "-o", str(out), "--hf-repo", str(ckpt), "--full", "--steps", "2",
+                 "--batch-size", "2", "--duration", "4", "--lr", "1e-3", "--save-every", "0"]) == 0
+    consolidated = out / "checkpoints" / "checkpoint_000002" / "consolidated"
+    assert sorted(p.name for p in consolidated.iterdir()) == ["config.json", "consolidated.safetensors"]
+    assert json.loads((consolidated / "config.json").read_text())["lora"] is False
+    user = _user_channel(data)
+    files = [consolidated / "consolidated.safetensors", ckpt / NAMES["mimi_name"], ckpt / NAMES["tokenizer_name"]]
+    ref_text, ref_pcm = _official(files, consolidated / "config.json", None, user)  # strict official load
+    text, pcm = _infer(tmp_path, user, "--hf-repo", str(ckpt), "--moshi-weight", str(files[0]))
+    assert text == ref_text and (pcm - ref_pcm).abs().max() < 1e-4
+
+
+def test_checkpointing_and_qlora_train_the_same_adapters(run, ckpt, data, tmp_path):
+    """--grad-checkpointing recomputes what was computed; --quantize int8 (QLoRA) trains adapters
+    with the official names over int8 weights, which load on the float model."""
+    runs = {}
+    for name, flags in (("plain", []), ("ckpt", ["--grad-checkpointing"]), ("q8", ["--quantize", "int8"])):
+        runs[name] = tmp_path / name
+        assert main(["finetune", str(data), "-o", str(runs[name]), "--hf-repo", str(ckpt), "--steps", "2",
+                     "--batch-size", "2", "--duration", "4", "--lora-rank", "4", "--lr", "1e-2", "--save-every", "0",
+                     *flags]) == 0
+    lora = {k: load_file(str(v / "checkpoints/checkpoint_000002/consolidated/lora.safetensors")) for k, v in runs.items()}
+    for k in lora["plain"]:
+        torch.testing.assert_close(lora["ckpt"][k], lora["plain"][k], rtol=0, atol=1e-6)
+    assert lora["q8"].keys() == lora["plain"].keys()
+    assert _metrics(runs["q8"])[0]["loss"] == pytest.approx(_metrics(runs["plain"])[0]["loss"], rel=1e-2)
+    consolidated = runs["q8"] / "checkpoints/checkpoint_000002/consolidated"
+    _infer(tmp_path, _user_channel(data), "--hf-repo", str(ckpt), "--lora-weight", str(consolidated / "lora.safetensors"),
+           "--config-path", str(consolidated / "config.json"))
+
+
+def test_conditioned_model_trains_on_text_conditions(data, tmp_path, capsys):
+    """A Hibiki-like model with a LUT conditioner: each conversation's text_conditions condition it,
+    the adapters cover the conditioner's linear too, and the official loader takes them."""
+    from infer_utils import MOSHI
+
+    folder = tmp_path / "cond"
+    cond = {"conditioners": {"description": {"type": "lut", "lut": {
+        "n_bins": 31, "dim": 16, "tokenizer": "noop", "possible_values": ["very_bad", "very_good"]}}},
+        "fuser": {"sum": ["description"]}}
+    make_checkpoint(folder, "hibiki", seed=2, lm_kwargs=dict(MOSHI, **cond))
+    manifest = _broken_dataset(tmp_path / "data", data)
+    for i, value in enumerate(["very_good", "very_bad", "very_good"]):
+        path = manifest.parent / f"data_{i}.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "text_conditions": {"description": value}}))
+    out = tmp_path / "run"
+    assert main(["finetune", str(manifest), "-o", str(out), "--hf-repo", str(folder), "--steps", "2",
+                 "--batch-size", "3", "--duration", "4", "--lora-rank", "2", "--save-every", "0"]) == 0
+    consolidated = out / "checkpoints/checkpoint_000002/consolidated"
+    lora = load_file(str(consolidated / "lora.safetensors"))
+    assert "condition_provider.conditioners.description.output_proj.lora_A.weight" in lora
+    from moshi.models import loaders
+
+    config = json.loads((consolidated / "config.json").read_text())
+    kwargs = {k: v for k, v in config.items() if k not in ("moshi_name", "mimi_name", "tokenizer_name", "model_type")}
+    loaders.get_moshi_lm(folder / NAMES["moshi_name"], lm_kwargs=kwargs, device="cpu", dtype=torch.float32,
+                         lora_weights=consolidated / "lora.safetensors", fuse_lora=True)
+    (manifest.parent / "data_1.json").write_text(json.dumps({"alignments": []}))  # no text_conditions
+    _fails(capsys, ["finetune", str(manifest), "-o", str(tmp_path / "run2"), "--hf-repo", str(folder), "--steps", "1"],
+           "text_conditions")
+
+
 def _fails(capsys, argv, *words):
     with pytest.raises(SystemExit) as e:
         main(argv)

@@ -134,3 +134,20 @@ def test_loss_is_the_weighted_means_summed():
     assert math.isfinite(text.item() + audio.item())
     # masked positions count nothing: the short segment's padded frames are not in any mask
     assert not out.mask[1, :, -3:].any() and not out.text_mask[1, :, -3:].any()
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_adapters_over_quantized_weights_get_the_float_gradient(mode):
+    """QLoRA: through a quantized layer, the input's gradient is that of the dequantized weight."""
+    from openmoshi.accel.quantize import QuantizedLinear
+
+    torch.manual_seed(0)
+    q = QuantizedLinear.from_weight(torch.randn(2 * 48, 64), mode, num_sets=2, group_size=32)
+    x = torch.randn(3, 5, 64, requires_grad=True)
+    y = q(x, 1)
+    (y * torch.arange(48.0)).sum().backward()
+    x_ref = x.detach().clone().requires_grad_(True)
+    ref = torch.nn.functional.linear(x_ref, q.weight(1))
+    (ref * torch.arange(48.0)).sum().backward()
+    torch.testing.assert_close(y, ref)
+    torch.testing.assert_close(x.grad, x_ref.grad)

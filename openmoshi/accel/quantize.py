@@ -107,6 +107,10 @@ class QuantizedLinear(nn.Module):
             m.qweight, m.scale, m.offset = quantize_int4(w, group_size)
         return m
 
+    @property
+    def num_sets(self) -> int:
+        return self.scale.shape[0] // self.out_dim
+
     def weight(self, index: int = 0) -> torch.Tensor:
         """The dequantized weight set `index`, [out, in] in the run dtype."""
         rows = slice(index * self.out_dim, (index + 1) * self.out_dim)
@@ -117,6 +121,8 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor, index: Index = 0) -> torch.Tensor:
         if not isinstance(index, int):  # one weight set per step (a whole depth-transformer sequence)
             return per_step(self.forward, x, index)
+        if torch.is_grad_enabled() and x.requires_grad:  # adapters train on top (QLoRA)
+            return _DequantizedMatmul.apply(x, self, index)
         if self.mode == "int4" and x.dtype == torch.bfloat16:
             return self._forward_tinygemm(x, index)
         if self.mode == "int8" and x.is_cuda and int8_kernel.available():
@@ -152,6 +158,21 @@ class QuantizedLinear(nn.Module):
         # tinygemm computes (q - 8) * scale + zero: the same convention as ours. [G, out, 2]
         scales_zeros = torch.stack([self.scale[rows], self.offset[rows]], dim=-1).transpose(0, 1)
         return packed_tg, scales_zeros.to(torch.bfloat16).contiguous()
+
+
+class _DequantizedMatmul(torch.autograd.Function):
+    """x W^T with W dequantized on the fly, for a gradient with respect to x. The backward
+    dequantizes W again instead of keeping it: kept, every layer's float weight would add up to
+    the float model's size, which QLoRA exists to avoid. (The kernels above have no backward.)"""
+
+    @staticmethod
+    def forward(ctx, x, layer, index):
+        ctx.layer, ctx.index = layer, index
+        return F.linear(x, layer.weight(index).to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad @ ctx.layer.weight(ctx.index).to(grad.dtype), None, None
 
 
 def _swap(parent: nn.Module, name: str, mode: str, group_size: int) -> None:

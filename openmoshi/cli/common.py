@@ -75,10 +75,10 @@ def output_file(path: str) -> Path:
 # ----------------------------------------------------------------------------- the model flags
 
 
-def add_model_args(parser: argparse.ArgumentParser, lm_only: bool = False, quantize: bool = True) -> None:
+def add_model_args(parser: argparse.ArgumentParser, lm_only: bool = False) -> None:
     """The model-selection flags shared by every command that runs the LM. `lm_only`: the flags of
     a command that reads the LM alone: no --mimi-weight, --tokenizer, --quantize, and it adds its
-    own --device and --dtype. `quantize`: offer --quantize."""
+    own --device and --dtype."""
     g = parser.add_argument_group("model")
     g.add_argument("--hf-repo", default=DEFAULT_REPO, metavar="REPO",
                    help=f"Hugging Face repo id, or a local folder with the same files (default {DEFAULT_REPO})")
@@ -97,8 +97,6 @@ def add_model_args(parser: argparse.ArgumentParser, lm_only: bool = False, quant
     g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     g.add_argument("--dtype", default=None, choices=DTYPES,
                    help="weights dtype (default: bfloat16 on cuda, float32 on cpu)")
-    if not quantize:
-        return
     g.add_argument("--quantize", default=None, choices=("int8", "int4"),
                    help="weight-only quantization of the LM's transformer layers (a file written by "
                         "'openmoshi quantize' is quantized already: leave it out or give its mode)")

@@ -39,7 +39,7 @@ def add_finetune_parser(subparsers) -> None:
     p.add_argument("manifest", nargs="?", metavar="MANIFEST.jsonl", help="training conversations")
     p.add_argument("-o", "--output", dest="run_dir", metavar="RUN_DIR", help="the run's folder")
     p.add_argument("--config", dest="recipe", metavar="FILE.yaml", help="options from a YAML file (flags override)")
-    add_model_args(p, quantize=False)
+    add_model_args(p)
     p.set_defaults(hf_repo=None)  # None: not given, so a --config file may set it (TrainConfig's default otherwise)
     g = p.add_argument_group("what trains")
     g.add_argument("--full", action="store_const", const=True, default=None,

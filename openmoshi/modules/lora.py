@@ -13,13 +13,14 @@ Two forms of the same adapter:
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from openmoshi.modules.transformer import Index, StackedLinear, per_step
+from openmoshi.modules.transformer import Index, per_step
 
 
 def _init_a(a: torch.Tensor) -> None:
@@ -51,13 +52,16 @@ class LoRALinear(nn.Module):
 
 
 class LoRAStacked(nn.Module):
-    """A frozen `StackedLinear` plus one trainable adapter per weight set."""
+    """A frozen `StackedLinear` plus one trainable adapter per weight set; or any frozen layer
+    with the same interface (`forward(x, index)`, `num_sets`, `in_dim`, `out_dim`), such as a
+    quantized linear (QLoRA)."""
 
-    def __init__(self, base: StackedLinear, rank: int, scaling: float):
+    def __init__(self, base: nn.Module, rank: int, scaling: float):
         super().__init__()
         self.base, self.rank, self.scaling = base, rank, scaling
-        M, out_dim, in_dim = base.num_sets, base.out_dim, base.weight.shape[1]
-        factory = {"device": base.weight.device, "dtype": torch.float32}
+        M, out_dim, in_dim = base.num_sets, base.out_dim, base.in_dim
+        device = next(itertools.chain(base.parameters(), base.buffers())).device  # quantized: buffers only
+        factory = {"device": device, "dtype": torch.float32}
         self.lora_A = nn.Parameter(torch.empty(M, rank, in_dim, **factory))  # [M, r, in]
         self.lora_B = nn.Parameter(torch.zeros(M, out_dim, rank, **factory))  # [M, out, r]
         if not self.lora_A.is_meta:

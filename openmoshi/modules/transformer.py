@@ -233,6 +233,10 @@ class StackedLinear(nn.Module):
     def num_sets(self) -> int:
         return self.weight.shape[0] // self.out_dim
 
+    @property
+    def in_dim(self) -> int:
+        return self.weight.shape[1]
+
     def forward(self, x: torch.Tensor, index: Index = 0) -> torch.Tensor:
         if isinstance(index, int):
             return F.linear(x, self.weight[index * self.out_dim:(index + 1) * self.out_dim])

@@ -20,6 +20,7 @@ class TrainConfig:
     dtype: str | None = None  # compute dtype; default bfloat16 on cuda, float32 on cpu
     # What trains.
     full: bool = False  # every weight instead of LoRA adapters
+    quantize: str | None = None  # "int8"/"int4": adapters over quantized frozen weights (QLoRA)
     lora_rank: int = 128
     lora_scaling: float = 2.0
     # Optimisation (AdamW, betas 0.9 / 0.95; linear warm-up then cosine decay to 0).
@@ -57,6 +58,8 @@ class TrainConfig:
             (self.first_codebook_weight > 0 and self.text_padding_weight >= 0,
              "--first-codebook-weight must be > 0 and --text-padding-weight >= 0"),
             (self.eval_every >= 1 and self.save_every >= 0, "--eval-every must be >= 1 and --save-every >= 0"),
+            (not (self.full and self.quantize), "--quantize trains adapters over quantized weights (QLoRA): "
+                                                "it cannot go with --full"),
         ]
         for ok, message in checks:
             if not ok:

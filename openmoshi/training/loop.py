@@ -20,8 +20,10 @@ from pathlib import Path
 
 import torch
 
+from openmoshi.accel.quantize import QuantizedLinear, quantize_lm, set_compute_dtype
 from openmoshi.lm.model import LMModel
-from openmoshi.loading.lm import load_lm
+from openmoshi.loading.files import read_header
+from openmoshi.loading.lm import checkpoint_format, load_lm
 from openmoshi.loading.mimi import load_mimi
 
 from openmoshi.loading.resolve import ModelFiles, resolve_dtype, resolve_files
@@ -269,10 +271,16 @@ def _build_model(cfg: TrainConfig, files: ModelFiles, d: Dist, dtype: torch.dtyp
     lm_cfg = files.config.lm
     if d.main or not d.sharded:
         lm = load_lm(files.moshi_weight, lm_cfg, "cpu" if d.sharded else d.device, dtype,
-                     lora=files.lora_weight, lora_scaling=files.config.lora_scaling)
-    else:
+                     lora=files.lora_weight, lora_scaling=files.config.lora_scaling, quantize=cfg.quantize)
+    else:  # the same modules as load_lm builds, without their values
+        header = read_header(files.moshi_weight)
+        fmt = checkpoint_format(header)
         with torch.device("meta"):
             lm = LMModel(lm_cfg).to(dtype)
+            fmt.prepare(header, lm)
+            if cfg.quantize and not any(isinstance(m, QuantizedLinear) for m in lm.modules()):
+                quantize_lm(lm, cfg.quantize)
+        set_compute_dtype(lm, dtype)
         if lm.condition_provider is not None:
             lm.condition_provider.float()  # as load_lm keeps it
     torch.manual_seed(cfg.seed)  # the adapters' initial values

@@ -15,9 +15,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from openmoshi.accel.quantize import QuantizedLinear
 from openmoshi.modules.lora import LoRALinear, LoRAStacked
 from openmoshi.modules.transformer import StackedLinear
 
+STACKED = ("in_proj", "out_proj")  # attention projections: one official nn.Linear per weight set
 # torch's activation-checkpoint wrapper inserts this in module names; official names have none.
 _CHECKPOINT_WRAPPED = "_checkpoint_wrapped_module."
 
@@ -28,7 +30,7 @@ def add_lora(model: nn.Module, rank: int, scaling: float) -> list[nn.Module]:
     adapters = []
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, StackedLinear):
+            if isinstance(child, (StackedLinear, QuantizedLinear)):  # QuantizedLinear: QLoRA
                 wrapper = LoRAStacked(child, rank, scaling)
             elif isinstance(child, nn.Linear):
                 wrapper = LoRALinear(child, rank, scaling)
@@ -57,10 +59,11 @@ def lora_state_dict(model: nn.Module, params: dict[str, torch.Tensor] | None = N
         a = params[f"{base}.lora_A"] if params is not None else m.lora_A
         b = params[f"{base}.lora_B"] if params is not None else m.lora_B
         a, b = a.detach().float().cpu(), b.detach().float().cpu()
-        if isinstance(m, LoRALinear):
-            out[f"{base}.lora_A.weight"], out[f"{base}.lora_B.weight"] = a, b
+        parent, _, attr = base.rpartition(".")
+        if attr not in STACKED:  # one weight: an nn.Linear, or one quantized from it
+            out[f"{base}.lora_A.weight"], out[f"{base}.lora_B.weight"] = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
             continue
-        parent, _, attr = base.rpartition(".")  # X.in_proj -> X.in_projs.{i}
+        # X.in_proj -> X.in_projs.{i}
         for i in range(a.shape[0]):
             out[f"{parent}.{attr}s.{i}.lora_A.weight"] = a[i].contiguous()
             out[f"{parent}.{attr}s.{i}.lora_B.weight"] = b[i].contiguous()
@@ -72,6 +75,9 @@ def merge_lora(model: nn.Module) -> None:
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, (LoRALinear, LoRAStacked)):
+                if not isinstance(child.base, (nn.Linear, StackedLinear)):
+                    raise ValueError("adapters on quantized weights cannot be merged into them: merge them "
+                                     "into the float checkpoint (openmoshi finetune export --merge)")
                 with torch.no_grad():
                     child.base.weight.copy_(child.merged_weight())
                 setattr(parent, name, child.base)
