@@ -37,6 +37,7 @@ from openmoshi.lm.config import BUILTIN_CONFIGS, load_model_config  # noqa: E402
 from openmoshi.loading.lm import load_lm  # noqa: E402
 from openmoshi.training.distributed import checkpoint_layers  # noqa: E402
 from openmoshi.training.lora import add_lora  # noqa: E402
+from openmoshi.training.loop import make_optimizer  # noqa: E402
 from openmoshi.training.loss import loss_sums  # noqa: E402
 
 
@@ -65,7 +66,9 @@ def build(side: str, cfg, rank: int, device, dtype, grad_checkpointing: bool):
             checkpoint_layers_official(lm)
     lm.train()
     params = [p for p in lm.parameters() if p.requires_grad]
-    return lm, torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95))
+    if side == "openmoshi":
+        return lm, make_optimizer(params, 1e-5, 0.1)  # as `openmoshi finetune` builds it
+    return lm, torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95), weight_decay=0.1)  # as moshi-finetune
 
 
 def checkpoint_layers_official(lm) -> None:

@@ -79,7 +79,7 @@ def test_readme_names_only_what_exists():
     files = module_files(PACKAGE)
     paths = set(re.findall(r"openmoshi/[\w/]+(?:\.py)?/?", text))
     # The frame picture names files relative to the package: serving/opus.py, mimi/codec.py ...
-    paths |= {f"openmoshi/{p}" for p in re.findall(r"(?<![\w/.])((?:[a-z_]+/)+[\w]+\.(?:py|js))", text)
+    paths |= {f"openmoshi/{p}" for p in re.findall(r"(?<![\w/.])((?:[a-z_]+/)+[\w]+\.(?:py|js))(?!\w)", text)
               if not p.startswith(("openmoshi/", "tests/", "benchmarks/", "deploy/"))}
     missing = [p for p in paths if not (ROOT / p).exists()]
     assert not missing, f"README.md names paths that do not exist: {missing}"
