@@ -149,7 +149,7 @@ def test_cache_holds_each_channels_whole_signal_codes(tmp_path, mimi_file):
     cache.encode(entries, mimi)
     cache.merge(1)
     assert cache.stale(entries) == []
-    cached = cache.index()[str(wav.resolve())]
+    cached = cache.get(cache.index(), wav.resolve())
     assert cached.samples == int(1.03 * SAMPLE_RATE) and cached.frames == 13
     codes = cache.read(cached)
     from openmoshi.audio import load_audio

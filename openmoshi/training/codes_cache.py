@@ -5,7 +5,8 @@ for long files; the same codes as encoding the whole file). Codes go into safete
 one tensor per file, int16 [2 K, T]: the model's K codebooks, then the user's. An index names,
 per wav, its size and modification time (a changed file is encoded again), its number of frames
 and samples, and where its codes are. Index and shards are keyed by the Mimi weights'
-fingerprint and K, so another Mimi never reads stale codes. Several ranks encode disjoint files in
+fingerprint and K, so another Mimi never reads stale codes. Wavs are named by their path relative to
+the cache folder, so a dataset moved or copied together with its cache keeps it. Several ranks encode disjoint files in
 parallel; rank 0 merges their index parts.
 
     cache/index-<fingerprint>-k8.json
@@ -97,12 +98,19 @@ class CodesCache:
         except (json.JSONDecodeError, TypeError) as e:
             raise DataError(f"codes cache index {self.index_path} is damaged ({e}); delete it to encode again") from None
 
+    def key(self, wav: Path) -> str:
+        return os.path.relpath(wav, self.folder)
+
+    def get(self, index: dict[str, Cached], wav: Path) -> Cached:
+        """The entry of `wav` in `index` (from `index()`)."""
+        return index[self.key(wav)]
+
     def stale(self, entries: list[Entry]) -> list[Entry]:
         """The entries whose codes are missing or older than their wav."""
         known = self.index()
         out = []
         for e in entries:
-            c = known.get(str(e.path))
+            c = known.get(self.key(e.path))
             if c is None or (c.size, c.mtime_ns) != _stat(e.path) or not (self.folder / c.shard).exists():
                 out.append(e)
         return out
@@ -135,7 +143,7 @@ class CodesCache:
             codes, samples = encode_stereo(mimi, e.path)
             key = str(len(pending))
             pending[key] = codes.contiguous()
-            pending_meta[key] = {"path": str(e.path), "size": file_size, "mtime_ns": mtime,
+            pending_meta[key] = {"path": self.key(e.path), "size": file_size, "mtime_ns": mtime,
                                  "frames": codes.shape[-1], "samples": samples}
             size += codes.numel() * 2
             if log is not None:

@@ -251,7 +251,7 @@ class _Data:
         index = cache.index()
         conversations = []
         for e in entries:
-            cached = index[str(e.path)]
+            cached = cache.get(index, e.path)
             alignment = read_alignments(e.path, cached.seconds)
             words = [(w.start, self.tokenizer.encode(w.text)) for w in alignment.words]
             if self.files.config.lm.conditioners and alignment.text_conditions is None:
