@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -38,6 +37,7 @@ from openmoshi.loading.lm import load_lm  # noqa: E402
 from openmoshi.training.distributed import checkpoint_layers  # noqa: E402
 from openmoshi.training.lora import add_lora  # noqa: E402
 from openmoshi.training.loop import make_optimizer  # noqa: E402
+from openmoshi.training.metrics import peak_memory_gb  # noqa: E402
 from openmoshi.training.loss import loss_sums  # noqa: E402
 
 
@@ -127,15 +127,6 @@ def timed(args, cfg, device, dtype, sides) -> dict:
     return out
 
 
-def peak_rss_gb() -> float:
-    """This process's peak resident set. VmHWM belongs to the process image (ru_maxrss would carry
-    over the parent's peak across fork + exec)."""
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1e6
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
-
-
 def child_peak(args, side: str) -> float:
     """Peak resident set (GB) of a child process that builds `side` and runs the steps."""
     cmd = [sys.executable, __file__, "--only", side, *sys.argv[1:]]
@@ -215,7 +206,7 @@ def main() -> None:
     args.frames = int(args.seconds * 12.5)
     if args.only:
         timed(args, cfg, device, dtype, [args.only])
-        print(json.dumps({"peak_rss_gb": peak_rss_gb()}))
+        print(json.dumps({"peak_rss_gb": peak_memory_gb("cpu")}))
         return
     sides = ["openmoshi"] + ([] if args.no_official else ["official"])
     result = timed(args, cfg, device, dtype, sides)

@@ -12,7 +12,6 @@ torchrun: FSDP2 (see `distributed`).
 from __future__ import annotations
 
 import json
-import resource
 import sys
 import time
 from contextlib import nullcontext
@@ -35,7 +34,7 @@ from openmoshi.training.distributed import Dist, broadcast_weights, checkpoint_l
 from openmoshi.training.lora import add_lora
 from openmoshi.training.loss import loss_sums
 from openmoshi.training.manifest import DataError, read_alignments, read_manifest
-from openmoshi.training.metrics import MetricsLog
+from openmoshi.training.metrics import MetricsLog, peak_memory_gb
 from openmoshi.training.segments import Conversation, SegmentData, batch_indices
 from openmoshi.training.text_stream import FRAME_RATE
 
@@ -124,7 +123,7 @@ def _train(cfg: TrainConfig, d: Dist) -> Path:
             metrics.log({"step": step, "loss": (text + audio).item(), "text_loss": text.item(),
                          "audio_loss": audio.item(), "lr": cfg.lr_at(step - 1), "grad_norm": grad_norm.item(),
                          "tokens_per_s": cfg.batch_size * codes.shape[1] * codes.shape[2] / elapsed,
-                         "peak_mem_gb": _peak_memory_gb(d.device)})
+                         "peak_mem_gb": peak_memory_gb(d.device)})
             if eval_set is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
                 metrics.log({"step": step, "eval": True, **_evaluate(lm, eval_set, cfg, d, autocast, per_rank)})
                 lm.train()
@@ -328,12 +327,3 @@ def _evaluate(lm, data: SegmentData, cfg: TrainConfig, d: Dist, autocast, per_ra
     text_sum, text_w, audio_sum, audio_w = d.sum(totals).tolist()
     text, audio = text_sum / max(text_w, 1e-8), audio_sum / max(audio_w, 1e-8)
     return {"loss": text + audio, "text_loss": text, "audio_loss": audio}
-
-
-def _peak_memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e9
-    for line in open("/proc/self/status"):  # the peak resident set of this process image
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1e6
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6

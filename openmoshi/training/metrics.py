@@ -15,6 +15,24 @@ import sys
 from pathlib import Path
 
 
+def peak_memory_gb(device) -> float:
+    """Peak memory of this process: CUDA's allocator peak, or on a CPU the peak resident set of this
+    process image (VmHWM; ru_maxrss would carry a parent's peak over fork + exec)."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1e6
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+
+
 class MetricsLog:
     def __init__(self, run_dir: Path, total_steps: int, first_step: int, enabled: bool):
         self.enabled = enabled
