@@ -281,6 +281,7 @@ def test_conditioned_model_gets_its_condition_in_every_slot():
         assert guided.ready.wait(10) and not guided.crashed
         good = lm.condition_sum([{"description": "very_good"}] * 2)
         bad = lm.condition_sum([{"description": "very_bad"}] * 2)
-        assert guided.gen.guided and torch.equal(guided.gen.condition, torch.cat([good, bad]).to(guided.gen.condition.dtype))
+        rows = torch.stack([good, bad], dim=1).view(4, 1, -1)  # slot b: its condition in row 2b, the negative in 2b + 1
+        assert guided.gen.guided and torch.equal(guided.gen.condition, rows.to(guided.gen.condition.dtype))
     finally:
         guided.stop()

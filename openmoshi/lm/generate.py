@@ -6,9 +6,10 @@
     set_condition(state, lm.condition_sum([{"description": "very_good"}] * B))  # conditioned LMs
 
 Classifier-free guidance (`init_state(..., cfg_coef=3.0)`, conditioned LMs): the transformers run
-2B rows, the slots' own condition in rows [0, B) and a negative one in [B, 2B) (`set_condition(...,
+2B rows, slot b's own condition in row 2b and a negative one in row 2b + 1 (`set_condition(...,
 negative=...)`), fed the same tokens; the logits sampled are null + (cond - null) * cfg_coef, as
-the official LMGen computes them.
+the official LMGen computes them. Interleaved, the rows of slots [0, n) are the rows [0, 2n): a
+prefix of slots is a prefix of rows (`prefix`).
 
 Dimension glossary: B batch (slots), K streams (1 text + n_q audio), Q dep_q, C ring length.
 
@@ -139,7 +140,8 @@ def set_condition(state: GenState, condition: torch.Tensor, mask: torch.Tensor |
         if c is not None and (c.dim() != 3 or c.shape[0] not in (1, B) or c.shape[1:] != (1, D)):
             raise ValueError(f"{name} must be [{B} or 1, 1, {D}], got {tuple(c.shape)}")
     parts = [condition] if negative is None else [condition, negative]
-    value = torch.cat([c.to(state.condition.device, state.condition.dtype).expand(B, 1, D) for c in parts])
+    value = torch.stack([c.to(state.condition.device, state.condition.dtype).expand(B, 1, D) for c in parts],
+                        dim=1).view(-1, 1, D)  # [B', 1, D], a slot's rows side by side
     if mask is None:
         state.condition.copy_(value)
     else:
@@ -148,8 +150,8 @@ def set_condition(state: GenState, condition: torch.Tensor, mask: torch.Tensor |
 
 
 def _rows(state: GenState, per_slot: torch.Tensor) -> torch.Tensor:
-    """A per-slot [B] tensor as the transformers' rows: repeated for the guidance half."""
-    return per_slot.repeat(2, *[1] * (per_slot.dim() - 1)) if state.guided else per_slot
+    """A per-slot [B, ...] tensor as the transformers' rows: each slot twice with guidance."""
+    return per_slot.repeat_interleave(2, dim=0) if state.guided else per_slot
 
 
 def _guide(state: GenState, logits: torch.Tensor) -> torch.Tensor:
@@ -157,7 +159,8 @@ def _guide(state: GenState, logits: torch.Tensor) -> torch.Tensor:
     LMGen; [B, ...] unchanged without guidance."""
     if not state.guided:
         return logits
-    cond, null = logits.chunk(2)
+    pairs = logits.view(-1, 2, *logits.shape[1:])
+    cond, null = pairs[:, 0], pairs[:, 1]
     return null + (cond - null) * state.cfg_coef
 
 
@@ -239,8 +242,7 @@ def step(lm: LMModel, state: GenState, user_codes: torch.Tensor, active: torch.T
     index = (state.offset % C)[:, None, None].expand(B, cfg.num_codebooks, 1)
     tokens = torch.where(not_started, state.initial, state.cache.gather(2, index))  # [B, K, 1]
 
-    if state.guided:  # both halves read the same tokens
-        tokens = tokens.repeat(2, 1, 1)
+    tokens = _rows(state, tokens)  # with guidance, both rows of a slot read its tokens
     rows_active = None if active is None else _rows(state, active)
     hidden, text_logits = lm.forward_text(tokens, state.temporal, rows_active, state.condition, attend)  # [B', 1, D], [B', 1, N]
     text_logits = _guide(state, text_logits)  # [B, 1, N]
