@@ -64,14 +64,14 @@ def drive(models, script: dict, cuda_graph: bool):
     batcher = Batcher(lm, mimi, tok, 3, GREEDY, cuda_graph=cuda_graph)
     with torch.no_grad():
         batcher._init_states()
-        torch.manual_seed(5)  # the server samples from the default generator
+        seeds = {"a": (5, 6), "b": (7, 8)}  # each slot samples from its own seeded streams
         rng = np.random.default_rng(0)
         slots, frames = {}, {name: [] for name in ("a", "b")}
         for tick in range(TICKS):
             for kind, name, sampling in script.get(tick, []):
                 if kind == "join":
                     on_frame = lambda pcm, text, name=name: frames[name].append((pcm, text))  # noqa: E731
-                    slots[name] = batcher.open(sampling, lambda: None, on_frame)
+                    slots[name] = batcher.open(sampling, lambda: None, on_frame, seeds[name])
                 elif kind == "leave":
                     batcher.close(slots.pop(name))
                 else:
@@ -107,7 +107,7 @@ def test_batcher_static_graph_path_equals_eager(models, script):
     assert_same_frames(got, ref)
     texts = [item[1] for frames in ref.values() for item in frames if item != "restart"]
     assert len(set(texts)) > 3
-    keys = set(batcher.lm_step.graphs.entries)  # (window, greedy_text, greedy_audio)
+    keys = set().union(*(b.lm_step.graphs.entries for b in batcher.buckets.values()))  # (window, greedy_text, greedy_audio)
     assert {k[0] for k in keys} == {64, 100}  # every window captured before the first conversation
     assert {k[1:] for k in keys} == ({(True, True)} if script == "greedy" else {(True, True), (False, False)})
 
@@ -189,15 +189,16 @@ def test_cli_flags():
 @cuda
 @pytest.mark.parametrize("script", ["greedy", "mixed"])
 def test_batcher_cuda_graphs_equal_eager_on_gpu(cuda_models, script):
-    """Captured steps give the eager frames; sampled ones too, since a replay advances the default
-    generator as the eager step does (`drive` seeds it after the captures)."""
+    """Captured steps give the eager frames, for every bucket; sampled ones too, since each slot's
+    random streams are state tensors that a replay advances as the eager step does."""
     ref, _ = drive(cuda_models, SCRIPTS[script], False)
     got, batcher = drive(cuda_models, SCRIPTS[script], True)
-    lm_graphs = batcher.lm_step.graphs
-    assert isinstance(lm_graphs, CUDAGraphed) and not lm_graphs.failed
-    captured = [e.graph for e in lm_graphs.entries.values() if e.graph is not None]
-    assert len(captured) >= 2 and all(g.pool() == lm_graphs.pool for g in captured)  # one shared pool
-    assert batcher.encode.graph is not None and batcher.decode.graph is not None
+    for bucket in batcher.buckets.values():
+        lm_graphs = bucket.lm_step.graphs
+        assert isinstance(lm_graphs, CUDAGraphed) and not lm_graphs.failed
+        captured = [e.graph for e in lm_graphs.entries.values() if e.graph is not None]
+        assert len(captured) >= 2 and all(g.pool() == lm_graphs.pool for g in captured)  # one shared pool
+        assert bucket.encode.graph is not None and bucket.decode.graph is not None
     assert_same_frames(got, ref, exact=False)
 
 

@@ -13,7 +13,7 @@ import torch
 from aiohttp import web
 
 from openmoshi.serving import protocol
-from openmoshi.serving.server import MoshiServer, ServerConfig, sampling_from_query
+from openmoshi.serving.server import MoshiServer, ServerConfig, sampling_from_query, seeds_from_query
 from openmoshi.lm.sampling import SamplingConfig
 
 from chat_client import FRAME, chat
@@ -153,9 +153,15 @@ def test_bad_query_and_sampling():
     got = sampling_from_query({"text_temperature": "0.3", "text_topk": "5", "audio_topk": "100.0",
                                "audio_temperature": "", "pad_mult": "0", "text_seed": "42"}, default)
     assert got == SamplingConfig(temp=default.temp, top_k=100, temp_text=0.3, top_k_text=5)
-    for bad in ({"text_topk": "abc"}, {"audio_temperature": "nan"}, {"text_topk": "0"}, {"text_seed": "x"}):
+    for bad in ({"text_topk": "abc"}, {"audio_temperature": "nan"}, {"text_topk": "0"}, {"pad_mult": "x"}):
         with pytest.raises(ValueError):
             sampling_from_query(bad, default)
+    assert seeds_from_query({}) is None
+    assert seeds_from_query({"text_seed": "42", "audio_seed": "7"}) == (42, 7)
+    assert seeds_from_query({"audio_seed": "7"})[1] == 7
+    for bad in ({"text_seed": "x"}, {"audio_seed": "1.5"}, {"text_seed": "-1"}):
+        with pytest.raises(ValueError):
+            seeds_from_query(bad)
 
 
 def test_outbox_drops_oldest(models):

@@ -24,13 +24,13 @@ captured in a CUDA graph as it is.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from openmoshi.lm.config import UNGENERATED_TOKEN, ZERO_TOKEN
 from openmoshi.lm.model import LMModel
-from openmoshi.lm.sampling import SamplingConfig, sample
+from openmoshi.lm.sampling import SamplingConfig, sample, slot_exponentials
 from openmoshi.modules.transformer import Transformer, TransformerState
 
 
@@ -53,6 +53,10 @@ class GenState:
     greedy_text: bool = False  # host-side: every slot decodes text greedily, so skip the sampler
     greedy_audio: bool = False
     cfg_coef: float = 1.0  # classifier-free guidance: != 1 doubles the transformers' rows
+    # Per-slot random streams (`init_state(..., slot_streams=True)`): each slot samples from its own
+    # seeds, so its tokens do not depend on the other slots or on its row. None: one generator.
+    seeds: torch.Tensor | None = None  # [B, 2] long: text seed, audio seed
+    draws: torch.Tensor | None = None  # [B, 2] long: draws taken from each stream
 
     @property
     def batch_size(self) -> int:
@@ -71,9 +75,12 @@ class StepOutput:
 
 
 def init_state(lm: LMModel, batch_size: int, sampling: SamplingConfig = SamplingConfig(),
-               max_k: int | None = None, max_k_text: int | None = None, cfg_coef: float = 1.0) -> GenState:
+               max_k: int | None = None, max_k_text: int | None = None, cfg_coef: float = 1.0,
+               slot_streams: bool = False) -> GenState:
     """Fresh state for `batch_size` slots. `max_k`/`max_k_text` bound the per-slot top-k (default:
-    the sampling config's values). `cfg_coef` != 1: classifier-free guidance (conditioned LMs)."""
+    the sampling config's values). `cfg_coef` != 1: classifier-free guidance (conditioned LMs).
+    `slot_streams`: each slot draws from its own seeded streams (`set_seeds`) rather than from the
+    generator given to `step` (the official sampler's stream, for parity)."""
     cfg = lm.cfg
     param = lm.text_emb.weight  # never swapped by the speed wrappers
     device, dtype = param.device, param.dtype
@@ -100,8 +107,34 @@ def init_state(lm: LMModel, batch_size: int, sampling: SamplingConfig = Sampling
         cfg_coef=float(cfg_coef))
     if lm.condition_provider is not None:
         state.condition = torch.zeros(rows, 1, cfg.dim, device=device, dtype=dtype)
+    if slot_streams:
+        state.seeds = torch.zeros(batch_size, 2, dtype=torch.long, device=device)
+        state.draws = torch.zeros(batch_size, 2, dtype=torch.long, device=device)
     set_sampling(state, sampling)
     return state
+
+
+def set_seeds(state: GenState, text_seed: int, audio_seed: int, mask: torch.Tensor | None = None) -> None:
+    """Seeds the text and audio streams of the slots in `mask` (all when None) and rewinds them."""
+    if state.seeds is None:
+        raise ValueError("this state samples from one generator: init_state(..., slot_streams=True)")
+    seeds = torch.tensor([text_seed, audio_seed], device=state.seeds.device)
+    if mask is None:
+        state.seeds.copy_(seeds.expand_as(state.seeds))
+        state.draws.zero_()
+    else:
+        mask = mask.to(state.seeds.device)[:, None]
+        state.seeds.copy_(torch.where(mask, seeds, state.seeds))
+        state.draws.masked_fill_(mask, 0)
+
+
+def _sample(state: GenState, stream: int, logits: torch.Tensor, temp, top_k, max_k: int, generator) -> torch.Tensor:
+    """sample() with the state's per-slot stream `stream` (0 text, 1 audio) when it has them."""
+    noise = None
+    if state.seeds is not None:
+        noise = slot_exponentials(state.seeds[:, stream], state.draws[:, stream], max_k)
+        state.draws[:, stream] += max_k
+    return sample(logits, temp, top_k, max_k, generator, noise)
 
 
 def set_sampling(state: GenState, sampling: SamplingConfig, mask: torch.Tensor | None = None) -> None:
@@ -162,6 +195,37 @@ def _guide(state: GenState, logits: torch.Tensor) -> torch.Tensor:
     pairs = logits.view(-1, 2, *logits.shape[1:])
     cond, null = pairs[:, 0], pairs[:, 1]
     return null + (cond - null) * state.cfg_coef
+
+
+def prefix(state: GenState, n: int) -> GenState:
+    """Slots [0, n) of `state` as views: a step on it updates `state` in place, and computes only
+    what those slots need. Host-side fields (calls, the greedy flags) are copies: the caller keeps
+    them current (the server passes positions to `GraphedStep` and copies the flags)."""
+    rows = 2 * n if state.guided else n
+    return replace(state, cache=state.cache[:n], offset=state.offset[:n], temporal=state.temporal.prefix(rows),
+                   depth=None if state.depth is None else state.depth.prefix(rows),
+                   temp=state.temp[:n], top_k=state.top_k[:n], temp_text=state.temp_text[:n],
+                   top_k_text=state.top_k_text[:n],
+                   condition=None if state.condition is None else state.condition[:rows],
+                   seeds=None if state.seeds is None else state.seeds[:n],
+                   draws=None if state.draws is None else state.draws[:n])
+
+
+def move_slot(state: GenState, src: int, dst: int) -> None:
+    """Slot `dst` takes over slot `src`'s conversation: stream positions, tokens, caches, sampling
+    settings and condition. (Slot `src` keeps a copy; reset or ignore it.)"""
+    for t in (state.cache, state.offset, state.temp, state.top_k, state.temp_text, state.top_k_text,
+              state.seeds, state.draws):
+        if t is not None:
+            t[dst].copy_(t[src])
+    width = 2 if state.guided else 1
+    for i in range(width):
+        a, b = width * src + i, width * dst + i
+        for transformer in (state.temporal, state.depth):
+            if transformer is not None:
+                transformer.move(a, b)
+        if state.condition is not None:
+            state.condition[b].copy_(state.condition[a])
 
 
 def read_window(calls: int, state: GenState) -> int:
@@ -249,7 +313,7 @@ def step(lm: LMModel, state: GenState, user_codes: torch.Tensor, active: torch.T
     if state.greedy_text:
         text = text_logits[:, 0].argmax(dim=-1)
     else:
-        text = sample(text_logits[:, 0], state.temp_text, state.top_k_text, state.max_k_text, generator)
+        text = _sample(state, 0, text_logits[:, 0], state.temp_text, state.top_k_text, state.max_k_text, generator)
     audio = depth_step(lm, state, text, hidden, generator) if Q else None
 
     if active is None:
@@ -283,7 +347,7 @@ def depth_step(lm: LMModel, state: GenState, text: torch.Tensor, hidden: torch.T
         if state.greedy_audio:
             token = logits.argmax(dim=-1)
         else:
-            token = sample(logits, state.temp, state.top_k, state.max_k, generator)
+            token = _sample(state, 1, logits, state.temp, state.top_k, state.max_k, generator)
         out.append(token)
         prev = token[:, None]
     return torch.stack(out, dim=1)

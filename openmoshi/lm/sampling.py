@@ -43,14 +43,43 @@ class SamplingConfig:
 
 
 def sample(logits: torch.Tensor, temp: torch.Tensor, top_k: torch.Tensor, max_k: int,
-           generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits [B, N], temp [B] float, top_k [B] long (<= max_k) -> tokens [B] long."""
+           generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """logits [B, N], temp [B] float, top_k [B] long (<= max_k) -> tokens [B] long. The race's
+    Exp(1) draws come from `generator` (shared by the batch), or are given: `noise` [B, max_k]
+    (per-slot streams, `slot_exponentials`)."""
     logits = logits.float()
     greedy = logits.argmax(dim=-1)
     k = min(max_k, logits.shape[-1])
     probs = torch.softmax(logits / temp.clamp(min=1e-6)[:, None], dim=-1)
     top, idx = probs.topk(k, dim=-1)  # [B, k]
     top = top.masked_fill(torch.arange(k, device=logits.device) >= top_k[:, None], 0.0)
-    race = top / torch.empty_like(top).exponential_(1, generator=generator)
+    if noise is None:
+        noise = torch.empty_like(top).exponential_(1, generator=generator)
+    race = top / noise[:, :k].to(top.dtype)
     sampled = idx.gather(-1, race.argmax(dim=-1, keepdim=True))[:, 0]
     return torch.where(temp > 0, sampled, greedy)
+
+
+# ----------------------------------------------------------------------------- per-slot streams
+
+# SplitMix64 (Steele, Lea and Flood 2014) in int64 arithmetic: products wrap modulo 2^64 as the
+# unsigned original, and right shifts are made logical by masking the sign extension.
+_GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
+_MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)
+_MIX2 = 0x94D049BB133111EB - (1 << 64)
+
+
+def _shift(z: torch.Tensor, k: int) -> torch.Tensor:
+    return (z >> k) & ((1 << (64 - k)) - 1)
+
+
+def slot_exponentials(seed: torch.Tensor, draws: torch.Tensor, k: int) -> torch.Tensor:
+    """Exp(1) draws [B, k] from each slot's own stream: draw j of slot b is a hash of (seed[b],
+    draws[b] + j), so a slot's draws depend on its seed and how many it has taken, not on which
+    other slots share the batch or where its row is. The caller advances `draws` by k."""
+    z = seed[:, None] + (draws[:, None] + torch.arange(1, k + 1, device=seed.device)) * _GOLDEN
+    z = (z ^ _shift(z, 30)) * _MIX1
+    z = (z ^ _shift(z, 27)) * _MIX2
+    z = z ^ _shift(z, 31)
+    u = (_shift(z, 11).double() + 0.5) * 2.0 ** -53  # uniform in (0, 1)
+    return -torch.log(u).float()

@@ -86,6 +86,16 @@ class MimiEncodeState:
         self.transformer.reset(mask)
         self.downsample.reset(mask)
 
+    def prefix(self, n: int) -> "MimiEncodeState":
+        """Slots [0, n) as views: steps on it update this state in place."""
+        return MimiEncodeState(self.encoder.prefix(n), self.transformer.prefix(n), self.downsample.prefix(n))
+
+    def move(self, src: int, dst: int) -> None:
+        """Slot `dst` continues slot `src`'s stream."""
+        self.encoder.move(src, dst)
+        self.transformer.move(src, dst)
+        self.downsample.move(src, dst)
+
 
 @dataclass
 class MimiDecodeState:
@@ -98,6 +108,14 @@ class MimiDecodeState:
         self.upsample.reset(mask)
         self.transformer.reset(mask)
         self.decoder.reset(mask)
+
+    def prefix(self, n: int) -> "MimiDecodeState":
+        return MimiDecodeState(self.upsample.prefix(n), self.transformer.prefix(n), self.decoder.prefix(n))
+
+    def move(self, src: int, dst: int) -> None:
+        self.upsample.move(src, dst)
+        self.transformer.move(src, dst)
+        self.decoder.move(src, dst)
 
 
 class Mimi(nn.Module):

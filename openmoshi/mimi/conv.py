@@ -86,6 +86,14 @@ class Conv1dState:
         self.buffer.masked_fill_(mask.view(-1, 1, 1), 0.0)
         self.first.logical_or_(mask)
 
+    def prefix(self, n: int) -> "Conv1dState":
+        """Slots [0, n) as views. `length` is copied: whole-frame steps never change it."""
+        return Conv1dState(self.buffer[:n], self.length, self.first[:n])
+
+    def move(self, src: int, dst: int) -> None:
+        self.buffer[dst].copy_(self.buffer[src])
+        self.first[dst].copy_(self.first[src])
+
 
 class StreamingConv1d(nn.Module):
     """Causal Conv1d: P = k_eff - s samples of left padding (zeros or the first sample)."""
@@ -172,6 +180,12 @@ class ConvTr1dState:
 
     def reset(self, mask: torch.Tensor) -> None:
         self.partial.masked_fill_(mask.view(-1, 1, 1), 0.0)
+
+    def prefix(self, n: int) -> "ConvTr1dState":
+        return ConvTr1dState(self.partial[:n])
+
+    def move(self, src: int, dst: int) -> None:
+        self.partial[dst].copy_(self.partial[src])
 
 
 class StreamingConvTranspose1d(nn.Module):

@@ -36,6 +36,14 @@ class SeanetState(list):
             if s is not None:
                 s.reset(mask)
 
+    def prefix(self, n: int) -> "SeanetState":
+        return SeanetState(None if s is None else s.prefix(n) for s in self)
+
+    def move(self, src: int, dst: int) -> None:
+        for s in self:
+            if s is not None:
+                s.move(src, dst)
+
 
 def _init_states(layers: nn.Sequential, batch_size: int, device, dtype) -> SeanetState:
     return SeanetState(layer.init_state(batch_size, device, dtype)

@@ -205,6 +205,16 @@ class TransformerState:
         self.offset.masked_fill_(mask, 0)
         self.key_pos.masked_fill_(mask[:, None], -1)
 
+    def prefix(self, n: int) -> "TransformerState":
+        """The state of rows [0, n) as views: a step on it updates this state in place."""
+        return TransformerState(self.offset[:n], self.key_pos[:n], [k[:n] for k in self.keys],
+                                [v[:n] for v in self.values], self.max_chunk)
+
+    def move(self, src: int, dst: int) -> None:
+        """Row `dst` becomes a copy of row `src` (its conversation continues there)."""
+        for t in (self.offset, self.key_pos, *self.keys, *self.values):
+            t[dst].copy_(t[src])
+
 
 # ----------------------------------------------------------------------------- layers
 

@@ -1,11 +1,20 @@
 """The batched model loop of the server: one Mimi encode, one LM step and one Mimi decode per 80 ms
 frame for every conversation at once, in a worker thread off the event loop.
 
-Each conversation owns a slot b of a fixed batch B = max sessions. The worker ticks once per frame:
+Each conversation owns a slot b of the states, made once for B = max sessions. The worker ticks
+once per frame, on the first n slots only, n = the occupied slots rounded up to a bucket (1, 2, 4,
+..., B): the states' prefixes [0, n) are views, so a tick costs what its conversations need and
+an idle slot costs nothing.
 
-    inbox[b] (PCM frames from the client) ──> pcm [B, 1, F] ──Mimi encode──> codes [B, K, 1]
-        ──LM step (active = occupied slots)──> text [B], audio [B, Q] ──Mimi decode──> pcm [B, 1, F]
+    inbox[b] (PCM frames from the client) ──> pcm [n, 1, F] ──Mimi encode──> codes [n, K, 1]
+        ──LM step (active = occupied slots)──> text [n], audio [n, Q] ──Mimi decode──> pcm [n, 1, F]
         ──> on_frame(b, pcm, text piece) for the slots whose frame is complete (`valid`)
+
+Conversations take the lowest free slot; when one leaves a hole below busy slots, the highest
+conversation's states (LM caches and streams, Mimi states, sampling settings, seeds) move into the
+hole between ticks, so the occupied slots stay [0, k). Every slot samples from its own seeded
+streams (`text_seed`/`audio_seed`, random when not given): what a conversation hears depends on its
+input and seeds only, never on the others or on which slot it is in.
 
 Frame policy, per slot, as the official server: every input frame is encoded and given to one LM
 step; the first step only reads initial tokens, and right after the first frame the slot's Mimi
@@ -17,16 +26,18 @@ restarting are commands applied by the worker between ticks; they reset only tha
 Mimi encoder and decoder state, sampling settings).
 
 On CUDA the three steps run as CUDA graphs (`openmoshi.accel.cuda_graph`; `cuda_graph=False` or
-OPENMOSHI_NO_CUDA_GRAPH=1 for eager). The LM step's attention reads the window of the furthest
-occupied slot, known on the host (`Slot.steps`), so it shrinks again when conversations restart;
-every window's graph is captured when the worker starts, before any conversation, since a capture
-takes far longer than a tick. Their outputs are consumed within the tick, before the next call.
+OPENMOSHI_NO_CUDA_GRAPH=1 for eager), one set per bucket. The LM step's attention reads the window
+of the furthest occupied slot, known on the host (`Slot.steps`), so it shrinks again when
+conversations restart; every bucket's and window's graph is captured when the worker starts,
+before any conversation, since a capture takes far longer than a tick. Their outputs are consumed
+within the tick, before the next call.
 """
 
 from __future__ import annotations
 
 import logging
 import queue
+import secrets
 import threading
 import time
 from collections import deque
@@ -36,11 +47,11 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from openmoshi.lm.config import TEXT_END_PADDING_ID, TEXT_PADDING_ID
 from openmoshi.accel.cuda_graph import GraphedStep, graphed
-from openmoshi.lm.generate import init_state, reset_slots, set_condition, set_sampling
-from openmoshi.serving.metrics import Metrics
+from openmoshi.lm import generate as G
+from openmoshi.lm.config import TEXT_END_PADDING_ID, TEXT_PADDING_ID
 from openmoshi.lm.sampling import SamplingConfig
+from openmoshi.serving.metrics import Metrics
 
 log = logging.getLogger("openmoshi.serving.server")
 
@@ -55,14 +66,37 @@ class Slot:
     """One conversation's place in the batch. `on_ready()` and `on_frame(pcm [F] float32, text)`
     are called from the worker thread; the server wraps them to hop onto its event loop."""
 
-    index: int
+    index: int  # its row in the states; the worker moves it down when a slot below frees
     sampling: SamplingConfig
     on_ready: Callable[[], None]
     on_frame: Callable[[np.ndarray, str | None], None]
+    seeds: tuple[int, int] | None = None  # text and audio seeds (None: random at each (re)start)
     inbox: deque = field(default_factory=lambda: deque(maxlen=INBOX_FRAMES))
     steps: int = 0
     frames_in: int = 0
     silent_ticks: int = 0
+
+
+def buckets(max_slots: int) -> list[int]:
+    """Batch sizes a tick runs at: powers of two, and max_slots itself."""
+    sizes, n = [], 1
+    while n < max_slots:
+        sizes.append(n)
+        n *= 2
+    return sizes + [max_slots]
+
+
+@dataclass
+class _Bucket:
+    """The steps over the states' first `size` slots (views), graphed on CUDA."""
+
+    size: int
+    gen: G.GenState
+    enc: Any
+    dec: Any
+    encode: Callable
+    decode: Callable
+    lm_step: GraphedStep
 
 
 class Batcher:
@@ -116,7 +150,7 @@ class Batcher:
         with self._lock:
             return sum(self._reserved)
 
-    def open(self, sampling: SamplingConfig, on_ready, on_frame) -> Slot | None:
+    def open(self, sampling: SamplingConfig, on_ready, on_frame, seeds: tuple[int, int] | None = None) -> Slot | None:
         """Reserves a slot (None when all are taken); `on_ready` fires once it has been reset."""
         with self._lock:
             free = [i for i, taken in enumerate(self._reserved) if not taken]
@@ -124,7 +158,7 @@ class Batcher:
                 return None
             self._reserved[free[0]] = True
             self.metrics.set_active(sum(self._reserved))
-        slot = Slot(free[0], sampling, on_ready, on_frame)
+        slot = Slot(free[0], sampling, on_ready, on_frame, seeds)
         self._command("join", slot)
         return slot
 
@@ -167,41 +201,52 @@ class Batcher:
     crashed = False
 
     def _init_states(self) -> None:
-        """Model states of every slot and the (graphed) steps over them; captures the graphs."""
+        """Model states of every slot, and the (graphed) steps over each bucket's prefix of them;
+        captures the graphs."""
         B, lm, mimi = self.max_slots, self.lm, self.mimi
         self.device = next(lm.parameters()).device
-        self.gen = init_state(lm, B, self.sampling, max_k=max(self.sampling.top_k, 250),
-                              max_k_text=max(self.sampling.top_k_text, 25), cfg_coef=self.cfg_coef)
+        self.gen = G.init_state(lm, B, self.sampling, max_k=max(self.sampling.top_k, 250),
+                                max_k_text=max(self.sampling.top_k_text, 25), cfg_coef=self.cfg_coef,
+                                slot_streams=True)
         if self.condition is not None:  # every slot, once: resetting a slot keeps its condition
             negative = lm.condition_sum([self.negative] * B) if self.negative is not None else None
-            set_condition(self.gen, lm.condition_sum([self.condition] * B), negative=negative)
+            G.set_condition(self.gen, lm.condition_sum([self.condition] * B), negative=negative)
         self.enc = mimi.init_encode_state(B)
         self.dec = mimi.init_decode_state(B)
         self.mimi_dtype = next(mimi.parameters()).dtype
-        enc, dec = self.enc, self.dec
-        graphs, device = self.cuda_graph, self.device
-        self.encode = graphed(lambda pcm: mimi.encode_step(pcm, enc), graphs, device, name="mimi_encode")
-        self.decode = graphed(lambda codes: mimi.decode_step(codes, dec), graphs, device, name="mimi_decode")
-        self.lm_step = GraphedStep(lm, self.gen, graphs)
-        if self.lm_step.enabled:
+        kv = sum(t.numel() * t.element_size() for t in (*self.gen.temporal.keys, *self.gen.temporal.values))
+        log.info("kv_cache", extra={"fields": {"slots": B, "gb": round(kv / 1e9, 3),
+                                               "gb_per_slot": round(kv / B / 1e9, 4), "preallocated": True}})
+        self.buckets = {n: self._bucket(n) for n in buckets(B)}
+        if self.buckets[B].lm_step.enabled:
             self._capture()
+
+    def _bucket(self, n: int) -> _Bucket:
+        gen, enc, dec = G.prefix(self.gen, n), self.enc.prefix(n), self.dec.prefix(n)
+        graphs, device, mimi = self.cuda_graph, self.device, self.mimi
+        return _Bucket(n, gen, enc, dec,
+                       graphed(lambda pcm: mimi.encode_step(pcm, enc), graphs, device, name=f"mimi_encode_{n}"),
+                       graphed(lambda codes: mimi.decode_step(codes, dec), graphs, device, name=f"mimi_decode_{n}"),
+                       GraphedStep(self.lm, gen, graphs))
 
     def _capture(self) -> None:
         """Every graph of the default sampling settings, before the first conversation, with idle
         slots; the states are reset after. Other sampler flags are captured when first needed."""
         start = time.monotonic()
-        B, F, K = self.max_slots, self.frame_size, self.mimi.num_codebooks
-        idle = torch.zeros(B, dtype=torch.bool, device=self.device)
-        for _ in range(self.encode.warmup + 1):  # warm-up calls, then capture and replay
-            codes = self.encode(torch.zeros(B, 1, F, device=self.device, dtype=self.mimi_dtype))
-            self.decode(torch.zeros(B, K, 1, dtype=torch.long, device=self.device))
-        windows = self.lm_step.capture_all(codes[:, :, 0], idle)
-        everyone = torch.ones(B, dtype=torch.bool, device=self.device)
-        reset_slots(self.gen)
+        F, K, graphs = self.frame_size, self.mimi.num_codebooks, 0
+        for n, b in self.buckets.items():
+            idle = torch.zeros(n, dtype=torch.bool, device=self.device)
+            for _ in range(b.encode.warmup + 1):  # warm-up calls, then capture and replay
+                codes = b.encode(torch.zeros(n, 1, F, device=self.device, dtype=self.mimi_dtype))
+                b.decode(torch.zeros(n, K, 1, dtype=torch.long, device=self.device))
+            graphs += b.lm_step.capture_all(codes[:, :, 0], idle) + 2
+        everyone = torch.ones(self.max_slots, dtype=torch.bool, device=self.device)
+        G.reset_slots(self.gen)
         self.enc.reset(everyone)
         self.dec.reset(everyone)
         seconds = round(time.monotonic() - start, 2)
-        log.info("cuda_graphs_ready", extra={"fields": {"attention_windows": windows, "seconds": seconds}})
+        log.info("cuda_graphs_ready", extra={"fields": {"buckets": list(self.buckets), "graphs": graphs,
+                                                        "seconds": seconds}})
 
     def _loop(self) -> None:
         self._init_states()
@@ -232,14 +277,15 @@ class Batcher:
             try:
                 kind, slot = self._commands.get_nowait()
             except queue.Empty:
-                return
-            mask = torch.zeros(self.max_slots, dtype=torch.bool, device=self.device)
-            mask[slot.index] = True
+                break
             if kind == "join":
                 self._slots[slot.index] = slot
                 slot.steps = 0
-                reset_slots(self.gen, mask)
-                set_sampling(self.gen, slot.sampling, mask)
+                mask = self._mask(slot.index)
+                G.reset_slots(self.gen, mask)
+                G.set_sampling(self.gen, slot.sampling, mask)
+                seeds = slot.seeds or (secrets.randbits(62), secrets.randbits(62))
+                G.set_seeds(self.gen, *seeds, mask)
                 self.enc.reset(mask)
                 self.dec.reset(mask)
                 slot.on_ready()
@@ -251,12 +297,38 @@ class Batcher:
                     self.metrics.set_active(sum(self._reserved))
                 if self.on_free is not None:
                     self.on_free()  # e.g. the server's waiting line takes the slot
+        self._compact()
+
+    def _mask(self, index: int) -> torch.Tensor:
+        mask = torch.zeros(self.max_slots, dtype=torch.bool, device=self.device)
+        mask[index] = True
+        return mask
+
+    def _compact(self) -> None:
+        """Moves the highest conversation into the lowest free slot until the occupied slots are a
+        prefix, so that ticks run on as few slots as the conversations need."""
+        while True:
+            with self._lock:
+                holes = [i for i, taken in enumerate(self._reserved) if not taken]
+                busy = [i for i, s in enumerate(self._slots) if s is not None]
+                if not holes or not busy or busy[-1] < holes[0]:
+                    return
+                src, dst = busy[-1], holes[0]
+                self._reserved[dst], self._reserved[src] = True, False
+            slot = self._slots[src]
+            G.move_slot(self.gen, src, dst)
+            self.enc.move(src, dst)
+            self.dec.move(src, dst)
+            self._slots[dst], self._slots[src] = slot, None
+            slot.index = dst
 
     def _tick(self, occupied: list[Slot]) -> None:
-        B, F = self.max_slots, self.frame_size
-        pcm = np.zeros((B, 1, F), dtype=np.float32)
-        active = torch.zeros(B, dtype=torch.bool)
-        first = torch.zeros(B, dtype=torch.bool)
+        used = max(s.index for s in occupied) + 1
+        b = self.buckets[next(n for n in self.buckets if n >= used)]
+        n, F = b.size, self.frame_size
+        pcm = np.zeros((n, 1, F), dtype=np.float32)
+        active = torch.zeros(n, dtype=torch.bool)
+        first = torch.zeros(n, dtype=torch.bool)
         silent = 0
         for s in occupied:
             active[s.index] = True
@@ -268,18 +340,21 @@ class Batcher:
                 silent += 1
         if silent:
             self.metrics.inc("openmoshi_silence_frames_total", silent)
+        self.metrics.observe_batch(n)
         x = torch.from_numpy(pcm).to(self.device, self.mimi_dtype)
-        codes = self.encode(x)  # [B, K, 1]
+        codes = b.encode(x)  # [n, K, 1]
         if bool(first.any()):
             # The first frame is in the model's past: restart the encoder with fresh left padding.
-            self.enc.reset(first.to(self.device))
+            b.enc.reset(first.to(self.device))
+        # The view's host-side flags follow the full state's (set_sampling updates those).
+        b.gen.greedy_text, b.gen.greedy_audio = self.gen.greedy_text, self.gen.greedy_audio
         # Every occupied slot is active and at its own step count: the furthest one bounds the window.
-        out = self.lm_step(codes[:, :, 0], active.to(self.device), position=max(s.steps for s in occupied))
+        out = b.lm_step(codes[:, :, 0], active.to(self.device), position=max(s.steps for s in occupied))
         valid = out.valid
-        audio = torch.where(valid[:, None], out.audio, torch.zeros_like(out.audio))  # [B, Q]
-        pcm_out = self.decode(audio[:, :, None])  # [B, 1, F]
+        audio = torch.where(valid[:, None], out.audio, torch.zeros_like(out.audio))  # [n, Q]
+        pcm_out = b.decode(audio[:, :, None])  # [n, 1, F]
         # Slots without a complete frame yet decode placeholders: their decoder starts afresh.
-        self.dec.reset(~valid)
+        b.dec.reset(~valid)
         pcm_out = pcm_out[:, 0].to("cpu", torch.float32, copy=True).numpy()  # a copy: slots keep their frame
         valid = valid.cpu().tolist()
         text = out.text.cpu().tolist()

@@ -19,6 +19,7 @@ class Metrics:
         self.active = 0
         self.max_sessions = 0
         self.waiting = 0
+        self.batch_rows = 0
         self._counters: dict[tuple[str, tuple], float] = defaultdict(float)
         self._step_counts = [0] * (len(STEP_BUCKETS) + 1)
         self._step_sum = 0.0
@@ -40,6 +41,11 @@ class Metrics:
         with self._lock:
             self.waiting = n
 
+    def observe_batch(self, rows: int) -> None:
+        """The slots the last tick computed: the occupied ones rounded up to a bucket."""
+        with self._lock:
+            self.batch_rows = rows
+
     def observe_step(self, seconds: float) -> None:
         with self._lock:
             i = next((i for i, b in enumerate(STEP_BUCKETS) if seconds <= b), len(STEP_BUCKETS))
@@ -59,6 +65,9 @@ class Metrics:
                 "# HELP openmoshi_queue_waiting Clients waiting for a free slot (--queue).",
                 "# TYPE openmoshi_queue_waiting gauge",
                 f"openmoshi_queue_waiting {self.waiting}",
+                "# HELP openmoshi_batch_rows Slots the last frame computed (occupied, rounded up to a bucket).",
+                "# TYPE openmoshi_batch_rows gauge",
+                f"openmoshi_batch_rows {self.batch_rows}",
                 "# HELP openmoshi_step_seconds Time of one batched 80 ms frame (encode, LM, decode).",
                 "# TYPE openmoshi_step_seconds histogram",
             ]

@@ -25,6 +25,7 @@ import hmac
 import json
 import logging
 import math
+import secrets
 import time
 from collections import deque
 from dataclasses import dataclass, replace
@@ -85,11 +86,11 @@ class JsonFormatter(logging.Formatter):
 # Official web client parameter -> SamplingConfig field.
 _SAMPLING_PARAMS = {"text_temperature": ("temp_text", float), "text_topk": ("top_k_text", int),
                     "audio_temperature": ("temp", float), "audio_topk": ("top_k", int)}
-# Accepted and validated, but not applied: seeds would need one random generator per slot, and
-# padding/repetition penalties are not part of the released sampler (the official server ignores
-# every one of these parameters too).
-_NUMERIC_IGNORED = {"text_seed": int, "audio_seed": int, "pad_mult": float, "repetition_penalty": float,
-                    "repetition_penalty_context": int}
+# The seeds of a conversation's own random streams (each slot samples from its own, see batcher).
+_SEED_PARAMS = ("text_seed", "audio_seed")
+# Accepted and validated, but not applied: padding/repetition penalties are not part of the
+# released sampler (the official server ignores them too).
+_NUMERIC_IGNORED = {"pad_mult": float, "repetition_penalty": float, "repetition_penalty_context": int}
 
 
 def sampling_from_query(query, default: SamplingConfig) -> SamplingConfig:
@@ -114,6 +115,26 @@ def sampling_from_query(query, default: SamplingConfig) -> SamplingConfig:
             except ValueError:
                 raise ValueError(f"query parameter {name}={raw!r} is not a number") from None
     return replace(default, **changes)  # SamplingConfig checks the ranges
+
+
+def seeds_from_query(query) -> tuple[int, int] | None:
+    """(text seed, audio seed) when the client gives one or both (the other one random); None:
+    random seeds, new at each restart. ValueError with a readable message."""
+    given = {}
+    for name in _SEED_PARAMS:
+        raw = query.get(name, "")
+        if raw == "":
+            continue
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ValueError(f"query parameter {name}={raw!r} must be an integer") from None
+        if not 0 <= value < 2 ** 62:
+            raise ValueError(f"query parameter {name}={raw!r} must be between 0 and 2^62")
+        given[name] = value
+    if not given:
+        return None
+    return tuple(given.get(name, secrets.randbits(62)) for name in _SEED_PARAMS)
 
 
 def _token_from(request: web.Request) -> str | None:
@@ -339,12 +360,13 @@ class MoshiServer:
             return await self._refuse(ws, "the server is shutting down", WSCloseCode.GOING_AWAY, "draining", peer)
         try:
             sampling = sampling_from_query(request.query, self.sampling)
+            seeds = seeds_from_query(request.query)
         except ValueError as e:
             return await self._refuse(ws, f"bad request: {e}", CLOSE_BAD_REQUEST, "bad_query", peer)
         conv = Conversation(self, ws, peer)
 
         def open_slot() -> Slot | None:
-            return self.batcher.open(sampling, conv.on_ready, conv.on_frame)
+            return self.batcher.open(sampling, conv.on_ready, conv.on_frame, seeds)
 
         conv.slot = None if len(self.line) else open_slot()  # nobody overtakes those who wait
         if conv.slot is None:
