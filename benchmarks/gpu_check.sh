@@ -3,8 +3,9 @@
 #   on the developer machine:  echo /.whl/ >> .git/info/exclude
 #                              python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #                                --implementation cp --platform manylinux_2_28_x86_64 -d .whl moshi==0.2.13 einops
-#   device run (carry .whl):   bash benchmarks/gpu_check.sh [all|speed|finetune]   (writes everything under $OUT)
-#   "all" (default) does both parts; each part alone fits one 10-minute call (speed ~580 s, finetune ~300 s).
+#   device run (carry .whl):   bash benchmarks/gpu_check.sh [all|speed|finetune|serving]   (writes everything under $OUT)
+#   "all" (default) does every part; each part alone fits one 10-minute call (speed ~580 s, finetune ~300 s,
+#   serving ~200 s).
 # Same process, same config, same device for the official package and openmoshi: ratios are fair.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -43,4 +44,13 @@ for r in 16 128; do for s in 30 100; do
 done; done
 #    the training tests on CUDA tensors: LoRA parity and gradients against the official model
 timeout 60 python3 -m pytest -q tests/test_finetune_model.py 2>&1 | tail -3 | tee -a "$OUT/finetune.txt"
+fi
+if [ "$PART" = all ] || [ "$PART" = serving ]; then
+# 6. occupancy (issue 12): the 7B server's frame time against occupied slots on servers sized 1, 8 and 64,
+#    bf16 then int4, eagerly, with every slot computed (as before) in the same run for comparison
+for q in none int4; do
+  flag=$([ $q = none ] || echo "--quantize $q")
+  timeout 100 python3 benchmarks/server_load.py --config moshi_7b --device cuda --mimi full $flag --sizes 1 8 64 \
+    --occupied 1 8 64 --frames 15 --warmup 3 --all-slots --json "$OUT/server_load_7b_$q.json" 2>&1 | tee -a "$OUT/server_load.txt"
+done
 fi

@@ -68,3 +68,11 @@ def test_finetune_memory_on_paper(tmp_path):
     assert rows[(16, 30)]["weights_gb"] == pytest.approx(15.4, abs=0.2)  # the 7B in bf16
     assert rows[(128, 30)]["adapters_gb"] > rows[(16, 30)]["adapters_gb"]
     assert rows[(16, 100)]["total_ckpt_gb"] < rows[(16, 100)]["total_gb"]
+
+
+def test_server_load_runs(tmp_path):
+    data = run_script(["benchmarks/server_load.py", "--sizes", "1", "4", "--occupied", "1", "4", "--frames", "2",
+                       "--warmup", "0", "--threads", "1", "--all-slots"], tmp_path)
+    rows = {(r["size"], r["occupied"]): r for r in data["rows"]}
+    assert set(rows) == {(1, 1), (4, 1), (4, 4)}
+    assert rows[(4, 1)]["p50_ms"] > 0 and rows[(4, 1)]["all_slots_p50_ms"] > 0

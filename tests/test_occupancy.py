@@ -184,3 +184,65 @@ class Occupancy(RuleBasedStateMachine):
 def test_occupancy_state_machine(models):
     Occupancy.MODELS = models
     Occupancy.TestCase().runTest()
+
+
+@pytest.mark.slow
+def test_one_conversation_is_served_as_well_by_a_larger_server():
+    """Real-size Mimi on this CPU (its fast path, as `openmoshi serve` runs it): one conversation on
+    a --max-sessions 4 server gets back as much audio as on a --max-sessions 1 server."""
+    import asyncio
+
+    from openmoshi.accel.mimi_cpu import fast_cpu
+    from openmoshi.loading.mimi import load_mimi
+    from openmoshi.serving.client import talk_file
+    from official_utils import speech as real_speech
+    from server_utils import serving
+
+    lm, _, tok = tiny_models(seed=3)
+    torch.manual_seed(0)
+    models = (lm, fast_cpu(load_mimi(None, num_codebooks=8)), tok)
+    pcm = real_speech(6.0).numpy()
+
+    async def received(max_sessions: int) -> float:
+        async with serving(models, max_sessions=max_sessions) as (_, url, _http):
+            result = await talk_file(url, pcm, tail_s=1.0)
+            return result.seconds_received
+
+    one, four = asyncio.run(received(1)), asyncio.run(received(4))
+    assert one > 0.5 * 6.0  # the CPU keeps up at all
+    assert four >= 0.9 * one, (one, four)
+
+
+def test_state_size_is_known_before_allocating():
+    """`state_bytes` is what `init_state` allocates (the server checks it against free memory)."""
+    from lm_utils import CONFIGS, make_official_lm, ours_from_official
+    from openmoshi.lm import generate as G
+
+    def tensors(o):
+        if isinstance(o, torch.Tensor):
+            yield o
+        elif isinstance(o, list):
+            for x in o:
+                yield from tensors(x)
+        elif hasattr(o, "__dataclass_fields__"):
+            for f in o.__dataclass_fields__:
+                yield from tensors(getattr(o, f))
+
+    for name in ("tiny_7b", "golden", "tiny_2b_like", "tiny_stt"):
+        kw = CONFIGS[name]
+        lm = ours_from_official(make_official_lm(kw), kw)
+        state = G.init_state(lm, 3, slot_streams=True)
+        shared = {id(state.initial), id(state.delays)}
+        assert G.state_bytes(lm, 3) == sum(t.numel() * t.element_size() for t in tensors(state) if id(t) not in shared)
+
+
+def test_too_many_sessions_are_refused_at_start_with_the_numbers(models, monkeypatch):
+    from openmoshi.lm import generate as G
+    from openmoshi.serving import batcher as B
+
+    lm, mimi, tok = models
+    per = G.state_bytes(lm, 1)
+    monkeypatch.setattr(B, "available_bytes", lambda device: int(per * 10.5 / 0.9))
+    B.Batcher(lm, mimi, tok, 10)  # fits
+    with pytest.raises(ValueError, match=r"--max-sessions 64 needs .* free: use --max-sessions 10 or fewer"):
+        B.Batcher(lm, mimi, tok, 64)

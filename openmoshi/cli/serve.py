@@ -25,7 +25,7 @@ def add_serve_parser(subparsers) -> None:
     g.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
     g.add_argument("--max-sessions", type=positive_int, default=None, metavar="N",
                    help="conversations served at once, in one batched step; more wait in line (--queue) "
-                        "(default 8 on a GPU, 1 on a CPU, where every slot costs real time)")
+                        "(default 8 on a GPU, 4 on a CPU; an idle slot costs nothing)")
     g.add_argument("--queue", type=int, default=16, metavar="N",
                    help="clients that may wait for a free slot, first come first served, told their place "
                         "every few seconds; more get a 'busy' error (default 16; 0: refuse at once)")
@@ -99,7 +99,7 @@ def run_serve(args) -> int:
                          "server supports for Hibiki only")
     model = with_fast_streaming(load_model(files, args.device, args.dtype, args.quantize))
     sampling = SamplingConfig.from_gen_config(model.config.lm_gen_config)  # the checkpoint's lm_gen_config, else the official defaults
-    max_sessions = args.max_sessions or (8 if model.device.type == "cuda" else 1)
+    max_sessions = args.max_sessions or (8 if model.device.type == "cuda" else 4)
     config = ServerConfig(max_sessions=max_sessions, auth_token=args.auth_token,
                           idle_timeout=args.idle_timeout, queue_size=args.queue, queue_timeout=args.queue_timeout,
                           static_dir=Path(args.static) if args.static else WEB_DIR,

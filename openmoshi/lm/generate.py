@@ -114,6 +114,24 @@ def init_state(lm: LMModel, batch_size: int, sampling: SamplingConfig = Sampling
     return state
 
 
+def state_bytes(lm: LMModel, batch_size: int, cfg_coef: float = 1.0) -> int:
+    """What `init_state(lm, batch_size, cfg_coef=...)` allocates, in bytes, without allocating it:
+    almost all of it the temporal transformer's KV cache at its full context."""
+    cfg = lm.cfg
+    rows = 2 * batch_size if cfg_coef != 1.0 else batch_size
+    elem = lm.text_emb.weight.element_size()
+    total = 0
+    for t, capacity in ((cfg.temporal, cfg.context or 4096), (cfg.depth if cfg.dep_q else None, cfg.dep_q)):
+        if t is None:
+            continue
+        kv = rows * (t.num_heads // t.kv_repeat) * capacity * t.head_dim * elem
+        total += 2 * t.num_layers * kv + rows * (capacity + 1) * 8  # keys and values; positions
+    total += batch_size * (cfg.num_codebooks * (cfg.max_delay + 2) + 1 + 2 + 2 + 3) * 8  # cache, offset, seeds, draws, sampling
+    if lm.condition_provider is not None:
+        total += rows * cfg.dim * elem
+    return total
+
+
 def set_seeds(state: GenState, text_seed: int, audio_seed: int, mask: torch.Tensor | None = None) -> None:
     """Seeds the text and audio streams of the slots in `mask` (all when None) and rewinds them."""
     if state.seeds is None:

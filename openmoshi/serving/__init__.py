@@ -11,5 +11,6 @@
 
 Offers: `server.MoshiServer`, `server.ServerConfig`, `batcher.Batcher`, `client.talk_file`.
 
-May import: openmoshi.audio, openmoshi.mimi, openmoshi.lm, openmoshi.accel, openmoshi.loading.
+May import: openmoshi.audio, openmoshi.memory, openmoshi.mimi, openmoshi.lm, openmoshi.accel,
+openmoshi.loading.
 """

@@ -51,6 +51,7 @@ from openmoshi.accel.cuda_graph import GraphedStep, graphed
 from openmoshi.lm import generate as G
 from openmoshi.lm.config import TEXT_END_PADDING_ID, TEXT_PADDING_ID
 from openmoshi.lm.sampling import SamplingConfig
+from openmoshi.memory import available_bytes, gb
 from openmoshi.serving.metrics import Metrics
 
 log = logging.getLogger("openmoshi.serving.server")
@@ -118,6 +119,7 @@ class Batcher:
             raise ValueError(f"Mimi produces {mimi.num_codebooks} codebooks, the LM reads {lm.cfg.num_user_codebooks}")
         self.lm, self.mimi, self.tokenizer = lm, mimi, tokenizer
         self.max_slots = max_slots
+        self._check_memory()
         self.sampling = sampling
         self.cuda_graph = cuda_graph  # None: CUDA graphs on CUDA (see openmoshi.accel.cuda_graph)
         self.frame_size = mimi.frame_size
@@ -132,6 +134,21 @@ class Batcher:
         self._thread: threading.Thread | None = None
         self._pieces: dict[int, str] = {}
         self.on_free: Callable[[], None] | None = None  # called from the worker when a slot frees
+
+    def _check_memory(self) -> None:
+        """The states of every slot (mostly the KV cache at full context) are allocated when the
+        worker starts: refuse at once, with the numbers, when they cannot fit."""
+        device = next(self.lm.parameters()).device
+        need = G.state_bytes(self.lm, self.max_slots, self.cfg_coef)
+        free = available_bytes(device)
+        if free is None or need <= 0.9 * free:
+            return
+        per = G.state_bytes(self.lm, 1, self.cfg_coef)
+        fit = int(0.9 * free // per)
+        raise ValueError(f"--max-sessions {self.max_slots} needs {gb(need)} for the conversations' states "
+                         f"({gb(per)} each, mostly the KV cache at the full {self.lm.cfg.context}-frame "
+                         f"context), but {device} has {gb(free)} free: use --max-sessions {fit} or fewer"
+                         + ("" if fit else ", or a smaller dtype or model"))
 
     # ------------------------------------------------------------------ event-loop side
 
