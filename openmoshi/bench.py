@@ -23,7 +23,6 @@ from openmoshi.lm import generate as G
 from openmoshi.lm.config import LMConfig
 from openmoshi.lm.sampling import SamplingConfig
 from openmoshi.loading.lm import load_lm
-from openmoshi.loading.mimi import load_mimi
 
 
 @dataclass(frozen=True)

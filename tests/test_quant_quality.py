@@ -17,7 +17,8 @@ def load_script():
 
 def test_quant_quality_report(tmp_path):
     out = tmp_path / "q.json"
-    report = load_script().main(["--config", "tiny", "--frames", "24", "--stream-frames", "4", "--group-size", "32",
+    # 12 streamed frames: on 4, one flipped token among near-uniform random logits is 25% of top-1.
+    report = load_script().main(["--config", "tiny", "--frames", "24", "--stream-frames", "12", "--group-size", "32",
                                  "--device", "cpu", "--json", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
     assert report["random_weights"] and report["int4_group_size"] == 32 and not report["cut"]

@@ -41,28 +41,40 @@ CONFIG_KEY = "openmoshi_lm_config"
 LORA_KEY = "openmoshi_lora_merged"
 
 
-# Both quantizers work in place on one float32 copy of the weight: a 7B layer has up to 92M
-# weights, and every temporary of that size costs 370 MB (`openmoshi quantize` runs on a CPU).
+# Both quantizers work on blocks of rows, each block in place on one float32 copy: a 7B layer has up
+# to 92M weights, and a float32 temporary of the whole weight would cost 370 MB (`openmoshi quantize`
+# and quantize-on-load run layer by layer to keep memory at the final model's size).
+ROWS_PER_BLOCK = 1024
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """w [out, in] -> (q int8 [out, in], scale float32 [out])."""
-    w = w.to(torch.float32, copy=True)
-    lo, hi = w.aminmax(dim=1)
-    scale = torch.maximum(-lo, hi).clamp(min=1e-8) / 127  # max |w| per row
-    q = w.div_(scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    scale = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
+    for r in range(0, w.shape[0], ROWS_PER_BLOCK):
+        block = w[r:r + ROWS_PER_BLOCK].to(torch.float32, copy=True)
+        lo, hi = block.aminmax(dim=1)
+        s = torch.maximum(-lo, hi).clamp(min=1e-8) / 127  # max |w| per row
+        q[r:r + ROWS_PER_BLOCK] = block.div_(s[:, None]).round_().clamp_(-127, 127)
+        scale[r:r + ROWS_PER_BLOCK] = s
     return q, scale
 
 
 def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """w [out, in] -> (packed uint8 [out, in / 2], scale [out, G], offset [out, G]), G = in / group_size."""
     out_dim, in_dim = w.shape
-    g = w.to(torch.float32, copy=True).view(out_dim, in_dim // group_size, group_size)
-    lo, hi = g.aminmax(dim=-1)
-    scale = ((hi - lo) / 15).clamp(min=1e-8)
-    offset = lo + 8 * scale  # the value of q = 8, the middle of the range
-    q = g.sub_(lo[..., None]).div_(scale[..., None]).round_().clamp_(0, 15).to(torch.uint8).view(out_dim, in_dim)
-    packed = q[:, 0::2] | (q[:, 1::2] << 4)
+    G = in_dim // group_size
+    packed = torch.empty(out_dim, in_dim // 2, dtype=torch.uint8, device=w.device)
+    scale = torch.empty(out_dim, G, dtype=torch.float32, device=w.device)
+    offset = torch.empty(out_dim, G, dtype=torch.float32, device=w.device)
+    for r in range(0, out_dim, ROWS_PER_BLOCK):
+        rows = slice(r, r + ROWS_PER_BLOCK)
+        g = w[rows].to(torch.float32, copy=True).view(-1, G, group_size)
+        lo, hi = g.aminmax(dim=-1)
+        s = ((hi - lo) / 15).clamp(min=1e-8)
+        q = g.sub_(lo[..., None]).div_(s[..., None]).round_().clamp_(0, 15).to(torch.uint8).view(-1, in_dim)
+        packed[rows] = q[:, 0::2] | (q[:, 1::2] << 4)
+        scale[rows], offset[rows] = s, lo + 8 * s  # offset: the value of q = 8, the middle of the range
     return packed, scale, offset
 
 
@@ -175,8 +187,11 @@ class _DequantizedMatmul(torch.autograd.Function):
         return grad @ ctx.layer.weight(ctx.index).to(grad.dtype), None, None
 
 
-def _swap(parent: nn.Module, name: str, mode: str, group_size: int) -> None:
+def quantize_linear(parent: nn.Module, name: str, mode: str, group_size: int = DEFAULT_GROUP_SIZE) -> None:
+    """Swaps `parent.<name>` (a linear or stacked linear) for its quantized form, in place."""
     old = getattr(parent, name)
+    if not isinstance(old, (StackedLinear, nn.Linear)):
+        return  # quantized already
     if mode == "int4" and old.weight.shape[1] % group_size:
         return  # an input width the groups do not divide stays in float (none in the released models)
     if isinstance(old, StackedLinear):
@@ -196,7 +211,7 @@ def quantize_transformer_layers(model: nn.Module, mode: str, group_size: int = D
     if mode not in MODES:
         raise ValueError(f"unknown quantization {mode!r}, expected one of {MODES}")
     for module, name in layer_linears(model):
-        _swap(module, name, mode, group_size)
+        quantize_linear(module, name, mode, group_size)
 
 
 def quantize_lm(lm: nn.Module, mode: str, group_size: int = DEFAULT_GROUP_SIZE) -> nn.Module:
@@ -220,7 +235,7 @@ def set_compute_dtype(model: nn.Module, dtype: torch.dtype) -> None:
 
 def unquantizable_widths(lm: nn.Module, group_size: int) -> dict[str, int]:
     """{name: input width} of the layer linears whose input width `group_size` does not divide:
-    int4 would leave them in float (see `_swap`). Works on a model built on the meta device."""
+    int4 would leave them in float (see `quantize_linear`). Works on a model built on the meta device."""
     names = {id(m): n for n, m in lm.named_modules()}
     out = {}
     for module, attr in layer_linears(lm):

@@ -3,7 +3,6 @@ shared model flags, many conversations at once."""
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 import tempfile

@@ -176,14 +176,22 @@ class Conditioner(nn.Module):
         self.cfg = cfg
         if cfg.type == "lut":
             self.embed = nn.Embedding(cfg.n_bins + 1, cfg.dim)  # the last row is padding
-            with torch.no_grad():
-                self.embed.weight.mul_(cfg.init_scale)
             self.rows = {v: i for i, v in enumerate(cfg.possible_values or ())}
         if cfg.force_linear or cfg.dim != output_dim:
             self.output_proj = nn.Linear(cfg.dim, output_dim, bias=False)
         else:
             self.output_proj = nn.Identity()
-        self.learnt_padding = nn.Parameter(0.2 * torch.randn(1, 1, output_dim)) if cfg.learn_padding else None
+        self.learnt_padding = nn.Parameter(torch.empty(1, 1, output_dim)) if cfg.learn_padding else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Random values (the official init's scales); the embedding and projection have their own."""
+        if self.cfg.type == "lut":
+            self.embed.reset_parameters()
+            with torch.no_grad():
+                self.embed.weight.mul_(self.cfg.init_scale)
+        if self.learnt_padding is not None:
+            nn.init.normal_(self.learnt_padding, std=0.2)
 
     def prepare(self, values: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """Host side: values (one per batch item, None when absent) -> (input, present [B] bool).

@@ -36,13 +36,16 @@ class ScaledEmbedding(nn.Module):
         width = low_rank or dim
         self.num = num
         self.weight = nn.Parameter(torch.empty(num, width))
-        nn.init.normal_(self.weight, std=width ** -0.5)
+        self.reset_parameters()
         self.norm = nn.LayerNorm(width, eps=1e-5) if norm else None
         self.low_rank = nn.Linear(low_rank, dim, bias=False) if low_rank is not None else None
         self.demux = demux
         if demux:  # ids are second * num + first, with second in [-1, num - 1]
             self.out1 = nn.Linear(width, dim, bias=False)
             self.out2 = nn.Linear(width, dim, bias=False)
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=self.weight.shape[1] ** -0.5)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # [...] -> [..., dim]
         is_zero = (ids == ZERO_TOKEN)[..., None]

@@ -45,6 +45,19 @@ class Header:
 
 
 _FLOAT_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+_DTYPES = {**_FLOAT_DTYPES, "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+           "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def meta_tensors(header: Header) -> dict[str, torch.Tensor]:
+    """The file's tensors as meta tensors (names, shapes, dtypes; no data): what a loader checks
+    before reading anything."""
+    out = {}
+    for key, info in header.tensors.items():
+        if not isinstance(info, dict) or info.get("dtype") not in _DTYPES:
+            raise CheckpointError(f"{header.path}: tensor {key!r} has an unknown dtype {info.get('dtype') if isinstance(info, dict) else info!r}")
+        out[key] = torch.empty(info.get("shape", []), dtype=_DTYPES[info["dtype"]], device="meta")
+    return out
 
 
 def read_header(path: str | Path) -> Header:
@@ -126,29 +139,49 @@ def released_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 # ----------------------------------------------------------------------------- assigning
 
 
-def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str | Path,
-                      dtype: torch.dtype | None = None, keep_fp32: tuple[str, ...] = ()) -> None:
-    """Checks keys and shapes against `model`, casts floats to `dtype` (but keys starting with one
-    of `keep_fp32`, which become float32), assigns the tensors."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise CheckpointError(f"{source}: missing key {missing[0]!r}{more}; is this the right file "
-                              f"for this model and config?")
+def check_tensors(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], source: str | Path) -> None:
+    """Every key of `state` is one of `expected` (a model's state_dict, meta tensors will do), with
+    its shape and kind of number: CheckpointError naming the first that is not."""
     unexpected = [k for k in state if k not in expected]
     if unexpected:
         more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
         raise CheckpointError(f"{source}: unexpected key {unexpected[0]!r}{more}; is this the right "
                               f"file for this model and config?")
-    for key, ref in expected.items():
-        value = state[key]
+    for key, ref in expected.items():  # in the model's order: the first layer's mismatch is named
+        value = state.get(key)
+        if value is None:
+            continue
         if tuple(value.shape) != tuple(ref.shape):
             raise CheckpointError(f"{source}: key {key!r} has shape {tuple(value.shape)}, the model "
                                   f"expects {tuple(ref.shape)}; the config does not match this checkpoint")
         if value.dtype.is_floating_point != ref.dtype.is_floating_point:
             raise CheckpointError(f"{source}: key {key!r} has dtype {value.dtype}, expected a "
                                   f"{'float' if ref.dtype.is_floating_point else 'integer'} tensor")
-        if dtype is not None and value.dtype.is_floating_point:
+
+
+def check_complete(expected, seen, source: str | Path) -> None:
+    missing = [k for k in expected if k not in seen]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"{source}: missing key {missing[0]!r}{more}; is this the right file "
+                              f"for this model and config?")
+
+
+def cast(state: dict[str, torch.Tensor], dtype: torch.dtype | None, keep_fp32: tuple[str, ...] = ()) -> None:
+    """Floats to `dtype` in place (float32 for keys starting with one of `keep_fp32`)."""
+    if dtype is None:
+        return
+    for key, value in state.items():
+        if value.dtype.is_floating_point:
             state[key] = value.float() if key.startswith(keep_fp32) else value.to(dtype)
+
+
+def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str | Path,
+                      dtype: torch.dtype | None = None, keep_fp32: tuple[str, ...] = ()) -> None:
+    """Checks keys and shapes against `model`, casts floats to `dtype` (but keys starting with one
+    of `keep_fp32`, which become float32), assigns the tensors."""
+    expected = model.state_dict()
+    check_complete(expected, state, source)
+    check_tensors(expected, state, source)
+    cast(state, dtype, keep_fp32)
     model.load_state_dict(state, strict=True, assign=True)

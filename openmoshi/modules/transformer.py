@@ -100,6 +100,9 @@ class RMSNorm(nn.Module):
         self.eps, self.f32 = eps, f32
         self.alpha = nn.Parameter(torch.ones(1, 1, dim))
 
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.alpha)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float() if self.f32 else x
         var = self.eps + torch.mean(xf * xf, dim=-1, keepdim=True)
@@ -130,7 +133,11 @@ class LayerScale(nn.Module):
 
     def __init__(self, dim: int, init: float):
         super().__init__()
+        self.init = init
         self.scale = nn.Parameter(torch.full((dim,), init))
+
+    def reset_parameters(self) -> None:
+        nn.init.constant_(self.scale, self.init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.scale * x
@@ -237,7 +244,10 @@ class StackedLinear(nn.Module):
         super().__init__()
         self.out_dim = out_dim
         self.weight = nn.Parameter(torch.empty(num_sets * out_dim, in_dim))
-        nn.init.normal_(self.weight, std=in_dim ** -0.5)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=self.weight.shape[1] ** -0.5)
 
     @property
     def num_sets(self) -> int:

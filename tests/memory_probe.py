@@ -1,0 +1,72 @@
+"""Peak memory of building or loading an LM, measured in a fresh process (run by test_memory.py).
+
+    python tests/memory_probe.py random bfloat16 none          # or: load PATH, or q8 PATH
+    -> {"peak_gb": ..., "final_gb": ..., "largest_layer_float_gb": ...}
+
+The peak is of anonymous memory (RssAnon), sampled every 2 ms by a thread while the model is made:
+a memory-mapped checkpoint's pages are file-backed and not what the model costs.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+
+import torch
+
+from openmoshi.accel.quantize import QuantizedLinear
+from openmoshi.lm.config import lm_config_from_dict
+from openmoshi.loading.lm import load_lm
+from openmoshi.modules.transformer import layer_linears
+
+# The 7B's widths (dim 4096, its feed-forward and heads, 16 audio streams, the 1024-wide depth
+# transformer with 8 weight sets), with 2 temporal layers and 1 depth layer, and a smaller text vocabulary.
+WIDE_7B = dict(
+    dim=4096, text_card=8000, existing_text_padding_id=3, n_q=16, dep_q=8, card=2048, num_heads=32,
+    num_layers=2, hidden_scale=4.125, causal=True, context=3000, max_period=10000, gating="silu",
+    norm="rms_norm_f32", positional_embedding="rope", depformer_dim=1024, depformer_dim_feedforward=4224,
+    depformer_num_heads=16, depformer_num_layers=1, depformer_multi_linear=True, depformer_context=8,
+    depformer_max_period=10000, depformer_gating="silu", depformer_pos_emb="none",
+    depformer_weights_per_step=True, delays=[0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 1])
+
+
+def anon_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no RssAnon in /proc/self/status")
+
+
+def model_bytes(model) -> int:
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
+def main(kind: str, dtype: str, quantize: str, path: str | None = None) -> dict:
+    torch.set_num_threads(1)
+    cfg = lm_config_from_dict(WIDE_7B)
+    quantize = None if quantize == "none" else quantize
+    peak, base, done = [0], anon_bytes(), threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], anon_bytes())
+            time.sleep(0.002)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    model = load_lm(None if kind == "random" else path, cfg, "cpu", getattr(torch, dtype), quantize=quantize)
+    done.set()
+    sampler.join()
+    peak[0] = max(peak[0], anon_bytes())
+    elem = getattr(torch, dtype).itemsize
+    sizes = [getattr(owner, attr) for owner, attr in layer_linears(model)]
+    largest = max(m.scale.shape[0] * m.in_dim if isinstance(m, QuantizedLinear) else m.weight.numel() for m in sizes)
+    return {"peak_gb": (peak[0] - base) / 1e9, "final_gb": model_bytes(model) / 1e9,
+            "largest_linear_float_gb": largest * elem / 1e9}
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(*sys.argv[1:])))
