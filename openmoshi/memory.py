@@ -5,25 +5,46 @@ May import: nothing.
 
 from __future__ import annotations
 
-import torch
-
 
 def available_bytes(device) -> int | None:
     """Free memory of `device`: CUDA's free memory, or on a CPU the kernel's MemAvailable (what
-    can be allocated without swapping). None when it cannot be known."""
+    can be allocated without swapping), bounded by this process's address-space limit (`ulimit -v`)
+    when there is one. None when it cannot be known."""
+    import torch  # here: the command line imports this module before it needs torch
+
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     if device.type != "cpu":
         return None
+    free = None
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    free = int(line.split()[1]) * 1024
     except OSError:
         pass
-    return None
+    limit = _address_space_left()
+    if limit is not None:
+        free = limit if free is None else min(free, limit)
+    return free
+
+
+def _address_space_left() -> int | None:
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft == resource.RLIM_INFINITY:
+        return None
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmSize:"):
+                    return max(0, soft - int(line.split()[1]) * 1024)
+    except OSError:
+        pass
+    return soft
 
 
 def gb(n: float) -> str:

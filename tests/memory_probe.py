@@ -44,9 +44,12 @@ def model_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 
-def main(kind: str, dtype: str, quantize: str, path: str | None = None) -> dict:
+def main(kind: str, dtype: str, quantize: str, path: str | None = None, config: str = "wide_7b") -> dict:
+    """kind: random or load (path); config: wide_7b or a built-in config name (tiny, small)."""
+    from openmoshi.lm.config import BUILTIN_CONFIGS
+
     torch.set_num_threads(1)
-    cfg = lm_config_from_dict(WIDE_7B)
+    cfg = lm_config_from_dict(WIDE_7B) if config == "wide_7b" else BUILTIN_CONFIGS[config]
     quantize = None if quantize == "none" else quantize
     peak, base, done = [0], anon_bytes(), threading.Event()
 
@@ -69,4 +72,7 @@ def main(kind: str, dtype: str, quantize: str, path: str | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(*sys.argv[1:])))
+    args = sys.argv[1:]
+    config = args.pop(args.index("--config") + 1) if "--config" in args else "wide_7b"
+    args = [a for a in args if a != "--config"]
+    print(json.dumps(main(*args, config=config)))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from openmoshi.cli.common import UsageError
+from openmoshi.cli.common import UsageError, add_memory_flag, fits
 from openmoshi.loading.resolve import DTYPES, resolve_device
 
 
@@ -36,6 +36,7 @@ def add_bench_parser(subparsers) -> None:
                    help="torch CPU threads (default: torch's, one per core; on a CPU shared with other "
                         "jobs --threads 1 avoids stalls)")
     p.add_argument("--json", default=None, help="write the results to this JSON file")
+    add_memory_flag(p)
     p.set_defaults(handler=run_bench)
 
 
@@ -68,6 +69,18 @@ def run_bench(args) -> int:
         cfg = BUILTIN_CONFIGS[args.config]
     else:
         cfg = load_model_config(args.config).lm
+    if args.codec_only:
+        from openmoshi.loading import budget
+
+        fast = device.type == "cpu" and args.mimi_fast != "off"
+        budget.check(budget.Need({"Mimi": budget.mimi_bytes(fast_copy=fast)}), device, "openmoshi bench", [],
+                     args.skip_memory_check)
+    else:
+        from openmoshi.lm.config import ModelConfig
+
+        mimi = False if args.no_mimi else "reference" if args.mimi_fast == "off" else True
+        fits(args, "openmoshi bench", device, dtype, args.quantize, sessions=max(sizes), mimi=mimi,
+             ways=["a smaller --config (small, tiny)", "smaller --batch-sizes"])(ModelConfig(lm=cfg))
     lm = None if args.codec_only else bench.random_lm(cfg, device, dtype, args.quantize)
     mimi = None
     try:

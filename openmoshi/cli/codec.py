@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from openmoshi.cli.common import UsageError, add_device_arg, existing_file, output_file
+from openmoshi.cli.common import UsageError, add_device_arg, add_memory_flag, existing_file, output_file
 from openmoshi.loading.resolve import resolve_device
 
 MAX_CODEBOOKS = 32  # codebooks in the released Mimi
@@ -35,6 +35,7 @@ def add_codec_parser(subparsers) -> None:
         p.add_argument("--num-codebooks", type=_num_codebooks, default=None, metavar="K",
                        help=codebooks_help)
         add_device_arg(p)
+        add_memory_flag(p)
 
     enc = actions.add_parser(
         "encode",
@@ -76,6 +77,7 @@ def codec_encode(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     pcm = load_audio(source)[None]  # [1, 1, N]
+    _check_memory(args, device, pcm.shape[-1])
     num_codebooks = args.num_codebooks or DEFAULT_CODEBOOKS
     mimi = load_mimi(weight, num_codebooks=num_codebooks, device=device)
     with torch.no_grad():
@@ -135,8 +137,18 @@ def codec_decode(args: argparse.Namespace) -> int:
     from openmoshi.loading.mimi import load_mimi
 
     device = resolve_device(args.device)
+    _check_memory(args, device, codes.shape[-1] * 1920)
     mimi = load_mimi(weight, num_codebooks=k, device=device)
     with torch.no_grad():
         pcm = mimi.decode(torch.from_numpy(codes).to(device))  # [1, 1, T * 1920]
     save_wav(output, pcm[0].float().cpu(), SAMPLE_RATE)  # [1, N]
     return 0
+
+
+def _check_memory(args: argparse.Namespace, device, samples: int) -> None:
+    """Mimi and the activations of a whole-signal pass, about 2 kB per sample (measured on a CPU)."""
+    from openmoshi.loading import budget
+
+    need = budget.Need({"Mimi": budget.mimi_bytes(streaming=False),
+                        f"activations for {samples / 24000:.0f} s": 2048 * samples})
+    budget.check(need, device, f"openmoshi codec {args.codec_command}", ["a shorter file"], args.skip_memory_check)

@@ -13,7 +13,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from openmoshi.cli.common import UsageError, add_model_args, check_cfg_coef, finite_float, positive_int, resolve_model
+from openmoshi.cli.common import (UsageError, add_model_args, check_cfg_coef, finite_float, fits, positive_int,
+                                  resolve_model)
+from openmoshi.loading.resolve import resolve_device, resolve_dtype
 
 BAR_WIDTH = 24
 TEXT_TAIL = 40  # characters of live text on the progress line
@@ -131,11 +133,14 @@ def infer(args: argparse.Namespace) -> int:
     from openmoshi.lm.sampling import SamplingConfig
     from openmoshi.loading.model import load_model
 
-    files = resolve_model(args)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    files = resolve_model(args, fits(args, "openmoshi infer", device, dtype, args.quantize,
+                                     sessions=len(args.inputs), cfg_coef=args.cfg_coef))
     check_cfg_coef(files.config, args.cfg_coef)
     if outputs and files.config.lm.dep_q == 0:
         raise UsageError(f"this model ({files.config.model_type}) writes no audio: use --transcript FILE.json")
-    model = InferenceModel(with_fast_streaming(load_model(files, args.device, args.dtype, args.quantize)))
+    model = InferenceModel(with_fast_streaming(load_model(files, device, dtype, args.quantize)))
     sampling = SamplingConfig.greedy() if args.greedy else SamplingConfig.from_gen_config(model.model.config.lm_gen_config)
     overrides = {k: getattr(args, k) for k in ("temp", "temp_text", "top_k", "top_k_text")
                  if getattr(args, k) is not None}

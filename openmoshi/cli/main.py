@@ -13,6 +13,7 @@ stderr and exit code 2, without a traceback: handlers raise `UsageError`, and th
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 from openmoshi import __version__
@@ -49,6 +50,10 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
+def _out_of_memory(e: BaseException) -> bool:
+    return isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" or "can't allocate memory" in str(e)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = finetune.route(sys.argv[1:] if argv is None else list(argv))
     args = build_parser().parse_args(argv)
@@ -58,6 +63,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:  # AudioError, CheckpointError, UsageError, bad shapes, I/O
         message = str(e).strip().replace("\n", " ") or type(e).__name__
         _fail(message)
+    except (RuntimeError, MemoryError) as e:  # the allocator gave up (torch.OutOfMemoryError is a RuntimeError)
+        if not _out_of_memory(e):
+            raise
+        wanted = re.search(r"tried to allocate (\d+) bytes", str(e))
+        size = f" (asking for {int(wanted.group(1)) / 1e6:.0f} MB more)" if wanted else ""
+        _fail(f"ran out of memory{size}: this machine cannot hold what the command needs; try --dtype "
+              "bfloat16, --quantize int8 or int4, a smaller model or batch, or fewer sessions")
     except KeyboardInterrupt:
         print("openmoshi: interrupted", file=sys.stderr)
         return 130

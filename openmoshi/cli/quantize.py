@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from openmoshi.cli.common import UsageError, add_model_args, output_file
+from openmoshi.cli.common import UsageError, add_memory_flag, add_model_args, fits, output_file
 from openmoshi.loading.resolve import DTYPES, resolve_device, resolve_files
 
 # As openmoshi.accel.quantize.MODES, GROUP_SIZES and DEFAULT_GROUP_SIZE (not imported: it imports torch,
@@ -50,6 +50,7 @@ def add_quantize_parser(subparsers) -> None:
                    help="dtype of the weights kept in float (embeddings, norms, output heads) and of a "
                         "LoRA merge (default: that of the input file)")
     add_model_args(p, lm_only=True)
+    add_memory_flag(q)
     p.set_defaults(handler=quantize)
 
 
@@ -61,13 +62,15 @@ def quantize(args: argparse.Namespace) -> int:
 
     import torch
 
-    from openmoshi.accel.quantize import quantize_lm
     from openmoshi.loading.files import read_header
     from openmoshi.loading.formats.quantized import FORMAT_KEY, save_quantized_lm
     from openmoshi.loading.lm import load_lm
 
+    device = resolve_device(args.device or "cpu")
+    estimate_dtype = getattr(torch, args.dtype) if args.dtype else torch.bfloat16  # the released files' dtype
     files = resolve_files(args.hf_repo, args.moshi_weight, config_path=args.config_path,
-                          lora_weight=args.lora_weight, lm_only=True)
+                          lora_weight=args.lora_weight, lm_only=True,
+                          before_download=fits(args, "openmoshi quantize", device, estimate_dtype, args.mode, mimi=False))
     source, cfg = files.moshi_weight, files.config
     if output.resolve() == source.resolve() or (output.exists() and output.samefile(source)):
         raise UsageError(f"output {args.output} is the input checkpoint: write the quantized one to another file")
@@ -78,15 +81,15 @@ def quantize(args: argparse.Namespace) -> int:
     if args.mode == "int4":
         _check_group_size(cfg.lm, group_size)
 
-    device = resolve_device(args.device or "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else (header.float_dtype or torch.bfloat16)
     lora = files.lora_weight
     dtype_name = str(dtype).removeprefix("torch.")
     print(f"openmoshi: reading {source} ({_size(source.stat().st_size)}) as {dtype_name} on {device}"
           + (f", merging the LoRA adapter {lora}" if lora else ""), file=sys.stderr, flush=True)
     start = time.perf_counter()
-    lm = load_lm(source, cfg.lm, device, dtype, lora=lora, lora_scaling=cfg.lora_scaling)
-    quantize_lm(lm, args.mode, group_size)  # layer by layer: each float weight is freed once swapped
+    # Each layer linear is quantized as it is read (after merging the LoRA adapter, if any).
+    lm = load_lm(source, cfg.lm, device, dtype, lora=lora, lora_scaling=cfg.lora_scaling, quantize=args.mode,
+                 group_size=group_size)
     save_quantized_lm(lm, output, cfg.lm, source=source.name, lora=lora.name if lora else None)
     what = args.mode if args.mode == "int8" else f"int4, groups of {group_size}"
     print(f"openmoshi: wrote {output} ({_size(output.stat().st_size)}, {what}) in "

@@ -8,7 +8,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from openmoshi.cli.common import UsageError, add_model_args, check_cfg_coef, finite_float, positive_int, resolve_model
+from openmoshi.cli.common import (UsageError, add_model_args, check_cfg_coef, finite_float, fits, positive_int,
+                                  resolve_model)
+from openmoshi.loading.resolve import resolve_device, resolve_dtype
 
 DEFAULT_PORT = 8998
 
@@ -90,15 +92,18 @@ def run_serve(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     ssl_context = _ssl_context(args)  # before loading: a bad certificate fails fast
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    max_sessions = args.max_sessions or (8 if device.type == "cuda" else 4)
     event("loading_model", hf_repo=args.hf_repo)
-    files = resolve_model(args)
+    files = resolve_model(args, fits(args, "openmoshi serve", device, dtype, args.quantize, sessions=max_sessions,
+                                     cfg_coef=args.cfg_coef))
     check_cfg_coef(files.config, args.cfg_coef)
     if files.config.lm.conditioners and files.config.model_type != "hibiki":  # as the official server
         raise UsageError(f"this {files.config.model_type} model expects conditioning, which the "
                          "server supports for Hibiki only")
-    model = with_fast_streaming(load_model(files, args.device, args.dtype, args.quantize))
+    model = with_fast_streaming(load_model(files, device, dtype, args.quantize))
     sampling = SamplingConfig.from_gen_config(model.config.lm_gen_config)  # the checkpoint's lm_gen_config, else the official defaults
-    max_sessions = args.max_sessions or (8 if model.device.type == "cuda" else 4)
     config = ServerConfig(max_sessions=max_sessions, auth_token=args.auth_token,
                           idle_timeout=args.idle_timeout, queue_size=args.queue, queue_timeout=args.queue_timeout,
                           static_dir=Path(args.static) if args.static else WEB_DIR,

@@ -6,10 +6,11 @@ offline mode).
 - `formats/`: one module per LM checkpoint format (official, official q8, openmoshi quantized);
 - `lm`, `mimi`, `tokenizer`, `lora`: each thing loaded from its file;
 - `resolve`: which files make a model and where they come from (`resolve_files`);
-- `model`: all of a model at once (`load_model` -> `LoadedModel`).
+- `model`: all of a model at once (`load_model` -> `LoadedModel`);
+- `budget`: what a command will need in memory, checked before it allocates or downloads.
 
 Offers: `lm.load_lm`, `mimi.load_mimi`, `tokenizer.load_text_tokenizer`, `lora.apply_lora`,
 `resolve.resolve_files`, `model.load_model`, `files.CheckpointError`, `resolve.ResolveError`.
 
-May import: openmoshi.modules, openmoshi.mimi, openmoshi.lm, openmoshi.accel.
+May import: openmoshi.memory, openmoshi.modules, openmoshi.mimi, openmoshi.lm, openmoshi.accel.
 """

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from openmoshi.accel.quantize import quantize_linear, quantize_lm, set_compute_dtype
+from openmoshi.accel.quantize import DEFAULT_GROUP_SIZE, quantize_linear, quantize_lm, set_compute_dtype
 from openmoshi.lm.config import LMConfig
 from openmoshi.lm.model import LMModel
 from openmoshi.loading.files import CheckpointError, Header, cast, check_complete, check_tensors, meta_tensors, read_header
@@ -60,14 +60,15 @@ def _groups(keys) -> dict[str, list[str]]:
 
 def load_lm(path: str | Path | None, cfg: LMConfig, device: str | torch.device = "cpu",
             dtype: torch.dtype = torch.bfloat16, lora: str | Path | None = None,
-            lora_scaling: float = 2.0, fuse_lora: bool = True, quantize: str | None = None) -> LMModel:
+            lora_scaling: float = 2.0, fuse_lora: bool = True, quantize: str | None = None,
+            group_size: int = DEFAULT_GROUP_SIZE) -> LMModel:
     """The LM of `cfg` from `path` (random weights when None). `lora`: an adapter file to merge
     (`fuse_lora`) or keep apart. `quantize` ("int8"/"int4") quantizes the transformer layers as
     they are read (after the adapter is merged, when there is one: then the float model is read
-    whole first)."""
+    whole first), int4 in groups of `group_size` inputs."""
     layerwise = quantize if lora is None else None
     if path is None:
-        model = random_lm(cfg, device, dtype, layerwise)
+        model = random_lm(cfg, device, dtype, layerwise, group_size)
     else:
         header = read_header(path)
         fmt = checkpoint_format(header)
@@ -77,18 +78,18 @@ def load_lm(path: str | Path | None, cfg: LMConfig, device: str | torch.device =
             model = LMModel(cfg)
             keep_fp32 = KEEP_FP32 + fmt.prepare(header, model)
         try:
-            _read(model, header, fmt, device, dtype, keep_fp32, layerwise)
+            _read(model, header, fmt, device, dtype, keep_fp32, layerwise, group_size)
         except CheckpointError as e:
             raise fmt.mismatch(header, cfg) or e from None
     if lora is not None:
         apply_lora(model, lora, lora_scaling, fuse=fuse_lora)
     if quantize is not None and layerwise is None:
-        quantize_lm(model, quantize)
+        quantize_lm(model, quantize, group_size)
     set_compute_dtype(model, dtype)
     return model.eval()
 
 
-def _read(model: LMModel, header: Header, fmt: Official, device, dtype, keep_fp32, quantize) -> None:
+def _read(model: LMModel, header: Header, fmt: Official, device, dtype, keep_fp32, quantize, group_size) -> None:
     """Fills the meta `model` from the file, one module at a time (see the module doc)."""
     from safetensors import safe_open
 
@@ -103,9 +104,9 @@ def _read(model: LMModel, header: Header, fmt: Official, device, dtype, keep_fp3
             cast(state, dtype, keep_fp32)
             model.load_state_dict(state, strict=False, assign=True)
             if quantize and module in linears:
-                quantize_linear(*linears[module], quantize)
+                quantize_linear(*linears[module], quantize, group_size)
     if quantize:
-        quantize_lm(model, quantize)  # marks the model (every layer linear is quantized already)
+        quantize_lm(model, quantize, group_size)  # marks the model (every layer linear is quantized already)
 
 
 def _layer_linears(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
@@ -114,7 +115,8 @@ def _layer_linears(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
     return {f"{names[id(owner)]}.{attr}": (owner, attr) for owner, attr in layer_linears(model)}
 
 
-def random_lm(cfg: LMConfig, device, dtype: torch.dtype, quantize: str | None = None) -> LMModel:
+def random_lm(cfg: LMConfig, device, dtype: torch.dtype, quantize: str | None = None,
+              group_size: int = DEFAULT_GROUP_SIZE) -> LMModel:
     """Random weights, made one module at a time directly in `dtype`, each layer linear quantized
     as it is made."""
     with torch.device("meta"):
@@ -125,10 +127,10 @@ def random_lm(cfg: LMConfig, device, dtype: torch.dtype, quantize: str | None = 
     for owner, attr in linears:
         _materialize(getattr(owner, attr), device)
         if quantize:
-            quantize_linear(owner, attr, quantize)
+            quantize_linear(owner, attr, quantize, group_size)
     _materialize(model, device)  # the rest: embeddings, norms, heads
     if quantize:
-        quantize_lm(model, quantize)  # marks the model (every layer linear is quantized already)
+        quantize_lm(model, quantize, group_size)  # marks the model (every layer linear is quantized already)
     return model
 
 

@@ -156,9 +156,12 @@ def _warn(message: str) -> None:
 
 
 def resolve_files(hf_repo: str | None = DEFAULT_REPO, moshi_weight=None, mimi_weight=None,
-                  tokenizer=None, config_path=None, lora_weight=None, lm_only: bool = False) -> ModelFiles:
+                  tokenizer=None, config_path=None, lora_weight=None, lm_only: bool = False,
+                  before_download=None) -> ModelFiles:
     """Finds (downloading if needed) every file of a model. See the module docstring. `lm_only`:
-    the config, LM and LoRA files alone (mimi_weight and tokenizer are None)."""
+    the config, LM and LoRA files alone (mimi_weight and tokenizer are None). `before_download`:
+    called with the ModelConfig once it is known, before any weight is fetched (a command checks
+    there that the model fits the machine)."""
     from openmoshi.lm.config import MOSHI_7B, ModelConfig, load_model_config
 
     fetch = _Fetcher(hf_repo)
@@ -176,6 +179,8 @@ def resolve_files(hf_repo: str | None = DEFAULT_REPO, moshi_weight=None, mimi_we
             given = (moshi_weight,) if lm_only else (moshi_weight, mimi_weight, tokenizer)
             cfg_file = _repo_config(fetch, hf_repo, explicit=None not in given)
         config = ModelConfig(lm=MOSHI_7B) if cfg_file is None else load_model_config(cfg_file)
+        if before_download is not None:
+            before_download(config)
 
         def pick(explicit, name: str | None, kind: str) -> Path | None:
             if explicit is not None:

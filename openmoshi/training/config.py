@@ -42,6 +42,7 @@ class TrainConfig:
     resume: bool = False
     seed: int = 0
     codes_cache: str | None = None  # default: .openmoshi-codes beside each manifest
+    skip_memory_check: bool = False
 
     def __post_init__(self):
         checks = [

@@ -21,6 +21,7 @@ import torch
 
 from openmoshi.accel.quantize import QuantizedLinear, quantize_lm, set_compute_dtype
 from openmoshi.lm.model import LMModel
+from openmoshi.loading import budget
 from openmoshi.loading.files import read_header
 from openmoshi.loading.lm import checkpoint_format, load_lm
 from openmoshi.loading.mimi import load_mimi
@@ -146,7 +147,7 @@ def _resolve(cfg: TrainConfig, d: Dist) -> ModelFiles:
     """The model's files; rank 0 downloads what is missing before the others look in the cache."""
     def resolve():
         return resolve_files(cfg.hf_repo, cfg.moshi_weight, cfg.mimi_weight, cfg.tokenizer, cfg.config_path,
-                             cfg.lora_weight)
+                             cfg.lora_weight, before_download=lambda config: _check_memory(cfg, config, d))
 
     files = error = None
     if d.main:
@@ -156,6 +157,23 @@ def _resolve(cfg: TrainConfig, d: Dist) -> ModelFiles:
             error = e
     d.agree(error)
     return files if d.main else resolve()
+
+
+def _check_memory(cfg: TrainConfig, config, d: Dist) -> None:
+    """The frozen weights, what trains with its gradient and AdamW's two moments (float32), and
+    Mimi (which encodes the data first) must fit; the activations are left to the margin."""
+    dtype = resolve_dtype(cfg.dtype, d.device)
+    model = budget.meta_lm(config.lm, torch.float32 if cfg.full else dtype, cfg.quantize, cfg.moshi_weight)
+    if not cfg.full:
+        add_lora(model, cfg.lora_rank, cfg.lora_scaling)
+    frozen = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()] if not t.requires_grad)
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad) * 16
+    need = budget.Need({"frozen weights": frozen, "trained weights, gradients and AdamW": trained,
+                        "Mimi": budget.mimi_bytes(streaming=False) + budget.MIMI_STEP_BYTES * 10})  # 10 s chunks
+    ways = (["LoRA instead of --full"] if cfg.full else [f"a smaller --lora-rank than {cfg.lora_rank}"]) + \
+        ([] if cfg.quantize or cfg.full else ["--quantize int8 or int4 (QLoRA)"]) + \
+        (["--dtype bfloat16"] if dtype == torch.float32 else []) + ["more processes (--nproc) to shard the weights"]
+    budget.check(need, d.device, "openmoshi finetune", ways, cfg.skip_memory_check)
 
 
 def _prepare_run_dir(run_dir: Path, cfg: TrainConfig, files: ModelFiles, d: Dist) -> dict:
