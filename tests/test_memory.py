@@ -202,3 +202,23 @@ def test_bench_under_a_real_memory_limit_ends_with_one_line():
         assert proc.returncode == 2, proc.stderr[-2000:]
         lines = proc.stderr.strip().splitlines()
         assert lines[-1].startswith("openmoshi: error:") and words in lines[-1] and "Traceback" not in proc.stderr
+
+
+def test_a_7b_on_a_cpu_is_warned_about_before_any_download(tmp_path, capsys):
+    from openmoshi.audio import save_wav
+    from openmoshi.lm.config import MOSHI_7B
+    from official_utils import speech
+
+    folder = tmp_path / "repo"  # a local repo of the 7B whose weights are not there yet
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({k: v for k, v in MOSHI_7B.to_dict().items() if v is not None}))
+    wav = tmp_path / "in.wav"
+    save_wav(wav, speech(0.5)[None], 24000)
+    with pytest.raises(SystemExit) as e:
+        main(["infer", str(wav), "-o", str(tmp_path / "o.wav"), "--hf-repo", str(folder), "--device", "cpu",
+              "--dtype", "bfloat16", "--skip-memory-check"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    warning = next(i for i, line in enumerate(err) if "will not run in real time on a CPU" in line)
+    assert "7.7B-parameter" in err[warning] and "use a CUDA GPU" in err[warning]
+    assert warning < len(err) - 1 and "not found in" in err[-1]  # then the missing weights: nothing fetched

@@ -67,3 +67,47 @@ def test_serve_subprocess(tmp_path):
     assert proc.returncode == 0, err[-2000:]
     for name in ("listening", "conversation_start", "conversation_end", "draining", "server_stopped"):
         assert name in events, (name, events)
+
+
+def test_port_in_use_is_one_error_before_anything_loads(tmp_path):
+    """No success line, no model loaded: the port is bound first."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        proc = subprocess.run([sys.executable, "-m", "openmoshi", "serve", "--hf-repo", str(tmp_path / "none"),
+                               "--host", "127.0.0.1", "--port", str(port)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith(f"openmoshi: error: cannot listen on 127.0.0.1:{port}") and "--port" in lines[-1]
+    assert not any(word in proc.stderr for word in ("listening", "server_started", "loading_model", "Traceback"))
+
+
+def test_logs_read_as_text_on_a_terminal_and_json_otherwise(monkeypatch, capsys):
+    import logging
+
+    from openmoshi.cli.serve import _source, setup_logging
+    from openmoshi.serving.server import event
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    setup_logging("auto")
+    event("listening", url="http://localhost:8998/", websocket="/api/chat")
+    event("conversation_start", peer="1.2.3.4", slot=0)
+    text = capsys.readouterr().err.splitlines()
+    assert text[0].endswith("ready: open http://localhost:8998/ in a browser (websocket /api/chat)")
+    assert "conversation start" in text[1] and "peer=1.2.3.4" in text[1] and not text[1].startswith("{")
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    setup_logging("auto")
+    event("listening", url="http://localhost:8998/", websocket="/api/chat")
+    line = json.loads(capsys.readouterr().err.splitlines()[0])
+    assert line["event"] == "listening" and line["url"] == "http://localhost:8998/"
+    logging.getLogger().handlers.clear()
+
+    class Args:
+        hf_repo, moshi_weight, mimi_weight, tokenizer = "kyutai/moshiko-pytorch-bf16", None, None, None
+    assert _source(Args) == "hub repo kyutai/moshiko-pytorch-bf16"
+    Args.moshi_weight, Args.mimi_weight, Args.tokenizer = "a", "b", "c"
+    assert _source(Args) == "local files"
+    Args.mimi_weight = Args.tokenizer = None
+    Args.hf_repo = str(os.path.dirname(__file__))
+    assert _source(Args) == f"folder {Args.hf_repo} (and --moshi-weight)"

@@ -3,7 +3,11 @@ shared model flags, many conversations at once."""
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import logging
+import signal
+import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -47,20 +51,44 @@ def add_serve_parser(subparsers) -> None:
     g.add_argument("--cfg-coef", type=finite_float, default=1.0, metavar="C",
                    help="classifier-free guidance of a conditioned Hibiki ('very_good' against "
                         "'very_bad'; default 1: none), as the official --cfg-coef")
-    g.add_argument("--log-format", choices=("json", "text"), default="json", help="log lines format (default json)")
+    g.add_argument("--log-format", choices=("auto", "json", "text"), default="auto",
+                   help="log lines: text for a person, json for machines (default: text on a terminal, else json)")
     p.set_defaults(handler=run_serve)
 
 
 def setup_logging(fmt: str) -> None:
-    from openmoshi.serving.server import JsonFormatter
+    from openmoshi.serving.server import JsonFormatter, TextFormatter
 
+    if fmt == "auto":
+        fmt = "text" if sys.stderr.isatty() else "json"
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else
-                         logging.Formatter("%(asctime)s %(levelname)s %(message)s %(fields)s", defaults={"fields": ""}))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before anything is loaded: a port in use is one clear error, and
+    clients that connect while the model loads wait in the backlog."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise UsageError(f"cannot listen on {host}:{port}: {e.strerror} (check --host)") from None
+    family, _, _, _, address = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+        sock.listen(128)
+    except OSError as e:
+        sock.close()
+        hint = "another program is using it: stop it or choose another --port" if e.errno == errno.EADDRINUSE else \
+            "choose another --port or --host"
+        raise UsageError(f"cannot listen on {host}:{port}: {e.strerror}; {hint}") from None
+    sock.setblocking(False)
+    return sock
 
 
 def _ssl_context(args):
@@ -78,7 +106,6 @@ def _ssl_context(args):
 
 def run_serve(args) -> int:
     import torch
-    from aiohttp import web
 
     from openmoshi.accel.streaming import with_fast_streaming
     from openmoshi.lm.conditioners import HIBIKI_CONDITION, HIBIKI_NEGATIVE
@@ -92,12 +119,17 @@ def run_serve(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     ssl_context = _ssl_context(args)  # before loading: a bad certificate fails fast
+    sock = _bind(args.host, args.port)  # so does a port in use
+    port = sock.getsockname()[1]
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     max_sessions = args.max_sessions or (8 if device.type == "cuda" else 4)
-    event("loading_model", hf_repo=args.hf_repo)
+    event("loading_model", source=_source(args), device=str(device), dtype=str(dtype).removeprefix("torch."))
     files = resolve_model(args, fits(args, "openmoshi serve", device, dtype, args.quantize, sessions=max_sessions,
                                      cfg_coef=args.cfg_coef))
+    event("model_files", **{k: str(v) for k, v in (("lm", files.moshi_weight), ("mimi", files.mimi_weight),
+                                                  ("tokenizer", files.tokenizer), ("config", files.config_path),
+                                                  ("lora", files.lora_weight)) if v is not None})
     check_cfg_coef(files.config, args.cfg_coef)
     if files.config.lm.conditioners and files.config.model_type != "hibiki":  # as the official server
         raise UsageError(f"this {files.config.model_type} model expects conditioning, which the "
@@ -111,8 +143,36 @@ def run_serve(args) -> int:
     condition = HIBIKI_CONDITION if model.lm.condition_provider is not None else None
     negative = HIBIKI_NEGATIVE if args.cfg_coef != 1.0 else None
     server = MoshiServer(model.lm, model.mimi, model.tokenizer, config, sampling, condition, negative)
-    scheme = "https" if ssl_context else "http"
-    event("listening", url=f"{scheme}://{args.host}:{args.port}/", websocket="/api/chat")
-    web.run_app(server.make_app(), host=args.host, port=args.port, ssl_context=ssl_context,
-                shutdown_timeout=config.shutdown_grace + 5, print=None, access_log=None)
+    url = f"{'https' if ssl_context else 'http'}://{args.host}:{port}/"
+    asyncio.run(_serve(server, sock, ssl_context, url, config.shutdown_grace + 5))
     return 0
+
+
+def _source(args) -> str:
+    """Where the model comes from, as the user chose it."""
+    explicit = [f for f in ("moshi_weight", "mimi_weight", "tokenizer") if getattr(args, f)]
+    if len(explicit) == 3:
+        return "local files"
+    where = f"folder {args.hf_repo}" if args.hf_repo and Path(args.hf_repo).is_dir() else f"hub repo {args.hf_repo}"
+    return where + (f" (and {', '.join('--' + f.replace('_', '-') for f in explicit)})" if explicit else "")
+
+
+async def _serve(server, sock: socket.socket, ssl_context, url: str, shutdown_timeout: float) -> None:
+    """Starts the app (the model loop, CUDA graphs), then accepts on `sock`; says it listens only
+    then; stops on SIGINT/SIGTERM, letting conversations end (graceful shutdown)."""
+    from aiohttp import web
+
+    from openmoshi.serving.server import event
+
+    runner = web.AppRunner(server.make_app(), shutdown_timeout=shutdown_timeout, access_log=None)
+    await runner.setup()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await web.SockSite(runner, sock, ssl_context=ssl_context).start()
+        event("listening", url=url, websocket="/api/chat")
+        await stop.wait()
+    finally:
+        await runner.cleanup()

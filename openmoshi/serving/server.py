@@ -81,6 +81,26 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, default=str)
 
 
+class TextFormatter(logging.Formatter):
+    """One line a person reads: the time, the event, its fields; the one line that matters most
+    said as a sentence ("ready: open http://localhost:8998/ in a browser")."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields = dict(getattr(record, "fields", {}))
+        name = record.getMessage()
+        clock = time.strftime("%H:%M:%S", time.localtime(record.created))
+        if name == "listening":
+            text = f"ready: open {fields.pop('url')} in a browser (websocket {fields.pop('websocket', '/api/chat')})"
+        else:
+            text = name.replace("_", " ")
+        level = "" if record.levelno == logging.INFO else f"{record.levelname.lower()}: "
+        rest = " ".join(f"{k}={v}" for k, v in fields.items())
+        line = f"{clock} {level}{text}" + (f"  {rest}" if rest else "")
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
 # ----------------------------------------------------------------------------- query parameters
 
 # Official web client parameter -> SamplingConfig field.
