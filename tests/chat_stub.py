@@ -103,9 +103,10 @@ class ChatStub:
 
 
 class AppServer:
-    """Runs an aiohttp app on a free localhost port in a background thread (`with AppServer(app)`)."""
+    """Runs an aiohttp app, or a MoshiServer (its ASGI app on uvicorn), on a free localhost port in a
+    background thread (`with AppServer(app)`)."""
 
-    def __init__(self, app: web.Application):
+    def __init__(self, app):
         self.app = app
         self.port = None
         self._loop = asyncio.new_event_loop()
@@ -121,14 +122,24 @@ class AppServer:
         return self
 
     async def _start(self) -> None:
+        if not isinstance(self.app, web.Application):  # a MoshiServer
+            from openmoshi.serving.app import Runner
+            from server_utils import listening_socket
+
+            self._runner, sock = Runner(self.app), listening_socket()
+            await self._runner.start(sock)
+            self.port = sock.getsockname()[1]
+            self._stop = self._runner.stop
+            return
         self._runner = web.AppRunner(self.app, shutdown_timeout=1.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]
+        self._stop = self._runner.cleanup
 
     def __exit__(self, *exc) -> None:
-        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(30)
+        asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(30)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
 

@@ -8,12 +8,12 @@ import contextlib
 import socket
 
 import torch
-from aiohttp import web
 
 from openmoshi.lm.config import lm_config_from_dict
 from openmoshi.lm.model import LMModel
 from openmoshi.mimi.codec import Mimi
 from openmoshi.mimi.config import mimi_config_from_dict
+from openmoshi.serving.app import Runner
 from openmoshi.serving.server import MoshiServer, ServerConfig
 
 from lm_utils import TINY_7B
@@ -59,14 +59,19 @@ async def serving(models, **config):
     """`async with serving(models, max_sessions=1) as (server, ws_url, http_url)`."""
     config.setdefault("static_dir", None)
     server = MoshiServer(*models, ServerConfig(**config))
-    runner = web.AppRunner(server.make_app(), shutdown_timeout=5)
-    await runner.setup()
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    site = web.SockSite(runner, sock)
-    await site.start()
+    runner, sock = Runner(server), listening_socket()
+    await runner.start(sock)
     port = sock.getsockname()[1]
     try:
         yield server, f"ws://127.0.0.1:{port}/api/chat", f"http://127.0.0.1:{port}"
     finally:
-        await runner.cleanup()
+        await runner.stop()
+
+
+def listening_socket() -> socket.socket:
+    """A socket bound to a free loopback port and listening, as `openmoshi serve` binds its own."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock

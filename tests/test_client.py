@@ -121,7 +121,7 @@ def test_cli_headless_against_server(tmp_path, capsys):
     wav, out, text = tmp_path / "in.wav", tmp_path / "out.wav", tmp_path / "text.txt"
     _write_wav(wav, _tone(2.0))
     moshi = MoshiServer(*tiny_models(), ServerConfig(max_sessions=2, static_dir=None))
-    with AppServer(moshi.make_app()) as server:
+    with AppServer(moshi) as server:
         code = cli.main(["client", "--url", server.url, "--input", str(wav), "--output", str(out),
                          "--transcript", str(text), "--tail", "4", "--text-temperature", "0.5"])
     assert code == 0, capsys.readouterr().err

@@ -10,7 +10,6 @@ import aiohttp
 import numpy as np
 import pytest
 import torch
-from aiohttp import web
 
 from openmoshi.serving import protocol
 from openmoshi.serving.server import MoshiServer, ServerConfig, sampling_from_query, seeds_from_query
@@ -18,7 +17,8 @@ from openmoshi.lm.sampling import SamplingConfig
 
 from chat_client import FRAME, chat
 from lm_utils import TINY_7B
-from server_utils import serving, tiny_models
+from openmoshi.serving.app import Runner
+from server_utils import listening_socket, serving, tiny_models
 
 
 @pytest.fixture(scope="module")
@@ -181,17 +181,14 @@ def test_outbox_drops_oldest(models):
 def test_graceful_shutdown(models):
     async def main():
         server = MoshiServer(*models, ServerConfig(max_sessions=1, shutdown_grace=0.5, static_dir=None))
-        runner = web.AppRunner(server.make_app())
-        await runner.setup()
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        await web.SockSite(runner, sock).start()
+        runner, sock = Runner(server), listening_socket()
+        await runner.start(sock)
         url = f"ws://127.0.0.1:{sock.getsockname()[1]}/api/chat"
         async with aiohttp.ClientSession() as s:
             ws = await s.ws_connect(url)
             await ws.receive(timeout=10)
             t = time.monotonic()
-            cleanup = asyncio.create_task(runner.cleanup())  # the client keeps reading meanwhile
+            cleanup = asyncio.create_task(runner.stop())  # the client keeps reading meanwhile
             messages = await binary_until_close(ws, timeout=5)
             await cleanup
             return messages, time.monotonic() - t, ws.close_code
@@ -222,11 +219,8 @@ def test_self_signed_tls(models, tmp_path):
 
     async def main():
         server = MoshiServer(*models, ServerConfig(max_sessions=1, static_dir=None))
-        runner = web.AppRunner(server.make_app())
-        await runner.setup()
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        await web.SockSite(runner, sock, ssl_context=context).start()
+        runner, sock = Runner(server), listening_socket()
+        await runner.start(sock, context)
         client_ctx = ssl.create_default_context(cafile=str(tmp_path / "cert.pem"))
         try:
             async with aiohttp.ClientSession() as s:
@@ -235,7 +229,7 @@ def test_self_signed_tls(models, tmp_path):
                 await ws.close()
                 return first.data
         finally:
-            await runner.cleanup()
+            await runner.stop()
     assert run(main()) == protocol.encode_handshake()
 
 

@@ -114,7 +114,7 @@ def test_browser_conversation_with_server(browser):
         return push(slot, pcm)
 
     moshi.batcher.push = spy
-    with AppServer(moshi.make_app()) as server:
+    with AppServer(moshi) as server:
         page, stats, errors = _converse(browser, server.url, 1.5, timeout=30)
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "web_ui.png"), full_page=True)

@@ -66,7 +66,15 @@ def setup_logging(fmt: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # Each message once, in this format: Python warnings and huggingface_hub's own handler would
+    # print theirs a second time, plain.
+    logging.captureWarnings(True)
+    try:
+        from huggingface_hub.utils import logging as hf_logging
+
+        hf_logging.disable_default_handler()
+    except ImportError:
+        pass
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -144,7 +152,7 @@ def run_serve(args) -> int:
     negative = HIBIKI_NEGATIVE if args.cfg_coef != 1.0 else None
     server = MoshiServer(model.lm, model.mimi, model.tokenizer, config, sampling, condition, negative)
     url = f"{'https' if ssl_context else 'http'}://{args.host}:{port}/"
-    asyncio.run(_serve(server, sock, ssl_context, url, config.shutdown_grace + 5))
+    asyncio.run(_serve(server, sock, ssl_context, url))
     return 0
 
 
@@ -157,22 +165,20 @@ def _source(args) -> str:
     return where + (f" (and {', '.join('--' + f.replace('_', '-') for f in explicit)})" if explicit else "")
 
 
-async def _serve(server, sock: socket.socket, ssl_context, url: str, shutdown_timeout: float) -> None:
-    """Starts the app (the model loop, CUDA graphs), then accepts on `sock`; says it listens only
-    then; stops on SIGINT/SIGTERM, letting conversations end (graceful shutdown)."""
-    from aiohttp import web
-
+async def _serve(server, sock: socket.socket, ssl_context, url: str) -> None:
+    """Starts the model loop (CUDA graphs), then accepts on `sock`; says it listens only then;
+    on SIGINT/SIGTERM lets conversations end (graceful shutdown) and stops."""
+    from openmoshi.serving.app import Runner
     from openmoshi.serving.server import event
 
-    runner = web.AppRunner(server.make_app(), shutdown_timeout=shutdown_timeout, access_log=None)
-    await runner.setup()
+    runner = Runner(server)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    await runner.start(sock, ssl_context)
     try:
-        await web.SockSite(runner, sock, ssl_context=ssl_context).start()
         event("listening", url=url, websocket="/api/chat")
         await stop.wait()
     finally:
-        await runner.cleanup()
+        await runner.stop()

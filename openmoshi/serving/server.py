@@ -1,6 +1,10 @@
 """The real-time server: `/api/chat` speaks the official binary protocol (see `protocol`), many
 conversations share one model through the `Batcher`, plus `/health`, `/metrics` and the web UI.
 
+This module is the server's logic, independent of any web framework: a conversation is fed the
+messages of a `Socket` (send bytes, receive bytes or text, close). `app.py` makes it an ASGI
+application (Starlette, run by uvicorn for `openmoshi serve`, or by Ray Serve across machines).
+
 Per conversation, on the event loop:
 
     websocket ──parse──> audio: Ogg/Opus ──OpusDecoder──> PCM frames ──> Batcher inbox (bounded)
@@ -30,9 +34,9 @@ import time
 from collections import deque
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Mapping, Protocol
 
 import numpy as np
-from aiohttp import WSCloseCode, WSMsgType, web
 
 from openmoshi.serving import protocol
 from openmoshi.serving.batcher import Batcher, Slot
@@ -44,8 +48,29 @@ from openmoshi.serving.waiting import ADMITTED, LEFT, STOPPING, TIMED_OUT, Ticke
 log = logging.getLogger("openmoshi.serving.server")
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
-CLOSE_UNAUTHORIZED = 4001  # private-use websocket close code
+# Websocket close codes (RFC 6455, and private-use ones).
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001  # shutting down, idle, or gone
+CLOSE_POLICY_VIOLATION = 1008
+CLOSE_TRY_AGAIN_LATER = 1013  # busy
+CLOSE_UNAUTHORIZED = 4001
 CLOSE_BAD_REQUEST = 4000
+SEND_ERRORS = (asyncio.TimeoutError, ConnectionError)  # a send that failed: the client is gone or stuck
+
+
+class Socket(Protocol):
+    """A websocket as the server uses it (`app.py` adapts the framework's)."""
+
+    closed: bool
+
+    async def send(self, data: bytes) -> None:
+        """Sends one binary message; ConnectionError when the client is gone."""
+
+    async def receive(self) -> bytes | str | None:
+        """The next message: bytes, str (a text frame), or None once the connection is closed."""
+
+    async def close(self, code: int = CLOSE_NORMAL, reason: str = "") -> None:
+        ...
 
 
 @dataclass(frozen=True)
@@ -157,11 +182,11 @@ def seeds_from_query(query) -> tuple[int, int] | None:
     return tuple(given.get(name, secrets.randbits(62)) for name in _SEED_PARAMS)
 
 
-def _token_from(request: web.Request) -> str | None:
-    header = request.headers.get("Authorization", "")
+def _token_from(headers: Mapping[str, str], query: Mapping[str, str]) -> str | None:
+    header = headers.get("authorization", "") or headers.get("Authorization", "")
     if header.lower().startswith("bearer "):
         return header[7:].strip()
-    return request.query.get("worker_auth_id") or None
+    return query.get("worker_auth_id") or None
 
 
 def _same_token(given: str | None, expected: str) -> bool:
@@ -174,7 +199,7 @@ def _same_token(given: str | None, expected: str) -> bool:
 class Conversation:
     """The event-loop side of one websocket conversation."""
 
-    def __init__(self, server: "MoshiServer", ws: web.WebSocketResponse, peer: str):
+    def __init__(self, server: "MoshiServer", ws: Socket, peer: str):
         self.server, self.ws, self.peer = server, ws, peer
         self.loop = asyncio.get_running_loop()
         self.ready = self.loop.create_future()
@@ -208,7 +233,7 @@ class Conversation:
         self.out_event.set()
 
     async def send(self, data: bytes) -> None:
-        await asyncio.wait_for(self.ws.send_bytes(data), self.server.config.send_timeout)
+        await asyncio.wait_for(self.ws.send(data), self.server.config.send_timeout)
 
     async def sender(self) -> None:
         try:
@@ -224,10 +249,10 @@ class Conversation:
                             await self.send(protocol.encode_audio(ogg))
                     else:
                         await self.send(protocol.encode_text(value))
-        except (asyncio.TimeoutError, ConnectionError, RuntimeError) as e:
+        except SEND_ERRORS as e:
             # A send that blocks or fails: the client is gone or stuck. Closing ends the receiver.
             self.closed_reason = f"send failed: {type(e).__name__}"
-            await self.ws.close(code=WSCloseCode.GOING_AWAY)
+            await self.ws.close(CLOSE_GOING_AWAY)
 
     async def error(self, message: str, kind: str) -> None:
         """Reports a bad message to the client; closes after too many."""
@@ -236,11 +261,11 @@ class Conversation:
         event("bad_message", logging.WARNING, peer=self.peer, kind=kind, message=message)
         try:
             await self.send(protocol.encode_error(message))
-        except (asyncio.TimeoutError, ConnectionError, RuntimeError):
+        except SEND_ERRORS:
             pass
         if self.errors >= self.server.config.max_errors:
             self.closed_reason = "too many bad messages"
-            await self.ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"too many bad messages")
+            await self.ws.close(CLOSE_POLICY_VIOLATION, "too many bad messages")
 
     async def handle(self, data: bytes) -> None:
         try:
@@ -292,28 +317,10 @@ class MoshiServer:
         self.line = WaitingLine(config.queue_size, self.metrics.set_waiting)
         self.draining = False
 
-    def make_app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_get("/api/chat", self.handle_chat)
-        app.router.add_get("/health", self.handle_health)
-        app.router.add_get("/metrics", self.handle_metrics)
-        static = self.config.static_dir
-        index = None if static is None else Path(static) / "index.html"
+    # ------------------------------------------------------------------ life cycle
 
-        async def root(_):
-            if index is not None and index.is_file():
-                return web.FileResponse(index)
-            return web.Response(text="openmoshi server: websocket at /api/chat\n")
-
-        app.router.add_get("/", root)
-        if index is not None and Path(static).is_dir():
-            app.router.add_static("/", path=str(static), name="static")
-        app.on_startup.append(self._on_startup)
-        app.on_shutdown.append(self._on_shutdown)
-        app.on_cleanup.append(self._on_cleanup)
-        return app
-
-    async def _on_startup(self, app) -> None:
+    async def start(self) -> None:
+        """Starts the model loop (on CUDA: captures its graphs, seconds) before any conversation."""
         loop = asyncio.get_running_loop()
 
         def slot_freed() -> None:  # worker thread
@@ -324,10 +331,10 @@ class MoshiServer:
 
         self.batcher.on_free = slot_freed
         self.batcher.start()
-        await asyncio.to_thread(self.batcher.ready.wait)  # on CUDA, graph captures: seconds before listening
+        await asyncio.to_thread(self.batcher.ready.wait)
         event("server_started", max_sessions=self.config.max_sessions)
 
-    async def _on_shutdown(self, app) -> None:
+    async def drain(self) -> None:
         """Stops taking conversations, lets the open ones end for `shutdown_grace`, closes the rest."""
         self.draining = True
         event("draining", active=len(self.conversations), waiting=len(self.line))
@@ -339,48 +346,42 @@ class MoshiServer:
             conv.closed_reason = "server shutdown"
             try:
                 await conv.send(protocol.encode_error("the server is shutting down"))
-            except (asyncio.TimeoutError, ConnectionError, RuntimeError):
+            except SEND_ERRORS:
                 pass
-            await conv.ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
+            await conv.ws.close(CLOSE_GOING_AWAY, "server shutdown")
 
-    async def _on_cleanup(self, app) -> None:
+    async def stop(self) -> None:
         await asyncio.get_running_loop().run_in_executor(None, self.batcher.stop)
         event("server_stopped")
 
-    async def handle_health(self, request: web.Request) -> web.Response:
+    # ------------------------------------------------------------------ routes
+
+    def health(self) -> tuple[int, dict]:
+        """(HTTP status, body) of /health: 200 while conversations can start, 503 otherwise."""
         status = "crashed" if self.batcher.crashed else "draining" if self.draining else "ok"
         body = {"status": status, "active": self.batcher.active, "max_sessions": self.config.max_sessions,
                 "waiting": len(self.line), "queue_size": self.config.queue_size}
-        return web.json_response(body, status=200 if status == "ok" else 503)
+        return (200 if status == "ok" else 503), body
 
-    async def handle_metrics(self, request: web.Request) -> web.Response:
-        return web.Response(text=self.metrics.render(), content_type="text/plain", charset="utf-8",
-                            headers={"X-Content-Type-Options": "nosniff"})
-
-    async def _refuse(self, ws: web.WebSocketResponse, message: str, code: int, reason: str, peer: str) -> web.WebSocketResponse:
+    async def _refuse(self, ws: Socket, message: str, code: int, reason: str, peer: str) -> None:
         self.metrics.inc("openmoshi_rejected_total", reason=reason)
         event("refused", logging.WARNING, peer=peer, reason=reason)
         try:
-            await asyncio.wait_for(ws.send_bytes(protocol.encode_error(message)), self.config.send_timeout)
-        except (asyncio.TimeoutError, ConnectionError, RuntimeError):
+            await asyncio.wait_for(ws.send(protocol.encode_error(message)), self.config.send_timeout)
+        except SEND_ERRORS:
             pass
-        await ws.close(code=code, message=reason.encode())
-        return ws
+        await ws.close(code, reason)
 
-    async def handle_chat(self, request: web.Request) -> web.WebSocketResponse:
-        peer = request.remote or "?"
-        # Messages a little over the protocol limit still reach `parse` (and get an error reply);
-        # far larger ones are refused by aiohttp itself with close code 1009.
-        ws = web.WebSocketResponse(heartbeat=self.config.heartbeat, max_msg_size=4 * protocol.MAX_MESSAGE_BYTES)
-        await ws.prepare(request)
+    async def chat(self, ws: Socket, query: Mapping[str, str], headers: Mapping[str, str], peer: str) -> None:
+        """One client of /api/chat, its websocket accepted, from the first message to the close."""
         token = self.config.auth_token
-        if token is not None and not _same_token(_token_from(request), token):
+        if token is not None and not _same_token(_token_from(headers, query), token):
             return await self._refuse(ws, "unauthorized: missing or wrong token", CLOSE_UNAUTHORIZED, "auth", peer)
         if self.draining:
-            return await self._refuse(ws, "the server is shutting down", WSCloseCode.GOING_AWAY, "draining", peer)
+            return await self._refuse(ws, "the server is shutting down", CLOSE_GOING_AWAY, "draining", peer)
         try:
-            sampling = sampling_from_query(request.query, self.sampling)
-            seeds = seeds_from_query(request.query)
+            sampling = sampling_from_query(query, self.sampling)
+            seeds = seeds_from_query(query)
         except ValueError as e:
             return await self._refuse(ws, f"bad request: {e}", CLOSE_BAD_REQUEST, "bad_query", peer)
         conv = Conversation(self, ws, peer)
@@ -394,11 +395,10 @@ class MoshiServer:
             if ticket is None:
                 full = f" and the waiting line is full ({len(self.line)})" if self.config.queue_size else ""
                 return await self._refuse(ws, f"the server is busy: all {self.config.max_sessions} conversations "
-                                          f"are taken{full}, try again later", WSCloseCode.TRY_AGAIN_LATER,
-                                          "busy", peer)
+                                          f"are taken{full}, try again later", CLOSE_TRY_AGAIN_LATER, "busy", peer)
             conv.slot = await self._wait_in_line(conv, ticket)
             if conv.slot is None:
-                return ws
+                return
         self.conversations.add(conv)
         self.metrics.inc("openmoshi_conversations_total")
         started = time.monotonic()
@@ -412,19 +412,17 @@ class MoshiServer:
             await self._receive(conv)
         except asyncio.TimeoutError:
             conv.closed_reason = "timeout"
-        except (ConnectionError, RuntimeError) as e:  # the client vanished while we were sending
+        except ConnectionError as e:  # the client vanished while we were sending
             conv.closed_reason = f"connection lost: {type(e).__name__}"
         finally:
             self.batcher.close(conv.slot)
             self.conversations.discard(conv)
             if sender is not None:
                 sender.cancel()
-            if not ws.closed:
-                await ws.close()
+            await ws.close()
             event("conversation_end", peer=peer, slot=conv.slot.index, reason=conv.closed_reason,
                   seconds=round(time.monotonic() - started, 2), frames_in=conv.slot.frames_in,
                   frames_out=conv.frames_out, dropped=conv.dropped, errors=conv.errors)
-        return ws
 
     def _admit(self) -> None:
         """A slot may have freed: the first waiters take it."""
@@ -459,13 +457,12 @@ class MoshiServer:
         if outcome == TIMED_OUT:
             self.metrics.inc("openmoshi_queue_timeouts_total")
             await self._refuse(ws, f"no conversation slot freed up within {cfg.queue_timeout:g} s: the server "
-                               "is busy, try again later", WSCloseCode.TRY_AGAIN_LATER, "queue_timeout", conv.peer)
+                               "is busy, try again later", CLOSE_TRY_AGAIN_LATER, "queue_timeout", conv.peer)
         elif outcome == STOPPING:
-            await self._refuse(ws, "the server is shutting down", WSCloseCode.GOING_AWAY, "draining", conv.peer)
+            await self._refuse(ws, "the server is shutting down", CLOSE_GOING_AWAY, "draining", conv.peer)
         else:
             event("queue_left", peer=conv.peer, seconds=round(conv.waited, 2))
-            if not ws.closed:
-                await ws.close()
+            await ws.close()
         return None
 
     async def _listen_while_waiting(self, conv: Conversation) -> None:
@@ -473,38 +470,35 @@ class MoshiServer:
         decoder, to keep its Ogg stream in step, and is dropped: it would be stale by the start."""
         ws = conv.ws
         while True:
-            msg = await ws.receive()
-            if msg.type != WSMsgType.BINARY:
-                if msg.type == WSMsgType.TEXT:
-                    continue
-                return  # CLOSE, CLOSING, CLOSED, ERROR
+            data = await ws.receive()
+            if data is None:
+                return  # closed
+            if isinstance(data, str):
+                continue
             try:
-                m = protocol.parse(msg.data)
+                m = protocol.parse(data)
                 if m.kind == protocol.KIND_AUDIO:
                     conv.decoder.decode(m.data)
                 elif m.kind == protocol.KIND_PING:
                     await conv.send(protocol.encode_ping())
             except (protocol.ProtocolError, OpusError):
                 pass  # the conversation has not started: nothing to report yet
-            except (asyncio.TimeoutError, ConnectionError, RuntimeError):
+            except SEND_ERRORS:
                 return  # cannot send: gone
 
     async def _receive(self, conv: Conversation) -> None:
         ws = conv.ws
         while not ws.closed:
             try:
-                msg = await ws.receive(timeout=self.config.idle_timeout)
+                data = await asyncio.wait_for(ws.receive(), self.config.idle_timeout)
             except asyncio.TimeoutError:
                 conv.closed_reason = "idle timeout"
                 await conv.error(f"no message for {self.config.idle_timeout:g} s: closing", "idle")
-                await ws.close(code=WSCloseCode.GOING_AWAY, message=b"idle timeout")
+                await ws.close(CLOSE_GOING_AWAY, "idle timeout")
                 return
-            if msg.type == WSMsgType.BINARY:
-                await conv.handle(msg.data)
-            elif msg.type == WSMsgType.TEXT:
+            if data is None:
+                return  # the client closed (or the connection broke)
+            if isinstance(data, str):
                 await conv.error("text websocket frames are not part of the protocol: send binary messages", "protocol")
-            elif msg.type == WSMsgType.ERROR:
-                conv.closed_reason = f"websocket error: {ws.exception()}"
-                return
-            else:  # CLOSE, CLOSING, CLOSED
-                return
+            else:
+                await conv.handle(data)

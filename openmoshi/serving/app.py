@@ -1,0 +1,153 @@
+"""The server as an ASGI application (Starlette), and its runner on uvicorn.
+
+    app = asgi_app(server)                  # the same app for uvicorn and for Ray Serve's ingress
+    runner = Runner(server)                 # openmoshi serve: uvicorn on a socket bound beforehand
+    await runner.start(sock, ssl_context)   # the model loop first, then accepting
+    await runner.stop()                     # drain (conversations may end), then stop
+
+Routes: `/api/chat` (websocket, the official protocol), `/health`, `/metrics` (Prometheus), and the
+web UI at `/`. What a conversation does is `server.MoshiServer.chat`, fed through `StarletteSocket`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.responses import FileResponse, JSONResponse, PlainTextResponse
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+
+from openmoshi.serving import protocol
+from openmoshi.serving.server import CLOSE_NORMAL, MoshiServer
+
+# Messages a little over the protocol limit still reach `protocol.parse` (and get an error reply);
+# far larger ones are refused by uvicorn itself with close code 1009.
+MAX_FRAME_BYTES = 4 * protocol.MAX_MESSAGE_BYTES
+
+
+class StarletteSocket:
+    """`server.Socket` over a Starlette websocket: send failures are ConnectionErrors, a closed
+    connection reads as None, closing twice is harmless."""
+
+    def __init__(self, ws: WebSocket):
+        self.ws = ws
+        self.closed = False
+
+    async def send(self, data: bytes) -> None:
+        if self.closed:
+            raise ConnectionError("the websocket is closed")
+        try:
+            await self.ws.send_bytes(data)
+        except (WebSocketDisconnect, RuntimeError, OSError) as e:
+            self.closed = True
+            raise ConnectionError(str(e) or type(e).__name__) from None
+
+    async def receive(self) -> bytes | str | None:
+        if self.closed:
+            return None
+        try:
+            message = await self.ws.receive()
+        except (WebSocketDisconnect, RuntimeError, OSError):
+            message = {"type": "websocket.disconnect"}
+        if message["type"] == "websocket.disconnect":
+            self.closed = True
+            return None
+        if message.get("bytes") is not None:
+            return message["bytes"]
+        return message.get("text") or ""
+
+    async def close(self, code: int = CLOSE_NORMAL, reason: str = "") -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.ws.application_state != WebSocketState.DISCONNECTED:
+            with contextlib.suppress(RuntimeError, OSError, WebSocketDisconnect):
+                await self.ws.close(code, reason)
+
+
+def asgi_app(server: MoshiServer, lifespan: bool = True) -> Starlette:
+    """The ASGI app of `server`. With `lifespan`, the app starts the model loop and stops it (a
+    runner that drains first, or Ray Serve's replica, may manage that itself: lifespan=False)."""
+
+    async def chat(ws: WebSocket) -> None:
+        await ws.accept()
+        peer = ws.client.host if ws.client else "?"
+        await server.chat(StarletteSocket(ws), ws.query_params, ws.headers, peer)
+
+    async def health(_request):
+        status, body = server.health()
+        return JSONResponse(body, status_code=status)
+
+    async def metrics(_request):
+        return PlainTextResponse(server.metrics.render(), headers={"X-Content-Type-Options": "nosniff"})
+
+    static = server.config.static_dir
+    index = None if static is None else Path(static) / "index.html"
+
+    async def root(_request):
+        if index is not None and index.is_file():
+            return FileResponse(index)
+        return PlainTextResponse("openmoshi server: websocket at /api/chat\n")
+
+    routes = [WebSocketRoute("/api/chat", chat), Route("/health", health), Route("/metrics", metrics),
+              Route("/", root)]
+    if index is not None and Path(static).is_dir():
+        routes.append(Mount("/", StaticFiles(directory=str(static)), name="static"))
+
+    @contextlib.asynccontextmanager
+    async def life(_app):
+        if lifespan:
+            await server.start()
+        try:
+            yield
+        finally:
+            if lifespan:
+                await server.stop()
+
+    return Starlette(routes=routes, lifespan=life)
+
+
+class Runner:
+    """`server`'s ASGI app on uvicorn, in the running event loop, on a socket bound beforehand."""
+
+    def __init__(self, server: MoshiServer):
+        self.server = server
+        self._uvicorn = None
+        self._task: asyncio.Task | None = None
+
+    async def start(self, sock, ssl_context=None) -> None:
+        """Starts the model loop, then accepts on `sock` (listening already)."""
+        import uvicorn
+
+        await self.server.start()
+        cfg = self.server.config
+        config = uvicorn.Config(asgi_app(self.server, lifespan=False), lifespan="off", log_config=None,
+                                access_log=False, ws_max_size=MAX_FRAME_BYTES, ws_ping_interval=cfg.heartbeat,
+                                ws_ping_timeout=cfg.heartbeat, timeout_graceful_shutdown=1)
+        config.load()
+        config.ssl = ssl_context  # uvicorn's own context comes from files; ours is ready
+        for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):  # our own events say it once
+            logging.getLogger(name).setLevel(logging.WARNING)
+        self._uvicorn = uvicorn.Server(config)
+        self._uvicorn.install_signal_handlers = lambda: None  # the caller decides when to stop
+        self._task = asyncio.create_task(self._uvicorn.serve(sockets=[sock]))
+        while not self._uvicorn.started:
+            if self._task.done():
+                await self._task  # raises what made it fail
+                raise RuntimeError("the web server stopped while starting")
+            await asyncio.sleep(0.01)
+
+    async def stop(self) -> None:
+        """Lets the conversations end (`shutdown_grace`), closes the rest, stops serving and the model loop."""
+        try:
+            await self.server.drain()
+        finally:
+            if self._uvicorn is not None:
+                self._uvicorn.should_exit = True
+                await self._task
+            await self.server.stop()
