@@ -51,6 +51,10 @@ def add_serve_parser(subparsers) -> None:
     g.add_argument("--cfg-coef", type=finite_float, default=1.0, metavar="C",
                    help="classifier-free guidance of a conditioned Hibiki ('very_good' against "
                         "'very_bad'; default 1: none), as the official --cfg-coef")
+    g.add_argument("--clock", choices=("realtime", "input"), default="realtime",
+                   help="realtime (default): one frame every 80 ms, silence for a late client; input: a frame "
+                        "when every conversation has sent its next one, nothing inserted or dropped (tests, "
+                        "reproducible runs)")
     g.add_argument("--log-format", choices=("auto", "json", "text"), default="auto",
                    help="log lines: text for a person, json for machines (default: text on a terminal, else json)")
     p.set_defaults(handler=run_serve)
@@ -147,7 +151,7 @@ def run_serve(args) -> int:
     config = ServerConfig(max_sessions=max_sessions, auth_token=args.auth_token,
                           idle_timeout=args.idle_timeout, queue_size=args.queue, queue_timeout=args.queue_timeout,
                           static_dir=Path(args.static) if args.static else WEB_DIR,
-                          cuda_graph=False if args.no_cuda_graph else None, cfg_coef=args.cfg_coef)
+                          cuda_graph=False if args.no_cuda_graph else None, cfg_coef=args.cfg_coef, clock=args.clock)
     condition = HIBIKI_CONDITION if model.lm.condition_provider is not None else None
     negative = HIBIKI_NEGATIVE if args.cfg_coef != 1.0 else None
     server = MoshiServer(model.lm, model.mimi, model.tokenizer, config, sampling, condition, negative)

@@ -21,7 +21,10 @@ step; the first step only reads initial tokens, and right after the first frame 
 encoder state is reset so the next frame starts with fresh left padding; each step's output is
 decoded and sent at once. The clock: a tick happens as soon as every occupied slot has a frame
 waiting, or at the latest `TICK_SLACK` after the previous tick; a slot whose client is late reads
-silence for that tick, so one slow client never holds back the others. Joining, leaving and
+silence for that tick, so one slow client never holds back the others. The input clock
+(`clock="input"`, for tests and reproducible runs) ticks only when every occupied slot has its next
+frame, never inserts silence and never drops input: a conversation's output is then a function of
+its input alone. `recorder(slot, pcm_in, text, audio, valid)`, when set, sees every slot's tick. Joining, leaving and
 restarting are commands applied by the worker between ticks; they reset only that slot (LM state,
 Mimi encoder and decoder state, sampling settings).
 
@@ -60,6 +63,7 @@ FRAME_SECONDS = 0.08
 TICK_SLACK = 0.1  # latest tick: 80 ms plus 20 ms of grace for a client's network jitter
 INBOX_FRAMES = 25  # input frames kept per slot (2 s); the oldest are dropped beyond
 HIDDEN_TEXT_IDS = (TEXT_END_PADDING_ID, TEXT_PADDING_ID)  # never shown to users
+CLOCKS = ("realtime", "input")
 
 
 @dataclass
@@ -72,7 +76,7 @@ class Slot:
     on_ready: Callable[[], None]
     on_frame: Callable[[np.ndarray, str | None], None]
     seeds: tuple[int, int] | None = None  # text and audio seeds (None: random at each (re)start)
-    inbox: deque = field(default_factory=lambda: deque(maxlen=INBOX_FRAMES))
+    inbox: deque = field(default_factory=lambda: deque(maxlen=INBOX_FRAMES))  # unbounded with the input clock
     steps: int = 0
     frames_in: int = 0
     silent_ticks: int = 0
@@ -105,9 +109,13 @@ class Batcher:
 
     def __init__(self, lm, mimi, tokenizer: Any, max_slots: int, sampling: SamplingConfig = SamplingConfig(),
                  metrics: Metrics | None = None, condition: dict | None = None, cuda_graph: bool | None = None,
-                 cfg_coef: float = 1.0, negative: dict | None = None):
+                 cfg_coef: float = 1.0, negative: dict | None = None, clock: str = "realtime"):
         if max_slots < 1:
             raise ValueError(f"max_slots must be >= 1, got {max_slots}")
+        if clock not in CLOCKS:
+            raise ValueError(f"clock must be one of {CLOCKS}, got {clock!r}")
+        self.clock = clock
+        self.recorder: Callable[[Slot, np.ndarray, int, np.ndarray, bool], None] | None = None
         if (lm.condition_provider is not None) != (condition is not None):
             raise ValueError("a conditioned model needs condition attributes (e.g. Hibiki's "
                              "{'description': 'very_good'}) and an unconditioned one takes none")
@@ -176,6 +184,8 @@ class Batcher:
             self._reserved[free[0]] = True
             self.metrics.set_active(sum(self._reserved))
         slot = Slot(free[0], sampling, on_ready, on_frame, seeds)
+        if self.clock == "input":
+            slot.inbox = deque()  # never drop input: the output must follow from all of it
         self._command("join", slot)
         return slot
 
@@ -277,14 +287,16 @@ class Batcher:
                 self._wake.clear()
                 last_tick = time.monotonic()
                 continue
-            deadline = last_tick + TICK_SLACK
+            deadline = last_tick + TICK_SLACK if self.clock == "realtime" else float("inf")
             while not all(s.inbox for s in occupied) and time.monotonic() < deadline:
-                self._wake.wait(max(0.0, deadline - time.monotonic()))
+                self._wake.wait(min(1.0, max(0.0, deadline - time.monotonic())))
                 self._wake.clear()
                 if not self._commands.empty() or self._stop.is_set():
                     break
             if not self._commands.empty():
                 continue  # a join/leave changes who takes part: apply it first
+            if self.clock == "input" and not all(s.inbox for s in occupied):
+                continue  # stopping: the input clock never ticks on missing frames
             last_tick = time.monotonic()
             self._tick(occupied)
             self.metrics.observe_step(time.monotonic() - last_tick)
@@ -375,8 +387,11 @@ class Batcher:
         pcm_out = pcm_out[:, 0].to("cpu", torch.float32, copy=True).numpy()  # a copy: slots keep their frame
         valid = valid.cpu().tolist()
         text = out.text.cpu().tolist()
+        audio_codes = out.audio.cpu().numpy() if self.recorder is not None else None
         for s in occupied:
             s.steps += 1
+            if self.recorder is not None:
+                self.recorder(s, pcm[s.index, 0], text[s.index], audio_codes[s.index], valid[s.index])
             if valid[s.index]:
                 s.on_frame(pcm_out[s.index], self._piece(text[s.index]))
 

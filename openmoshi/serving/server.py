@@ -90,6 +90,7 @@ class ServerConfig:
     queue_size: int = 16  # clients waiting for a slot when all are taken; more are refused (0: no line)
     queue_timeout: float = 120.0  # seconds a client waits for a slot before it is refused
     queue_update: float = 2.0  # seconds between place-in-line messages (official client: silent 10 s = gone)
+    clock: str = "realtime"  # "input": tick only on every slot's next frame, no silence inserted (tests, reproducible runs)
 
 
 def event(name: str, level: int = logging.INFO, **fields) -> None:
@@ -312,7 +313,7 @@ class MoshiServer:
         self.metrics.inc("openmoshi_errors_total", 0, kind="protocol")
         self.metrics.inc("openmoshi_queue_timeouts_total", 0)
         self.batcher = Batcher(lm, mimi, tokenizer, config.max_sessions, sampling, self.metrics, condition,
-                               config.cuda_graph, config.cfg_coef, negative)
+                               config.cuda_graph, config.cfg_coef, negative, config.clock)
         self.conversations: set[Conversation] = set()
         self.line = WaitingLine(config.queue_size, self.metrics.set_waiting)
         self.draining = False
