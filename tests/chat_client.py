@@ -26,6 +26,7 @@ class ChatResult:
     close_code: int | None = None
     queue: list = field(default_factory=list)  # (position, length) of each place-in-line message
     handshake_at: float | None = None  # monotonic time of the handshake
+    cut_off: bool = False  # the server closed the connection while we were still sending
 
     @property
     def frames_received(self) -> int:
@@ -82,7 +83,11 @@ async def chat(url: str, seconds: float, headers=None, read_for: float | None = 
                 await asyncio.sleep(max(0.0, start + i * 0.08 - time.monotonic()))
                 page = writer.append_pcm(pcm[i * FRAME:(i + 1) * FRAME])
                 if page:
-                    await ws.send_bytes(b"\x01" + page)
+                    try:
+                        await ws.send_bytes(b"\x01" + page)
+                    except ConnectionResetError:  # aiohttp's ClientConnectionResetError is one
+                        res.cut_off = True  # the server closed on us (e.g. we stopped reading)
+                        break
                 res.frames_sent += 1
             deadline = time.monotonic() + drain
             while time.monotonic() < deadline and res.frames_received < res.frames_sent:

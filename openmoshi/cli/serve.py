@@ -51,6 +51,14 @@ def add_serve_parser(subparsers) -> None:
     g.add_argument("--cfg-coef", type=finite_float, default=1.0, metavar="C",
                    help="classifier-free guidance of a conditioned Hibiki ('very_good' against "
                         "'very_bad'; default 1: none), as the official --cfg-coef")
+    c = p.add_argument_group("cluster (Ray Serve: pip install 'openmoshi[cluster]')")
+    c.add_argument("--replicas", type=positive_int, default=None, metavar="N",
+                   help="serve with N replicas of the model on Ray Serve (one GPU each on GPU machines), each "
+                        "batching up to --max-sessions conversations; new connections go to a replica with room")
+    c.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="join this Ray cluster (e.g. ray://head:10001 or head:6379) instead of starting a local one")
+    c.add_argument("--gpus-per-replica", type=finite_float, default=None, metavar="G",
+                   help="GPUs per replica (default 1 when the replicas run on CUDA, else 0)")
     g.add_argument("--clock", choices=("realtime", "input"), default="realtime",
                    help="realtime (default): one frame every 80 ms, silence for a late client; input: a frame "
                         "when every conversation has sent its next one, nothing inserted or dropped (tests, "
@@ -73,12 +81,15 @@ def setup_logging(fmt: str) -> None:
     # Each message once, in this format: Python warnings and huggingface_hub's own handler would
     # print theirs a second time, plain.
     logging.captureWarnings(True)
+    # Its logger is the library's root "huggingface_hub"; drop the handler it adds there (whatever
+    # the installed version calls the helper that would) and let records reach ours.
     try:
-        from huggingface_hub.utils import logging as hf_logging
-
-        hf_logging.disable_default_handler()
+        import huggingface_hub.utils.logging  # noqa: F401  (adds its handler on import)
     except ImportError:
         pass
+    hf_logger = logging.getLogger("huggingface_hub")
+    hf_logger.handlers[:] = []
+    hf_logger.propagate = True
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -128,6 +139,8 @@ def run_serve(args) -> int:
     if args.queue < 0 or args.queue_timeout <= 0:
         raise UsageError("--queue must be >= 0 and --queue-timeout > 0")
     setup_logging(args.log_format)
+    if args.replicas or args.ray_address:
+        return _serve_cluster(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     ssl_context = _ssl_context(args)  # before loading: a bad certificate fails fast
@@ -157,6 +170,31 @@ def run_serve(args) -> int:
     server = MoshiServer(model.lm, model.mimi, model.tokenizer, config, sampling, condition, negative)
     url = f"{'https' if ssl_context else 'http'}://{args.host}:{port}/"
     asyncio.run(_serve(server, sock, ssl_context, url))
+    return 0
+
+
+def _serve_cluster(args) -> int:
+    """The same app as Ray Serve replicas (see openmoshi.serving.cluster); until Ctrl-C."""
+    try:
+        from openmoshi.serving import cluster
+    except ImportError:
+        raise UsageError("--replicas needs Ray Serve: pip install 'openmoshi[cluster]'") from None
+    if args.ssl or args.self_signed:
+        raise UsageError("--ssl/--self-signed apply to the single-host server: with --replicas, terminate TLS "
+                         "in front of Ray's proxy (a load balancer or ingress)")
+    files = {k: getattr(args, k) for k in ("hf_repo", "moshi_weight", "mimi_weight", "tokenizer", "config_path",
+                                            "lora_weight")}
+    device = args.device or ("cuda" if args.gpus_per_replica else None)
+    gpus = args.gpus_per_replica if args.gpus_per_replica is not None else (1.0 if device and device.startswith("cuda") else 0.0)
+    server = dict(max_sessions=args.max_sessions or (8 if gpus else 4), auth_token=args.auth_token,
+                  idle_timeout=args.idle_timeout, queue_size=args.queue, queue_timeout=args.queue_timeout,
+                  static_dir=args.static, cuda_graph=False if args.no_cuda_graph else None,
+                  cfg_coef=args.cfg_coef, clock=args.clock)
+    if args.static is None:
+        server.pop("static_dir")
+    spec = cluster.ReplicaSpec(files=files, device=device, dtype=args.dtype, quantize=args.quantize,
+                               threads=args.threads, server=server)
+    cluster.run(spec, args.replicas or 1, args.ray_address, args.host, args.port, gpus, blocking=True)
     return 0
 
 
