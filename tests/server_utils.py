@@ -75,3 +75,27 @@ def listening_socket() -> socket.socket:
     sock.listen(128)
     sock.setblocking(False)
     return sock
+
+
+def tiny_checkpoint(folder, seed: int = 0):
+    """A model folder (config.json, LM, Mimi and its config, text tokenizer) of the tiny models
+    above, loadable with --hf-repo FOLDER: what a replica on another process or machine reads."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from infer_utils import _tokenizer
+    from openmoshi.loading.files import released_keys
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lm, mimi, _ = tiny_models(seed)
+    save_file(released_keys({k: v.contiguous() for k, v in lm.state_dict().items()}), str(folder / "lm.safetensors"))
+    save_file({k: v.contiguous() for k, v in mimi.state_dict().items()}, str(folder / "mimi.safetensors"))
+    (folder / "mimi.json").write_text(json.dumps(TINY_MIMI_24K))
+    _tokenizer(folder / "tok.model", TINY_7B["text_card"])
+    config = dict(TINY_7B, moshi_name="lm.safetensors", mimi_name="mimi.safetensors", tokenizer_name="tok.model",
+                  mimi_config_name="mimi.json", model_type="moshi")
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder

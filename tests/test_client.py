@@ -73,6 +73,26 @@ def test_refused_busy_and_auth():
         asyncio.run(talk_file(f"ws://127.0.0.1:{port}", _tone(0.2)))  # nobody listens there now
 
 
+def test_server_that_vanishes_mid_conversation_says_reconnect():
+    """A server process (or a Ray replica) that dies drops the TCP connection without a close frame:
+    the client says the connection was lost and to reconnect, rather than ending as if all went well."""
+    from aiohttp import web
+
+    async def chat(request):
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.send_bytes(b"\x00")  # handshake
+        await ws.receive()
+        request.transport.abort()  # gone: no close frame
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/api/chat", chat)
+    with AppServer(app) as server:
+        with pytest.raises(ClientError, match="lost .*reconnect"):
+            asyncio.run(talk_file(server.url, _tone(1.0), tail_s=2.0))
+
+
 def test_waiting_for_a_slot(tmp_path, capsys):
     """A busy server keeps us waiting before the handshake: each place in line is reported, then
     the conversation goes on as usual; the command line prints each new place once."""

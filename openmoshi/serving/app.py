@@ -70,9 +70,10 @@ class StarletteSocket:
                 await self.ws.close(code, reason)
 
 
-def asgi_app(server: MoshiServer, lifespan: bool = True) -> Starlette:
-    """The ASGI app of `server`. With `lifespan`, the app starts the model loop and stops it (a
-    runner that drains first, or Ray Serve's replica, may manage that itself: lifespan=False)."""
+def asgi_app(server: MoshiServer, lifespan: bool = True, on_start=None) -> Starlette:
+    """The ASGI app of `server`. With `lifespan`, the app starts the model loop, and at shutdown
+    drains (conversations get the reconnect message) and stops it, as a Ray Serve replica needs;
+    `Runner` does both itself (lifespan=False). `on_start`: a coroutine function run once started."""
 
     async def chat(ws: WebSocket) -> None:
         await ws.accept()
@@ -103,11 +104,16 @@ def asgi_app(server: MoshiServer, lifespan: bool = True) -> Starlette:
     async def life(_app):
         if lifespan:
             await server.start()
+        if on_start is not None:
+            await on_start()
         try:
             yield
         finally:
             if lifespan:
-                await server.stop()
+                try:
+                    await server.drain()
+                finally:
+                    await server.stop()
 
     return Starlette(routes=routes, lifespan=life)
 

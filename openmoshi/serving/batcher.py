@@ -226,6 +226,11 @@ class Batcher:
             self.ready.set()
 
     crashed = False
+    heartbeat = 0.0  # time.monotonic() of the worker's last pass through its loop (a stall check reads it)
+
+    def stalled(self, after: float) -> bool:
+        """Whether the worker has not come round its loop for `after` seconds (a hung step)."""
+        return self._thread is not None and self.ready.is_set() and time.monotonic() - self.heartbeat > after
 
     def _init_states(self) -> None:
         """Model states of every slot, and the (graphed) steps over each bucket's prefix of them;
@@ -280,6 +285,7 @@ class Batcher:
         self.ready.set()
         last_tick = time.monotonic()
         while not self._stop.is_set():
+            self.heartbeat = time.monotonic()
             self._apply_commands()
             occupied = [s for s in self._slots if s is not None]
             if not occupied:
@@ -291,6 +297,7 @@ class Batcher:
             while not all(s.inbox for s in occupied) and time.monotonic() < deadline:
                 self._wake.wait(min(1.0, max(0.0, deadline - time.monotonic())))
                 self._wake.clear()
+                self.heartbeat = time.monotonic()
                 if not self._commands.empty() or self._stop.is_set():
                     break
             if not self._commands.empty():

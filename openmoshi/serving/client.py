@@ -40,6 +40,9 @@ SAMPLING_PARAMS = (
 )
 
 
+RECONNECT = "the server went away; reconnect to start a new conversation"
+
+
 class ClientError(RuntimeError):
     """The conversation could not start or broke off; the message says why, for the user."""
 
@@ -122,7 +125,11 @@ async def _connect(session, url: str, auth_token: str | None,
         ws = await session.ws_connect(url, headers=headers, heartbeat=None, max_msg_size=protocol.MAX_MESSAGE_BYTES)
     except aiohttp.WSServerHandshakeError as e:
         hint = {401: "wrong or missing auth token?", 403: "wrong or missing auth token?",
-                404: "no chat route there: is it a Moshi server?"}.get(e.status, "is it a Moshi server?")
+                404: "no chat route there: is it a Moshi server?",
+                500: "the server could not take the conversation (behind Ray Serve: every replica is full), "
+                     "try again later",
+                503: "the server is busy: every conversation slot is taken, try again later"}.get(
+            e.status, "is it a Moshi server?")
         raise ClientError(f"{shown} refused the websocket (HTTP {e.status}): {hint}") from None
     except aiohttp.ClientConnectorError as e:
         why = "connection refused (is the server running?)" if isinstance(e.os_error, ConnectionRefusedError) else e.os_error or e
@@ -172,9 +179,13 @@ async def _receive(ws, on_audio: Callable[[np.ndarray], None], transcript: Trans
         except asyncio.TimeoutError:
             raise ClientError(f"no message from the server for {silence_timeout_s:.0f} s") from None
         if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED):
+            code = ws.close_code
+            if code not in (None, 1000, 1001, 1008, 1013, 4000, 4001) and not errors:
+                # Closed without a word: the server (or the replica behind a proxy) went away.
+                errors.append(f"the connection to the server was lost (close code {code}): {RECONNECT}")
             return
         if msg.type == aiohttp.WSMsgType.ERROR:
-            raise ClientError(f"connection lost: {ws.exception()}")
+            raise ClientError(f"connection lost ({ws.exception()}): {RECONNECT}")
         if msg.type != aiohttp.WSMsgType.BINARY:
             continue
         try:
@@ -241,7 +252,7 @@ async def talk_file(url: str, pcm: np.ndarray, *, params: dict | None = None, au
             await asyncio.wait({receiver, waiter}, timeout=tail_s, return_when=asyncio.FIRST_COMPLETED)
             waiter.cancel()
         except (ConnectionResetError, aiohttp.ClientError) as e:
-            raise ClientError(f"connection lost: {e}") from None
+            raise ClientError(f"connection lost ({e}): {RECONNECT}") from None
         finally:
             await ws.close()
             if receiver.done():
@@ -357,7 +368,7 @@ async def talk_live(url: str, *, params: dict | None = None, auth_token: str | N
                 sender = asyncio.create_task(send_mic(ws))
                 await _receive(ws, on_audio, transcript, errors)
         except (ConnectionResetError, aiohttp.ClientError) as e:
-            raise ClientError(f"connection lost: {e}") from None
+            raise ClientError(f"connection lost ({e}): {RECONNECT}") from None
         finally:
             if sender is not None:
                 sender.cancel()

@@ -53,6 +53,10 @@ class Metrics:
             self._step_sum += seconds
             self._step_total += 1
 
+    def mean_step_seconds(self) -> float:
+        with self._lock:
+            return self._step_sum / self._step_total if self._step_total else 0.0
+
     def render(self) -> str:
         with self._lock:
             lines = [

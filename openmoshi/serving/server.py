@@ -56,6 +56,8 @@ CLOSE_TRY_AGAIN_LATER = 1013  # busy
 CLOSE_UNAUTHORIZED = 4001
 CLOSE_BAD_REQUEST = 4000
 SEND_ERRORS = (asyncio.TimeoutError, ConnectionError)  # a send that failed: the client is gone or stuck
+SHUTDOWN_MESSAGE = "the server is shutting down: reconnect to start a new conversation"
+STALL_SECONDS = 10.0  # a model loop that has not come round for this long is hung
 
 
 class Socket(Protocol):
@@ -346,7 +348,7 @@ class MoshiServer:
         for conv in list(self.conversations):
             conv.closed_reason = "server shutdown"
             try:
-                await conv.send(protocol.encode_error("the server is shutting down"))
+                await conv.send(protocol.encode_error(SHUTDOWN_MESSAGE))
             except SEND_ERRORS:
                 pass
             await conv.ws.close(CLOSE_GOING_AWAY, "server shutdown")
@@ -357,9 +359,18 @@ class MoshiServer:
 
     # ------------------------------------------------------------------ routes
 
+    def problem(self) -> str | None:
+        """Why this server cannot serve (its model loop crashed or hangs), None when it can."""
+        if self.batcher.crashed:
+            return "the model loop crashed"
+        if self.batcher.stalled(STALL_SECONDS):
+            return f"the model loop has not moved for {STALL_SECONDS:g} s"
+        return None
+
     def health(self) -> tuple[int, dict]:
         """(HTTP status, body) of /health: 200 while conversations can start, 503 otherwise."""
-        status = "crashed" if self.batcher.crashed else "draining" if self.draining else "ok"
+        problem = self.problem()
+        status = ("crashed" if self.batcher.crashed else "stalled") if problem else "draining" if self.draining else "ok"
         body = {"status": status, "active": self.batcher.active, "max_sessions": self.config.max_sessions,
                 "waiting": len(self.line), "queue_size": self.config.queue_size}
         return (200 if status == "ok" else 503), body

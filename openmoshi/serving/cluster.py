@@ -1,0 +1,157 @@
+"""The server on Ray Serve: the same ASGI app in every replica, across GPUs and machines.
+
+    openmoshi serve --replicas 2 [--ray-address ray://head:10001] [--gpus-per-replica 1]
+    serve run deploy/ray-serve.yaml            # the same app, from a config file (KubeRay too)
+
+Each replica loads the model once and runs its own model loop for up to `max_sessions`
+conversations, with its own waiting line of `queue_size` clients. A websocket is one ongoing request
+for its whole life, so Ray's `max_ongoing_requests` is the replica's sessions plus its line plus a
+little room to refuse: Ray's proxy sends a new connection to the least loaded replica, and a replica
+whose slots and line are full tells the client itself that it is busy (error message, close code
+1013), as the single-host server does. Ray's proxy can only answer HTTP 500 to a websocket it
+cannot place (it has no 503 for websockets), so its own queue is kept to the minimum, a moment's
+wait while a replica is picked. A replica whose model loop crashed or hangs
+fails `check_health`, and Ray replaces it; a replica that leaves (scale-down, redeploy, failed
+health) first tells its conversations to reconnect, and is given `graceful_shutdown_timeout_s` for
+conversations to end. Per-replica counters go to Ray's metrics (and from there to Prometheus)
+tagged with the replica, beside each replica's own `/metrics`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+log = logging.getLogger("openmoshi.serving.cluster")
+
+APP_NAME = "openmoshi"
+HEALTH_PERIOD_S = 5.0
+METRICS_PERIOD_S = 5.0
+PROXY_QUEUE = 4  # connections Ray's proxy holds while every replica is at max_connections
+REFUSE_ROOM = 2  # connections a full replica takes only to say it is busy
+
+
+@dataclass(frozen=True)
+class ReplicaSpec:
+    """What every replica builds: the model's files (as the CLI flags name them), where it runs,
+    and the server's settings. Plain data, so that Ray can ship it to other machines."""
+
+    files: dict  # resolve_files keyword arguments: hf_repo, moshi_weight, mimi_weight, ...
+    device: str | None = None
+    dtype: str | None = None
+    quantize: str | None = None
+    threads: int | None = None
+    server: dict = field(default_factory=dict)  # ServerConfig fields (static_dir as a string)
+    cfg_coef: float = 1.0
+
+    @property
+    def max_sessions(self) -> int:
+        return int(self.server.get("max_sessions", 4))
+
+    @property
+    def max_connections(self) -> int:
+        """Websockets a replica holds at once: its conversations, its waiting line, and room to
+        tell a few more that it is busy."""
+        from openmoshi.serving.server import ServerConfig
+
+        return self.max_sessions + int(self.server.get("queue_size", ServerConfig.queue_size)) + REFUSE_ROOM
+
+
+class MoshiReplica:
+    """One replica: the model, its server, its ASGI app (built by Ray Serve after __init__)."""
+
+    def __init__(self, spec: dict):
+        import torch
+
+        from openmoshi.accel.streaming import with_fast_streaming
+        from openmoshi.lm.conditioners import HIBIKI_CONDITION, HIBIKI_NEGATIVE
+        from openmoshi.lm.sampling import SamplingConfig
+        from openmoshi.loading.model import load_model
+        from openmoshi.loading.resolve import resolve_files
+        from openmoshi.serving.server import MoshiServer, ServerConfig
+
+        spec = ReplicaSpec(**spec)
+        if spec.threads:
+            torch.set_num_threads(spec.threads)
+        model = with_fast_streaming(load_model(resolve_files(**spec.files), spec.device, spec.dtype, spec.quantize))
+        config = ServerConfig(**spec.server)
+        condition = HIBIKI_CONDITION if model.lm.condition_provider is not None else None
+        negative = HIBIKI_NEGATIVE if config.cfg_coef != 1.0 else None
+        sampling = SamplingConfig.from_gen_config(model.config.lm_gen_config)
+        self.server = MoshiServer(model.lm, model.mimi, model.tokenizer, config, sampling, condition, negative)
+        self._exporter: asyncio.Task | None = None
+
+    def __serve_build_asgi_app__(self):
+        from openmoshi.serving.app import asgi_app
+
+        return asgi_app(self.server, lifespan=True, on_start=self._start_exporter)
+
+    async def _start_exporter(self) -> None:
+        self._exporter = asyncio.create_task(_export_metrics(self.server))
+
+    async def check_health(self) -> None:
+        """Ray replaces a replica whose check fails: the model loop crashed or hangs."""
+        problem = self.server.problem()
+        if problem:
+            raise RuntimeError(problem)
+
+
+async def _export_metrics(server) -> None:
+    """Our counters as Ray Serve metrics (tagged with the replica by Ray), every few seconds."""
+    from ray.serve import metrics
+
+    gauges = {name: metrics.Gauge(f"openmoshi_{name}", description=text) for name, text in (
+        ("conversations_active", "Conversations holding a model slot"),
+        ("conversations_max", "Model slots of the replica"),
+        ("queue_waiting", "Clients waiting for a slot"),
+        ("batch_rows", "Slots the last frame computed"))}
+    frames = metrics.Gauge("openmoshi_step_seconds_mean", description="Mean time of a batched 80 ms frame")
+    while True:
+        m = server.metrics
+        for name, value in (("conversations_active", m.active), ("conversations_max", m.max_sessions),
+                            ("queue_waiting", m.waiting), ("batch_rows", m.batch_rows)):
+            gauges[name].set(value)
+        frames.set(m.mean_step_seconds())
+        await asyncio.sleep(METRICS_PERIOD_S)
+
+
+def deployment(spec: ReplicaSpec, replicas: int, gpus_per_replica: float = 0.0,
+               graceful_shutdown_s: float = 300.0, cpus_per_replica: float = 1.0):
+    """The Ray Serve application of `replicas` copies of the server. A leaving replica waits up to
+    `graceful_shutdown_s` for its conversations to end before it tells the rest to reconnect."""
+    from ray import serve
+
+    ingress = serve.ingress()(MoshiReplica)
+    options: dict[str, Any] = dict(
+        name="moshi", num_replicas=replicas, max_ongoing_requests=spec.max_connections,
+        max_queued_requests=PROXY_QUEUE,
+        ray_actor_options={"num_gpus": gpus_per_replica, "num_cpus": cpus_per_replica},
+        health_check_period_s=HEALTH_PERIOD_S, health_check_timeout_s=30.0,
+        graceful_shutdown_timeout_s=graceful_shutdown_s, graceful_shutdown_wait_loop_s=2.0)
+    return serve.deployment(**options)(ingress).bind(asdict(spec))
+
+
+def app(args: dict):
+    """The application builder of `serve run` / `serve deploy` (deploy/ray-serve.yaml): `args` are
+    ReplicaSpec's fields plus replicas, gpus_per_replica, cpus_per_replica and graceful_shutdown_s."""
+    args = dict(args)
+    options = {k: args.pop(k) for k in ("replicas", "gpus_per_replica", "graceful_shutdown_s",
+                                        "cpus_per_replica") if k in args}
+    return deployment(ReplicaSpec(**args), options.pop("replicas", 1), **options)
+
+
+def run(spec: ReplicaSpec, replicas: int, address: str | None = None, host: str = "127.0.0.1", port: int = 8998,
+        gpus_per_replica: float = 0.0, blocking: bool = True, graceful_shutdown_s: float = 300.0,
+        cpus_per_replica: float = 1.0) -> None:
+    """Starts (or joins, with `address`) a Ray cluster and serves the app on host:port."""
+    import ray
+    from ray import serve
+
+    if not ray.is_initialized():
+        ray.init(address=address, **({} if address else {"_node_ip_address": host if host != "0.0.0.0" else None}),
+                 include_dashboard=False, logging_level=logging.WARNING)
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(deployment(spec, replicas, gpus_per_replica, graceful_shutdown_s, cpus_per_replica), name=APP_NAME,
+              route_prefix="/", blocking=blocking)
