@@ -107,9 +107,11 @@ def test_batcher_static_graph_path_equals_eager(models, script):
     assert_same_frames(got, ref)
     texts = [item[1] for frames in ref.values() for item in frames if item != "restart"]
     assert len(set(texts)) > 3
-    keys = set().union(*(b.lm_step.graphs.entries for b in batcher.buckets.values()))  # (window, greedy_text, greedy_audio)
+    keys = set().union(*(b.lm_step.graphs.entries for b in batcher.buckets.values()))
+    # (window, greedy_text, greedy_audio, shaped_text)
     assert {k[0] for k in keys} == {64, 100}  # every window captured before the first conversation
-    assert {k[1:] for k in keys} == ({(True, True)} if script == "greedy" else {(True, True), (False, False)})
+    assert {k[1:] for k in keys} == ({(True, True, False)} if script == "greedy"
+                                     else {(True, True, False), (False, False, False)})
 
 
 def test_batcher_window_follows_the_furthest_occupied_slot(models, monkeypatch):

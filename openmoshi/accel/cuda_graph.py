@@ -173,7 +173,7 @@ class GraphedStep:
 
     A graph freezes the host-side values the step reads, so they are passed explicitly and key the
     graphs: the attention window (`generate.read_window`, which grows in buckets of 64 steps up to
-    the cache capacity) and the sampler flags `state.greedy_text/greedy_audio` (which
+    the cache capacity) and the sampler flags `state.greedy_text/greedy_audio/shaped_text` (which
     `set_sampling` may flip). The window comes from the steps counted here, or from `position`
     when the caller knows better: the most steps any active slot has done since its reset (the
     server's slots restart at 0). `state.calls` is not used: a replay does not advance it.
@@ -184,7 +184,7 @@ class GraphedStep:
                  generator: torch.Generator | None = None):
         self.state, self.calls = state, 0
 
-        def fn(codes, active, attend, greedy_text, greedy_audio):  # the flags only key the graphs
+        def fn(codes, active, attend, greedy_text, greedy_audio, shaped_text):  # the flags only key the graphs
             out = G.step(lm, state, codes, active=active, generator=generator, check=False, attend=attend)
             return out.text, out.audio, out.valid
 
@@ -197,7 +197,8 @@ class GraphedStep:
         position = self.calls if position is None else position
         self.calls += 1
         s = self.state
-        text, audio, valid = self.graphs(codes, active, G.read_window(position, s), s.greedy_text, s.greedy_audio)
+        text, audio, valid = self.graphs(codes, active, G.read_window(position, s), s.greedy_text, s.greedy_audio,
+                                         s.shaped_text)
         return G.StepOutput(text=text, audio=audio, valid=valid)
 
     def windows(self) -> dict[int, int]:

@@ -2,7 +2,8 @@
 
     state = init_state(lm, batch_size, sampling)
     out = step(lm, state, user_codes)    # user_codes [B, n_q - dep_q] for one frame
-    out.text [B], out.audio [B, dep_q], out.valid [B]
+    out.text [B], out.audio [B, gen_q], out.valid [B]
+    out = step(lm, state, user_codes, forced=tokens)   # forced [B, 1 + gen_q], NOT_FORCED where sampled
     set_condition(state, lm.condition_sum([{"description": "very_good"}] * B))  # conditioned LMs
 
 Classifier-free guidance (`init_state(..., cfg_coef=3.0)`, conditioned LMs): the transformers run
@@ -11,7 +12,17 @@ negative=...)`), fed the same tokens; the logits sampled are null + (cond - null
 the official LMGen computes them. Interleaved, the rows of slots [0, n) are the rows [0, 2n): a
 prefix of slots is a prefix of rows (`prefix`).
 
-Dimension glossary: B batch (slots), K streams (1 text + n_q audio), Q dep_q, C ring length.
+Forced tokens: a token given in `forced` for a slot and a stream replaces the one the step would
+sample there: it is what the depth transformer reads as the previous codebook, what the cache (and
+so the next steps) hold, and what the step returns for that frame. `forced` is in frame time, the
+frame whose text this step samples (the user's frame of the next step): stream k's token lands at
+delayed position offset + 1 + delays[k], so a delayed stream's forced token is used a step later.
+PersonaPlex (`LMConfig.depformer_user_slots`) forces the user's depth slots this way in its own
+code; here they are not computed at all: the depth transformer is causal and they come after the
+model's codebooks, so they cannot change what the model samples.
+
+Dimension glossary: B batch (slots), K streams (1 text + n_q audio), Q gen_q (the audio codebooks
+the model generates: dep_q but for PersonaPlex), C ring length.
 
 The streams are read with their delays: a step writes the user's codes and the model's sampled
 tokens into a small ring buffer of frames (`cache` [B, K, C]) at their delayed positions, and
@@ -30,8 +41,11 @@ import torch
 
 from openmoshi.lm.config import UNGENERATED_TOKEN, ZERO_TOKEN
 from openmoshi.lm.model import LMModel
-from openmoshi.lm.sampling import SamplingConfig, sample, slot_exponentials
+from openmoshi.lm.sampling import (TEXT_HISTORY, SamplingConfig, push_text_history, sample, shape_text_logits,
+                                   slot_exponentials)
 from openmoshi.modules.transformer import Transformer, TransformerState
+
+NOT_FORCED = UNGENERATED_TOKEN  # in `forced`: sample this token
 
 
 @dataclass
@@ -57,6 +71,16 @@ class GenState:
     # seeds, so its tokens do not depend on the other slots or on its row. None: one generator.
     seeds: torch.Tensor | None = None  # [B, 2] long: text seed, audio seed
     draws: torch.Tensor | None = None  # [B, 2] long: draws taken from each stream
+    # Forced tokens waiting for the step that produces their position (see the module doc).
+    forced: torch.Tensor | None = None  # [B, 1 + Q, C] long by delayed position, NOT_FORCED when free
+    # Text shaping (SamplingConfig.repetition_penalty/_context, pad_mult), per slot; the ring of
+    # each slot's recent non-padding text tokens. `shaped_text` (host-side): some slot shapes.
+    rep_penalty: torch.Tensor | None = None  # [B] float
+    rep_context: torch.Tensor | None = None  # [B] long
+    pad_mult: torch.Tensor | None = None  # [B] float
+    text_history: torch.Tensor | None = None  # [B, TEXT_HISTORY] long, -1 where empty
+    text_count: torch.Tensor | None = None  # [B] long, tokens pushed since the slot's reset
+    shaped_text: bool = False
 
     @property
     def batch_size(self) -> int:
@@ -91,7 +115,7 @@ def init_state(lm: LMModel, batch_size: int, sampling: SamplingConfig = Sampling
     rows = 2 * batch_size if cfg_coef != 1.0 else batch_size  # the transformers' batch
     depth = None
     if lm.depformer is not None:
-        depth = lm.depformer.init_state(rows, device=device, dtype=dtype, capacity=cfg.dep_q)
+        depth = lm.depformer.init_state(rows, device=device, dtype=dtype, capacity=cfg.gen_q)
     state = GenState(
         cache=torch.full((batch_size, K, C), UNGENERATED_TOKEN, dtype=torch.long, device=device),
         offset=torch.zeros(batch_size, dtype=torch.long, device=device),
@@ -104,7 +128,13 @@ def init_state(lm: LMModel, batch_size: int, sampling: SamplingConfig = Sampling
         temp_text=torch.empty(batch_size, device=device),
         top_k_text=torch.empty(batch_size, dtype=torch.long, device=device),
         max_k=min(max_k or sampling.top_k, cfg.card), max_k_text=min(max_k_text or sampling.top_k_text, cfg.text_out_card),
-        cfg_coef=float(cfg_coef))
+        cfg_coef=float(cfg_coef),
+        forced=torch.full((batch_size, cfg.gen_q + 1, C), NOT_FORCED, dtype=torch.long, device=device),
+        rep_penalty=torch.ones(batch_size, device=device),
+        rep_context=torch.zeros(batch_size, dtype=torch.long, device=device),
+        pad_mult=torch.zeros(batch_size, device=device),
+        text_history=torch.full((batch_size, TEXT_HISTORY), -1, dtype=torch.long, device=device),
+        text_count=torch.zeros(batch_size, dtype=torch.long, device=device))
     if lm.condition_provider is not None:
         state.condition = torch.zeros(rows, 1, cfg.dim, device=device, dtype=dtype)
     if slot_streams:
@@ -121,12 +151,13 @@ def state_bytes(lm: LMModel, batch_size: int, cfg_coef: float = 1.0) -> int:
     rows = 2 * batch_size if cfg_coef != 1.0 else batch_size
     elem = lm.text_emb.weight.element_size()
     total = 0
-    for t, capacity in ((cfg.temporal, cfg.context or 4096), (cfg.depth if cfg.dep_q else None, cfg.dep_q)):
+    for t, capacity in ((cfg.temporal, cfg.context or 4096), (cfg.depth if cfg.gen_q else None, cfg.gen_q)):
         if t is None:
             continue
         kv = rows * (t.num_heads // t.kv_repeat) * capacity * t.head_dim * elem
         total += 2 * t.num_layers * kv + rows * (capacity + 1) * 8  # keys and values; positions
     total += batch_size * (cfg.num_codebooks * (cfg.max_delay + 2) + 1 + 2 + 2 + 3) * 8  # cache, offset, seeds, draws, sampling
+    total += batch_size * (cfg.gen_q + 1) * (cfg.max_delay + 2) * 8  # forced tokens
     if lm.condition_provider is not None:
         total += rows * cfg.dim * elem
     return total
@@ -169,6 +200,14 @@ def set_sampling(state: GenState, sampling: SamplingConfig, mask: torch.Tensor |
     # Known on the host without a sync: all greedy after a full setting, or while only greedy
     # settings have been added since.
     state.greedy_text = sampling.temp_text <= 0 and (mask is None or state.greedy_text)
+    if state.rep_penalty is not None:
+        for target, value in ((state.rep_penalty, sampling.repetition_penalty),
+                              (state.rep_context, sampling.repetition_context), (state.pad_mult, sampling.pad_mult)):
+            if mask is None:
+                target.fill_(value)
+            else:
+                target.masked_fill_(mask.to(target.device), value)
+        state.shaped_text = sampling.shapes_text or (mask is not None and state.shaped_text)
     state.greedy_audio = sampling.temp <= 0 and (mask is None or state.greedy_audio)
 
 
@@ -226,14 +265,18 @@ def prefix(state: GenState, n: int) -> GenState:
                    top_k_text=state.top_k_text[:n],
                    condition=None if state.condition is None else state.condition[:rows],
                    seeds=None if state.seeds is None else state.seeds[:n],
-                   draws=None if state.draws is None else state.draws[:n])
+                   draws=None if state.draws is None else state.draws[:n],
+                   forced=None if state.forced is None else state.forced[:n],
+                   **{name: None if getattr(state, name) is None else getattr(state, name)[:n]
+                      for name in ("rep_penalty", "rep_context", "pad_mult", "text_history", "text_count")})
 
 
 def move_slot(state: GenState, src: int, dst: int) -> None:
     """Slot `dst` takes over slot `src`'s conversation: stream positions, tokens, caches, sampling
     settings and condition. (Slot `src` keeps a copy; reset or ignore it.)"""
     for t in (state.cache, state.offset, state.temp, state.top_k, state.temp_text, state.top_k_text,
-              state.seeds, state.draws):
+              state.seeds, state.draws, state.forced, state.rep_penalty, state.rep_context, state.pad_mult, state.text_history,
+              state.text_count):
         if t is not None:
             t[dst].copy_(t[src])
     width = 2 if state.guided else 1
@@ -256,10 +299,18 @@ def reset_slots(state: GenState, mask: torch.Tensor | None = None) -> None:
     if mask is None:
         state.cache.fill_(UNGENERATED_TOKEN)
         state.offset.zero_()
+        state.forced.fill_(NOT_FORCED)
+        if state.text_history is not None:
+            state.text_history.fill_(-1)
+            state.text_count.zero_()
     else:
         mask = mask.to(state.offset.device)
         state.cache.masked_fill_(mask[:, None, None], UNGENERATED_TOKEN)
         state.offset.masked_fill_(mask, 0)
+        state.forced.masked_fill_(mask[:, None, None], NOT_FORCED)
+        if state.text_history is not None:
+            state.text_history.masked_fill_(mask[:, None], -1)
+            state.text_count.masked_fill_(mask, 0)
         mask = _rows(state, mask)
     state.temporal.reset(mask)
 
@@ -275,6 +326,20 @@ def check_codes(codes: torch.Tensor, card: int, name: str = "codes") -> None:
         raise ValueError(f"{name} holds {value}, outside [0, {card}) (or -1 for no input, {card} for end of input)")
 
 
+def check_forced(forced: torch.Tensor, cfg, batch_size: int) -> None:
+    """Forced tokens: [B, 1 + gen_q] integers, each NOT_FORCED or a token of its stream."""
+    shape = (batch_size, cfg.gen_q + 1)
+    if forced.dtype.is_floating_point or forced.dtype == torch.bool or tuple(forced.shape) != shape:
+        raise ValueError(f"forced must be an integer tensor of shape {list(shape)} (text, then the "
+                         f"model's audio codebooks), got {forced.dtype} {list(forced.shape)}")
+    limits = torch.tensor([cfg.text_card] + [cfg.card] * cfg.gen_q, device=forced.device)
+    bad = (forced != NOT_FORCED) & ((forced < 0) | (forced >= limits))
+    if bool(bad.any()):
+        b, k = bad.nonzero()[0].tolist()
+        raise ValueError(f"forced[{b}, {k}] = {forced[b, k].item()} is outside [0, {limits[k].item()}) "
+                         f"(or {NOT_FORCED} for not forced)")
+
+
 def _write(cache: torch.Tensor, positions: torch.Tensor, values: torch.Tensor, active: torch.Tensor | None) -> None:
     """cache[b, k, positions[b, k]] = values[b, k] for active slots. cache [B, K', C], positions/values [B, K']."""
     positions, values = positions[..., None], values[..., None]
@@ -286,9 +351,11 @@ def _write(cache: torch.Tensor, positions: torch.Tensor, values: torch.Tensor, a
 @torch.no_grad()
 def step(lm: LMModel, state: GenState, user_codes: torch.Tensor, active: torch.Tensor | None = None,
          generator: torch.Generator | None = None, check: bool = True,
-         attend: int | None | str = "auto") -> StepOutput:
-    """One frame for every slot. user_codes [B, Ku] with Ku >= n_q - dep_q (extra codebooks are
+         attend: int | None | str = "auto", forced: torch.Tensor | None = None) -> StepOutput:
+    """One frame for every slot. user_codes [B, Ku] with Ku >= n_q - gen_q (extra codebooks are
     ignored). Slots where `active` [B] is False compute but change nothing (idle conversations).
+    `forced` [B, 1 + gen_q]: tokens that replace the sampled ones, NOT_FORCED elsewhere (see the
+    module doc for which frame they belong to).
 
     `check` validates the codes' range, which waits on the device: fast paths that feed codes
     straight from Mimi pass check=False. `attend` bounds the KV-cache slots the temporal
@@ -301,7 +368,7 @@ def step(lm: LMModel, state: GenState, user_codes: torch.Tensor, active: torch.T
         attend = read_window(state.calls, state)
     state.calls += 1
     cfg = lm.cfg
-    Q, C = cfg.dep_q, state.cache.shape[2]
+    Q, C = cfg.gen_q, state.cache.shape[2]
     if user_codes.dim() != 2:
         raise ValueError(f"user_codes must be [batch, codebooks], got shape {tuple(user_codes.shape)}")
     B, Ku = user_codes.shape
@@ -312,6 +379,18 @@ def step(lm: LMModel, state: GenState, user_codes: torch.Tensor, active: torch.T
     user_codes = user_codes[:, :cfg.num_user_codebooks].to(state.cache.device)
     if check:
         check_codes(user_codes, cfg.card, "user_codes")
+    if forced is not None:
+        forced = forced.to(state.cache.device)
+        if check:
+            check_forced(forced, cfg, B)
+        # Each forced token waits at its delayed position for the step that produces it.
+        at = (state.offset[:, None] + 1 + state.delays[:Q + 1]) % C  # [B, 1 + Q]
+        given = forced != NOT_FORCED
+        if active is not None:
+            given = given & active[:, None]
+        state.forced.scatter_(2, at[..., None], torch.where(given, forced, state.forced.gather(2, at[..., None])[..., 0])[..., None])
+    target = ((state.offset + 1) % C)[:, None].expand(B, Q + 1)  # the position this step produces
+    pending = state.forced.gather(2, target[..., None])[..., 0]  # [B, 1 + Q]
 
     # The user's codes of this frame go where their delayed streams will read them.
     user_delays = state.delays[Q + 1:]
@@ -327,12 +406,20 @@ def step(lm: LMModel, state: GenState, user_codes: torch.Tensor, active: torch.T
     tokens = _rows(state, tokens)  # with guidance, both rows of a slot read its tokens
     rows_active = None if active is None else _rows(state, active)
     hidden, text_logits = lm.forward_text(tokens, state.temporal, rows_active, state.condition, attend)  # [B', 1, D], [B', 1, N]
-    text_logits = _guide(state, text_logits)  # [B, 1, N]
+    text_logits = _guide(state, text_logits)[:, 0]  # [B, N]
+    if state.shaped_text:
+        text_logits = shape_text_logits(text_logits, state.text_history, state.text_count, state.rep_penalty,
+                                        state.rep_context, state.pad_mult, cfg.existing_text_padding_id)
     if state.greedy_text:
-        text = text_logits[:, 0].argmax(dim=-1)
+        text = text_logits.argmax(dim=-1)
     else:
-        text = _sample(state, 0, text_logits[:, 0], state.temp_text, state.top_k_text, state.max_k_text, generator)
-    audio = depth_step(lm, state, text, hidden, generator) if Q else None
+        text = _sample(state, 0, text_logits, state.temp_text, state.top_k_text, state.max_k_text, generator)
+    text = torch.where(pending[:, 0] != NOT_FORCED, pending[:, 0], text)
+    if state.shaped_text:
+        push_text_history(state.text_history, state.text_count, text,
+                          (cfg.existing_text_padding_id, cfg.existing_text_end_padding_id), active)
+    audio = depth_step(lm, state, text, hidden, generator, pending[:, 1:]) if Q else None
+    _write(state.forced, target, torch.full_like(pending, NOT_FORCED), active)  # used: free the positions
 
     if active is None:
         state.offset.add_(1)
@@ -352,13 +439,14 @@ def step(lm: LMModel, state: GenState, user_codes: torch.Tensor, active: torch.T
 
 
 def depth_step(lm: LMModel, state: GenState, text: torch.Tensor, hidden: torch.Tensor,
-               generator: torch.Generator | None = None) -> torch.Tensor:
-    """The depth transformer samples the frame's dep_q audio codebooks in order. text [B] -> [B, Q].
-    hidden [B', 1, D]: B' = 2B rows with guidance."""
+               generator: torch.Generator | None = None, forced: torch.Tensor | None = None) -> torch.Tensor:
+    """The depth transformer samples the frame's gen_q audio codebooks in order. text [B] -> [B, Q].
+    hidden [B', 1, D]: B' = 2B rows with guidance. forced [B, Q]: tokens that replace the sampled
+    ones (NOT_FORCED where none), read as the previous codebook by the next depth step."""
     depth = state.depth
     depth.reset()
     prev, out = text[:, None], []  # [B, 1]
-    for q in range(lm.cfg.dep_q):
+    for q in range(lm.cfg.gen_q):
         x = lm.depformer_input(q, _rows(state, prev), hidden)  # [B', 1, Dd]
         y = lm.depformer(x, depth, step=q)
         logits = _guide(state, lm.depformer_logits(q, y)[:, 0])  # [B, card]
@@ -366,6 +454,8 @@ def depth_step(lm: LMModel, state: GenState, text: torch.Tensor, hidden: torch.T
             token = logits.argmax(dim=-1)
         else:
             token = _sample(state, 1, logits, state.temp, state.top_k, state.max_k, generator)
+        if forced is not None:
+            token = torch.where(forced[:, q] != NOT_FORCED, forced[:, q], token)
         out.append(token)
         prev = token[:, None]
     return torch.stack(out, dim=1)

@@ -14,6 +14,9 @@ from dataclasses import dataclass
 import torch
 
 
+TEXT_HISTORY = 256  # the most recent text tokens a repetition penalty can look back at
+
+
 @dataclass(frozen=True)
 class SamplingConfig:
     """Official LMGen defaults: audio temperature 0.8, top-k 250; text temperature 0.7, top-k 25."""
@@ -22,6 +25,13 @@ class SamplingConfig:
     top_k: int = 250
     temp_text: float = 0.7
     top_k_text: int = 25
+    # Text shaping, as the official Rust server offers it (off by default, as in the released
+    # sampler): each text token among the slot's last `repetition_context` non-padding ones has its
+    # logit divided by `repetition_penalty` (multiplied when negative), and the padding token's
+    # logit gets `pad_mult` added (its probability times e^pad_mult, before the temperature).
+    repetition_penalty: float = 1.0
+    repetition_context: int = 64
+    pad_mult: float = 0.0
 
     @classmethod
     def greedy(cls) -> "SamplingConfig":
@@ -40,6 +50,17 @@ class SamplingConfig:
         for name in ("temp", "temp_text"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 < self.repetition_penalty < float("inf"):
+            raise ValueError(f"repetition_penalty must be > 0 (1 is off), got {self.repetition_penalty}")
+        if not 0 <= self.repetition_context <= TEXT_HISTORY:
+            raise ValueError(f"repetition_context must be in [0, {TEXT_HISTORY}], got {self.repetition_context}")
+        if not abs(self.pad_mult) < float("inf"):
+            raise ValueError(f"pad_mult must be finite, got {self.pad_mult}")
+
+    @property
+    def shapes_text(self) -> bool:
+        """Whether the text logits need shaping (a penalty or a padding bias is set)."""
+        return self.repetition_penalty != 1.0 or self.pad_mult != 0.0
 
 
 def sample(logits: torch.Tensor, temp: torch.Tensor, top_k: torch.Tensor, max_k: int,
@@ -58,6 +79,37 @@ def sample(logits: torch.Tensor, temp: torch.Tensor, top_k: torch.Tensor, max_k:
     race = top / noise[:, :k].to(top.dtype)
     sampled = idx.gather(-1, race.argmax(dim=-1, keepdim=True))[:, 0]
     return torch.where(temp > 0, sampled, greedy)
+
+
+# ----------------------------------------------------------------------------- text shaping
+
+def shape_text_logits(logits: torch.Tensor, history: torch.Tensor, count: torch.Tensor, penalty: torch.Tensor,
+                      context: torch.Tensor, pad_mult: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Repetition penalty and padding bias, per slot, without a host sync. logits [B, N];
+    history [B, H] long: a ring of each slot's text tokens (`push_text_history`), count [B] how
+    many were pushed; penalty [B] float (1: off), context [B] long, pad_mult [B] float (0: off).
+    -> float logits [B, N]. A token seen several times is penalised once."""
+    logits = logits.float()
+    H = history.shape[1]
+    age = (count[:, None] - 1 - torch.arange(H, device=history.device)) % H  # 0: the newest entry
+    recent = age < torch.minimum(context, count)[:, None]
+    seen = torch.zeros_like(logits).scatter_add_(1, history.clamp(min=0), recent.to(logits.dtype)) > 0
+    p = penalty[:, None].to(logits.dtype)
+    logits = torch.where(seen, torch.where(logits >= 0, logits / p, logits * p), logits)
+    pad = torch.arange(logits.shape[1], device=logits.device) == pad_id
+    return logits + pad * pad_mult[:, None].to(logits.dtype)
+
+
+def push_text_history(history: torch.Tensor, count: torch.Tensor, tokens: torch.Tensor, skip: tuple[int, ...],
+                      active: torch.Tensor | None = None) -> None:
+    """Appends tokens [B] to each slot's ring, in place, except the ids in `skip` (padding) and
+    slots where `active` is False."""
+    keep = torch.ones_like(tokens, dtype=torch.bool) if active is None else active.clone()
+    for token in skip:
+        keep &= tokens != token
+    pos = (count % history.shape[1])[:, None]
+    history.scatter_(1, pos, torch.where(keep[:, None], tokens[:, None], history.gather(1, pos)))
+    count.add_(keep.long())
 
 
 # ----------------------------------------------------------------------------- per-slot streams

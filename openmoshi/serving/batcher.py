@@ -384,6 +384,7 @@ class Batcher:
             b.enc.reset(first.to(self.device))
         # The view's host-side flags follow the full state's (set_sampling updates those).
         b.gen.greedy_text, b.gen.greedy_audio = self.gen.greedy_text, self.gen.greedy_audio
+        b.gen.shaped_text = self.gen.shaped_text
         # Every occupied slot is active and at its own step count: the furthest one bounds the window.
         out = b.lm_step(codes[:, :, 0], active.to(self.device), position=max(s.steps for s in occupied))
         valid = out.valid

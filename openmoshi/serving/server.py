@@ -133,12 +133,11 @@ class TextFormatter(logging.Formatter):
 
 # Official web client parameter -> SamplingConfig field.
 _SAMPLING_PARAMS = {"text_temperature": ("temp_text", float), "text_topk": ("top_k_text", int),
-                    "audio_temperature": ("temp", float), "audio_topk": ("top_k", int)}
+                    "audio_temperature": ("temp", float), "audio_topk": ("top_k", int),
+                    "pad_mult": ("pad_mult", float), "repetition_penalty": ("repetition_penalty", float),
+                    "repetition_penalty_context": ("repetition_context", int)}
 # The seeds of a conversation's own random streams (each slot samples from its own, see batcher).
 _SEED_PARAMS = ("text_seed", "audio_seed")
-# Accepted and validated, but not applied: padding/repetition penalties are not part of the
-# released sampler (the official server ignores them too).
-_NUMERIC_IGNORED = {"pad_mult": float, "repetition_penalty": float, "repetition_penalty_context": int}
 
 
 def sampling_from_query(query, default: SamplingConfig) -> SamplingConfig:
@@ -155,13 +154,6 @@ def sampling_from_query(query, default: SamplingConfig) -> SamplingConfig:
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"query parameter {name}={raw!r} must be finite")
         changes[field_name] = value
-    for name, kind in _NUMERIC_IGNORED.items():
-        raw = query.get(name, "")
-        if raw != "":
-            try:
-                float(raw)
-            except ValueError:
-                raise ValueError(f"query parameter {name}={raw!r} is not a number") from None
     return replace(default, **changes)  # SamplingConfig checks the ranges
 
 
