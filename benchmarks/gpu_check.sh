@@ -5,7 +5,7 @@
 #                                --implementation cp --platform manylinux_2_28_x86_64 -d .whl moshi==0.2.13 einops
 #   device run (carry .whl):   bash benchmarks/gpu_check.sh [all|speed|finetune|serving]   (writes everything under $OUT)
 #   "all" (default) does every part; each part alone fits one 10-minute call (speed ~580 s, finetune ~300 s,
-#   serving ~200 s).
+#   serving ~400 s).
 # Same process, same config, same device for the official package and openmoshi: ratios are fair.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -53,4 +53,9 @@ for q in none int4; do
   timeout 100 python3 benchmarks/server_load.py --config moshi_7b --device cuda --mimi full $flag --sizes 1 8 64 \
     --occupied 1 8 64 --frames 15 --warmup 3 --all-slots --json "$OUT/server_load_7b_$q.json" 2>&1 | tee -a "$OUT/server_load.txt"
 done
+# 7. the start-up self-check (issue 14) on the 7B: the fused kernels' relative error and the graphed step's
+#    token agreement against the reference (what serve/infer check before they start), and its time
+timeout 120 python3 benchmarks/self_check.py --config moshi_7b --device cuda --json "$OUT/self_check_7b.json" 2>&1 | tee "$OUT/self_check.txt"
+#    and the serving tests that take the CUDA path (text shaping keys the graphs on a new flag)
+timeout 90 python3 -m pytest -q tests/test_self_check.py tests/test_text_shaping.py tests/test_graphed_loops.py 2>&1 | tail -3 | tee -a "$OUT/self_check.txt"
 fi

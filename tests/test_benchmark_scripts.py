@@ -76,3 +76,8 @@ def test_server_load_runs(tmp_path):
     rows = {(r["size"], r["occupied"]): r for r in data["rows"]}
     assert set(rows) == {(1, 1), (4, 1), (4, 4)}
     assert rows[(4, 1)]["p50_ms"] > 0 and rows[(4, 1)]["all_slots_p50_ms"] > 0
+
+
+def test_self_check_script_runs(tmp_path):
+    row = run_script(["benchmarks/self_check.py", "--config", "tiny", "--device", "cpu"], tmp_path)
+    assert row["ok"] and row["config"] == "tiny"

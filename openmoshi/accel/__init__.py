@@ -5,10 +5,12 @@
 - `quantize`: weight-only int8/int4 linears swapped into the transformer layers;
 - `mimi_cpu`: the CPU fast path of streaming Mimi;
 - `streaming`: `with_fast_streaming`, the fast path of a loaded model's device;
+- `self_check`: the start-up check of the fused and graphed paths against the reference;
 - `env`: the OPENMOSHI_NO_* switches.
 
 Offers: `cuda_graph.GraphedStep`, `cuda_graph.graphed`, `quantize.quantize_lm`,
-`quantize.QuantizedLinear`, `mimi_cpu.fast_cpu`, `fused.apply`, `streaming.with_fast_streaming`.
+`quantize.QuantizedLinear`, `mimi_cpu.fast_cpu`, `fused.apply`, `streaming.with_fast_streaming`,
+`self_check.check_fast_paths`.
 
 May import: openmoshi.modules, openmoshi.mimi, openmoshi.lm.
 """

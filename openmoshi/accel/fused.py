@@ -249,5 +249,14 @@ def apply(model: nn.Module) -> nn.Module:
     return model
 
 
+def unapply(model: nn.Module) -> nn.Module:
+    """Switches the fused subclasses of `model` back to the reference modules (in place)."""
+    for m in model.modules():
+        for base, fused in _SWITCHES:
+            if type(m) is fused:
+                m.__class__ = base
+    return model
+
+
 def is_applied(model: nn.Module) -> bool:
     return any(isinstance(m, (FusedRMSNorm, FusedAttention, FusedGating, FusedLayer)) for m in model.modules())

@@ -126,7 +126,7 @@ def infer(args: argparse.Namespace) -> int:
 
     from dataclasses import replace
 
-    from openmoshi.accel.streaming import with_fast_streaming
+    from openmoshi.accel.streaming import checked_fast_streaming
     from openmoshi.audio import SAMPLE_RATE, save_wav
     from openmoshi.inference.offline import DEFAULT_SEED, InferenceModel
     from openmoshi.inference.transcript import write_json
@@ -140,7 +140,9 @@ def infer(args: argparse.Namespace) -> int:
     check_cfg_coef(files.config, args.cfg_coef)
     if outputs and files.config.lm.dep_q == 0:
         raise UsageError(f"this model ({files.config.model_type}) writes no audio: use --transcript FILE.json")
-    model = InferenceModel(with_fast_streaming(load_model(files, device, dtype, args.quantize)))
+    fast, cuda_graph = checked_fast_streaming(load_model(files, device, dtype, args.quantize),
+                                              False if args.no_cuda_graph else None)
+    model = InferenceModel(fast)
     sampling = SamplingConfig.greedy() if args.greedy else SamplingConfig.from_gen_config(model.model.config.lm_gen_config)
     overrides = {k: getattr(args, k) for k in ("temp", "temp_text", "top_k", "top_k_text")
                  if getattr(args, k) is not None}
@@ -148,7 +150,7 @@ def infer(args: argparse.Namespace) -> int:
     printer = _Printer(args.quiet)
     results = model.run(list(args.inputs), sampling, seed=DEFAULT_SEED if args.seed is None else args.seed,
                         silence_tail=args.silence_tail, on_step=printer,
-                        cuda_graph=False if args.no_cuda_graph else None, cfg_coef=args.cfg_coef)
+                        cuda_graph=cuda_graph, cfg_coef=args.cfg_coef)
     printer.finish()
     for result, path in zip(results, outputs or []):
         save_wav(path, result.stereo() if args.stereo else result.audio, SAMPLE_RATE, float32=args.float32)

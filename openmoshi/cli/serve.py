@@ -130,7 +130,7 @@ def _ssl_context(args):
 def run_serve(args) -> int:
     import torch
 
-    from openmoshi.accel.streaming import with_fast_streaming
+    from openmoshi.accel.streaming import checked_fast_streaming
     from openmoshi.lm.conditioners import HIBIKI_CONDITION, HIBIKI_NEGATIVE
     from openmoshi.lm.sampling import SamplingConfig
     from openmoshi.loading.model import load_model
@@ -159,12 +159,13 @@ def run_serve(args) -> int:
     if files.config.lm.conditioners and files.config.model_type != "hibiki":  # as the official server
         raise UsageError(f"this {files.config.model_type} model expects conditioning, which the "
                          "server supports for Hibiki only")
-    model = with_fast_streaming(load_model(files, device, dtype, args.quantize))
+    model, cuda_graph = checked_fast_streaming(load_model(files, device, dtype, args.quantize),
+                                               False if args.no_cuda_graph else None)
     sampling = SamplingConfig.from_gen_config(model.config.lm_gen_config)  # the checkpoint's lm_gen_config, else the official defaults
     config = ServerConfig(max_sessions=max_sessions, auth_token=args.auth_token,
                           idle_timeout=args.idle_timeout, queue_size=args.queue, queue_timeout=args.queue_timeout,
                           static_dir=Path(args.static) if args.static else WEB_DIR,
-                          cuda_graph=False if args.no_cuda_graph else None, cfg_coef=args.cfg_coef, clock=args.clock)
+                          cuda_graph=cuda_graph, cfg_coef=args.cfg_coef, clock=args.clock)
     condition = HIBIKI_CONDITION if model.lm.condition_provider is not None else None
     negative = HIBIKI_NEGATIVE if args.cfg_coef != 1.0 else None
     server = MoshiServer(model.lm, model.mimi, model.tokenizer, config, sampling, condition, negative)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 log = logging.getLogger("openmoshi.serving.cluster")
@@ -65,7 +65,7 @@ class MoshiReplica:
     def __init__(self, spec: dict):
         import torch
 
-        from openmoshi.accel.streaming import with_fast_streaming
+        from openmoshi.accel.streaming import checked_fast_streaming
         from openmoshi.lm.conditioners import HIBIKI_CONDITION, HIBIKI_NEGATIVE
         from openmoshi.lm.sampling import SamplingConfig
         from openmoshi.loading.model import load_model
@@ -75,8 +75,10 @@ class MoshiReplica:
         spec = ReplicaSpec(**spec)
         if spec.threads:
             torch.set_num_threads(spec.threads)
-        model = with_fast_streaming(load_model(resolve_files(**spec.files), spec.device, spec.dtype, spec.quantize))
         config = ServerConfig(**spec.server)
+        model, cuda_graph = checked_fast_streaming(
+            load_model(resolve_files(**spec.files), spec.device, spec.dtype, spec.quantize), config.cuda_graph)
+        config = replace(config, cuda_graph=cuda_graph)
         condition = HIBIKI_CONDITION if model.lm.condition_provider is not None else None
         negative = HIBIKI_NEGATIVE if config.cfg_coef != 1.0 else None
         sampling = SamplingConfig.from_gen_config(model.config.lm_gen_config)
