@@ -103,6 +103,22 @@ def test_logs_read_as_text_on_a_terminal_and_json_otherwise(monkeypatch, capsys)
     assert line["event"] == "listening" and line["url"] == "http://localhost:8998/"
     logging.getLogger().handlers.clear()
 
+    # Each message once, in the chosen format: huggingface_hub's own handler and Python's warnings
+    # would print theirs a second time, plain.
+    from huggingface_hub.utils import logging as hf_logging
+
+    setup_logging("json")
+    hf_logging.get_logger("huggingface_hub.file_download").warning("a hub warning")
+    import warnings
+    warnings.warn("a python warning", UserWarning)
+    err = capsys.readouterr().err.splitlines()
+    hub = [line for line in err if "a hub warning" in line]
+    py = [line for line in err if "a python warning" in line]
+    assert len(hub) == 1 and len(py) == 1, err
+    assert hub[0].startswith("{") and py[0].startswith("{")  # both in our JSON format
+    logging.getLogger().handlers.clear()
+    logging.captureWarnings(False)
+
     class Args:
         hf_repo, moshi_weight, mimi_weight, tokenizer = "kyutai/moshiko-pytorch-bf16", None, None, None
     assert _source(Args) == "hub repo kyutai/moshiko-pytorch-bf16"
