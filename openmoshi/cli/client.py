@@ -1,6 +1,6 @@
 """`openmoshi client`: talk to a Moshi server (`openmoshi serve` or the official ones).
 
-Live, through the sound card:            openmoshi client --url ws://host:8998
+Live, through the sound card:            openmoshi client --url ws://host:8998  [--no-aec with headphones]
 Headless, a file as the microphone:      openmoshi client --url ws://host:8998 --input in.wav --output out.wav
 """
 
@@ -36,6 +36,9 @@ def add_client_parser(subparsers) -> None:
                    help="headless: how long to wait for the last replies after the input ends (default 2)")
     p.add_argument("--max-lag", type=float, default=0.32, metavar="SECONDS",
                    help="live: audio queued for the speaker beyond this is dropped to catch up (default 0.32)")
+    p.add_argument("--no-aec", dest="aec", action="store_false",
+                   help="live: no echo cancellation (with headphones); by default the speaker's echo is "
+                   "removed from the microphone by WebRTC's canceller (the livekit package)")
     p.add_argument("--quiet", action="store_true", help="do not print the transcript")
     g = p.add_argument_group("sampling (passed to the server as query parameters)")
     for name, kind in (("text_temperature", float), ("text_topk", int), ("audio_temperature", float),
@@ -100,7 +103,7 @@ def _run(args, source, record: bool, params, transcript, on_queue):
         print("openmoshi: connecting; speak when connected, Ctrl-C to hang up", file=sys.stderr)
         return asyncio.run(talk_live(args.url, params=params, auth_token=args.auth_token,
                                      transcript=transcript, max_lag_s=args.max_lag, record=record,
-                                     on_queue=on_queue))
+                                     on_queue=on_queue, echo_cancel=args.aec))
     from openmoshi.audio import load_audio
     from openmoshi.serving.opus import SAMPLE_RATE
 

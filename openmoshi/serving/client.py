@@ -7,7 +7,9 @@ Two ways to talk:
   For scripts and tests.
 - `talk_live`: the sound card (the `sounddevice` package, imported only here). The speaker side
   keeps at most `max_lag_s` of audio queued and drops the oldest beyond it, so that a server or
-  network hiccup costs a skip instead of a delay that lasts the rest of the conversation.
+  network hiccup costs a skip instead of a delay that lasts the rest of the conversation. The
+  microphone goes through an echo canceller (`aec`), what was played as its reference, unless
+  `echo_cancel=False`.
 
 Connection problems end as `ClientError` with a message meant for the user.
 """
@@ -24,6 +26,7 @@ from typing import Callable
 import numpy as np
 
 from openmoshi.serving import protocol
+from openmoshi.serving.aec import AecUnavailable, EchoCanceller, EchoPath, round_trip_samples
 from openmoshi.serving.opus import SAMPLE_RATE, OpusDecoder, OpusEncoder
 
 FRAME_SIZE = 1920  # samples per 80 ms model step; the opus encoder takes whole frames
@@ -303,6 +306,41 @@ class _Playback:
         return out
 
 
+class _Duplex:
+    """The full-duplex sound card callback: plays the next block of `playback`, and hands each 80 ms
+    of microphone, with the echo canceller's reference for it (what the speaker played, lined up by
+    an `aec.EchoPath`), to `on_frame(mic, reference)`. The round trip comes from the first callback's
+    timestamps, or `fallback_s` (the stream's latencies) where the host API gives none."""
+
+    def __init__(self, playback: _Playback, on_frame: Callable[[np.ndarray, np.ndarray], None],
+                 fallback_s: float = 0.0):
+        self.playback = playback
+        self.on_frame = on_frame
+        self.fallback_s = fallback_s
+        self.path: EchoPath | None = None
+        self.mic: list[np.ndarray] = []
+        self.reference: list[np.ndarray] = []
+        self.pending = 0
+
+    def __call__(self, indata, outdata, frames, time_info, status) -> None:  # sound card thread
+        played = self.playback.pull(frames)
+        outdata[:, 0] = played
+        if self.path is None:
+            self.path = EchoPath(round_trip_samples(time_info.inputBufferAdcTime, time_info.outputBufferDacTime,
+                                                    self.fallback_s))
+        self.reference.append(self.path.step(played, frames))
+        self.mic.append(indata[:, 0].astype(np.float32, copy=True))
+        self.pending += frames
+        if self.pending >= FRAME_SIZE:
+            mic, reference = np.concatenate(self.mic), np.concatenate(self.reference)
+            for i in range(0, len(mic) - FRAME_SIZE + 1, FRAME_SIZE):
+                self.on_frame(mic[i : i + FRAME_SIZE], reference[i : i + FRAME_SIZE])
+            rest = len(mic) % FRAME_SIZE
+            self.mic = [mic[len(mic) - rest :]] if rest else []
+            self.reference = [reference[len(mic) - rest :]] if rest else []
+            self.pending = rest
+
+
 def _sounddevice():
     try:
         import sounddevice
@@ -317,26 +355,28 @@ def _sounddevice():
 
 async def talk_live(url: str, *, params: dict | None = None, auth_token: str | None = None,
                     transcript: Transcript | None = None, max_lag_s: float = 0.32,
-                    record: bool = False, on_queue: Callable[[int, int], None] | None = None) -> TalkResult:
+                    record: bool = False, on_queue: Callable[[int, int], None] | None = None,
+                    echo_cancel: bool = True) -> TalkResult:
     """A conversation through the default microphone and speaker, until Ctrl-C or the server ends it
-    (`on_queue` as in `talk_file`)."""
+    (`on_queue` as in `talk_file`). With `echo_cancel`, the speaker's echo is removed from the
+    microphone (`aec`); headphones do not need it."""
     import aiohttp
 
     sd = _sounddevice()
+    try:
+        canceller = EchoCanceller() if echo_cancel else None
+    except AecUnavailable as e:
+        raise ClientError(str(e)) from None
     transcript = transcript or Transcript()
     loop = asyncio.get_running_loop()
-    mic: asyncio.Queue[np.ndarray] = asyncio.Queue(maxsize=64)
+    mic: asyncio.Queue[tuple[np.ndarray, np.ndarray]] = asyncio.Queue(maxsize=64)
     playback = _Playback(max_lag_s=max_lag_s)
     received: list[np.ndarray] = []
     errors: list[str] = []
     sent = [0]
 
-    def on_input(indata, frames, time_info, status) -> None:  # sound card thread
-        frame = indata[:, 0].astype(np.float32, copy=True)
-        loop.call_soon_threadsafe(lambda: mic.full() or mic.put_nowait(frame))
-
-    def on_output(outdata, frames, time_info, status) -> None:  # sound card thread
-        outdata[:, 0] = playback.pull(frames)
+    def on_frame(frame: np.ndarray, reference: np.ndarray) -> None:  # sound card thread
+        loop.call_soon_threadsafe(lambda: mic.full() or mic.put_nowait((frame, reference)))
 
     def on_audio(pcm: np.ndarray) -> None:
         playback.push(pcm)
@@ -346,7 +386,9 @@ async def talk_live(url: str, *, params: dict | None = None, auth_token: str | N
     async def send_mic(ws) -> None:
         encoder = OpusEncoder()
         while True:
-            frame = await mic.get()
+            frame, reference = await mic.get()
+            if canceller is not None:
+                frame = canceller.process(frame, reference)
             ogg = encoder.encode(frame)
             sent[0] += len(frame)
             if ogg:
@@ -354,17 +396,19 @@ async def talk_live(url: str, *, params: dict | None = None, auth_token: str | N
 
     async with aiohttp.ClientSession() as session:
         ws = await _connect(session, chat_url(url, params, auth_token), auth_token, on_queue)
+        # One full-duplex stream: its input and output share a clock, which lines up the echo
+        # canceller's reference with the microphone (see `aec`).
+        duplex = _Duplex(playback, on_frame)
         try:
-            streams = (sd.InputStream(samplerate=SAMPLE_RATE, channels=1, blocksize=FRAME_SIZE,
-                                      dtype="float32", callback=on_input),
-                       sd.OutputStream(samplerate=SAMPLE_RATE, channels=1, blocksize=FRAME_SIZE // 4,
-                                       dtype="float32", callback=on_output))
+            stream = sd.Stream(samplerate=SAMPLE_RATE, channels=1, blocksize=FRAME_SIZE // 4,
+                               dtype="float32", callback=duplex)
+            duplex.fallback_s = float(sum(stream.latency))  # (input, output) seconds
         except Exception as e:  # sounddevice.PortAudioError: no device, busy device...
             await ws.close()
             raise ClientError(f"cannot open the sound card: {e}") from None
         sender = None
         try:
-            with streams[0], streams[1]:
+            with stream:
                 sender = asyncio.create_task(send_mic(ws))
                 await _receive(ws, on_audio, transcript, errors)
         except (ConnectionResetError, aiohttp.ClientError) as e:
