@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,7 +35,15 @@ def start_server(folder: Path, port: int, *flags: str, env: dict | None = None) 
     cmd = [sys.executable, "-m", "openmoshi", "serve", "--hf-repo", str(folder), "--device", "cpu",
            "--host", "127.0.0.1", "--port", str(port), "--log-format", "text", "--threads", "1", *flags]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = tempfile.NamedTemporaryFile("w+", prefix="openmoshi-serve-", suffix=".log", delete=False)
+    # Its log goes to a file: a pipe nobody reads would fill and block the server's event loop.
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log, text=True)
+    proc.log_path = log.name
+    return proc
+
+
+def server_log(proc: subprocess.Popen, tail: int = 3000) -> str:
+    return Path(proc.log_path).read_text()[-tail:]
 
 
 def stop_server(proc: subprocess.Popen) -> None:
@@ -50,7 +59,7 @@ async def wait_ready(port: int, proc: subprocess.Popen, timeout: float = 180.0) 
     async with aiohttp.ClientSession() as s:
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                raise RuntimeError(f"server exited: {proc.stderr.read()[-2000:]}")
+                raise RuntimeError(f"server exited: {server_log(proc)}")
             try:
                 async with s.get(f"http://127.0.0.1:{port}/health", timeout=aiohttp.ClientTimeout(total=2)) as r:
                     if r.status == 200:

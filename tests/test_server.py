@@ -100,7 +100,7 @@ def test_vanishing_client_frees_slot(models):
     assert run(main()) == 0
 
 
-def test_garbage_input(models):
+def test_garbage_input(models, caplog):
     async def main():
         async with serving(models, max_sessions=2, max_errors=100) as (server, url, http):
             async with aiohttp.ClientSession() as s:
@@ -132,6 +132,11 @@ def test_garbage_input(models):
     assert protocol.KIND_AUDIO in kinds and protocol.KIND_PING in kinds
     assert other.handshake and not other.errors
     assert metrics.get("openmoshi_errors_total", kind="protocol") >= 5
+    # Every bad message is answered and counted, but only the first few are logged: a flood of
+    # garbage does not flood the log.
+    logged = [r for r in caplog.records if getattr(r, "fields", {}).get("kind") in ("protocol", "opus")
+              and r.getMessage() == "bad_message"]
+    assert len(errors) >= 9 and len(logged) == 3, [r.fields for r in logged]
 
 
 def test_auth(models):

@@ -58,6 +58,7 @@ CLOSE_BAD_REQUEST = 4000
 SEND_ERRORS = (asyncio.TimeoutError, ConnectionError)  # a send that failed: the client is gone or stuck
 SHUTDOWN_MESSAGE = "the server is shutting down: reconnect to start a new conversation"
 STALL_SECONDS = 10.0  # a model loop that has not come round for this long is hung
+LOGGED_ERRORS = 3  # bad messages logged per conversation (all are counted in metrics)
 
 
 class Socket(Protocol):
@@ -253,7 +254,12 @@ class Conversation:
         """Reports a bad message to the client; closes after too many."""
         self.errors += 1
         self.server.metrics.inc("openmoshi_errors_total", kind=kind)
-        event("bad_message", logging.WARNING, peer=self.peer, kind=kind, message=message)
+        # A few lines per conversation: a client sending garbage must not flood the log (a blocked
+        # log pipe would stall every conversation). The count is in its `conversation_end` line.
+        if self.errors <= LOGGED_ERRORS:
+            event("bad_message", logging.WARNING, peer=self.peer, kind=kind, message=message,
+                  **({"more": "further bad messages of this conversation are counted, not logged"}
+                     if self.errors == LOGGED_ERRORS else {}))
         try:
             await self.send(protocol.encode_error(message))
         except SEND_ERRORS:
