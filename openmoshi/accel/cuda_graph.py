@@ -184,8 +184,12 @@ class GraphedStep:
                  generator: torch.Generator | None = None):
         self.state, self.calls = state, 0
 
-        def fn(codes, active, attend, greedy_text, greedy_audio, shaped_text):  # the flags only key the graphs
-            out = G.step(lm, state, codes, active=active, generator=generator, check=False, attend=attend)
+        def fn(codes, active, attend, greedy_text, greedy_audio, shaped_text, forcing=None, forced=None, emb=None,
+               use=None):
+            # The flags only key the graphs; so do `forcing` and which of forced/emb are None.
+            embeddings = None if emb is None else (emb, use)
+            out = G.step(lm, state, codes, active=active, generator=generator, check=False, attend=attend,
+                         forced=forced, embeddings=embeddings)
             return out.text, out.audio, out.valid
 
         device = state.offset.device
@@ -193,12 +197,17 @@ class GraphedStep:
         self.enabled = isinstance(self.graphs, CUDAGraphed)
 
     def __call__(self, codes: torch.Tensor, active: torch.Tensor | None = None,
-                 position: int | None = None) -> G.StepOutput:
+                 position: int | None = None, forced: torch.Tensor | None = None,
+                 embeddings: tuple[torch.Tensor, torch.Tensor] | None = None) -> G.StepOutput:
+        """`forced` and `embeddings` as `generate.step`'s (a persona's prompt phase)."""
         position = self.calls if position is None else position
         self.calls += 1
         s = self.state
+        extra = ()  # without forcing, the graphs' keys stay (window, flags)
+        if forced is not None or embeddings is not None:
+            extra = ("forcing", forced, *(embeddings if embeddings is not None else (None, None)))
         text, audio, valid = self.graphs(codes, active, G.read_window(position, s), s.greedy_text, s.greedy_audio,
-                                         s.shaped_text)
+                                         s.shaped_text, *extra)
         return G.StepOutput(text=text, audio=audio, valid=valid)
 
     def windows(self) -> dict[int, int]:

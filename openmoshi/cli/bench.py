@@ -89,7 +89,7 @@ def run_bench(args) -> int:
         raise UsageError(str(e)) from None
     if not args.no_mimi:
         from openmoshi.loading.mimi import load_mimi
-        mimi = load_mimi(None, num_codebooks=max(cfg.dep_q, cfg.num_user_codebooks), device=device)
+        mimi = load_mimi(None, num_codebooks=max(cfg.gen_q, cfg.num_user_codebooks), device=device)
         if mimi_fast is not None:
             from openmoshi.accel.mimi_cpu import fast_cpu
             mimi = fast_cpu(mimi, *mimi_fast)

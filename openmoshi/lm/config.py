@@ -10,7 +10,7 @@ message that names the key.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +78,9 @@ class LMConfig:
     depformer_layer_scale: float | None | str = "main"
     depformer_kv_repeat: int | None = None
     depformer_context: int | None = None  # accepted for compatibility; the official code ignores it
+    # Not an official key. PersonaPlex (dep_q = 16 = n_q): the last depformer_user_slots depth
+    # slots are the user's codebooks, which inference takes from the input (forced), never samples.
+    depformer_user_slots: int = 0
     conditioners: tuple[ConditionerConfig, ...] | None = None  # see conditioners.py
     fuser: FuserConfig | None = None
 
@@ -91,6 +94,10 @@ class LMConfig:
             raise ConfigError(f"delays must be >= 0, got {list(self.delays)}")
         if not 0 <= self.dep_q <= self.n_q:
             raise ConfigError(f"dep_q={self.dep_q} must be between 0 and n_q={self.n_q}")
+        if not 0 <= self.depformer_user_slots <= self.dep_q or (
+                self.depformer_user_slots and self.gen_q + self.depformer_user_slots != self.n_q):
+            raise ConfigError(f"depformer_user_slots={self.depformer_user_slots}: the depth slots after the "
+                              f"model's codebooks must be all the user's (dep_q={self.dep_q}, n_q={self.n_q})")
         sched = self.depformer_weights_per_step_schedule
         if sched is not None and len(sched) != self.dep_q:
             raise ConfigError(f"depformer_weights_per_step_schedule has {len(sched)} entries, "
@@ -109,8 +116,13 @@ class LMConfig:
         return self.n_q + 1
 
     @property
+    def gen_q(self) -> int:
+        """Audio codebooks the model generates: dep_q, less the depth slots of the user's (PersonaPlex)."""
+        return self.dep_q - self.depformer_user_slots
+
+    @property
     def num_user_codebooks(self) -> int:
-        return self.n_q - self.dep_q
+        return self.n_q - self.gen_q
 
     @property
     def max_delay(self) -> int:
@@ -162,6 +174,8 @@ class LMConfig:
             v = getattr(self, f.name)
             if f.name == "depformer_layer_scale" and v == "main":
                 continue  # an absent key is how the official config says "the main one"
+            if f.name == "depformer_user_slots" and not v:
+                continue  # ours, not the official LMModel's
             if f.name == "conditioners" and v is not None:
                 v = {c.name: c.to_dict() for c in v}
             elif f.name == "fuser" and v is not None:
@@ -227,7 +241,7 @@ class ModelConfig:
     @property
     def mimi_codebooks(self) -> int:
         """How many Mimi codebooks the LM reads or writes (as the official loader computes it)."""
-        n = max(self.lm.dep_q, self.lm.n_q - self.lm.dep_q)
+        n = max(self.lm.gen_q, self.lm.num_user_codebooks)
         return n // 2 if self.tts_config.get("multistream") else n
 
 
@@ -239,6 +253,10 @@ def parse_model_config(raw: dict) -> ModelConfig:
     model_type = extra.get("model_type", "moshi")
     if model_type not in MODEL_TYPES:
         raise ConfigError(f"unknown model_type {model_type!r}, expected one of {MODEL_TYPES}")
+    if model_type == "moshi" and lm.dep_q == lm.n_q and lm.n_q % 2 == 0 and "depformer_user_slots" not in raw:
+        # A speech-to-speech Moshi whose depth transformer covers every stream: PersonaPlex's
+        # layout, the user's half forced from the input.
+        lm = replace(lm, depformer_user_slots=lm.n_q // 2)
     for key in ("lm_gen_config", "stt_config", "tts_config", "model_id"):
         if key in extra and not isinstance(extra[key], dict):
             raise ConfigError(f"config key {key!r} must be a JSON object")
@@ -286,4 +304,7 @@ TINY = lm_config_from_dict({**_SMALL_BASE, "dim": 128, "num_heads": 4, "num_laye
 SMALL = lm_config_from_dict({**_SMALL_BASE, "dim": 512, "num_heads": 8, "num_layers": 6, "text_card": 32000,
                              "depformer_dim": 256, "depformer_dim_feedforward": 1056, "depformer_num_heads": 4,
                              "depformer_num_layers": 2})
-BUILTIN_CONFIGS = {"moshi_7b": MOSHI_7B, "tiny": TINY, "small": SMALL}
+# NVIDIA's PersonaPlex (nvidia/personaplex-7b-v1): the 7B with depth slots for the user's 8
+# codebooks too; its repository has no config.json (its loader hard-codes this).
+PERSONAPLEX_7B = replace(MOSHI_7B, dep_q=16, depformer_user_slots=8)
+BUILTIN_CONFIGS = {"moshi_7b": MOSHI_7B, "personaplex_7b": PERSONAPLEX_7B, "tiny": TINY, "small": SMALL}

@@ -158,6 +158,7 @@ def state_bytes(lm: LMModel, batch_size: int, cfg_coef: float = 1.0) -> int:
         total += 2 * t.num_layers * kv + rows * (capacity + 1) * 8  # keys and values; positions
     total += batch_size * (cfg.num_codebooks * (cfg.max_delay + 2) + 1 + 2 + 2 + 3) * 8  # cache, offset, seeds, draws, sampling
     total += batch_size * (cfg.gen_q + 1) * (cfg.max_delay + 2) * 8  # forced tokens
+    total += batch_size * ((TEXT_HISTORY + 2) * 8 + 2 * 4)  # text shaping: history, count, context; penalty, pad
     if lm.condition_provider is not None:
         total += rows * cfg.dim * elem
     return total
@@ -289,6 +290,50 @@ def move_slot(state: GenState, src: int, dst: int) -> None:
             state.condition[b].copy_(state.condition[a])
 
 
+@dataclass(frozen=True)
+class SlotSnapshot:
+    """A slot's conversation state, copied out of a GenState (`save_slot`): its token streams and
+    the filled part of its temporal KV cache. Not its sampling settings nor its seeds."""
+
+    rows: dict[str, torch.Tensor]  # GenState field -> the slot's row
+    offset: int  # temporal transformer positions filled (0..offset - 1), in cache slots 0..offset - 1
+    keys: list[torch.Tensor]  # per layer [Hkv, offset, Dh]
+    values: list[torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.rows.values(), *self.keys, *self.values))
+
+
+_SLOT_ROWS = ("cache", "offset", "forced", "draws", "text_history", "text_count")
+
+
+def save_slot(state: GenState, slot: int) -> SlotSnapshot:
+    """A copy of slot `slot`'s conversation (see SlotSnapshot), for `load_slot` into any slot of a
+    state made for the same model. Its temporal transformer must not have wrapped its ring yet."""
+    if state.guided:
+        raise ValueError("slot snapshots do not support classifier-free guidance")
+    t = state.temporal
+    n = int(t.offset[slot])
+    if n > t.capacity:
+        raise ValueError(f"slot {slot} is at position {n}, past its KV cache's {t.capacity} slots")
+    rows = {name: getattr(state, name)[slot].clone() for name in _SLOT_ROWS if getattr(state, name) is not None}
+    return SlotSnapshot(rows, n, [k[slot, :, :n].clone() for k in t.keys], [v[slot, :, :n].clone() for v in t.values])
+
+
+def load_slot(state: GenState, slot: int, snap: SlotSnapshot) -> None:
+    """Slot `slot` continues the conversation of `snap` (its sampling settings and seeds stay)."""
+    for name, row in snap.rows.items():
+        getattr(state, name)[slot].copy_(row)
+    t, n = state.temporal, snap.offset
+    t.offset[slot] = n
+    t.key_pos[slot].fill_(-1)
+    t.key_pos[slot, :n] = torch.arange(n, device=t.key_pos.device)
+    for k, v, sk, sv in zip(t.keys, t.values, snap.keys, snap.values):
+        k[slot, :, :n].copy_(sk)
+        v[slot, :, :n].copy_(sv)
+
+
 def read_window(calls: int, state: GenState) -> int:
     """Cache slots the temporal transformer must read at the (calls + 1)-th step since init."""
     return Transformer.read_window(calls, state.temporal.capacity)
@@ -351,11 +396,13 @@ def _write(cache: torch.Tensor, positions: torch.Tensor, values: torch.Tensor, a
 @torch.no_grad()
 def step(lm: LMModel, state: GenState, user_codes: torch.Tensor, active: torch.Tensor | None = None,
          generator: torch.Generator | None = None, check: bool = True,
-         attend: int | None | str = "auto", forced: torch.Tensor | None = None) -> StepOutput:
+         attend: int | None | str = "auto", forced: torch.Tensor | None = None,
+         embeddings: tuple[torch.Tensor, torch.Tensor] | None = None) -> StepOutput:
     """One frame for every slot. user_codes [B, Ku] with Ku >= n_q - gen_q (extra codebooks are
     ignored). Slots where `active` [B] is False compute but change nothing (idle conversations).
     `forced` [B, 1 + gen_q]: tokens that replace the sampled ones, NOT_FORCED elsewhere (see the
-    module doc for which frame they belong to).
+    module doc for which frame they belong to). `embeddings` (x [B, 1, D], use [B] bool): the
+    temporal transformer's input for the slots in `use`, instead of their tokens' (`persona.Preset`).
 
     `check` validates the codes' range, which waits on the device: fast paths that feed codes
     straight from Mimi pass check=False. `attend` bounds the KV-cache slots the temporal
@@ -405,7 +452,10 @@ def step(lm: LMModel, state: GenState, user_codes: torch.Tensor, active: torch.T
 
     tokens = _rows(state, tokens)  # with guidance, both rows of a slot read its tokens
     rows_active = None if active is None else _rows(state, active)
-    hidden, text_logits = lm.forward_text(tokens, state.temporal, rows_active, state.condition, attend)  # [B', 1, D], [B', 1, N]
+    if embeddings is not None:
+        embeddings = (_rows(state, embeddings[0]), _rows(state, embeddings[1]))
+    hidden, text_logits = lm.forward_text(tokens, state.temporal, rows_active, state.condition, attend,
+                                          embeddings)  # [B', 1, D], [B', 1, N]
     text_logits = _guide(state, text_logits)[:, 0]  # [B, N]
     if state.shaped_text:
         text_logits = shape_text_logits(text_logits, state.text_history, state.text_count, state.rep_penalty,

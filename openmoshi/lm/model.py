@@ -128,11 +128,17 @@ class LMModel(nn.Module):
 
     def forward_text(self, tokens: torch.Tensor, state: TransformerState | None = None,
                      active: torch.Tensor | None = None, condition_sum: torch.Tensor | None = None,
-                     attend: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     attend: int | None = None,
+                     embeddings: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """tokens [B, K, T] -> (hidden [B, T, D] after the output norm, text logits [B, T, N]).
         condition_sum [B, 1, D] (see `condition_sum`) is added to every frame's input; `attend`
-        bounds the cache slots read (see Transformer.forward)."""
+        bounds the cache slots read (see Transformer.forward). `embeddings` (x [B, T, D], use [B]
+        bool): rows where `use` is True read x instead of their tokens' embeddings (a replayed
+        PersonaPlex voice preset)."""
         x = self.embed(tokens)
+        if embeddings is not None:
+            given, use = embeddings
+            x = torch.where(use[:, None, None], given.to(x.dtype), x)
         if condition_sum is not None:
             x = x + condition_sum.to(x.dtype)  # computed in float32, added in the model's dtype
         h = self.out_norm(self.transformer(x, state, active, attend=attend).to(x.dtype))
