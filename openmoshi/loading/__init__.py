@@ -7,10 +7,11 @@ offline mode).
 - `lm`, `mimi`, `tokenizer`, `lora`: each thing loaded from its file;
 - `resolve`: which files make a model and where they come from (`resolve_files`);
 - `model`: all of a model at once (`load_model` -> `LoadedModel`);
-- `budget`: what a command will need in memory, checked before it allocates or downloads.
+- `budget`: what a command will need in memory, checked before it allocates or downloads;
+- `voices`: PersonaPlex voice prompts (audio files and `.pt` presets), alone or from a folder.
 
 Offers: `lm.load_lm`, `mimi.load_mimi`, `tokenizer.load_text_tokenizer`, `lora.apply_lora`,
 `resolve.resolve_files`, `model.load_model`, `files.CheckpointError`, `resolve.ResolveError`.
 
-May import: openmoshi.memory, openmoshi.modules, openmoshi.mimi, openmoshi.lm, openmoshi.accel.
+May import: openmoshi.audio, openmoshi.memory, openmoshi.modules, openmoshi.mimi, openmoshi.lm, openmoshi.accel.
 """

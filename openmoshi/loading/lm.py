@@ -22,6 +22,7 @@ from openmoshi.lm.config import LMConfig
 from openmoshi.lm.model import LMModel
 from openmoshi.loading.files import CheckpointError, Header, cast, check_complete, check_tensors, meta_tensors, read_header
 from openmoshi.loading.formats.official import Official
+from openmoshi.loading.formats.personaplex import report, with_user_slots
 from openmoshi.loading.formats.q8 import OfficialQ8
 from openmoshi.loading.formats.quantized import Quantized
 from openmoshi.loading.lora import apply_lora
@@ -77,10 +78,13 @@ def load_lm(path: str | Path | None, cfg: LMConfig, device: str | torch.device =
         with torch.device("meta"):
             model = LMModel(cfg)
             keep_fp32 = KEEP_FP32 + fmt.prepare(header, model)
+        if cfg.depformer_user_slots:  # PersonaPlex: the user's depth slots may be missing
+            fmt = with_user_slots(fmt, model.state_dict(), cfg.depformer_user_slots)
         try:
             _read(model, header, fmt, device, dtype, keep_fp32, layerwise, group_size)
         except CheckpointError as e:
             raise fmt.mismatch(header, cfg) or e from None
+        report(fmt, path)
     if lora is not None:
         apply_lora(model, lora, lora_scaling, fuse=fuse_lora)
     if quantize is not None and layerwise is None:

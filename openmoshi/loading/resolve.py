@@ -8,7 +8,8 @@ file of another Hugging Face repo), as the official tools accept. Files not give
 from `--hf-repo`: a Hugging Face repo id (downloaded through `huggingface_hub`, with its cache and
 progress bar) or a local folder laid out like one. The repo's `config.json` names the files
 (`moshi_name`, `mimi_name`, `tokenizer_name`, ...); a repo without it is a legacy Moshi 7B
-(`MOSHI_7B` and the default file names). When the Hub cannot be reached (HF_HUB_OFFLINE=1, no
+(`MOSHI_7B` and the default file names), or NVIDIA's PersonaPlex 7B (`PERSONAPLEX_7B`) when the
+repo or folder name says "personaplex", as `nvidia/personaplex-7b-v1` (published without one). When the Hub cannot be reached (HF_HUB_OFFLINE=1, no
 network) and a file is not in the cache, `ResolveError` names the files needed and the flags that
 take local copies.
 """
@@ -151,6 +152,17 @@ def _cached_legacy(repo: str) -> bool:
     return isinstance(try_to_load_from_cache(repo, ModelConfig(lm=MOSHI_7B).moshi_name), str)
 
 
+def legacy_lm(repo: str | None):
+    """The LM config of a repo or folder without config.json (see the module doc)."""
+    from openmoshi.lm.config import MOSHI_7B, PERSONAPLEX_7B
+
+    return PERSONAPLEX_7B if repo and "personaplex" in str(repo).lower() else MOSHI_7B
+
+
+def _legacy_name(repo: str | None) -> str:
+    return "PersonaPlex 7B" if legacy_lm(repo).depformer_user_slots else "legacy Moshi 7B"
+
+
 def _warn(message: str) -> None:
     print(f"openmoshi: warning: {message}", file=sys.stderr)
 
@@ -162,7 +174,7 @@ def resolve_files(hf_repo: str | None = DEFAULT_REPO, moshi_weight=None, mimi_we
     the config, LM and LoRA files alone (mimi_weight and tokenizer are None). `before_download`:
     called with the ModelConfig once it is known, before any weight is fetched (a command checks
     there that the model fits the machine)."""
-    from openmoshi.lm.config import MOSHI_7B, ModelConfig, load_model_config
+    from openmoshi.lm.config import ModelConfig, load_model_config
 
     fetch = _Fetcher(hf_repo)
     config: ModelConfig | None = None
@@ -174,11 +186,11 @@ def resolve_files(hf_repo: str | None = DEFAULT_REPO, moshi_weight=None, mimi_we
             cfg_file = fetch.local_dir / CONFIG_NAME
             if not cfg_file.is_file():
                 cfg_file = None
-                _warn(f"{fetch.local_dir} has no {CONFIG_NAME}: assuming the legacy Moshi 7B")
+                _warn(f"{fetch.local_dir} has no {CONFIG_NAME}: assuming the {_legacy_name(hf_repo)}")
         elif hf_repo is not None:
             given = (moshi_weight,) if lm_only else (moshi_weight, mimi_weight, tokenizer)
             cfg_file = _repo_config(fetch, hf_repo, explicit=None not in given)
-        config = ModelConfig(lm=MOSHI_7B) if cfg_file is None else load_model_config(cfg_file)
+        config = ModelConfig(lm=legacy_lm(hf_repo)) if cfg_file is None else load_model_config(cfg_file)
         if before_download is not None:
             before_download(config)
 
@@ -206,14 +218,14 @@ def _repo_config(fetch: _Fetcher, repo: str, explicit: bool) -> Path | None:
         # Offline: legacy if the cache says so, or if every weight is given locally (as the
         # official loader does); otherwise the caller lists what is needed.
         if _cached_legacy(repo) or explicit:
-            _warn(f"no {CONFIG_NAME} for {repo} (offline): assuming the legacy Moshi 7B; pass "
+            _warn(f"no {CONFIG_NAME} for {repo} (offline): assuming the {_legacy_name(repo)}; pass "
                   "--config-path for another model")
             return None
         raise
     except ResolveError as e:
         if f"has no file {CONFIG_NAME}" not in str(e):
             raise
-        _warn(f"{repo} has no {CONFIG_NAME}: assuming the legacy Moshi 7B")
+        _warn(f"{repo} has no {CONFIG_NAME}: assuming the {_legacy_name(repo)}")
         return None
 
 

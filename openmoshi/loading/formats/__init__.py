@@ -10,6 +10,8 @@ lists them, most specific first; a new format is one new module here and one ent
 - `official`: `model.safetensors` (and a full fine-tune's `consolidated.safetensors`).
 - `q8`: the released `model.q8.safetensors` (row-wise absmax int8, bitsandbytes layout).
 - `quantized`: files written by `openmoshi quantize` (int8/int4, format in the header).
+- `personaplex`: wraps any of them for a PersonaPlex config (dep_q = 16): the user's depth slots
+  filled from the model's when the file lacks them (`load_lm` applies it from the config).
 
 May import: openmoshi.loading.files, openmoshi.lm, openmoshi.modules, openmoshi.accel.
 """
