@@ -53,6 +53,9 @@ def add_infer_parser(subparsers) -> None:
     s.add_argument("--cfg-coef", type=finite_float, default=1.0, metavar="C",
                    help="classifier-free guidance of a conditioned Hibiki ('very_good' against "
                         "'very_bad'; default 1: none), as the official --cfg-coef")
+    r = p.add_argument_group("persona (PersonaPlex checkpoints, e.g. --hf-repo nvidia/personaplex-7b-v1)")
+    r.add_argument("--text-prompt", metavar="TEXT", help="the persona's role, wrapped in <system> tags")
+    r.add_argument("--voice-prompt", metavar="FILE", help="the persona's voice: an audio file or a PersonaPlex .pt preset")
     p.add_argument("-q", "--quiet", action="store_true", help="print neither the text nor the progress")
     p.add_argument("--no-cuda-graph", action="store_true",
                    help="run eagerly on CUDA instead of as CUDA graphs (also: environment OPENMOSHI_NO_CUDA_GRAPH=1)")
@@ -128,7 +131,7 @@ def infer(args: argparse.Namespace) -> int:
 
     from openmoshi.accel.streaming import checked_fast_streaming
     from openmoshi.audio import SAMPLE_RATE, save_wav
-    from openmoshi.inference.offline import DEFAULT_SEED, InferenceModel
+    from openmoshi.inference.offline import DEFAULT_SEED, InferenceModel, run
     from openmoshi.inference.transcript import write_json
     from openmoshi.lm.sampling import SamplingConfig
     from openmoshi.loading.model import load_model
@@ -147,10 +150,19 @@ def infer(args: argparse.Namespace) -> int:
     overrides = {k: getattr(args, k) for k in ("temp", "temp_text", "top_k", "top_k_text")
                  if getattr(args, k) is not None}
     sampling = replace(sampling, **overrides)
+    prompt = None
+    if args.text_prompt is not None or args.voice_prompt is not None:
+        from openmoshi.inference.offline import persona_prompt
+        from openmoshi.lm.persona import PromptError
+        from openmoshi.loading.voices import VoiceError
+
+        try:
+            prompt = persona_prompt(fast, args.text_prompt, args.voice_prompt)
+        except (PromptError, VoiceError) as e:
+            raise UsageError(str(e)) from None
     printer = _Printer(args.quiet)
-    results = model.run(list(args.inputs), sampling, seed=DEFAULT_SEED if args.seed is None else args.seed,
-                        silence_tail=args.silence_tail, on_step=printer,
-                        cuda_graph=cuda_graph, cfg_coef=args.cfg_coef)
+    results = run(fast, list(args.inputs), sampling, DEFAULT_SEED if args.seed is None else args.seed,
+                  args.silence_tail, printer, cuda_graph=cuda_graph, cfg_coef=args.cfg_coef, prompt=prompt)
     printer.finish()
     for result, path in zip(results, outputs or []):
         save_wav(path, result.stereo() if args.stereo else result.audio, SAMPLE_RATE, float32=args.float32)

@@ -20,6 +20,11 @@ Model types:
   until the model emits the text EOS (`tokenizer.eos_id()`); an EOS before the input ended is
   ignored with a warning. At most `HIBIKI_MAX_EXTRA_SECONDS` more than the input.
 
+Personas (PersonaPlex, `text_prompt` / `voice_prompt`): every input's conversation starts after
+the prompt phase (`openmoshi.lm.persona`), whose last frame the first step reads: no frame is fed
+twice, input frame i is given to step i and output frame i is what step i returns (PersonaPlex's
+own script returns the last spacer frame first, one frame later).
+
 Several inputs run as one batch, shorter ones padded with silence; each result is trimmed to its
 own length. On CUDA, Mimi's steps and the LM step run as CUDA graphs (`openmoshi.accel.cuda_graph`;
 `cuda_graph=False` or OPENMOSHI_NO_CUDA_GRAPH=1 for eager), with the same tokens for the same seed.
@@ -39,9 +44,11 @@ from openmoshi.audio import SAMPLE_RATE, AudioError, load_audio, resample
 from openmoshi.inference.transcript import Piece, Word, pieces, text_of, transcript_dict, words
 from openmoshi.lm.conditioners import HIBIKI_CONDITION, HIBIKI_NEGATIVE
 from openmoshi.lm.generate import init_state, set_condition
+from openmoshi.lm.persona import Prompt, build_prompt, run_prompts, wrap_system
 from openmoshi.lm.sampling import SamplingConfig
 from openmoshi.loading.model import LoadedModel, load_model
 from openmoshi.loading.resolve import DEFAULT_REPO, resolve_files
+from openmoshi.loading.voices import load_voice
 from openmoshi.mimi.codec import FRAME_SIZE
 
 FRAME_SECONDS = FRAME_SIZE / SAMPLE_RATE  # 0.08
@@ -132,9 +139,10 @@ class _Encoder:
 def run(model: LoadedModel, inputs: list, sampling: SamplingConfig | None = None,
         seed: int | None = DEFAULT_SEED, silence_tail: float = 0.0, on_step=None,
         sample_rate: int = SAMPLE_RATE, cuda_graph: bool | None = None,
-        cfg_coef: float = 1.0) -> list[InferenceResult]:
+        cfg_coef: float = 1.0, prompt: Prompt | None = None) -> list[InferenceResult]:
     """Runs the model over `inputs` (paths or arrays) as one batch; see the module docstring.
-    `cuda_graph`: None for CUDA graphs on CUDA, False for eager (see openmoshi.accel.cuda_graph)."""
+    `cuda_graph`: None for CUDA graphs on CUDA, False for eager (see openmoshi.accel.cuda_graph).
+    `prompt`: a persona's prompt phase (`persona_prompt`), run before every input."""
     lm, mimi, tok, cfg = model.lm, model.mimi, model.tokenizer, model.config
     kind = cfg.model_type
     if kind not in ("moshi", "stt", "hibiki"):
@@ -169,6 +177,13 @@ def run(model: LoadedModel, inputs: list, sampling: SamplingConfig | None = None
                              "for Hibiki only")
         negative = lm.condition_sum([HIBIKI_NEGATIVE] * B) if cfg_coef != 1.0 else None
         set_condition(state, lm.condition_sum([HIBIKI_CONDITION] * B), negative=negative)
+    lead = 1  # the first frame is fed twice (the very first step reads only initial tokens)
+    if prompt is not None:
+        if kind != "moshi":
+            raise ValueError(f"persona prompts are for speech-to-speech models, not {kind}")
+        run_prompts(lm, state, [prompt] * B, generator)
+        lead, md = 0, 0  # the prompt's last frame is read first; every step's output is kept
+    prompted = state.calls  # steps done by the prompt phase
     enc = _Encoder(mimi, padded, device, cuda_graph)
     lm_step = GraphedStep(lm, state, cuda_graph, generator)  # outputs valid until its next call
     decode = None
@@ -176,8 +191,8 @@ def run(model: LoadedModel, inputs: list, sampling: SamplingConfig | None = None
         dec = mimi.init_decode_state(B)
         decode = graphed(lambda codes: mimi.decode_step(codes, dec), cuda_graph, device, name="mimi_decode")
     hibiki = kind == "hibiki"
-    total = None if hibiki else T + 1
-    max_steps = T + 2 + int(HIBIKI_MAX_EXTRA_SECONDS / FRAME_SECONDS) if hibiki else T + 1
+    total = None if hibiki else T + lead
+    max_steps = T + 2 + int(HIBIKI_MAX_EXTRA_SECONDS / FRAME_SECONDS) if hibiki else T + lead
     eos_id = tok.eos_id()
     eos = [False] * B
     eos_fed = [False] * B
@@ -189,7 +204,7 @@ def run(model: LoadedModel, inputs: list, sampling: SamplingConfig | None = None
     for s in range(max_steps):
         if hibiki and all(eos):
             break
-        f = max(s - 1, 0)  # the input frame of step s: frame 0 is fed twice
+        f = max(s - lead, 0)  # the input frame of step s: without a prompt, frame 0 is fed twice
         codes = []
         for b in range(B):
             if not hibiki or f < frames[b]:
@@ -199,8 +214,8 @@ def run(model: LoadedModel, inputs: list, sampling: SamplingConfig | None = None
                 eos_fed[b] = True
             else:  # silence, continuing the encoder's stream where the input stopped
                 codes.append(enc.frame(f - 1)[b])
-        out = lm_step(torch.stack(codes))
-        if s == 0 or s < md:
+        out = lm_step(torch.stack(codes), position=prompted + s)
+        if (lead and s == 0) or s < md:
             if on_step:
                 on_step(Progress(s + 1, total, time.perf_counter() - start, [None] * B))
             continue
@@ -219,7 +234,7 @@ def run(model: LoadedModel, inputs: list, sampling: SamplingConfig | None = None
                         eos[b] = True
                     else:
                         print("openmoshi: warning: EOS sampled before the end of the input, ignored")
-            elif s > frames[b]:  # past this input's own end (shorter input in a batch)
+            elif s - lead >= frames[b]:  # past this input's own end (shorter input in a batch)
                 continue
             texts[b].append(text[b])
             times[b].append(round(max(t_out, 0.0), 3))
@@ -238,6 +253,14 @@ def run(model: LoadedModel, inputs: list, sampling: SamplingConfig | None = None
     return results
 
 
+def persona_prompt(model: LoadedModel, text: str | None = None, voice=None) -> Prompt:
+    """The prompt phase of a persona: `text` (wrapped in <system> tags) and `voice`, an audio file
+    or a PersonaPlex `.pt` preset (`loading.voices`). Errors (`PromptError`, `VoiceError`) say why."""
+    voice_codes = None if voice is None else load_voice(voice, model.mimi, model.lm.cfg)
+    tokens = None if text is None else model.tokenizer.encode(wrap_system(text))
+    return build_prompt(model.lm.cfg, voice_codes, tokens)
+
+
 @dataclass(frozen=True)
 class InferenceModel:
     """A loaded model with a one-call `run`; see the module docstring."""
@@ -246,15 +269,20 @@ class InferenceModel:
 
     def run(self, inputs, sampling: SamplingConfig | None = None, greedy: bool = False,
             seed: int | None = DEFAULT_SEED, silence_tail: float = 0.0, sample_rate: int = SAMPLE_RATE,
-            on_step=None, cuda_graph: bool | None = None, cfg_coef: float = 1.0):
+            on_step=None, cuda_graph: bool | None = None, cfg_coef: float = 1.0,
+            text_prompt: str | None = None, voice_prompt=None):
         """One input (path or array) -> InferenceResult; a list of inputs -> a list, run as one batch.
         `cuda_graph=False` runs eagerly on CUDA (default: CUDA graphs there). `cfg_coef` != 1:
-        classifier-free guidance of a conditioned Hibiki ('very_good' against 'very_bad')."""
+        classifier-free guidance of a conditioned Hibiki ('very_good' against 'very_bad').
+        `text_prompt` / `voice_prompt` (a file): a PersonaPlex persona (see `persona_prompt`)."""
         single = isinstance(inputs, (str, Path)) or (hasattr(inputs, "shape") and len(inputs.shape) <= 2)
         if greedy:
             sampling = SamplingConfig.greedy()
+        prompt = None
+        if text_prompt is not None or voice_prompt is not None:
+            prompt = persona_prompt(self.model, text_prompt, voice_prompt)
         out = run(self.model, [inputs] if single else list(inputs), sampling, seed, silence_tail,
-                  on_step, sample_rate, cuda_graph, cfg_coef)
+                  on_step, sample_rate, cuda_graph, cfg_coef, prompt)
         return out[0] if single else out
 
     def transcript(self, result: InferenceResult, source: str | None = None) -> dict:

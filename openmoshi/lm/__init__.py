@@ -7,10 +7,13 @@
   over codebooks, with the training forward (`LMModel.forward`) and the streaming steps;
 - `delays`: bookkeeping between frame time and the delayed streams;
 - `sampling`: per-slot temperature and top-k sampling;
-- `generate`: one 80 ms frame per call, `init_state` / `step` on caller-owned state.
+- `generate`: one 80 ms frame per call, `init_state` / `step` on caller-owned state, with forced
+  tokens;
+- `persona`: PersonaPlex's prompt phase (voice, text, spacers) as frames of forced tokens.
 
 Offers: `config.LMConfig`, `config.ModelConfig`, `config.load_model_config`, `config.MOSHI_7B`,
-`model.LMModel`, `sampling.SamplingConfig`, `generate.init_state`, `generate.step`.
+`model.LMModel`, `sampling.SamplingConfig`, `generate.init_state`, `generate.step`,
+`persona.build_prompt`, `persona.run_prompts`.
 
 May import: openmoshi.modules.
 """
