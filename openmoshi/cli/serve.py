@@ -62,6 +62,9 @@ def add_serve_parser(subparsers) -> None:
                         "ray[serve] ships it, Linux) or its Python proxy actor")
     c.add_argument("--gpus-per-replica", type=finite_float, default=None, metavar="G",
                    help="GPUs per replica (default 1 when the replicas run on CUDA, else 0)")
+    g.add_argument("--voice-prompt-dir", default=None, metavar="DIR",
+                   help="PersonaPlex voices (audio files and .pt presets, e.g. voices.tgz unpacked): a conversation "
+                        "picks one with the query parameter voice_prompt=NAME, its role with text_prompt=TEXT")
     g.add_argument("--clock", choices=("realtime", "input"), default="realtime",
                    help="realtime (default): one frame every 80 ms, silence for a late client; input: a frame "
                         "when every conversation has sent its next one, nothing inserted or dropped (tests, "
@@ -141,6 +144,8 @@ def run_serve(args) -> int:
 
     if args.queue < 0 or args.queue_timeout <= 0:
         raise UsageError("--queue must be >= 0 and --queue-timeout > 0")
+    if args.voice_prompt_dir and not Path(args.voice_prompt_dir).is_dir():
+        raise UsageError(f"--voice-prompt-dir {args.voice_prompt_dir} is not a folder")
     setup_logging(args.log_format)
     if args.replicas or args.ray_address:
         return _serve_cluster(args)
@@ -168,7 +173,8 @@ def run_serve(args) -> int:
     config = ServerConfig(max_sessions=max_sessions, auth_token=args.auth_token,
                           idle_timeout=args.idle_timeout, queue_size=args.queue, queue_timeout=args.queue_timeout,
                           static_dir=Path(args.static) if args.static else WEB_DIR,
-                          cuda_graph=cuda_graph, cfg_coef=args.cfg_coef, clock=args.clock)
+                          cuda_graph=cuda_graph, cfg_coef=args.cfg_coef, clock=args.clock,
+                          voice_dir=Path(args.voice_prompt_dir) if args.voice_prompt_dir else None)
     condition = HIBIKI_CONDITION if model.lm.condition_provider is not None else None
     negative = HIBIKI_NEGATIVE if args.cfg_coef != 1.0 else None
     server = MoshiServer(model.lm, model.mimi, model.tokenizer, config, sampling, condition, negative)
@@ -193,7 +199,7 @@ def _serve_cluster(args) -> int:
     server = dict(max_sessions=args.max_sessions or (8 if gpus else 4), auth_token=args.auth_token,
                   idle_timeout=args.idle_timeout, queue_size=args.queue, queue_timeout=args.queue_timeout,
                   static_dir=args.static, cuda_graph=False if args.no_cuda_graph else None,
-                  cfg_coef=args.cfg_coef, clock=args.clock)
+                  cfg_coef=args.cfg_coef, clock=args.clock, voice_dir=args.voice_prompt_dir)
     if args.static is None:
         server.pop("static_dir")
     spec = cluster.ReplicaSpec(files=files, device=device, dtype=args.dtype, quantize=args.quantize,

@@ -5,8 +5,10 @@
     await runner.start(sock, ssl_context)   # the model loop first, then accepting
     await runner.stop()                     # drain (conversations may end), then stop
 
-Routes: `/api/chat` (websocket, the official protocol), `/health`, `/metrics` (Prometheus), and the
-web UI at `/`. What a conversation does is `server.MoshiServer.chat`, fed through `StarletteSocket`.
+Routes: `/api/chat` (websocket, the official protocol), `/v1/realtime` (websocket, the OpenAI Realtime
+API, see `realtime`), `/health`, `/metrics` (Prometheus), `/api/voices` (the persona voices, JSON),
+and the web UI at `/`. What a conversation
+does is `server.MoshiServer.chat`, fed through `StarletteSocket`.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from openmoshi.serving import protocol
+from openmoshi.serving.personas import VOICES_ROUTE
+from openmoshi.serving.realtime.session import RealtimeConversation, realtime_auth
 from openmoshi.serving.server import CLOSE_NORMAL, MoshiServer
 
 # Messages a little over the protocol limit still reach `protocol.parse` (and get an error reply);
@@ -38,11 +42,14 @@ class StarletteSocket:
         self.ws = ws
         self.closed = False
 
-    async def send(self, data: bytes) -> None:
+    async def send(self, data: bytes | str) -> None:
         if self.closed:
             raise ConnectionError("the websocket is closed")
         try:
-            await self.ws.send_bytes(data)
+            if isinstance(data, str):
+                await self.ws.send_text(data)
+            else:
+                await self.ws.send_bytes(data)
         except (WebSocketDisconnect, RuntimeError, OSError) as e:
             self.closed = True
             raise ConnectionError(str(e) or type(e).__name__) from None
@@ -80,9 +87,18 @@ def asgi_app(server: MoshiServer, lifespan: bool = True, on_start=None) -> Starl
         peer = ws.client.host if ws.client else "?"
         await server.chat(StarletteSocket(ws), ws.query_params, ws.headers, peer)
 
+    async def realtime(ws: WebSocket) -> None:
+        headers, subprotocol = realtime_auth(ws.headers)
+        await ws.accept(subprotocol=subprotocol)
+        peer = ws.client.host if ws.client else "?"
+        await server.chat(StarletteSocket(ws), ws.query_params, headers, peer, kind=RealtimeConversation)
+
     async def health(_request):
         status, body = server.health()
         return JSONResponse(body, status_code=status)
+
+    async def voices(_request):
+        return JSONResponse({"voices": server.personas.voices()})
 
     async def metrics(_request):
         return PlainTextResponse(server.metrics.render(), headers={"X-Content-Type-Options": "nosniff"})
@@ -95,8 +111,8 @@ def asgi_app(server: MoshiServer, lifespan: bool = True, on_start=None) -> Starl
             return FileResponse(index)
         return PlainTextResponse("openmoshi server: websocket at /api/chat\n")
 
-    routes = [WebSocketRoute("/api/chat", chat), Route("/health", health), Route("/metrics", metrics),
-              Route("/", root)]
+    routes = [WebSocketRoute("/api/chat", chat), WebSocketRoute("/v1/realtime", realtime), Route("/health", health),
+              Route("/metrics", metrics), Route(VOICES_ROUTE, voices), Route("/", root)]
     if index is not None and Path(static).is_dir():
         routes.append(Mount("/", StaticFiles(directory=str(static)), name="static"))
 

@@ -28,6 +28,13 @@ its input alone. `recorder(slot, pcm_in, text, audio, valid)`, when set, sees ev
 restarting are commands applied by the worker between ticks; they reset only that slot (LM state,
 Mimi encoder and decoder state, sampling settings).
 
+Personas (PersonaPlex): a slot opened with a `persona.Prompt` runs its prompt phase first, as
+forced frames in the same ticks as the other slots (the user's side forced to the sine codes, no
+input read, nothing sent), and gets `on_ready` (the handshake) only after it. The state a prompt
+leaves before its last step (which samples the conversation's first frame with the slot's own
+seeds) is kept per persona key (voice, text) in a small LRU (`persona_cache`), and the next
+conversation with that persona starts from a copy of it and runs that last step only.
+
 On CUDA the three steps run as CUDA graphs (`openmoshi.accel.cuda_graph`; `cuda_graph=False` or
 OPENMOSHI_NO_CUDA_GRAPH=1 for eager), one set per bucket. The LM step's attention reads the window
 of the furthest occupied slot, known on the host (`Slot.steps`), so it shrinks again when
@@ -43,7 +50,7 @@ import queue
 import secrets
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -53,6 +60,7 @@ import torch
 from openmoshi.accel.cuda_graph import GraphedStep, graphed
 from openmoshi.lm import generate as G
 from openmoshi.lm.config import TEXT_END_PADDING_ID, TEXT_PADDING_ID
+from openmoshi.lm.persona import PromptCursor
 from openmoshi.lm.sampling import SamplingConfig
 from openmoshi.memory import available_bytes, gb
 from openmoshi.serving.metrics import Metrics
@@ -62,6 +70,8 @@ log = logging.getLogger("openmoshi.serving.server")
 FRAME_SECONDS = 0.08
 TICK_SLACK = 0.1  # latest tick: 80 ms plus 20 ms of grace for a client's network jitter
 INBOX_FRAMES = 25  # input frames kept per slot (2 s); the oldest are dropped beyond
+PERSONA_CACHE = 16  # persona states kept at most ...
+PERSONA_CACHE_BYTES = 2 * 1024 ** 3  # ... and their bytes (a 7B's: about 0.5 MB per prompt frame)
 HIDDEN_TEXT_IDS = (TEXT_END_PADDING_ID, TEXT_PADDING_ID)  # never shown to users
 CLOCKS = ("realtime", "input")
 
@@ -76,6 +86,9 @@ class Slot:
     on_ready: Callable[[], None]
     on_frame: Callable[[np.ndarray, str | None], None]
     seeds: tuple[int, int] | None = None  # text and audio seeds (None: random at each (re)start)
+    prompt: Any = None  # persona.Prompt run before the handshake, None for none
+    persona: tuple | None = None  # its key in the persona cache, e.g. (voice name, text)
+    cursor: Any = None  # persona.PromptCursor while the prompt runs
     inbox: deque = field(default_factory=lambda: deque(maxlen=INBOX_FRAMES))  # unbounded with the input clock
     steps: int = 0
     frames_in: int = 0
@@ -142,6 +155,8 @@ class Batcher:
         self._thread: threading.Thread | None = None
         self._pieces: dict[int, str] = {}
         self.on_free: Callable[[], None] | None = None  # called from the worker when a slot frees
+        self.persona_cache: OrderedDict[tuple, G.SlotSnapshot] = OrderedDict()  # worker's, LRU
+        self.persona_hits = 0
 
     def _check_memory(self) -> None:
         """The states of every slot (mostly the KV cache at full context) are allocated when the
@@ -175,15 +190,17 @@ class Batcher:
         with self._lock:
             return sum(self._reserved)
 
-    def open(self, sampling: SamplingConfig, on_ready, on_frame, seeds: tuple[int, int] | None = None) -> Slot | None:
-        """Reserves a slot (None when all are taken); `on_ready` fires once it has been reset."""
+    def open(self, sampling: SamplingConfig, on_ready, on_frame, seeds: tuple[int, int] | None = None,
+             prompt=None, persona: tuple | None = None) -> Slot | None:
+        """Reserves a slot (None when all are taken); `on_ready` fires once it has been reset, and
+        has run `prompt` (a persona's, cached under the key `persona` when given)."""
         with self._lock:
             free = [i for i, taken in enumerate(self._reserved) if not taken]
             if not free:
                 return None
             self._reserved[free[0]] = True
             self.metrics.set_active(sum(self._reserved))
-        slot = Slot(free[0], sampling, on_ready, on_frame, seeds)
+        slot = Slot(free[0], sampling, on_ready, on_frame, seeds, prompt, persona)
         if self.clock == "input":
             slot.inbox = deque()  # never drop input: the output must follow from all of it
         self._command("join", slot)
@@ -194,6 +211,11 @@ class Batcher:
 
     def restart(self, slot: Slot) -> None:
         self._command("join", slot)
+
+    def set_sampling(self, slot: Slot, sampling: SamplingConfig) -> None:
+        """Changes a conversation's sampling settings from its next frame on, keeping its state."""
+        slot.sampling = sampling
+        self._command("sampling", slot)
 
     def push(self, slot: Slot, pcm: np.ndarray) -> int:
         """Queues whole frames of PCM [N * F]; returns how many old frames were dropped to make room."""
@@ -294,7 +316,7 @@ class Batcher:
                 last_tick = time.monotonic()
                 continue
             deadline = last_tick + TICK_SLACK if self.clock == "realtime" else float("inf")
-            while not all(s.inbox for s in occupied) and time.monotonic() < deadline:
+            while not all(s.inbox or s.cursor for s in occupied) and time.monotonic() < deadline:
                 self._wake.wait(min(1.0, max(0.0, deadline - time.monotonic())))
                 self._wake.clear()
                 self.heartbeat = time.monotonic()
@@ -302,7 +324,7 @@ class Batcher:
                     break
             if not self._commands.empty():
                 continue  # a join/leave changes who takes part: apply it first
-            if self.clock == "input" and not all(s.inbox for s in occupied):
+            if self.clock == "input" and not all(s.inbox or s.cursor for s in occupied):
                 continue  # stopping: the input clock never ticks on missing frames
             last_tick = time.monotonic()
             self._tick(occupied)
@@ -324,7 +346,13 @@ class Batcher:
                 G.set_seeds(self.gen, *seeds, mask)
                 self.enc.reset(mask)
                 self.dec.reset(mask)
-                slot.on_ready()
+                if slot.prompt is None:
+                    slot.on_ready()
+                else:
+                    self._start_prompt(slot)
+            elif kind == "sampling":
+                if self._slots[slot.index] is slot:
+                    G.set_sampling(self.gen, slot.sampling, self._mask(slot.index))
             elif kind == "leave":
                 if self._slots[slot.index] is slot:
                     self._slots[slot.index] = None
@@ -334,6 +362,34 @@ class Batcher:
                 if self.on_free is not None:
                     self.on_free()  # e.g. the server's waiting line takes the slot
         self._compact()
+
+    def _start_prompt(self, slot: Slot) -> None:
+        """The slot runs its persona's prompt, from the cached state when there is one."""
+        slot.cursor = PromptCursor(slot.prompt, self.lm.cfg)
+        snap = self.persona_cache.get(slot.persona) if slot.persona is not None else None
+        if snap is not None:
+            G.load_slot(self.gen, slot.index, snap)
+            slot.cursor.step = slot.steps = slot.prompt.frames - 1
+            self.persona_cache.move_to_end(slot.persona)
+            self.persona_hits += 1
+
+    def _prompt_stepped(self, slot: Slot) -> None:
+        """After a tick of the slot's prompt: keep the persona's state before the last step, and
+        at the end reset the slot's Mimi states and let the conversation start."""
+        cursor = slot.cursor
+        cursor.after_step(self.gen, slot.index)
+        if (cursor.step == slot.prompt.frames - 1 and slot.persona is not None and not self.gen.guided
+                and slot.persona not in self.persona_cache):
+            self.persona_cache[slot.persona] = G.save_slot(self.gen, slot.index)
+            while len(self.persona_cache) > PERSONA_CACHE or (
+                    len(self.persona_cache) > 1 and sum(s.nbytes for s in self.persona_cache.values()) > PERSONA_CACHE_BYTES):
+                self.persona_cache.popitem(last=False)
+        if cursor.done:
+            slot.cursor = None
+            mask = self._mask(slot.index)
+            self.enc.reset(mask)
+            self.dec.reset(mask)
+            slot.on_ready()
 
     def _mask(self, index: int) -> torch.Tensor:
         mask = torch.zeros(self.max_slots, dtype=torch.bool, device=self.device)
@@ -366,9 +422,12 @@ class Batcher:
         active = torch.zeros(n, dtype=torch.bool)
         first = torch.zeros(n, dtype=torch.bool)
         silent = 0
+        prompting = [s for s in occupied if s.cursor is not None]
         for s in occupied:
             active[s.index] = True
-            first[s.index] = s.steps == 0
+            first[s.index] = s.steps == 0 and s.prompt is None
+            if s.cursor is not None:
+                continue  # its prompt phase: no input read
             if s.inbox:
                 pcm[s.index, 0] = s.inbox.popleft()
             else:
@@ -377,8 +436,11 @@ class Batcher:
         if silent:
             self.metrics.inc("openmoshi_silence_frames_total", silent)
         self.metrics.observe_batch(n)
-        x = torch.from_numpy(pcm).to(self.device, self.mimi_dtype)
-        codes = b.encode(x)  # [n, K, 1]
+        only_prompts = len(prompting) == len(occupied)  # nobody to hear or to answer: no Mimi this tick
+        if only_prompts:
+            codes = torch.zeros(n, self.mimi.num_codebooks, 1, dtype=torch.long, device=self.device)
+        else:
+            codes = b.encode(torch.from_numpy(pcm).to(self.device, self.mimi_dtype))  # [n, K, 1]
         if bool(first.any()):
             # The first frame is in the model's past: restart the encoder with fresh left padding.
             b.enc.reset(first.to(self.device))
@@ -386,7 +448,15 @@ class Batcher:
         b.gen.greedy_text, b.gen.greedy_audio = self.gen.greedy_text, self.gen.greedy_audio
         b.gen.shaped_text = self.gen.shaped_text
         # Every occupied slot is active and at its own step count: the furthest one bounds the window.
-        out = b.lm_step(codes[:, :, 0], active.to(self.device), position=max(s.steps for s in occupied))
+        user, forcing = codes[:, :, 0], {}
+        if prompting:  # those slots' frames are forced, their user side the prompt's
+            user, forcing["forced"], forcing["embeddings"] = self._prompt_inputs(prompting, user)
+        out = b.lm_step(user, active.to(self.device), position=max(s.steps for s in occupied), **forcing)
+        if only_prompts:
+            for s in occupied:
+                s.steps += 1
+                self._prompt_stepped(s)
+            return
         valid = out.valid
         audio = torch.where(valid[:, None], out.audio, torch.zeros_like(out.audio))  # [n, Q]
         pcm_out = b.decode(audio[:, :, None])  # [n, 1, F]
@@ -398,10 +468,29 @@ class Batcher:
         audio_codes = out.audio.cpu().numpy() if self.recorder is not None else None
         for s in occupied:
             s.steps += 1
+            if s.cursor is not None:
+                self._prompt_stepped(s)
+                continue
             if self.recorder is not None:
                 self.recorder(s, pcm[s.index, 0], text[s.index], audio_codes[s.index], valid[s.index])
             if valid[s.index]:
                 s.on_frame(pcm_out[s.index], self._piece(text[s.index]))
+
+    def _prompt_inputs(self, prompting: list[Slot], codes: torch.Tensor):
+        """(user codes, forced tokens, input embeddings) of a tick with slots in their prompt."""
+        n, cfg = codes.shape[0], self.lm.cfg
+        user = codes.clone()
+        forced = torch.full((n, 1 + cfg.gen_q), G.NOT_FORCED, dtype=torch.long)
+        emb, use = None, torch.zeros(n, dtype=torch.bool)
+        for s in prompting:
+            u, f, e = s.cursor.inputs()
+            user[s.index, :u.shape[0]] = u.to(user.device)
+            forced[s.index] = f
+            if e is not None:
+                emb = torch.zeros(n, 1, cfg.dim) if emb is None else emb
+                emb[s.index, 0], use[s.index] = e, True
+        embeddings = None if emb is None else (emb.to(self.device), use.to(self.device))
+        return user, forced.to(self.device), embeddings
 
     def _piece(self, token: int) -> str | None:
         if token in HIDDEN_TEXT_IDS or token < 0:

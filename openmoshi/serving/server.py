@@ -2,7 +2,10 @@
 conversations share one model through the `Batcher`, plus `/health`, `/metrics` and the web UI.
 
 This module is the server's logic, independent of any web framework: a conversation is fed the
-messages of a `Socket` (send bytes, receive bytes or text, close). `app.py` makes it an ASGI
+messages of a `Socket` (send bytes or text, receive bytes or text, close). `/v1/realtime` (the
+OpenAI Realtime API, `realtime.session`) is another kind of `Conversation` on the same slots,
+waiting line, auth and metrics: it overrides the protocol's own messages (`Conversation.greeting`,
+`handle`, ...). `app.py` makes it an ASGI
 application (Starlette, run by uvicorn for `openmoshi serve`, or by Ray Serve across machines).
 
 Per conversation, on the event loop:
@@ -39,9 +42,10 @@ from typing import Mapping, Protocol
 import numpy as np
 
 from openmoshi.serving import protocol
-from openmoshi.serving.batcher import Batcher, Slot
+from openmoshi.serving.batcher import TICK_SLACK, Batcher, Slot
 from openmoshi.serving.metrics import Metrics
 from openmoshi.serving.opus import OpusDecoder, OpusEncoder, OpusError
+from openmoshi.serving.personas import Personas
 from openmoshi.lm.sampling import SamplingConfig
 from openmoshi.serving.waiting import ADMITTED, LEFT, STOPPING, TIMED_OUT, Ticket, WaitingLine, wait_turn
 
@@ -66,8 +70,8 @@ class Socket(Protocol):
 
     closed: bool
 
-    async def send(self, data: bytes) -> None:
-        """Sends one binary message; ConnectionError when the client is gone."""
+    async def send(self, data: bytes | str) -> None:
+        """Sends one message, binary (bytes) or text (str); ConnectionError when the client is gone."""
 
     async def receive(self) -> bytes | str | None:
         """The next message: bytes, str (a text frame), or None once the connection is closed."""
@@ -94,6 +98,7 @@ class ServerConfig:
     queue_timeout: float = 120.0  # seconds a client waits for a slot before it is refused
     queue_update: float = 2.0  # seconds between place-in-line messages (official client: silent 10 s = gone)
     clock: str = "realtime"  # "input": tick only on every slot's next frame, no silence inserted (tests, reproducible runs)
+    voice_dir: Path | None = None  # PersonaPlex voices (`voice_prompt` query parameter, GET /api/voices)
 
 
 def event(name: str, level: int = logging.INFO, **fields) -> None:
@@ -139,6 +144,7 @@ _SAMPLING_PARAMS = {"text_temperature": ("temp_text", float), "text_topk": ("top
                     "repetition_penalty_context": ("repetition_context", int)}
 # The seeds of a conversation's own random streams (each slot samples from its own, see batcher).
 _SEED_PARAMS = ("text_seed", "audio_seed")
+_ONE_SEED = "seed"  # PersonaPlex's client: one seed for both streams
 
 
 def sampling_from_query(query, default: SamplingConfig) -> SamplingConfig:
@@ -162,7 +168,7 @@ def seeds_from_query(query) -> tuple[int, int] | None:
     """(text seed, audio seed) when the client gives one or both (the other one random); None:
     random seeds, new at each restart. ValueError with a readable message."""
     given = {}
-    for name in _SEED_PARAMS:
+    for name in (_ONE_SEED, *_SEED_PARAMS):
         raw = query.get(name, "")
         if raw == "":
             continue
@@ -175,7 +181,8 @@ def seeds_from_query(query) -> tuple[int, int] | None:
         given[name] = value
     if not given:
         return None
-    return tuple(given.get(name, secrets.randbits(62)) for name in _SEED_PARAMS)
+    one = given.get(_ONE_SEED)
+    return tuple(given.get(name, secrets.randbits(62) if one is None else one) for name in _SEED_PARAMS)
 
 
 def _token_from(headers: Mapping[str, str], query: Mapping[str, str]) -> str | None:
@@ -193,10 +200,14 @@ def _same_token(given: str | None, expected: str) -> bool:
 
 
 class Conversation:
-    """The event-loop side of one websocket conversation."""
+    """The event-loop side of one websocket conversation. Its protocol's own messages come from
+    `encode_error`, `greeting`, `place_in_line`, `while_waiting` and `handle`, which another
+    protocol overrides (`realtime.session.RealtimeConversation`)."""
 
-    def __init__(self, server: "MoshiServer", ws: Socket, peer: str):
-        self.server, self.ws, self.peer = server, ws, peer
+    encode_error = staticmethod(protocol.encode_error)  # a refusal or shutdown message
+
+    def __init__(self, server: "MoshiServer", ws: Socket, peer: str, query: Mapping[str, str] | None = None):
+        self.server, self.ws, self.peer, self.query = server, ws, peer, query or {}
         self.loop = asyncio.get_running_loop()
         self.ready = self.loop.create_future()
         self.outbox: deque = deque()
@@ -268,7 +279,30 @@ class Conversation:
             self.closed_reason = "too many bad messages"
             await self.ws.close(CLOSE_POLICY_VIOLATION, "too many bad messages")
 
-    async def handle(self, data: bytes) -> None:
+    def greeting(self) -> bytes:
+        return protocol.encode_handshake()
+
+    def place_in_line(self, position: int, length: int) -> bytes | None:
+        return protocol.encode_queue_position(position, length)
+
+    async def while_waiting(self, data: bytes | str) -> None:
+        """A message while waiting for a slot. Pings are answered; audio goes through the decoder,
+        to keep its Ogg stream in step, and is dropped: it would be stale by the start."""
+        if isinstance(data, str):
+            return
+        try:
+            m = protocol.parse(data)
+            if m.kind == protocol.KIND_AUDIO:
+                self.decoder.decode(m.data)
+            elif m.kind == protocol.KIND_PING:
+                await self.send(protocol.encode_ping())
+        except (protocol.ProtocolError, OpusError):
+            pass  # the conversation has not started: nothing to report yet
+
+    async def handle(self, data: bytes | str) -> None:
+        if isinstance(data, str):
+            await self.error("text websocket frames are not part of the protocol: send binary messages", "protocol")
+            return
         try:
             msg = protocol.parse(data)
         except protocol.ProtocolError as e:
@@ -314,6 +348,7 @@ class MoshiServer:
         self.metrics.inc("openmoshi_queue_timeouts_total", 0)
         self.batcher = Batcher(lm, mimi, tokenizer, config.max_sessions, sampling, self.metrics, condition,
                                config.cuda_graph, config.cfg_coef, negative, config.clock)
+        self.personas = Personas(lm, mimi, tokenizer, config.voice_dir)
         self.conversations: set[Conversation] = set()
         self.line = WaitingLine(config.queue_size, self.metrics.set_waiting)
         self.draining = False
@@ -346,7 +381,7 @@ class MoshiServer:
         for conv in list(self.conversations):
             conv.closed_reason = "server shutdown"
             try:
-                await conv.send(protocol.encode_error(SHUTDOWN_MESSAGE))
+                await conv.send(conv.encode_error(SHUTDOWN_MESSAGE))
             except SEND_ERRORS:
                 pass
             await conv.ws.close(CLOSE_GOING_AWAY, "server shutdown")
@@ -373,31 +408,38 @@ class MoshiServer:
                 "waiting": len(self.line), "queue_size": self.config.queue_size}
         return (200 if status == "ok" else 503), body
 
-    async def _refuse(self, ws: Socket, message: str, code: int, reason: str, peer: str) -> None:
+    async def _refuse(self, ws: Socket, message: str, code: int, reason: str, peer: str,
+                      encode=protocol.encode_error) -> None:
         self.metrics.inc("openmoshi_rejected_total", reason=reason)
         event("refused", logging.WARNING, peer=peer, reason=reason)
         try:
-            await asyncio.wait_for(ws.send(protocol.encode_error(message)), self.config.send_timeout)
+            await asyncio.wait_for(ws.send(encode(message)), self.config.send_timeout)
         except SEND_ERRORS:
             pass
         await ws.close(code, reason)
 
-    async def chat(self, ws: Socket, query: Mapping[str, str], headers: Mapping[str, str], peer: str) -> None:
-        """One client of /api/chat, its websocket accepted, from the first message to the close."""
+    async def chat(self, ws: Socket, query: Mapping[str, str], headers: Mapping[str, str], peer: str,
+                   kind: type[Conversation] = Conversation) -> None:
+        """One client of /api/chat (or, with another `kind`, of another protocol on the same slots),
+        its websocket accepted, from the first message to the close."""
         token = self.config.auth_token
         if token is not None and not _same_token(_token_from(headers, query), token):
-            return await self._refuse(ws, "unauthorized: missing or wrong token", CLOSE_UNAUTHORIZED, "auth", peer)
+            return await self._refuse(ws, "unauthorized: missing or wrong token", CLOSE_UNAUTHORIZED, "auth", peer,
+                                      kind.encode_error)
         if self.draining:
-            return await self._refuse(ws, "the server is shutting down", CLOSE_GOING_AWAY, "draining", peer)
+            return await self._refuse(ws, "the server is shutting down", CLOSE_GOING_AWAY, "draining", peer,
+                                      kind.encode_error)
         try:
             sampling = sampling_from_query(query, self.sampling)
             seeds = seeds_from_query(query)
+            prompt, persona = await self.personas.prompt(query)
         except ValueError as e:
-            return await self._refuse(ws, f"bad request: {e}", CLOSE_BAD_REQUEST, "bad_query", peer)
-        conv = Conversation(self, ws, peer)
+            return await self._refuse(ws, f"bad request: {e}", CLOSE_BAD_REQUEST, "bad_query", peer,
+                                      kind.encode_error)
+        conv = kind(self, ws, peer, query)
 
         def open_slot() -> Slot | None:
-            return self.batcher.open(sampling, conv.on_ready, conv.on_frame, seeds)
+            return self.batcher.open(sampling, conv.on_ready, conv.on_frame, seeds, prompt, persona)
 
         conv.slot = None if len(self.line) else open_slot()  # nobody overtakes those who wait
         if conv.slot is None:
@@ -405,7 +447,8 @@ class MoshiServer:
             if ticket is None:
                 full = f" and the waiting line is full ({len(self.line)})" if self.config.queue_size else ""
                 return await self._refuse(ws, f"the server is busy: all {self.config.max_sessions} conversations "
-                                          f"are taken{full}, try again later", CLOSE_TRY_AGAIN_LATER, "busy", peer)
+                                          f"are taken{full}, try again later", CLOSE_TRY_AGAIN_LATER, "busy", peer,
+                                          kind.encode_error)
             conv.slot = await self._wait_in_line(conv, ticket)
             if conv.slot is None:
                 return
@@ -414,10 +457,13 @@ class MoshiServer:
         started = time.monotonic()
         sender = None
         try:
-            await asyncio.wait_for(conv.ready, self.config.ready_timeout)
+            if prompt is None:
+                await asyncio.wait_for(conv.ready, self.config.ready_timeout)
+            else:
+                await self._run_prompt(conv, prompt)
             event("conversation_start", peer=peer, slot=conv.slot.index, waited=round(conv.waited, 2),
                   sampling=sampling.__dict__)
-            await conv.send(protocol.encode_handshake())
+            await conv.send(conv.greeting())
             sender = asyncio.create_task(conv.sender())
             await self._receive(conv)
         except asyncio.TimeoutError:
@@ -433,6 +479,21 @@ class MoshiServer:
             event("conversation_end", peer=peer, slot=conv.slot.index, reason=conv.closed_reason,
                   seconds=round(time.monotonic() - started, 2), frames_in=conv.slot.frames_in,
                   frames_out=conv.frames_out, dropped=conv.dropped, errors=conv.errors)
+
+    async def _run_prompt(self, conv: Conversation, prompt) -> None:
+        """Waits for the slot's persona prompt phase (at worst one frame per 80 ms tick), answering
+        the client's pings meanwhile (the official client gives up after 10 s of silence)."""
+        listener = asyncio.create_task(self._listen_while_waiting(conv))
+        try:
+            done, _ = await asyncio.wait({conv.ready, listener}, timeout=self.config.ready_timeout
+                                         + prompt.frames * TICK_SLACK, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            listener.cancel()
+            await asyncio.wait({listener})  # its ws.receive() must end before the conversation's
+        if conv.ready not in done:
+            if listener in done:
+                raise ConnectionError("the client left during its persona prompt")
+            raise asyncio.TimeoutError
 
     def _admit(self) -> None:
         """A slot may have freed: the first waiters take it."""
@@ -450,7 +511,9 @@ class MoshiServer:
         listener = asyncio.create_task(self._listen_while_waiting(conv))
 
         async def tell(position: int, length: int) -> None:
-            await conv.send(protocol.encode_queue_position(position, length))
+            message = conv.place_in_line(position, length)
+            if message is not None:
+                await conv.send(message)
 
         outcome = LEFT
         try:
@@ -467,32 +530,25 @@ class MoshiServer:
         if outcome == TIMED_OUT:
             self.metrics.inc("openmoshi_queue_timeouts_total")
             await self._refuse(ws, f"no conversation slot freed up within {cfg.queue_timeout:g} s: the server "
-                               "is busy, try again later", CLOSE_TRY_AGAIN_LATER, "queue_timeout", conv.peer)
+                               "is busy, try again later", CLOSE_TRY_AGAIN_LATER, "queue_timeout", conv.peer,
+                               conv.encode_error)
         elif outcome == STOPPING:
-            await self._refuse(ws, "the server is shutting down", CLOSE_GOING_AWAY, "draining", conv.peer)
+            await self._refuse(ws, "the server is shutting down", CLOSE_GOING_AWAY, "draining", conv.peer,
+                               conv.encode_error)
         else:
             event("queue_left", peer=conv.peer, seconds=round(conv.waited, 2))
             await ws.close()
         return None
 
     async def _listen_while_waiting(self, conv: Conversation) -> None:
-        """Reads a waiting client until it leaves. Pings are answered; audio goes through the
-        decoder, to keep its Ogg stream in step, and is dropped: it would be stale by the start."""
+        """Reads a waiting client until it leaves (`Conversation.while_waiting` sees each message)."""
         ws = conv.ws
         while True:
             data = await ws.receive()
             if data is None:
                 return  # closed
-            if isinstance(data, str):
-                continue
             try:
-                m = protocol.parse(data)
-                if m.kind == protocol.KIND_AUDIO:
-                    conv.decoder.decode(m.data)
-                elif m.kind == protocol.KIND_PING:
-                    await conv.send(protocol.encode_ping())
-            except (protocol.ProtocolError, OpusError):
-                pass  # the conversation has not started: nothing to report yet
+                await conv.while_waiting(data)
             except SEND_ERRORS:
                 return  # cannot send: gone
 
@@ -508,7 +564,4 @@ class MoshiServer:
                 return
             if data is None:
                 return  # the client closed (or the connection broke)
-            if isinstance(data, str):
-                await conv.error("text websocket frames are not part of the protocol: send binary messages", "protocol")
-            else:
-                await conv.handle(data)
+            await conv.handle(data)

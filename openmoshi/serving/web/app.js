@@ -28,7 +28,7 @@ function chatUrl(settings) {
   // Relative to the page, so that the UI works behind a path prefix and over https from any host.
   const url = new URL("api/chat", window.location.href);
   url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
-  for (const name of P.QUERY_PARAMS) {
+  for (const name of [...P.QUERY_PARAMS, ...P.PERSONA_PARAMS]) {
     const value = settings.get(name);
     if (value !== null && String(value).trim() !== "") url.searchParams.set(name, String(value).trim());
   }
@@ -339,7 +339,25 @@ function renderStats(st) {
   }));
 }
 
+async function loadVoices() {
+  // The server's persona voices (serve --voice-prompt-dir); the list stays hidden without any.
+  try {
+    const response = await fetch(new URL(P.VOICES_ROUTE, window.location.href));
+    if (!response.ok) return;
+    const { voices } = await response.json();
+    for (const name of voices) {
+      const option = document.createElement("option");
+      option.value = option.textContent = name;
+      $("voices").append(option);
+    }
+    $("voice-label").hidden = voices.length === 0;
+  } catch (e) {
+    // an older server: no voices
+  }
+}
+
 $("connect").addEventListener("click", () => connect());
+loadVoices();
 $("disconnect").addEventListener("click", () => stop(null));
 $("download").addEventListener("click", download);
 renderStats({ ...newStats(), state: "idle" });

@@ -20,6 +20,10 @@ export const QUERY_PARAMS = [
   "text_seed", "audio_seed", "repetition_penalty", "repetition_penalty_context", "worker_auth_id",
 ];
 
+// A persona (PersonaPlex models): its role and a voice of GET api/voices (openmoshi/serving/personas.py).
+export const PERSONA_PARAMS = ["text_prompt", "voice_prompt"];
+export const VOICES_ROUTE = "api/voices";
+
 // Metadata keys of a client's place in line while it waits for a free slot, before the handshake.
 export const QUEUE_POSITION = "queue_position"; // 1: the next to start
 export const QUEUE_LENGTH = "queue_length"; // clients waiting, this one included

@@ -1,0 +1,17 @@
+"""The OpenAI Realtime API on the server (`/v1/realtime`), for voice-agent frameworks (the `openai`
+SDK, LiveKit Agents, Pipecat): the same model slots, waiting line, auth and metrics as `/api/chat`,
+with JSON events instead of the binary protocol.
+
+- `events`: the API's server events as dicts, client events parsed and checked;
+- `formats`: `audio/pcm` (24 kHz, Mimi's rate), `audio/pcmu` and `audio/pcma` (8 kHz, resampled);
+- `g711`: mu-law and A-law samples;
+- `vad`: when the user's speech starts and stops (Silero VAD);
+- `turns`: when the model's speech starts and ends (a response), from its text and audio streams;
+- `session`: one conversation (`RealtimeConversation`, a `server.Conversation`).
+
+Offers: `session.RealtimeConversation`, `session.realtime_auth`, `turns.ModelTurns`, `vad.SpeechDetector`,
+`formats.Resampler`, `g711.encode`, `g711.decode`.
+
+May import: openmoshi.audio, openmoshi.memory, openmoshi.mimi, openmoshi.lm, openmoshi.accel,
+openmoshi.loading.
+"""

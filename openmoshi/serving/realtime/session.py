@@ -1,0 +1,465 @@
+"""One `/v1/realtime` conversation: the OpenAI Realtime API over the server's shared model slots.
+
+It is a `server.Conversation` (same slot in the `Batcher`, waiting line, auth, limits and metrics
+as `/api/chat`) that speaks JSON events instead of the binary protocol:
+
+    input_audio_buffer.append ──base64, G.711, 8->24 kHz──> PCM frames ──> Batcher (one slot)
+                              └──> SpeechDetector (vad) ──> speech_started / speech_stopped / committed
+    Batcher ──on_frame(pcm, text)──> ModelTurns (turns) ──> response.created ... deltas ... response.done
+                                                            (outbox, in order) ──sender──> websocket
+
+Every server event goes through one ordered outbox, so that no delta can follow its response's
+`response.done`. A client that reads slowly loses its oldest audio deltas, never other events.
+Things Moshi cannot do (instructions, tools, voices, text input) are accepted and reported as
+`ignored` in `session.updated`, except on a PersonaPlex model, where `instructions` and `voice` (a
+voice of `serve --voice-prompt-dir`) become its text and voice prompts: Moshi's side restarts with
+that persona (its prompt phase, from the persona cache when it has run before). A malformed event
+gets an `error` event and the session goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import replace
+from typing import Mapping
+
+import numpy as np
+
+from openmoshi.serving.realtime import events as E
+from openmoshi.serving.realtime.formats import AudioFormat, InputDecoder, OutputEncoder, parse_format
+from openmoshi.serving.realtime.turns import ENDED, STARTED, ModelTurns
+from openmoshi.serving.realtime.vad import SpeechDetector, TurnDetection
+from openmoshi.serving.server import CLOSE_POLICY_VIOLATION, SEND_ERRORS, Conversation, event
+
+SUBPROTOCOL = "realtime"
+KEY_SUBPROTOCOL = "openai-insecure-api-key."  # browsers pass the key as a websocket subprotocol
+MODEL_NAME = "moshi"
+VOICE = "moshi"  # the one voice the loaded model has
+MIN_COMMIT_MS = 100  # OpenAI refuses to commit less audio than this
+AUDIO_DELTA = "response.output_audio.delta"
+# session.update fields that cannot apply to Moshi: accepted, reported as ignored.
+_IGNORED_SESSION = ("instructions", "tools", "tool_choice", "max_output_tokens", "max_response_output_tokens",
+                    "tracing", "prompt", "include", "truncation", "reasoning", "output_modalities", "modalities")
+
+
+def realtime_auth(headers: Mapping[str, str]) -> tuple[dict, str | None]:
+    """(headers with the key as `Authorization: Bearer` when a browser passed it as the
+    `openai-insecure-api-key.KEY` subprotocol, the subprotocol to answer: 'realtime' or None)."""
+    offered = [p.strip() for p in headers.get("sec-websocket-protocol", "").split(",") if p.strip()]
+    out = {k.lower(): v for k, v in headers.items()}
+    key = next((p[len(KEY_SUBPROTOCOL):] for p in offered if p.startswith(KEY_SUBPROTOCOL)), None)
+    if key and not out.get("authorization"):
+        out["authorization"] = f"Bearer {key}"
+    answer = SUBPROTOCOL if SUBPROTOCOL in offered or key is not None else None
+    return out, answer
+
+
+class _Response:
+    def __init__(self, metadata, input_frames: int):
+        self.id, self.item_id = E.new_id("resp"), E.new_id("item")
+        self.metadata = metadata
+        self.transcript: list[str] = []
+        self.audio_ms = 0.0
+        self.frames = 0
+        self.words = 0
+        self.input_frames_at_start = input_frames
+
+
+class RealtimeConversation(Conversation):
+    """The event-loop side of one Realtime API session."""
+
+    def __init__(self, server, ws, peer, query: Mapping[str, str] | None = None):
+        super().__init__(server, ws, peer, query)
+        self.session_id = E.new_id("sess")
+        self.model = (query or {}).get("model") or MODEL_NAME
+        self.input_format = self.output_format = AudioFormat()
+        self.decode, self.encode = InputDecoder(self.input_format), OutputEncoder(self.output_format)
+        self.turn_detection = TurnDetection()
+        self.vad: SpeechDetector | None = None  # made on the first audio (loads its model)
+        self.voice, self.instructions = VOICE, ""
+        self.turns = ModelTurns()
+        self.response: _Response | None = None
+        self.pending_create: dict | None = None  # a response.create waiting for the model to speak
+        self.items: dict[str, dict] = {}
+        self.last_item_id: str | None = None
+        self.user_item_id: str | None = None  # the user's speech item being heard (VAD)
+        self.buffered_ms = 0.0  # appended audio since the last commit or clear
+        self.frames_pushed = 0
+        self.audio_in_outbox = 0
+
+    # ------------------------------------------------------------------ protocol hooks
+
+    @staticmethod
+    def encode_error(message: str) -> str:
+        return json.dumps(E.error(message, "session_refused", kind="server_error"))
+
+    def greeting(self) -> str:
+        return json.dumps(E.server_event("session.created", session=self.session()))
+
+    def place_in_line(self, position: int, length: int) -> None:
+        return None  # the Realtime API has no such event: a waiting client hears nothing until session.created
+
+    async def while_waiting(self, data) -> None:
+        pass  # audio sent before the session starts would be stale: dropped
+
+    def session(self) -> dict:
+        fmt_in, fmt_out = self.input_format.to_dict(), self.output_format.to_dict()
+        return {"type": "realtime", "object": "realtime.session", "id": self.session_id, "model": self.model,
+                "output_modalities": ["audio"], "instructions": self.instructions,
+                "audio": {"input": {"format": fmt_in, "transcription": None, "noise_reduction": None,
+                                    "turn_detection": self.turn_detection.to_dict()},
+                          "output": {"format": fmt_out, "voice": self.voice, "speed": 1.0}},
+                "tools": [], "tool_choice": "auto", "max_output_tokens": "inf", "tracing": None, "prompt": None,
+                "include": None, "expires_at": 0}
+
+    # ------------------------------------------------------------------ output
+
+    def emit(self, event: dict) -> None:
+        self.outbox.append(event)
+        if event["type"] == AUDIO_DELTA:
+            self.audio_in_outbox += 1
+            if self.audio_in_outbox > self.server.config.outbox_frames:
+                self._drop_oldest_audio()
+        self.out_event.set()
+
+    def _drop_oldest_audio(self) -> None:
+        """The client cannot keep up: its oldest audio delta goes, every other event stays."""
+        for i, queued in enumerate(self.outbox):
+            if queued["type"] == AUDIO_DELTA:
+                del self.outbox[i]
+                self.audio_in_outbox -= 1
+                self.dropped += 1
+                self.server.metrics.inc("openmoshi_frames_dropped_total", direction="out")
+                return
+
+    async def sender(self) -> None:
+        try:
+            while True:
+                await self.out_event.wait()
+                self.out_event.clear()
+                while self.outbox:
+                    queued = self.outbox.popleft()
+                    if queued["type"] == AUDIO_DELTA:
+                        self.audio_in_outbox -= 1
+                        self.frames_out += 1
+                    await self.send(json.dumps(queued))
+        except SEND_ERRORS as e:
+            self.closed_reason = f"send failed: {type(e).__name__}"
+            await self.ws.close()
+
+    def _deliver(self, pcm: np.ndarray, text: str | None) -> None:
+        """One frame of the model (on the event loop): responses start and end here."""
+        transition, frames = self.turns.step(pcm, text)
+        if transition == STARTED:
+            self._start_response()
+        if self.response is not None:  # None for the rest of a stretch whose response was cancelled
+            for frame_pcm, frame_text in frames:
+                self._frame(frame_pcm, frame_text)
+            if transition == ENDED:
+                self._finish("completed")
+
+    def _start_response(self) -> None:
+        create, self.pending_create = self.pending_create, None
+        metadata = (create or {}).get("metadata")
+        r = self.response = _Response(metadata, self.frames_pushed)
+        item = E.assistant_item(r.item_id, "in_progress", None)
+        item["content"] = []
+        self.emit(E.server_event("response.created", response=self._response_object(r, "in_progress", [])))
+        self.emit(E.server_event("response.output_item.added", response_id=r.id, output_index=0, item=item))
+        self.emit(E.server_event("conversation.item.added", previous_item_id=self.last_item_id, item=item))
+        self.last_item_id = r.item_id
+        self.emit(E.server_event("response.content_part.added", response_id=r.id, item_id=r.item_id,
+                                 output_index=0, content_index=0, part={"type": "audio", "transcript": ""}))
+
+    def _frame(self, pcm: np.ndarray, text: str | None) -> None:
+        r = self.response
+        ids = dict(response_id=r.id, item_id=r.item_id, output_index=0, content_index=0)
+        if text:
+            if not r.transcript:
+                text = text.lstrip()
+            r.transcript.append(text)
+            r.words += 1
+            # The inner monologue leads the voice: its time is where the frame falls in the response's audio.
+            self.emit(E.server_event("response.output_audio_transcript.delta", **ids, delta=text,
+                                     start_time=round(r.audio_ms / 1000.0, 3)))
+        data = self.encode(pcm)
+        r.audio_ms += self.encode.ms(len(data))
+        r.frames += 1
+        self.emit(E.server_event(AUDIO_DELTA, **ids, delta=E.b64(data)))
+
+    def _finish(self, status: str) -> None:
+        r, self.response = self.response, None
+        transcript = "".join(r.transcript)
+        ids = dict(response_id=r.id, item_id=r.item_id, output_index=0, content_index=0)
+        item = E.assistant_item(r.item_id, "completed" if status == "completed" else "incomplete", transcript)
+        self.items[r.item_id] = item
+        self.emit(E.server_event("response.output_audio.done", **ids))
+        self.emit(E.server_event("response.output_audio_transcript.done", **ids, transcript=transcript))
+        self.emit(E.server_event("response.content_part.done", **ids, part={"type": "audio", "transcript": transcript}))
+        self.emit(E.server_event("response.output_item.done", response_id=r.id, output_index=0, item=item))
+        self.emit(E.server_event("conversation.item.done", item=item))
+        self.emit(E.server_event("response.done", response=self._response_object(r, status, [item])))
+
+    def _response_object(self, r: _Response, status: str, output: list) -> dict:
+        details = None
+        if status == "cancelled":
+            details = {"type": "cancelled", "reason": "client_cancelled"}
+        usage = None
+        if status != "in_progress":
+            usage = E.usage(r.words, r.frames, self.frames_pushed - r.input_frames_at_start)
+        return {"object": "realtime.response", "id": r.id, "status": status, "status_details": details,
+                "output": output, "conversation_id": "conv_" + self.session_id[5:], "output_modalities": ["audio"],
+                "max_output_tokens": "inf", "audio": {"output": {"format": self.output_format.to_dict(),
+                                                                 "voice": self.voice}},
+                "usage": usage, "metadata": r.metadata}
+
+    # ------------------------------------------------------------------ input
+
+    async def error(self, message: str, kind: str = "realtime", code: str = "invalid_value",
+                    param: str | None = None, client_event_id: str | None = None) -> None:
+        """An `error` event (the session goes on); closes after `max_errors` of them. The server
+        also calls it (kind "idle") right before closing an idle session."""
+        self.errors += 1
+        self.server.metrics.inc("openmoshi_errors_total", kind=kind)
+        event("bad_message", logging.WARNING, peer=self.peer, kind=kind, code=code, message=message[:200])
+        self.emit(E.error(message, "idle_timeout" if kind == "idle" else code, param, client_event_id))
+        closing = kind == "idle" or self.errors >= self.server.config.max_errors
+        if closing:
+            await asyncio.sleep(0.05)  # the sender says why before the close
+        if self.errors >= self.server.config.max_errors:
+            self.closed_reason = "too many bad messages"
+            await self.ws.close(CLOSE_POLICY_VIOLATION, "too many bad messages")
+
+    async def handle(self, data: bytes | str) -> None:
+        client_event_id = None
+        try:
+            ev = E.parse_client_event(data)
+            client_event_id = ev.get("event_id")
+            await getattr(self, "_on_" + ev["type"].replace(".", "_"))(ev)
+        except E.EventError as e:
+            await self.error(e.message, "realtime", e.code, e.param, client_event_id)
+
+    async def _on_session_update(self, ev: dict) -> None:
+        s = ev.get("session")
+        if not isinstance(s, dict):
+            raise E.EventError("session.update needs a 'session' object", "missing_required_parameter", "session")
+        ignored = [k for k in _IGNORED_SESSION if k in s]
+        audio = s.get("audio") if isinstance(s.get("audio"), dict) else {}
+        a_in = audio.get("input") if isinstance(audio.get("input"), dict) else {}
+        a_out = audio.get("output") if isinstance(audio.get("output"), dict) else {}
+        # GA places first, then the beta API's flat names.
+        fmt_in = a_in.get("format", s.get("input_audio_format"))
+        fmt_out = a_out.get("format", s.get("output_audio_format"))
+        turn = a_in["turn_detection"] if "turn_detection" in a_in else s.get("turn_detection", ...)
+        voice = a_out.get("voice", s.get("voice"))
+        try:
+            new_in = parse_format(fmt_in) if fmt_in is not None else self.input_format
+            new_out = parse_format(fmt_out) if fmt_out is not None else self.output_format
+        except ValueError as e:
+            raise E.EventError(str(e), "invalid_value", "session.audio.format") from None
+        new_turn = self.turn_detection if turn is ... else self._turn_detection(turn)
+        sampling = self._sampling(s)
+        persona = await self._persona(s.get("instructions"), voice)
+        # Everything checked: apply.
+        if new_in != self.input_format:
+            self.input_format, self.decode = new_in, InputDecoder(new_in)
+        if new_out != self.output_format and self.response is None:
+            self.output_format, self.encode = new_out, OutputEncoder(new_out)
+        elif new_out != self.output_format:
+            raise E.EventError("the output format cannot change during a response", "invalid_value",
+                               "session.audio.output.format")
+        if new_turn != self.turn_detection:
+            self.turn_detection, self.vad = new_turn, None
+        if persona is not None:  # a PersonaPlex model: instructions and voice are its prompts
+            ignored = [k for k in ignored if k != "instructions"]
+            self._start_persona(*persona)
+            if voice is not None:
+                self.voice = voice
+        elif voice is not None and voice != VOICE:
+            ignored.append("voice")
+        if "input_audio_transcription" in s or a_in.get("transcription"):
+            ignored.append("transcription")
+        if "noise_reduction" in a_in or "input_audio_noise_reduction" in s:
+            ignored.append("noise_reduction")
+        if isinstance(s.get("instructions"), str):
+            self.instructions = s["instructions"]
+        if sampling is not None:
+            self.slot.sampling = sampling
+            self.server.batcher.set_sampling(self.slot, sampling)
+        self.emit(E.server_event("session.updated", session=self.session(), ignored=ignored))
+
+    async def _persona(self, instructions, voice) -> tuple | None:
+        """On a PersonaPlex model, (prompt, cache key) of session.update's `instructions` (the text
+        prompt) and `voice` (a voice of --voice-prompt-dir), None when they leave the persona as
+        it is or the model takes no prompts; EventError for a prompt it cannot use."""
+        if not self.server.batcher.lm.cfg.depformer_user_slots:
+            return None
+        text = instructions if isinstance(instructions, str) and instructions.strip() else None
+        voice = voice if isinstance(voice, str) and voice != VOICE else None
+        if text == (self.instructions or None) and voice == (self.voice if self.voice != VOICE else None):
+            return None
+        if text is None and voice is None:
+            return None
+        query = {k: v for k, v in (("text_prompt", text), ("voice_prompt", voice)) if v is not None}
+        try:
+            return await self.server.personas.prompt(query)
+        except ValueError as e:
+            raise E.EventError(f"cannot use this persona: {e}", "invalid_value",
+                               "session.voice" if voice and "voice" in str(e) else "session.instructions") from None
+
+    def _start_persona(self, prompt, key) -> None:
+        """Moshi's side restarts as the persona: the slot runs the prompt phase (no audio in or
+        out meanwhile, any response ends), then the conversation goes on with the new persona."""
+        if self.response is not None:
+            self._finish("incomplete")
+        self.turns = ModelTurns()
+        self.slot.prompt, self.slot.persona = prompt, key
+        self.server.batcher.restart(self.slot)
+        event("realtime_persona", peer=self.peer, frames=prompt.frames)
+
+    def _turn_detection(self, turn) -> TurnDetection:
+        if turn is None or turn is False:
+            return TurnDetection(None)
+        if not isinstance(turn, dict) or turn.get("type", "server_vad") not in ("server_vad", "semantic_vad"):
+            raise E.EventError("turn_detection must be null or of type server_vad or semantic_vad", "invalid_value",
+                               "session.audio.input.turn_detection")
+        base = TurnDetection(turn.get("type", "server_vad"))
+        try:
+            threshold = float(turn.get("threshold", base.threshold))
+            padding = int(turn.get("prefix_padding_ms", base.prefix_padding_ms))
+            silence = int(turn.get("silence_duration_ms", base.silence_duration_ms))
+        except (TypeError, ValueError):
+            raise E.EventError("turn_detection's threshold and durations must be numbers", "invalid_type",
+                               "session.audio.input.turn_detection") from None
+        if not 0.0 <= threshold <= 1.0 or padding < 0 or silence < 0:
+            raise E.EventError("turn_detection: threshold in [0, 1], durations >= 0", "invalid_value",
+                               "session.audio.input.turn_detection")
+        return replace(base, threshold=threshold, prefix_padding_ms=padding, silence_duration_ms=silence)
+
+    def _sampling(self, s: dict):
+        """`temperature` (the beta session field) sets the audio temperature and scales the text
+        one by the same factor; None when the update has none."""
+        t = s.get("temperature")
+        if t is None:
+            return None
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= t <= 2.0:
+            raise E.EventError("temperature must be a number in [0, 2]", "invalid_value", "session.temperature")
+        base = self.server.sampling
+        scale = t / base.temp if base.temp > 0 else 1.0
+        return replace(self.slot.sampling, temp=float(t), temp_text=base.temp_text * scale)
+
+    async def _on_input_audio_buffer_append(self, ev: dict) -> None:
+        pcm = self.decode(E.audio_payload(ev))
+        if not pcm.size:
+            return
+        self.buffered_ms += 1000.0 * pcm.size / 24000
+        x = np.concatenate([self.pending, pcm])
+        whole = x.shape[0] - x.shape[0] % self.server.batcher.frame_size
+        if whole:
+            self.server.batcher.push(self.slot, x[:whole])
+            self.frames_pushed += whole // self.server.batcher.frame_size
+        self.pending = x[whole:]
+        if self.turn_detection.type is None:
+            return
+        if self.vad is None:
+            self.vad = await asyncio.to_thread(SpeechDetector, self.turn_detection)
+        for kind, ms in await asyncio.to_thread(self.vad.feed, pcm):
+            if kind == "speech_started":
+                self.user_item_id = E.new_id("item")
+                self.emit(E.server_event("input_audio_buffer.speech_started", audio_start_ms=ms,
+                                         item_id=self.user_item_id))
+            elif self.user_item_id is not None:
+                item_id, self.user_item_id = self.user_item_id, None
+                self.emit(E.server_event("input_audio_buffer.speech_stopped", audio_end_ms=ms, item_id=item_id))
+                self._commit(item_id)
+
+    def _commit(self, item_id: str) -> None:
+        item = E.user_item(item_id)
+        self.items[item_id] = item
+        previous, self.last_item_id = self.last_item_id, item_id
+        self.buffered_ms = 0.0
+        self.emit(E.server_event("input_audio_buffer.committed", previous_item_id=previous, item_id=item_id))
+        self.emit(E.server_event("conversation.item.added", previous_item_id=previous, item=item))
+        self.emit(E.server_event("conversation.item.done", previous_item_id=previous, item=item))
+
+    async def _on_input_audio_buffer_commit(self, ev: dict) -> None:
+        if self.buffered_ms < MIN_COMMIT_MS:
+            raise E.EventError(f"buffer too small: expected at least {MIN_COMMIT_MS} ms of audio, but the buffer "
+                               f"only has {self.buffered_ms:.2f} ms", "input_audio_buffer_commit_empty")
+        item_id = self.user_item_id or E.new_id("item")
+        self.user_item_id = None
+        self._commit(item_id)
+
+    async def _on_input_audio_buffer_clear(self, ev: dict) -> None:
+        # The model has heard it already (it listens all the time): only the buffer's count restarts.
+        self.buffered_ms = 0.0
+        self.emit(E.server_event("input_audio_buffer.cleared"))
+
+    async def _on_conversation_item_create(self, ev: dict) -> None:
+        item = ev.get("item")
+        if not isinstance(item, dict) or item.get("type") not in ("message", "function_call", "function_call_output"):
+            raise E.EventError("conversation.item.create needs an 'item' of type message, function_call or "
+                               "function_call_output", "invalid_value", "item")
+        item_id = item.get("id") or E.new_id("item")
+        if not isinstance(item_id, str):
+            raise E.EventError("'item.id' must be a string", "invalid_type", "item.id")
+        if item_id in self.items:
+            raise E.EventError(f"Item with item_id '{item_id}' already exists", "item_create_duplicate_item_id",
+                               "item.id")
+        # Moshi hears audio only: the item is kept in the conversation's list, its content unread.
+        item = {**item, "id": item_id, "object": "realtime.item", "status": "completed"}
+        self.items[item_id] = item
+        previous = ev.get("previous_item_id", self.last_item_id)
+        self.last_item_id = item_id
+        self.emit(E.server_event("conversation.item.added", previous_item_id=previous, item=item))
+        self.emit(E.server_event("conversation.item.done", previous_item_id=previous, item=item))
+
+    def _item_id(self, ev: dict) -> str:
+        item_id = ev.get("item_id")
+        if not isinstance(item_id, str):
+            raise E.EventError(f"{ev['type']} needs 'item_id'", "missing_required_parameter", "item_id")
+        return item_id
+
+    async def _on_conversation_item_truncate(self, ev: dict) -> None:
+        item_id = self._item_id(ev)
+        end = ev.get("audio_end_ms")
+        if isinstance(end, bool) or not isinstance(end, int) or end < 0:
+            raise E.EventError("'audio_end_ms' must be an integer >= 0", "invalid_value", "audio_end_ms")
+        self.emit(E.server_event("conversation.item.truncated", item_id=item_id,
+                                 content_index=ev.get("content_index", 0), audio_end_ms=end))
+
+    async def _on_conversation_item_delete(self, ev: dict) -> None:
+        item_id = self._item_id(ev)
+        self.items.pop(item_id, None)
+        self.emit(E.server_event("conversation.item.deleted", item_id=item_id))
+
+    async def _on_conversation_item_retrieve(self, ev: dict) -> None:
+        item_id = self._item_id(ev)
+        if item_id not in self.items:
+            raise E.EventError(f"Item with item_id '{item_id}' not found", "item_not_found", "item_id")
+        self.emit(E.server_event("conversation.item.retrieved", item=self.items[item_id]))
+
+    async def _on_response_create(self, ev: dict) -> None:
+        response = ev.get("response") or {}
+        if not isinstance(response, dict):
+            raise E.EventError("'response' must be an object", "invalid_type", "response")
+        metadata = response.get("metadata")
+        if metadata is not None and not isinstance(metadata, dict):
+            raise E.EventError("'response.metadata' must be an object", "invalid_type", "response.metadata")
+        # Moshi decides when it speaks: the next stretch of its speech (after the current one, if it
+        # is speaking) answers this request. A later request replaces an unanswered one.
+        self.pending_create = response
+
+    async def _on_response_cancel(self, ev: dict) -> None:
+        r = self.response
+        if r is None or ev.get("response_id") not in (None, r.id):
+            raise E.EventError("Cancellation failed: no active response found", "response_cancel_not_active")
+        # Its audio not yet sent is dropped. The rest of the model's current stretch of speech is not
+        # sent either: a response starts only where a stretch starts (`turns`).
+        kept = [q for q in self.outbox if not (q["type"] == AUDIO_DELTA and q.get("response_id") == r.id)]
+        self.audio_in_outbox -= len(self.outbox) - len(kept)
+        self.outbox.clear()
+        self.outbox.extend(kept)
+        self._finish("cancelled")
