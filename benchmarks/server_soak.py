@@ -10,7 +10,8 @@
            dropped): it keeps answering past the context window, and the server's memory (RSS) at
            the end against after the first minute of audio.
     many   CONVERSATIONS conversations in real time for SECONDS: frames lost in and out, the
-           server's p99 frame time (from /metrics), memory at the start and the end.
+           server's p99 frame time (from /metrics), memory once they are all in (after a minute)
+           and at the end.
 
     python benchmarks/server_soak.py fuzz --messages 100000
     python benchmarks/server_soak.py long --frames 45000
@@ -211,12 +212,17 @@ async def long(port: int, pid: int, frames: int, window: int = 25) -> dict:
 async def many(port: int, pid: int, conversations: int, seconds: float) -> dict:
     url = f"ws://127.0.0.1:{port}/api/chat"
     stop, results = asyncio.Event(), [{} for _ in range(conversations)]
-    start_rss = rss_mb(pid)
+    idle_rss = rss_mb(pid)
     tasks = [asyncio.create_task(normal_conversation(url, stop, r)) for r in results]
-    await asyncio.sleep(seconds)
+    # Memory once every conversation has joined and warmed up (their states, codecs and buffers),
+    # then at the end: the growth of a steady load.
+    warm = min(60.0, seconds / 4)
+    await asyncio.sleep(warm)
+    warm_rss = rss_mb(pid)
+    await asyncio.sleep(seconds - warm)
+    end_rss = rss_mb(pid)
     stop.set()
     await asyncio.gather(*tasks)
-    end_rss = rss_mb(pid)
     async with aiohttp.ClientSession() as s:
         metrics = await (await s.get(f"http://127.0.0.1:{port}/metrics")).text()
     lost = [max(0, r["frames_sent"] - r["frames_received"]) for r in results]
@@ -228,7 +234,8 @@ async def many(port: int, pid: int, conversations: int, seconds: float) -> dict:
             "largest_gap_s": max(r["largest_gap_s"] or 0 for r in results),
             "errors": sum(len(r.get("errors", [])) for r in results),
             "server_counters": dropped, "step_p99_ms": _p99_from_histogram(metrics),
-            "rss_mb_start": round(start_rss, 1), "rss_mb_end": round(end_rss, 1)}
+            "rss_mb_idle": round(idle_rss, 1), f"rss_mb_after_{warm:g}s": round(warm_rss, 1),
+            "rss_mb_end": round(end_rss, 1), "rss_change_pct": round(100 * (end_rss - warm_rss) / warm_rss, 2)}
 
 
 def _p99_from_histogram(metrics: str) -> float | None:

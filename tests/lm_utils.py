@@ -84,3 +84,13 @@ def official_frames(gen, user: torch.Tensor) -> torch.Tensor:
             if out is not None:
                 frames.append(out[:, :, 0])
     return torch.stack(frames, dim=-1)
+
+
+def tiny_lm(seed: int = 0, std: float = 0.2) -> LMModel:
+    """Our tiny 7B-shaped LM with random weights (scaled so logits are far from ties), in eval mode."""
+    torch.manual_seed(seed)
+    m = LMModel(lm_config_from_dict(TINY_7B)).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, std)
+    return m

@@ -8,17 +8,12 @@ from openmoshi.lm.model import LMModel
 from openmoshi.lm.config import lm_config_from_dict
 from openmoshi.lm.sampling import SamplingConfig, sample
 
-from lm_utils import TINY_7B
+from lm_utils import TINY_7B, tiny_lm
 
 
 @pytest.fixture(scope="module")
 def lm():
-    torch.manual_seed(0)
-    m = LMModel(lm_config_from_dict(TINY_7B)).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0, 0.2)
-    return m
+    return tiny_lm()
 
 
 def frames(lm, state, user, active=None):

@@ -6,26 +6,18 @@ function) to prove that the check would notice; on a GPU `benchmarks/gpu_check.s
 import logging
 
 import pytest
-import torch
 
 from openmoshi.accel import self_check
 from openmoshi.accel.cuda_graph import GraphedStep
 from openmoshi.lm import generate as G
-from openmoshi.lm.config import lm_config_from_dict
-from openmoshi.lm.model import LMModel
 from openmoshi.modules.transformer import RMSNorm
 
-from lm_utils import TINY_7B
+from lm_utils import tiny_lm
 
 
 @pytest.fixture(scope="module")
 def lm():
-    torch.manual_seed(0)
-    m = LMModel(lm_config_from_dict(TINY_7B)).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0, 0.2)
-    return m
+    return tiny_lm()
 
 
 class SlightlyOffNorm(RMSNorm):

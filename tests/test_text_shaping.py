@@ -5,12 +5,10 @@ import pytest
 import torch
 
 from openmoshi.lm import generate as G
-from openmoshi.lm.config import lm_config_from_dict
-from openmoshi.lm.model import LMModel
 from openmoshi.lm.sampling import TEXT_HISTORY, SamplingConfig, push_text_history, shape_text_logits
 from openmoshi.serving.server import sampling_from_query
 
-from lm_utils import TINY_7B
+from lm_utils import tiny_lm
 
 PAD, END_PAD = 3, 0
 
@@ -54,12 +52,7 @@ def test_shaping_equals_the_plain_reference_across_ring_wraps():
 
 @pytest.fixture(scope="module")
 def lm():
-    torch.manual_seed(0)
-    m = LMModel(lm_config_from_dict(TINY_7B)).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0, 0.2)
-    return m
+    return tiny_lm()
 
 
 def run(lm, sampling: list[SamplingConfig], user: torch.Tensor, record: list | None = None):
