@@ -16,8 +16,9 @@ PART=${1:-all}
 if [ "$PART" = all ] || [ "$PART" = speed ]; then
 # 1. equivalence on the GPU: CUDA-graph step == eager step (alone, in the server batcher and in offline
 #    inference, seeded included), tinygemm int4 == reference
-#    and the fused Triton kernels (tests/test_fused.py runs them on CUDA tensors when a GPU is there)
-timeout 60 python3 -m pytest -q -m gpu tests/test_fast_paths.py tests/test_graphed_loops.py 2>&1 | tail -5 | tee "$OUT/gpu_tests.txt"
+#    and the fused Triton kernels (tests/test_fused.py runs them on CUDA tensors when a GPU is there),
+#    and forced tokens (personas) through captured graphs (tests/test_forced.py)
+timeout 60 python3 -m pytest -q -m gpu tests/test_fast_paths.py tests/test_graphed_loops.py tests/test_forced.py 2>&1 | tail -5 | tee "$OUT/gpu_tests.txt"
 timeout 40 python3 -m pytest -q tests/test_fused.py 2>&1 | tail -3 | tee -a "$OUT/gpu_tests.txt"
 # 2. the official loop and ours, 7B bf16, batch 1/32 (worst case of all timeouts: about 580 s)
 timeout 200 python3 benchmarks/compare_official.py --config moshi_7b --batch-sizes 1,32 --steps 40 --warmup 10 \

@@ -98,20 +98,22 @@ def test_bad_forced_tokens():
         G.step(ours, state, user, forced=bad)
 
 
-def test_graphed_step_forces_like_the_eager_step():
-    """`GraphedStep` (static input buffers, as CUDA graphs replay them; eager on CPU) with forced
-    tokens and input embeddings gives the eager step's tokens, and switches between steps with
-    and without them."""
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device")])])
+def test_graphed_step_forces_like_the_eager_step(device):
+    """`GraphedStep` (captured CUDA graphs on a GPU; on CPU the static input buffers they replay
+    from, eagerly) with forced tokens and input embeddings gives the eager step's tokens, and
+    switches between steps with and without them."""
     from openmoshi.accel.cuda_graph import GraphedStep
 
     kw = CONFIGS["tiny_7b"]
-    ours = ours_from_official(make_official_lm(kw, seed=16), kw)
+    ours = ours_from_official(make_official_lm(kw, seed=16), kw).to(device)
     cfg = ours.cfg
     B, T = 2, 10
-    user = torch.randint(0, cfg.card, (B, 8, T), generator=torch.Generator().manual_seed(17))
-    forced = forced_schedule(cfg, B, T, 0.4, seed=18)
-    emb = torch.randn(T, B, 1, cfg.dim, generator=torch.Generator().manual_seed(19))
-    use = torch.tensor([True, False])
+    user = torch.randint(0, cfg.card, (B, 8, T), generator=torch.Generator().manual_seed(17)).to(device)
+    forced = forced_schedule(cfg, B, T, 0.4, seed=18).to(device)
+    emb = torch.randn(T, B, 1, cfg.dim, generator=torch.Generator().manual_seed(19)).to(device)
+    use = torch.tensor([True, False], device=device)
     outs = []
     for graphed in (False, True):
         state = G.init_state(ours, B, SamplingConfig(temp=0.8, temp_text=0.7), slot_streams=True)
