@@ -110,7 +110,9 @@ def test_logs_read_as_text_on_a_terminal_and_json_otherwise(monkeypatch, capsys)
     setup_logging("json")
     hf_logging.get_logger("huggingface_hub.file_download").warning("a hub warning")
     import warnings
-    warnings.warn("a python warning", UserWarning)
+    with warnings.catch_warnings():  # whatever filters earlier tests left, this one is shown
+        warnings.simplefilter("always")
+        warnings.warn("a python warning", UserWarning)
     err = capsys.readouterr().err.splitlines()
     hub = [line for line in err if "a hub warning" in line]
     py = [line for line in err if "a python warning" in line]

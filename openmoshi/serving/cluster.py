@@ -192,7 +192,10 @@ def run(spec: ReplicaSpec, replicas: int, address: str | None = None, host: str 
         log.warning("the HAProxy mode is chosen when a Ray cluster starts: start it with "
                     "RAY_SERVE_ENABLE_HA_PROXY=1 in the environment of `ray start` (this one keeps its proxy)")
     if not ray.is_initialized():
-        ray.init(address=address, **({} if address else {"_node_ip_address": host if host != "0.0.0.0" else None}),
+        # Without an address, a fresh local instance ("local"): a bare init would join whatever
+        # cluster this machine already runs, whose Serve keeps its own port.
+        ray.init(address=address or "local",
+                 **({} if address else {"_node_ip_address": host if host != "0.0.0.0" else None}),
                  include_dashboard=False, logging_level=logging.WARNING)
     serve.start(http_options={"host": host, "port": port})
     serve.run(deployment(spec, replicas, gpus_per_replica, graceful_shutdown_s, cpus_per_replica), name=APP_NAME,
