@@ -107,6 +107,7 @@ def test_logs_read_as_text_on_a_terminal_and_json_otherwise(monkeypatch, capsys)
     # would print theirs a second time, plain.
     from huggingface_hub.utils import logging as hf_logging
 
+    logging.captureWarnings(False)  # an earlier in-process `serve` left it on under another test's warning hook
     setup_logging("json")
     hf_logging.get_logger("huggingface_hub.file_download").warning("a hub warning")
     import warnings
