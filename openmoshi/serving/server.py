@@ -242,20 +242,24 @@ class Conversation:
     async def send(self, data: bytes) -> None:
         await asyncio.wait_for(self.ws.send(data), self.server.config.send_timeout)
 
+    def wire(self, queued) -> bytes | str | None:
+        """The message of one outbox entry (None: nothing to send yet); another protocol overrides it."""
+        kind, value = queued
+        if kind == "audio":
+            self.frames_out += 1
+            ogg = self.encoder.encode(value)
+            return protocol.encode_audio(ogg) if ogg else None
+        return protocol.encode_text(value)
+
     async def sender(self) -> None:
         try:
             while True:
                 await self.out_event.wait()
                 self.out_event.clear()
                 while self.outbox:
-                    kind, value = self.outbox.popleft()
-                    if kind == "audio":
-                        self.frames_out += 1
-                        ogg = self.encoder.encode(value)
-                        if ogg:
-                            await self.send(protocol.encode_audio(ogg))
-                    else:
-                        await self.send(protocol.encode_text(value))
+                    data = self.wire(self.outbox.popleft())
+                    if data is not None:
+                        await self.send(data)
         except SEND_ERRORS as e:
             # A send that blocks or fails: the client is gone or stuck. Closing ends the receiver.
             self.closed_reason = f"send failed: {type(e).__name__}"

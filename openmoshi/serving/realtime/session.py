@@ -31,7 +31,7 @@ from openmoshi.serving.realtime import events as E
 from openmoshi.serving.realtime.formats import AudioFormat, InputDecoder, OutputEncoder, parse_format
 from openmoshi.serving.realtime.turns import ENDED, STARTED, ModelTurns
 from openmoshi.serving.realtime.vad import SpeechDetector, TurnDetection
-from openmoshi.serving.server import CLOSE_POLICY_VIOLATION, SEND_ERRORS, Conversation, event
+from openmoshi.serving.server import CLOSE_POLICY_VIOLATION, Conversation, event
 
 SUBPROTOCOL = "realtime"
 KEY_SUBPROTOCOL = "openai-insecure-api-key."  # browsers pass the key as a websocket subprotocol
@@ -134,20 +134,12 @@ class RealtimeConversation(Conversation):
                 self.server.metrics.inc("openmoshi_frames_dropped_total", direction="out")
                 return
 
-    async def sender(self) -> None:
-        try:
-            while True:
-                await self.out_event.wait()
-                self.out_event.clear()
-                while self.outbox:
-                    queued = self.outbox.popleft()
-                    if queued["type"] == AUDIO_DELTA:
-                        self.audio_in_outbox -= 1
-                        self.frames_out += 1
-                    await self.send(json.dumps(queued))
-        except SEND_ERRORS as e:
-            self.closed_reason = f"send failed: {type(e).__name__}"
-            await self.ws.close()
+    def wire(self, queued: dict) -> str:
+        """An outbox event as its JSON text (the base class's sender sends it)."""
+        if queued["type"] == AUDIO_DELTA:
+            self.audio_in_outbox -= 1
+            self.frames_out += 1
+        return json.dumps(queued)
 
     def _deliver(self, pcm: np.ndarray, text: str | None) -> None:
         """One frame of the model (on the event loop): responses start and end here."""
