@@ -6,7 +6,7 @@ from pathlib import Path
 
 from openmoshi.serving import client
 from openmoshi.serving import protocol
-from openmoshi.serving import server
+from openmoshi.serving import params
 
 WEB = Path(__file__).resolve().parent.parent / "openmoshi" / "serving" / "web"
 
@@ -31,7 +31,7 @@ def test_query_params_agree():
     js = _js_constants()["QUERY_PARAMS"]
     assert js == list(client.SAMPLING_PARAMS) + [client.AUTH_PARAM]
     # Every setting the UI sends is one the server reads (applied or validated).
-    known = set(server._SAMPLING_PARAMS) | set(server._SEED_PARAMS) | {"worker_auth_id"}
+    known = set(params.SAMPLING_PARAMS) | set(params.SEED_PARAMS) | {"worker_auth_id"}
     assert set(js) <= known
 
 

@@ -179,8 +179,7 @@ def run_serve(args) -> int:
     negative = HIBIKI_NEGATIVE if args.cfg_coef != 1.0 else None
     server = MoshiServer(model.lm, model.mimi, model.tokenizer, config, sampling, condition, negative)
     url = f"{'https' if ssl_context else 'http'}://{args.host}:{port}/"
-    asyncio.run(_serve(server, sock, ssl_context, url))
-    return 0
+    return asyncio.run(_serve(server, sock, ssl_context, url))
 
 
 def _serve_cluster(args) -> int:
@@ -221,9 +220,14 @@ def _source(args) -> str:
     return where + (f" (and {', '.join('--' + f.replace('_', '-') for f in explicit)})" if explicit else "")
 
 
-async def _serve(server, sock: socket.socket, ssl_context, url: str) -> None:
+EXIT_MODEL_FAILED = 1  # the model loop kept dying: exit so that a supervisor (systemd, Docker, k8s) restarts us
+
+
+async def _serve(server, sock: socket.socket, ssl_context, url: str) -> int:
     """Starts the model loop (CUDA graphs), then accepts on `sock`; says it listens only then;
-    on SIGINT/SIGTERM lets conversations end (graceful shutdown) and stops."""
+    on SIGINT/SIGTERM lets conversations end (graceful shutdown) and stops (exit code 0). When the
+    model loop dies more often than it can be restarted (see batcher), the server never stays up
+    serving nobody: it stops and returns EXIT_MODEL_FAILED."""
     from openmoshi.serving.app import Runner
     from openmoshi.serving.server import event
 
@@ -235,6 +239,14 @@ async def _serve(server, sock: socket.socket, ssl_context, url: str) -> None:
     await runner.start(sock, ssl_context)
     try:
         event("listening", url=url, websocket="/api/chat")
-        await stop.wait()
+        stopped, failed = asyncio.create_task(stop.wait()), asyncio.create_task(server.failed.wait())
+        await asyncio.wait({stopped, failed}, return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        failed.cancel()
     finally:
         await runner.stop()
+    if server.failed.is_set():
+        event("exiting", logging.ERROR, code=EXIT_MODEL_FAILED, reason=f"the model loop failed: {server.batcher.last_error}",
+              action="exit so that a supervisor restarts the server")
+        return EXIT_MODEL_FAILED
+    return 0

@@ -83,16 +83,22 @@ class Prompt:
         return self.text.shape[0]
 
 
+def check_model(cfg: LMConfig) -> None:
+    """PromptError unless the model can take persona prompts (its silence and sine codes)."""
+    Q, Ku = cfg.gen_q, cfg.num_user_codebooks
+    if Q != len(SILENCE_CODES) or Ku != len(SINE_CODES) or cfg.card <= max(SILENCE_CODES + SINE_CODES):
+        raise PromptError(f"persona prompts need a model with 8 audio codebooks of 2048 codes each side "
+                          f"(PersonaPlex, Moshi), this one has {Q} and {Ku} of {cfg.card}")
+
+
 def build_prompt(cfg: LMConfig, voice: torch.Tensor | Preset | None = None,
                  text_tokens: Sequence[int] | None = None, spacer: int = SPACER_FRAMES,
                  max_frames: int | None = None) -> Prompt:
     """The prompt of a voice (Mimi codes [F, >= Q] or a Preset) and text tokens (of the wrapped
     text prompt). Codes and presets are checked against `cfg`; the prompt must leave room in the
     context window (`max_frames`, default: half the context)."""
+    check_model(cfg)
     Q, Ku = cfg.gen_q, cfg.num_user_codebooks
-    if Q != len(SILENCE_CODES) or Ku != len(SINE_CODES) or cfg.card <= max(SILENCE_CODES + SINE_CODES):
-        raise PromptError(f"persona prompts need a model with 8 audio codebooks of 2048 codes each side "
-                          f"(PersonaPlex, Moshi), this one has {Q} and {Ku} of {cfg.card}")
     silence = torch.tensor(SILENCE_CODES)
     parts_text, parts_model = [], []
     preset = None

@@ -9,12 +9,31 @@ and consumes the random stream exactly like the official `moshi` sampler.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 
 TEXT_HISTORY = 256  # the most recent text tokens a repetition penalty can look back at
+# What each setting may be: (kind, lowest, highest). Temperatures divide logits (a temperature
+# below 1e-6 counts as 1e-6), the penalty divides or multiplies them and pad_mult is added to one:
+# these bounds keep every result far inside float32. top-k is capped at the vocabulary afterwards.
+LIMITS = {
+    "temp": (float, 0.0, 100.0), "top_k": (int, 1, 2 ** 31 - 1),
+    "temp_text": (float, 0.0, 100.0), "top_k_text": (int, 1, 2 ** 31 - 1),
+    "repetition_penalty": (float, 1e-3, 1e3), "repetition_context": (int, 0, TEXT_HISTORY),
+    "pad_mult": (float, -1e6, 1e6),
+}
+_RULES = {"temp": "must be >= 0 (0: greedy) and at most 100", "top_k": "must be >= 1 and below 2^31",
+          "repetition_penalty": "must be > 0 (1 is off), in [0.001, 1000]",
+          "repetition_context": f"must be in [0, {TEXT_HISTORY}]", "pad_mult": "must be finite, in [-1e6, 1e6]"}
+_RULES.update(temp_text=_RULES["temp"], top_k_text=_RULES["top_k"])
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 @dataclass(frozen=True)
@@ -44,18 +63,15 @@ class SamplingConfig:
         return cls(**{k: gen[k] for k in ("temp", "top_k", "temp_text", "top_k_text") if k in gen})
 
     def __post_init__(self):
-        for name in ("top_k", "top_k_text"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("temp", "temp_text"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not 0 < self.repetition_penalty < float("inf"):
-            raise ValueError(f"repetition_penalty must be > 0 (1 is off), got {self.repetition_penalty}")
-        if not 0 <= self.repetition_context <= TEXT_HISTORY:
-            raise ValueError(f"repetition_context must be in [0, {TEXT_HISTORY}], got {self.repetition_context}")
-        if not abs(self.pad_mult) < float("inf"):
-            raise ValueError(f"pad_mult must be finite, got {self.pad_mult}")
+        # Every value is checked against what the sampler holds it in (float32 temperatures and
+        # biases, int64 counts) and against the range where its arithmetic stays finite: a value
+        # that passes here can never fail when a model thread writes it into a slot's tensors.
+        for name, (kind, low, high) in LIMITS.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
+                raise ValueError(f"{name} must be {'a number' if kind is float else 'an integer'}, got {_short(value)}")
+            if not (low <= value <= high and (isinstance(value, int) or math.isfinite(value))):
+                raise ValueError(f"{name} {_RULES[name]}, got {_short(value)}")
 
     @property
     def shapes_text(self) -> bool:

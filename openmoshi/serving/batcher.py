@@ -74,6 +74,13 @@ PERSONA_CACHE = 16  # persona states kept at most ...
 PERSONA_CACHE_BYTES = 2 * 1024 ** 3  # ... and their bytes (a 7B's: about 0.5 MB per prompt frame)
 HIDDEN_TEXT_IDS = (TEXT_END_PADDING_ID, TEXT_PADDING_ID)  # never shown to users
 CLOCKS = ("realtime", "input")
+MAX_RESTARTS, RESTART_WINDOW = 3, 60.0  # a model loop that dies more often than this is given up
+STEP_FAILED_MESSAGE = ("internal error: the model failed on this frame and the conversation was ended (the "
+                       "server goes on); reconnect to start a new conversation")
+COMMAND_FAILED_MESSAGE = ("internal error: the model could not apply this conversation's settings, so it was "
+                          "ended (the server goes on); reconnect to start a new conversation")
+LOOP_CRASHED_MESSAGE = ("internal error: the model loop failed and is restarting; this conversation was "
+                        "ended: reconnect to start a new one")
 
 
 @dataclass
@@ -86,6 +93,7 @@ class Slot:
     on_ready: Callable[[], None]
     on_frame: Callable[[np.ndarray, str | None], None]
     seeds: tuple[int, int] | None = None  # text and audio seeds (None: random at each (re)start)
+    on_error: Callable[[str], None] | None = None  # the model loop ended this conversation (its slot is reset)
     prompt: Any = None  # persona.Prompt run before the handshake, None for none
     persona: tuple | None = None  # its key in the persona cache, e.g. (voice name, text)
     cursor: Any = None  # persona.PromptCursor while the prompt runs
@@ -155,6 +163,7 @@ class Batcher:
         self._thread: threading.Thread | None = None
         self._pieces: dict[int, str] = {}
         self.on_free: Callable[[], None] | None = None  # called from the worker when a slot frees
+        self.on_fatal: Callable[[], None] | None = None  # called from the worker when it gives up (`crashed`)
         self.persona_cache: OrderedDict[tuple, G.SlotSnapshot] = OrderedDict()  # worker's, LRU
         self.persona_hits = 0
 
@@ -191,7 +200,7 @@ class Batcher:
             return sum(self._reserved)
 
     def open(self, sampling: SamplingConfig, on_ready, on_frame, seeds: tuple[int, int] | None = None,
-             prompt=None, persona: tuple | None = None) -> Slot | None:
+             prompt=None, persona: tuple | None = None, on_error=None) -> Slot | None:
         """Reserves a slot (None when all are taken); `on_ready` fires once it has been reset, and
         has run `prompt` (a persona's, cached under the key `persona` when given)."""
         with self._lock:
@@ -200,7 +209,7 @@ class Batcher:
                 return None
             self._reserved[free[0]] = True
             self.metrics.set_active(sum(self._reserved))
-        slot = Slot(free[0], sampling, on_ready, on_frame, seeds, prompt, persona)
+        slot = Slot(free[0], sampling, on_ready, on_frame, seeds, on_error, prompt, persona)
         if self.clock == "input":
             slot.inbox = deque()  # never drop input: the output must follow from all of it
         self._command("join", slot)
@@ -237,22 +246,79 @@ class Batcher:
     # ------------------------------------------------------------------ worker side
 
     def _run(self) -> None:
-        try:
-            with torch.no_grad():
-                self._loop()
-        except Exception:  # the model loop died: log it loudly, the health check reports it
-            log.exception("batcher crashed")
-            self.metrics.inc("openmoshi_errors_total", kind="batcher")
-            self.crashed = True
-        finally:
-            self.ready.set()
+        """The worker: the model loop, restarted (fresh states, the conversations it held ended
+        with an error) when it dies; given up after MAX_RESTARTS deaths within RESTART_WINDOW s,
+        when it is `crashed` for good and `on_fatal` tells the server."""
+        deaths: deque = deque(maxlen=MAX_RESTARTS + 1)
+        while not self._stop.is_set():
+            try:
+                with torch.no_grad():
+                    self._loop()
+                return
+            except Exception as e:
+                log.exception("model_loop_crashed")
+                self.metrics.inc("openmoshi_errors_total", kind="batcher")
+                self.last_error = f"{type(e).__name__}: {e}"[:300]
+                self._end_all(LOOP_CRASHED_MESSAGE)
+                deaths.append(time.monotonic())
+                if len(deaths) > MAX_RESTARTS and deaths[-1] - deaths[0] < RESTART_WINDOW:
+                    log.error("model_loop_failed", extra={"fields": {
+                        "deaths": len(deaths), "seconds": round(deaths[-1] - deaths[0], 1), "error": self.last_error,
+                        "action": "given up: the server cannot serve"}})
+                    self.crashed = True
+                    self.ready.set()
+                    if self.on_fatal is not None:
+                        self.on_fatal()
+                    return
+                self.restarts += 1
+                log.warning("model_loop_restarting", extra={"fields": {"restarts": self.restarts,
+                                                                        "error": self.last_error}})
+            finally:
+                self.ready.set()
 
-    crashed = False
+    crashed = False  # the model loop died for good (see _run): the server cannot serve
+    restarts = 0  # times the model loop was restarted after dying
+    tick_errors = 0  # ticks that raised (their conversations were ended, the loop went on)
+    command_errors = 0  # joins or setting changes that raised (that conversation was ended)
+    last_error: str | None = None
     heartbeat = 0.0  # time.monotonic() of the worker's last pass through its loop (a stall check reads it)
 
     def stalled(self, after: float) -> bool:
         """Whether the worker has not come round its loop for `after` seconds (a hung step)."""
         return self._thread is not None and self.ready.is_set() and time.monotonic() - self.heartbeat > after
+
+    def _end_all(self, message: str) -> None:
+        """The model loop died: every conversation it held is ended (its client told); their slots
+        stay reserved until each conversation's `close` comes, as always."""
+        for i, slot in enumerate(self._slots):
+            if slot is not None:
+                self._slots[i] = None
+                self._notify_error(slot, message)
+
+    def _fail(self, slots: list[Slot], message: str) -> None:
+        """Ends these conversations (a command or a tick failed on them): out of the batch, their
+        states reset, their clients told. Their reservations end with their `close`. Raises only
+        when the states cannot even be reset: then the whole loop restarts."""
+        mask = torch.zeros(self.max_slots, dtype=torch.bool, device=self.device)
+        for slot in slots:
+            if self._slots[slot.index] is slot:
+                self._slots[slot.index] = None
+            slot.cursor = None
+            mask[slot.index] = True
+        G.reset_slots(self.gen, mask)
+        self.enc.reset(mask)
+        self.dec.reset(mask)
+        for slot in slots:
+            self._notify_error(slot, message)
+
+    @staticmethod
+    def _notify_error(slot: Slot, message: str) -> None:
+        if slot.on_error is None:
+            return
+        try:
+            slot.on_error(message)
+        except Exception:  # its event loop is gone (the server is stopping): nobody to tell
+            log.debug("on_error failed", exc_info=True)
 
     def _init_states(self) -> None:
         """Model states of every slot, and the (graphed) steps over each bucket's prefix of them;
@@ -303,6 +369,8 @@ class Batcher:
                                                         "seconds": seconds}})
 
     def _loop(self) -> None:
+        self._slots = [None] * self.max_slots  # after a restart, the conversations held were ended
+        self.buckets = self.gen = self.enc = self.dec = None  # a restart frees the old states first
         self._init_states()
         self.ready.set()
         last_tick = time.monotonic()
@@ -327,8 +395,20 @@ class Batcher:
             if self.clock == "input" and not all(s.inbox or s.cursor for s in occupied):
                 continue  # stopping: the input clock never ticks on missing frames
             last_tick = time.monotonic()
-            self._tick(occupied)
+            try:
+                self._tick(occupied)
+            except Exception as e:  # one bad tick ends its conversations, not the server
+                self._tick_failed(occupied, e)
             self.metrics.observe_step(time.monotonic() - last_tick)
+
+    def _tick_failed(self, occupied: list[Slot], e: Exception) -> None:
+        self.tick_errors += 1
+        self.last_error = f"{type(e).__name__}: {e}"[:300]
+        log.error("model_step_failed", exc_info=True, extra={"fields": {
+            "conversations": len(occupied), "error": self.last_error,
+            "action": "their conversations were ended and their states reset; the loop goes on"}})
+        self.metrics.inc("openmoshi_errors_total", kind="model_step")
+        self._fail(occupied, STEP_FAILED_MESSAGE)
 
     def _apply_commands(self) -> None:
         while True:
@@ -336,32 +416,43 @@ class Batcher:
                 kind, slot = self._commands.get_nowait()
             except queue.Empty:
                 break
-            if kind == "join":
-                self._slots[slot.index] = slot
-                slot.steps = 0
-                mask = self._mask(slot.index)
-                G.reset_slots(self.gen, mask)
-                G.set_sampling(self.gen, slot.sampling, mask)
-                seeds = slot.seeds or (secrets.randbits(62), secrets.randbits(62))
-                G.set_seeds(self.gen, *seeds, mask)
-                self.enc.reset(mask)
-                self.dec.reset(mask)
-                if slot.prompt is None:
-                    slot.on_ready()
-                else:
-                    self._start_prompt(slot)
-            elif kind == "sampling":
-                if self._slots[slot.index] is slot:
-                    G.set_sampling(self.gen, slot.sampling, self._mask(slot.index))
-            elif kind == "leave":
-                if self._slots[slot.index] is slot:
-                    self._slots[slot.index] = None
-                with self._lock:
-                    self._reserved[slot.index] = False
-                    self.metrics.set_active(sum(self._reserved))
-                if self.on_free is not None:
-                    self.on_free()  # e.g. the server's waiting line takes the slot
+            try:
+                self._apply(kind, slot)
+            except Exception as e:  # e.g. a setting the slot's tensors cannot hold: that conversation only
+                self.command_errors += 1
+                self.last_error = f"{type(e).__name__}: {e}"[:300]
+                log.error("model_command_failed", exc_info=True, extra={"fields": {
+                    "command": kind, "error": self.last_error, "action": "that conversation was ended"}})
+                self.metrics.inc("openmoshi_errors_total", kind="model_command")
+                self._fail([slot], COMMAND_FAILED_MESSAGE)
         self._compact()
+
+    def _apply(self, kind: str, slot: Slot) -> None:
+        if kind == "join":
+            self._slots[slot.index] = slot
+            slot.steps = 0
+            mask = self._mask(slot.index)
+            G.reset_slots(self.gen, mask)
+            G.set_sampling(self.gen, slot.sampling, mask)
+            seeds = slot.seeds or (secrets.randbits(62), secrets.randbits(62))
+            G.set_seeds(self.gen, *seeds, mask)
+            self.enc.reset(mask)
+            self.dec.reset(mask)
+            if slot.prompt is None:
+                slot.on_ready()
+            else:
+                self._start_prompt(slot)
+        elif kind == "sampling":
+            if self._slots[slot.index] is slot:
+                G.set_sampling(self.gen, slot.sampling, self._mask(slot.index))
+        elif kind == "leave":
+            if self._slots[slot.index] is slot:
+                self._slots[slot.index] = None
+            with self._lock:
+                self._reserved[slot.index] = False
+                self.metrics.set_active(sum(self._reserved))
+            if self.on_free is not None:
+                self.on_free()  # e.g. the server's waiting line takes the slot
 
     def _start_prompt(self, slot: Slot) -> None:
         """The slot runs its persona's prompt, from the cached state when there is one."""

@@ -19,7 +19,7 @@ import threading
 from collections.abc import Mapping
 from pathlib import Path
 
-from openmoshi.lm.persona import Prompt, build_prompt, wrap_system
+from openmoshi.lm.persona import Prompt, build_prompt, check_model, wrap_system
 from openmoshi.loading.voices import list_voices, load_voice, resolve_voice
 
 PERSONA_PARAMS = ("text_prompt", "voice_prompt")  # the web UI's names too (web/protocol.js)
@@ -57,6 +57,7 @@ class Personas:
         text, voice = query.get(PERSONA_PARAMS[0]), query.get(PERSONA_PARAMS[1]) or None
         if text is None and voice is None:
             return None, None
+        check_model(self.lm.cfg)  # before any work on the text or the voice
         if text is not None and len(text) > MAX_TEXT_CHARS:
             raise ValueError(f"the text prompt has {len(text)} characters, more than {MAX_TEXT_CHARS}")
         tokens = None if text is None else self.tokenizer.encode(wrap_system(text))

@@ -31,11 +31,9 @@ import asyncio
 import hmac
 import json
 import logging
-import math
-import secrets
 import time
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Protocol
 
@@ -45,6 +43,7 @@ from openmoshi.serving import protocol
 from openmoshi.serving.batcher import TICK_SLACK, Batcher, Slot
 from openmoshi.serving.metrics import Metrics
 from openmoshi.serving.opus import OpusDecoder, OpusEncoder, OpusError
+from openmoshi.serving.params import sampling_from_query, seeds_from_query  # noqa: F401  (the server's edge)
 from openmoshi.serving.personas import Personas
 from openmoshi.lm.sampling import SamplingConfig
 from openmoshi.serving.waiting import ADMITTED, LEFT, STOPPING, TIMED_OUT, Ticket, WaitingLine, wait_turn
@@ -56,6 +55,7 @@ WEB_DIR = Path(__file__).resolve().parent / "web"
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001  # shutting down, idle, or gone
 CLOSE_POLICY_VIOLATION = 1008
+CLOSE_INTERNAL_ERROR = 1011  # the model loop failed on this conversation
 CLOSE_TRY_AGAIN_LATER = 1013  # busy
 CLOSE_UNAUTHORIZED = 4001
 CLOSE_BAD_REQUEST = 4000
@@ -63,6 +63,11 @@ SEND_ERRORS = (asyncio.TimeoutError, ConnectionError)  # a send that failed: the
 SHUTDOWN_MESSAGE = "the server is shutting down: reconnect to start a new conversation"
 STALL_SECONDS = 10.0  # a model loop that has not come round for this long is hung
 LOGGED_ERRORS = 3  # bad messages logged per conversation (all are counted in metrics)
+INTERNAL_ERROR_MESSAGE = "internal error while handling your message: the conversation is closed; reconnect"
+
+
+class SlotFailed(Exception):
+    """The model loop ended this conversation (a failed tick or command); the text is for its client."""
 
 
 class Socket(Protocol):
@@ -137,54 +142,6 @@ class TextFormatter(logging.Formatter):
 
 # ----------------------------------------------------------------------------- query parameters
 
-# Official web client parameter -> SamplingConfig field.
-_SAMPLING_PARAMS = {"text_temperature": ("temp_text", float), "text_topk": ("top_k_text", int),
-                    "audio_temperature": ("temp", float), "audio_topk": ("top_k", int),
-                    "pad_mult": ("pad_mult", float), "repetition_penalty": ("repetition_penalty", float),
-                    "repetition_penalty_context": ("repetition_context", int)}
-# The seeds of a conversation's own random streams (each slot samples from its own, see batcher).
-_SEED_PARAMS = ("text_seed", "audio_seed")
-_ONE_SEED = "seed"  # PersonaPlex's client: one seed for both streams
-
-
-def sampling_from_query(query, default: SamplingConfig) -> SamplingConfig:
-    """The official client's settings as a SamplingConfig; ValueError with a readable message."""
-    changes = {}
-    for name, (field_name, kind) in _SAMPLING_PARAMS.items():
-        raw = query.get(name, "")
-        if raw == "":
-            continue
-        try:
-            value = kind(float(raw)) if kind is int and float(raw).is_integer() else kind(raw)
-        except ValueError:
-            raise ValueError(f"query parameter {name}={raw!r} is not a number") from None
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError(f"query parameter {name}={raw!r} must be finite")
-        changes[field_name] = value
-    return replace(default, **changes)  # SamplingConfig checks the ranges
-
-
-def seeds_from_query(query) -> tuple[int, int] | None:
-    """(text seed, audio seed) when the client gives one or both (the other one random); None:
-    random seeds, new at each restart. ValueError with a readable message."""
-    given = {}
-    for name in (_ONE_SEED, *_SEED_PARAMS):
-        raw = query.get(name, "")
-        if raw == "":
-            continue
-        try:
-            value = int(raw)
-        except ValueError:
-            raise ValueError(f"query parameter {name}={raw!r} must be an integer") from None
-        if not 0 <= value < 2 ** 62:
-            raise ValueError(f"query parameter {name}={raw!r} must be between 0 and 2^62")
-        given[name] = value
-    if not given:
-        return None
-    one = given.get(_ONE_SEED)
-    return tuple(given.get(name, secrets.randbits(62) if one is None else one) for name in _SEED_PARAMS)
-
-
 def _token_from(headers: Mapping[str, str], query: Mapping[str, str]) -> str | None:
     header = headers.get("authorization", "") or headers.get("Authorization", "")
     if header.lower().startswith("bearer "):
@@ -221,6 +178,7 @@ class Conversation:
         self.waited = 0.0  # seconds in the waiting line
         self.slot: Slot | None = None
         self.closed_reason = "client closed"
+        self.closing: asyncio.Task | None = None  # telling the client the model loop ended it
 
     # Called from the worker thread.
     def on_ready(self) -> None:
@@ -228,6 +186,25 @@ class Conversation:
 
     def on_frame(self, pcm: np.ndarray, text: str | None) -> None:
         self.loop.call_soon_threadsafe(self._deliver, pcm, text)
+
+    def on_error(self, message: str) -> None:
+        self.loop.call_soon_threadsafe(self._model_failed, message)
+
+    def _model_failed(self, message: str) -> None:
+        """The model loop ended this conversation: before it started, the start fails with
+        SlotFailed (see MoshiServer.chat); after, the client is told and the connection closed."""
+        if not self.ready.done():
+            self.ready.set_exception(SlotFailed(message))
+        elif not self.ws.closed:
+            self.closing = asyncio.create_task(self.close_with_error(message))
+
+    async def close_with_error(self, message: str) -> None:
+        self.closed_reason = "model error"
+        try:
+            await self.send(self.encode_error(message))
+        except SEND_ERRORS:
+            pass
+        await self.ws.close(CLOSE_INTERNAL_ERROR, "internal error")
 
     def _deliver(self, pcm: np.ndarray, text: str | None) -> None:
         self.outbox.append(("audio", pcm))
@@ -369,7 +346,15 @@ class MoshiServer:
             except RuntimeError:  # the loop is closed: the server is stopping
                 pass
 
+        def gave_up() -> None:  # worker thread: the model loop died too often
+            try:
+                loop.call_soon_threadsafe(self.failed.set)
+            except RuntimeError:
+                pass
+
+        self.failed = asyncio.Event()  # set when the model loop is given up: the process should exit
         self.batcher.on_free = slot_freed
+        self.batcher.on_fatal = gave_up
         self.batcher.start()
         await asyncio.to_thread(self.batcher.ready.wait)
         event("server_started", max_sessions=self.config.max_sessions)
@@ -408,8 +393,12 @@ class MoshiServer:
         """(HTTP status, body) of /health: 200 while conversations can start, 503 otherwise."""
         problem = self.problem()
         status = ("crashed" if self.batcher.crashed else "stalled") if problem else "draining" if self.draining else "ok"
-        body = {"status": status, "active": self.batcher.active, "max_sessions": self.config.max_sessions,
-                "waiting": len(self.line), "queue_size": self.config.queue_size}
+        b = self.batcher
+        body = {"status": status, "active": b.active, "max_sessions": self.config.max_sessions,
+                "waiting": len(self.line), "queue_size": self.config.queue_size,
+                "model_loop": {"restarts": b.restarts, "failed_ticks": b.tick_errors,
+                               "failed_commands": b.command_errors, "last_error": b.last_error,
+                               **({"problem": problem} if problem else {})}}
         return (200 if status == "ok" else 503), body
 
     async def _refuse(self, ws: Socket, message: str, code: int, reason: str, peer: str,
@@ -440,10 +429,18 @@ class MoshiServer:
         except ValueError as e:
             return await self._refuse(ws, f"bad request: {e}", CLOSE_BAD_REQUEST, "bad_query", peer,
                                       kind.encode_error)
+        except Exception:  # a bug: its traceback in the log, a short error to this client only
+            log.exception("conversation_error", extra={"fields": {"peer": peer}})
+            return await self._refuse(ws, INTERNAL_ERROR_MESSAGE, CLOSE_INTERNAL_ERROR, "internal", peer,
+                                      kind.encode_error)
+        problem = self.problem()
+        if problem is not None:
+            return await self._refuse(ws, f"the server cannot serve right now ({problem}): try again later",
+                                      CLOSE_TRY_AGAIN_LATER, "unavailable", peer, kind.encode_error)
         conv = kind(self, ws, peer, query)
 
         def open_slot() -> Slot | None:
-            return self.batcher.open(sampling, conv.on_ready, conv.on_frame, seeds, prompt, persona)
+            return self.batcher.open(sampling, conv.on_ready, conv.on_frame, seeds, prompt, persona, conv.on_error)
 
         conv.slot = None if len(self.line) else open_slot()  # nobody overtakes those who wait
         if conv.slot is None:
@@ -474,6 +471,8 @@ class MoshiServer:
             conv.closed_reason = "timeout"
         except ConnectionError as e:  # the client vanished while we were sending
             conv.closed_reason = f"connection lost: {type(e).__name__}"
+        except SlotFailed as e:  # the model loop could not start it
+            await conv.close_with_error(str(e))
         finally:
             self.batcher.close(conv.slot)
             self.conversations.discard(conv)
@@ -498,6 +497,7 @@ class MoshiServer:
             if listener in done:
                 raise ConnectionError("the client left during its persona prompt")
             raise asyncio.TimeoutError
+        conv.ready.result()  # SlotFailed when the model loop ended it
 
     def _admit(self) -> None:
         """A slot may have freed: the first waiters take it."""
@@ -568,4 +568,17 @@ class MoshiServer:
                 return
             if data is None:
                 return  # the client closed (or the connection broke)
-            await conv.handle(data)
+            try:
+                await conv.handle(data)
+            except SEND_ERRORS:
+                raise
+            except Exception:  # a bug: its traceback in the log, a short error to this client only
+                log.exception("conversation_error", extra={"fields": {"peer": conv.peer}})
+                self.metrics.inc("openmoshi_errors_total", kind="internal")
+                conv.closed_reason = "internal error"
+                try:
+                    await conv.send(conv.encode_error(INTERNAL_ERROR_MESSAGE))
+                except SEND_ERRORS:
+                    pass
+                await ws.close(CLOSE_INTERNAL_ERROR, "internal error")
+                return

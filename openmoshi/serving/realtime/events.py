@@ -50,6 +50,23 @@ def error(message: str, code: str, param: str | None = None, client_event_id: st
                                         "event_id": client_event_id})
 
 
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")  # NaN and Infinity: Python's json takes them, JSON does not
+
+
+def number(value, param: str, low: float, high: float, integer: bool = False) -> int | float:
+    """A client's JSON number checked at the edge: a number (not a bool or a string), integral
+    when `integer`, within [low, high]; EventError quoting the value otherwise."""
+    shown = json.dumps(value)[:40]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise EventError(f"'{param}' must be a number, got {shown}", "invalid_type", param)
+    if integer and isinstance(value, float) and not value.is_integer():
+        raise EventError(f"'{param}' must be an integer, got {shown}", "invalid_type", param)
+    if not low <= value <= high:  # also refuses inf (a JSON 1e999)
+        raise EventError(f"'{param}' must be in [{low:g}, {high:g}], got {shown}", "invalid_value", param)
+    return int(value) if integer else float(value)
+
+
 def parse_client_event(data: str | bytes) -> dict:
     """One client event as a dict with a known `type` (beta names mapped to GA ones)."""
     if isinstance(data, bytes):
@@ -58,7 +75,7 @@ def parse_client_event(data: str | bytes) -> dict:
     if len(data) > MAX_EVENT_BYTES:
         raise EventError(f"an event is limited to {MAX_EVENT_BYTES} bytes", "event_too_large")
     try:
-        event = json.loads(data)
+        event = json.loads(data, parse_constant=_reject_constant)
     except (ValueError, RecursionError) as e:
         raise EventError(f"the event is not valid JSON: {e}", "invalid_json") from None
     if not isinstance(event, dict):

@@ -41,19 +41,24 @@ class AudioFormat:
         return next(name for name, kind in _BETA_NAMES.items() if kind == self.type)
 
 
+def _short(value) -> str:
+    text = repr(value)  # a client's value, shown in an error: cut when long
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def parse_format(value) -> AudioFormat:
     """A GA format object ({"type": "audio/pcm", "rate": 24000}) or a beta name ("pcm16",
     "g711_ulaw", "g711_alaw"); ValueError with a readable message."""
     if isinstance(value, str):
         if value not in _BETA_NAMES:
-            raise ValueError(f"unknown audio format {value!r}: use one of {sorted(_BETA_NAMES)}")
+            raise ValueError(f"unknown audio format {_short(value)}: use one of {sorted(_BETA_NAMES)}")
         value = {"type": _BETA_NAMES[value]}
     if not isinstance(value, dict) or value.get("type") not in (PCM, PCMU, PCMA):
-        raise ValueError(f"unknown audio format {value!r}: use type audio/pcm (24 kHz), audio/pcmu or audio/pcma")
+        raise ValueError(f"unknown audio format {_short(value)}: use type audio/pcm (24 kHz), audio/pcmu or audio/pcma")
     if value["type"] == PCM:
         rate = value.get("rate", MIMI_RATE)
         if rate != MIMI_RATE:
-            raise ValueError(f"audio/pcm must be at {MIMI_RATE} Hz, got rate {rate!r}")
+            raise ValueError(f"audio/pcm must be at {MIMI_RATE} Hz, got rate {_short(rate)}")
         return AudioFormat(PCM, MIMI_RATE)
     return AudioFormat(value["type"], TELEPHONE_RATE)
 

@@ -38,6 +38,8 @@ KEY_SUBPROTOCOL = "openai-insecure-api-key."  # browsers pass the key as a webso
 MODEL_NAME = "moshi"
 VOICE = "moshi"  # the one voice the loaded model has
 MIN_COMMIT_MS = 100  # OpenAI refuses to commit less audio than this
+MAX_TURN_MS = 60_000  # turn detection's durations: a minute of padding or silence is plenty
+MAX_ITEMS = 1024  # conversation items kept for retrieve; the oldest go first (a client cannot fill memory)
 AUDIO_DELTA = "response.output_audio.delta"
 # session.update fields that cannot apply to Moshi: accepted, reported as ignored.
 _IGNORED_SESSION = ("instructions", "tools", "tool_choice", "max_output_tokens", "max_response_output_tokens",
@@ -186,7 +188,7 @@ class RealtimeConversation(Conversation):
         transcript = "".join(r.transcript)
         ids = dict(response_id=r.id, item_id=r.item_id, output_index=0, content_index=0)
         item = E.assistant_item(r.item_id, "completed" if status == "completed" else "incomplete", transcript)
-        self.items[r.item_id] = item
+        self._keep(r.item_id, item)
         self.emit(E.server_event("response.output_audio.done", **ids))
         self.emit(E.server_event("response.output_audio_transcript.done", **ids, transcript=transcript))
         self.emit(E.server_event("response.content_part.done", **ids, part={"type": "audio", "transcript": transcript}))
@@ -318,16 +320,12 @@ class RealtimeConversation(Conversation):
             raise E.EventError("turn_detection must be null or of type server_vad or semantic_vad", "invalid_value",
                                "session.audio.input.turn_detection")
         base = TurnDetection(turn.get("type", "server_vad"))
-        try:
-            threshold = float(turn.get("threshold", base.threshold))
-            padding = int(turn.get("prefix_padding_ms", base.prefix_padding_ms))
-            silence = int(turn.get("silence_duration_ms", base.silence_duration_ms))
-        except (TypeError, ValueError):
-            raise E.EventError("turn_detection's threshold and durations must be numbers", "invalid_type",
-                               "session.audio.input.turn_detection") from None
-        if not 0.0 <= threshold <= 1.0 or padding < 0 or silence < 0:
-            raise E.EventError("turn_detection: threshold in [0, 1], durations >= 0", "invalid_value",
-                               "session.audio.input.turn_detection")
+        param = "session.audio.input.turn_detection."
+        threshold = E.number(turn.get("threshold", base.threshold), param + "threshold", 0.0, 1.0)
+        padding = E.number(turn.get("prefix_padding_ms", base.prefix_padding_ms), param + "prefix_padding_ms",
+                           0, MAX_TURN_MS, integer=True)
+        silence = E.number(turn.get("silence_duration_ms", base.silence_duration_ms), param + "silence_duration_ms",
+                           0, MAX_TURN_MS, integer=True)
         return replace(base, threshold=threshold, prefix_padding_ms=padding, silence_duration_ms=silence)
 
     def _sampling(self, s: dict):
@@ -336,8 +334,7 @@ class RealtimeConversation(Conversation):
         t = s.get("temperature")
         if t is None:
             return None
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= t <= 2.0:
-            raise E.EventError("temperature must be a number in [0, 2]", "invalid_value", "session.temperature")
+        t = E.number(t, "session.temperature", 0.0, 2.0)
         base = self.server.sampling
         scale = t / base.temp if base.temp > 0 else 1.0
         return replace(self.slot.sampling, temp=float(t), temp_text=base.temp_text * scale)
@@ -369,7 +366,7 @@ class RealtimeConversation(Conversation):
 
     def _commit(self, item_id: str) -> None:
         item = E.user_item(item_id)
-        self.items[item_id] = item
+        self._keep(item_id, item)
         previous, self.last_item_id = self.last_item_id, item_id
         self.buffered_ms = 0.0
         self.emit(E.server_event("input_audio_buffer.committed", previous_item_id=previous, item_id=item_id))
@@ -402,11 +399,16 @@ class RealtimeConversation(Conversation):
                                "item.id")
         # Moshi hears audio only: the item is kept in the conversation's list, its content unread.
         item = {**item, "id": item_id, "object": "realtime.item", "status": "completed"}
-        self.items[item_id] = item
+        self._keep(item_id, item)
         previous = ev.get("previous_item_id", self.last_item_id)
         self.last_item_id = item_id
         self.emit(E.server_event("conversation.item.added", previous_item_id=previous, item=item))
         self.emit(E.server_event("conversation.item.done", previous_item_id=previous, item=item))
+
+    def _keep(self, item_id: str, item: dict) -> None:
+        self.items[item_id] = item
+        while len(self.items) > MAX_ITEMS:
+            del self.items[next(iter(self.items))]
 
     def _item_id(self, ev: dict) -> str:
         item_id = ev.get("item_id")
