@@ -30,11 +30,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(folder: Path, port: int, *flags: str, env: dict | None = None) -> subprocess.Popen:
-    """`openmoshi serve` on `folder` (CPU, one thread, text logs) with extra `flags` (and `env`)."""
+def start_server(folder: Path, port: int, *flags: str, env: dict | None = None, threads: int | None = 1) -> subprocess.Popen:
+    """`openmoshi serve` on `folder` (CPU, `threads` torch threads: one by default, None: torch's,
+    text logs) with extra `flags` (and `env`); a later --device in `flags` wins."""
     cmd = [sys.executable, "-m", "openmoshi", "serve", "--hf-repo", str(folder), "--device", "cpu",
-           "--host", "127.0.0.1", "--port", str(port), "--log-format", "text", "--threads", "1", *flags]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
+           "--host", "127.0.0.1", "--port", str(port), "--log-format", "text",
+           *(["--threads", str(threads)] if threads else []), *flags]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **({"OMP_NUM_THREADS": str(threads)} if threads else {}),
+           **(env or {})}
     log = tempfile.NamedTemporaryFile("w+", prefix="openmoshi-serve-", suffix=".log", delete=False)
     # Its log goes to a file: a pipe nobody reads would fill and block the server's event loop.
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log, text=True)

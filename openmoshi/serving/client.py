@@ -27,6 +27,7 @@ import numpy as np
 
 from openmoshi.serving import protocol
 from openmoshi.serving.aec import AecUnavailable, EchoCanceller, EchoPath, round_trip_samples
+from openmoshi.serving.latency import LatencyMeter
 from openmoshi.serving.opus import SAMPLE_RATE, OpusDecoder, OpusEncoder
 
 FRAME_SIZE = 1920  # samples per 80 ms model step; the opus encoder takes whole frames
@@ -218,10 +219,12 @@ def _frames(pcm: np.ndarray) -> np.ndarray:
 
 async def talk_file(url: str, pcm: np.ndarray, *, params: dict | None = None, auth_token: str | None = None,
                     transcript: Transcript | None = None, realtime: bool = True,
-                    tail_s: float = 2.0, on_queue: Callable[[int, int], None] | None = None) -> TalkResult:
+                    tail_s: float = 2.0, on_queue: Callable[[int, int], None] | None = None,
+                    meter: LatencyMeter | None = None) -> TalkResult:
     """Plays `pcm` (float32 [N], 24 kHz) to the server as if spoken, then waits until as much audio
     has come back as was sent, or `tail_s` seconds more at most, and hangs up. While a busy server
-    keeps us waiting for a slot, `on_queue(position, length)` hears our place in line."""
+    keeps us waiting for a slot, `on_queue(position, length)` hears our place in line. `meter`
+    records what was sent and received when, for the latency a client hears."""
     import aiohttp
 
     transcript = transcript or Transcript()
@@ -234,6 +237,8 @@ async def talk_file(url: str, pcm: np.ndarray, *, params: dict | None = None, au
     def on_audio(chunk: np.ndarray) -> None:
         received.append(chunk)
         got[0] += len(chunk)
+        if meter is not None:
+            meter.received(got[0], time.monotonic())
         if got[0] >= len(frames) * FRAME_SIZE:
             enough.set()
 
@@ -249,6 +254,8 @@ async def talk_file(url: str, pcm: np.ndarray, *, params: dict | None = None, au
                 ogg = encoder.encode(frame)
                 if ogg:
                     await ws.send_bytes(protocol.encode_audio(ogg))
+                    if meter is not None:
+                        meter.sent((i + 1) * FRAME_SIZE, time.monotonic())
                 if receiver.done():
                     break
             waiter = asyncio.create_task(enough.wait())
