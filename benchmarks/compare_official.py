@@ -70,16 +70,17 @@ def run_official(cfg, batch_size, steps, warmup, device, dtype, codec_only):
 
 def run_ours(cfg, batch_size, steps, warmup, device, dtype, codec_only, quantize=None):
     from openmoshi import bench
+    from openmoshi.engine.engine import Engine
+    from openmoshi.engine.speed import SpeedConfig, prepare
+    from openmoshi.lm.sampling import SamplingConfig
     from openmoshi.loading.mimi import load_mimi
 
     mimi = load_mimi(None, num_codebooks=max(cfg.dep_q, cfg.n_q - cfg.dep_q), device=device)
     lm = None if codec_only else bench.random_lm(cfg, device, dtype, quantize)
-    from openmoshi.accel import fused
-    if fused.wanted(device):  # the call-site speed wrapper, as serve/infer/bench apply it
-        for model in (lm, mimi):
-            if model is not None:
-                fused.apply(model)
-    r = bench.bench_loop(lm, mimi, batch_size, steps, warmup, device, cuda_graph=True, codec_only=codec_only)
+    # The speed paths serve and infer apply (without their start-up self-check).
+    lm, mimi, speed = prepare(lm, mimi, device, SpeedConfig(self_check=False))
+    engine = Engine(lm, mimi, batch_size, speed, SamplingConfig(), all_buckets=False)
+    r = bench.bench_loop(engine, steps, warmup, codec_only=codec_only)
     return {"enc": r.mimi_encode_ms, "lm": r.lm_step_ms, "dec": r.mimi_decode_ms, "frame": r.frame_ms,
             "frame_p99": r.frame_p99_ms}
 
@@ -171,7 +172,7 @@ def main():
           f"{'codec only' if args.codec_only else 'Mimi + LM'}")
     print(f"{'batch':>5} {'who':>9} {'enc_ms':>8} {'lm_ms':>8} {'dec_ms':>8} {'frame_ms':>9} {'p99_ms':>8}")
     if args.codec_only:
-        from openmoshi.bench import parse_mimi_fast
+        from openmoshi.engine.speed import parse_mimi_fast
 
         mimi_fast = parse_mimi_fast(args.mimi_fast, device)
         print(f"Mimi fast path: {','.join(mimi_fast) if mimi_fast else 'off'}")

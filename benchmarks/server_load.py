@@ -39,24 +39,33 @@ def sync(device) -> None:
 
 
 def measure(models, size: int, k: int, frames: int, warmup: int, all_slots: bool) -> np.ndarray:
+    """Seconds per tick of the server's model loop (`serving.loop`) with k of `size` seats taken."""
     from openmoshi.lm.sampling import SamplingConfig
-    from openmoshi.serving.batcher import Batcher
+    from openmoshi.serving.loop import Join
+    from openmoshi.serving.server import MoshiServer, ServerConfig
 
     lm, mimi, tok = models
-    batcher = Batcher(lm, mimi, tok, size, SamplingConfig(), cuda_graph=False)
-    batcher._init_states()
+    server = MoshiServer(lm, mimi, tok, ServerConfig(max_sessions=size, static_dir=None, cuda_graph=False),
+                         SamplingConfig())
+    loop = server.loop
+    loop.sink = lambda events: None
+    loop.engine = loop.make_engine()
     if all_slots:  # as before occupancy: every tick computes all the server's slots
-        batcher.buckets = {size: batcher.buckets[size]}
-    slots = [batcher.open(batcher.sampling, lambda: None, lambda pcm, text: None) for _ in range(k)]
-    batcher._apply_commands()
+        loop.engine.buckets = {size: loop.engine.buckets[size]}
+        loop.engine.fit = lambda used: size
+    seats = [server.seats.open(None) for _ in range(k)]
+    for seat in seats:
+        loop.submit(Join(seat, server.sampling))
+    loop._apply_commands()
     frame = (0.1 * np.random.default_rng(0).standard_normal(mimi.frame_size)).astype(np.float32)
     times = []
     for i in range(warmup + frames):
-        for s in slots:
-            batcher.push(s, frame)
-        sync(batcher.device)
+        for seat in seats:
+            loop.push(seat, frame[None])
+        sync(loop.engine.device)
         start = time.perf_counter()
-        batcher._tick(slots)  # ends with the outputs on the host: synchronised
+        loop._tick()  # ends with the outputs on the host: synchronised
+        loop._events.clear()
         if i >= warmup:
             times.append(time.perf_counter() - start)
     return np.array(times)

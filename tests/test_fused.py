@@ -137,20 +137,20 @@ def test_state_dict_unchanged_and_training_and_cpu_without_interpreter_fall_back
         torch.testing.assert_close(norm(x), RMSNorm.forward(norm, x))
 
 
-def test_with_fast_streaming_applies_the_kernels_on_cuda(monkeypatch):
-    from types import SimpleNamespace
+def test_the_speed_registry_applies_the_kernels_on_cuda(monkeypatch):
+    from openmoshi.engine.speed import SpeedConfig, prepare
 
-    from openmoshi.accel.streaming import with_fast_streaming
-
-    def model():  # with_fast_streaming looks at the device only: CPU modules stand in
-        return SimpleNamespace(lm=Transformer(TransformerConfig(d_model=16, num_heads=2, num_layers=1,
-                                                                dim_feedforward=64, norm="rms_norm_f32",
-                                                                gating="silu")),
-                               mimi=torch.nn.Sequential(), device=torch.device("cuda"))
-    m = with_fast_streaming(model())
-    assert fused.is_applied(m.lm)
+    def lm():  # the registry looks at the device only: CPU modules stand in
+        return Transformer(TransformerConfig(d_model=16, num_heads=2, num_layers=1, dim_feedforward=64,
+                                             norm="rms_norm_f32", gating="silu"))
+    cuda = torch.device("cuda")
+    m, _, speed = prepare(lm(), torch.nn.Sequential(), cuda, SpeedConfig(self_check=False))
+    assert fused.is_applied(m) and speed.fused
+    m, _, speed = prepare(lm(), torch.nn.Sequential(), cuda, SpeedConfig(fused=False, self_check=False))
+    assert not fused.is_applied(m) and not speed.fused
     monkeypatch.setenv("OPENMOSHI_NO_FUSED_KERNELS", "1")
-    assert not fused.is_applied(with_fast_streaming(model()).lm)
+    m, _, speed = prepare(lm(), torch.nn.Sequential(), cuda, SpeedConfig(self_check=False))
+    assert not fused.is_applied(m) and not speed.fused
 
 
 def test_int8_gemv_kernel_matches_reference():

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from openmoshi.serving.batcher import Batcher
+from openmoshi.serving.loop import FRAME_SIZE, Frame, Join, Leave
+from openmoshi.serving.server import MoshiServer, ServerConfig
 from openmoshi.lm.config import ModelConfig
 from openmoshi.accel.cuda_graph import ENV_OFF, CUDAGraphed, GraphedStep, wanted
 from openmoshi.inference.offline import run
@@ -59,31 +60,42 @@ LATE = {("a", 10), ("a", 45)}  # (slot, tick) without an input frame
 
 
 def drive(models, script: dict, cuda_graph: bool):
-    """Runs a Batcher's worker steps by hand (no thread, no clock); every frame each slot gets."""
+    """Runs the server's model loop by hand (no thread, no clock); every frame each slot gets."""
     lm, mimi, tok = models
-    batcher = Batcher(lm, mimi, tok, 3, GREEDY, cuda_graph=cuda_graph)
+    server = MoshiServer(lm, mimi, tok, ServerConfig(max_sessions=3, static_dir=None, cuda_graph=cuda_graph), GREEDY)
+    loop = server.loop
+    seeds = {"a": (5, 6), "b": (7, 8)}  # each slot samples from its own seeded streams
+    slots, frames = {}, {name: [] for name in ("a", "b")}
+
+    def sink(events):
+        for e in events:
+            if isinstance(e, Frame):
+                frames[server.seats.taken[e.seat]].append((e.pcm, e.text))
+
+    loop.sink = sink
     with torch.no_grad():
-        batcher._init_states()
-        seeds = {"a": (5, 6), "b": (7, 8)}  # each slot samples from its own seeded streams
+        loop.engine = loop.make_engine()
+        loop.engine.capture()
         rng = np.random.default_rng(0)
-        slots, frames = {}, {name: [] for name in ("a", "b")}
         for tick in range(TICKS):
             for kind, name, sampling in script.get(tick, []):
                 if kind == "join":
-                    on_frame = lambda pcm, text, name=name: frames[name].append((pcm, text))  # noqa: E731
-                    slots[name] = batcher.open(sampling, lambda: None, on_frame, seeds[name])
+                    slots[name] = server.seats.open(name)
+                    loop.submit(Join(slots[name], sampling, seeds[name]))
                 elif kind == "leave":
-                    batcher.close(slots.pop(name))
+                    loop.submit(Leave(slots[name]))
+                    server.seats.close(slots.pop(name))
                 else:
-                    batcher.restart(slots[name])
+                    loop.submit(loop.rows[loop._row_of(slots[name])].join)  # the same join again
                     frames[name].append("restart")
-            batcher._apply_commands()
+            loop._apply_commands()
             for name, slot in sorted(slots.items()):
-                pcm = (0.1 * rng.standard_normal(batcher.frame_size)).astype(np.float32)
+                pcm = (0.1 * rng.standard_normal(FRAME_SIZE)).astype(np.float32)
                 if (name, tick) not in LATE:
-                    batcher.push(slot, pcm)
-            batcher._tick([s for s in batcher._slots if s is not None])
-    return frames, batcher
+                    loop.push(slot, pcm[None])
+            loop._tick()
+            loop._flush()
+    return frames, loop.engine
 
 
 def assert_same_frames(got: dict, ref: dict, exact: bool = True) -> None:

@@ -145,7 +145,7 @@ def test_fast_copy_streams_batches_and_whole_signal(ref, pcm, ref_stream):
 def test_bench_mimi_fast_option(tmp_path):
     import json
 
-    from openmoshi.bench import parse_mimi_fast
+    from openmoshi.engine.speed import parse_mimi_fast
     from openmoshi.cli.main import main
 
     cpu = torch.device("cpu")

@@ -11,8 +11,10 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from openmoshi.engine.engine import buckets
 from openmoshi.lm.sampling import SamplingConfig
-from openmoshi.serving.batcher import Batcher, buckets
+from openmoshi.serving.loop import Frame, Join, Leave
+from openmoshi.serving.server import MoshiServer, ServerConfig
 from server_utils import tiny_models
 
 SAMPLED = SamplingConfig(temp=0.8, top_k=20, temp_text=0.7, top_k_text=10)
@@ -24,33 +26,46 @@ def models():
 
 
 class Driver:
-    """A Batcher stepped by hand (no thread, no clock)."""
+    """The server's model loop stepped by hand (no thread, no clock), its seats opened as the server does."""
 
     def __init__(self, models, max_slots: int):
         lm, mimi, tok = models
-        self.batcher = Batcher(lm, mimi, tok, max_slots, SAMPLED, cuda_graph=False)
+        self.server = MoshiServer(lm, mimi, tok, ServerConfig(max_sessions=max_slots, static_dir=None, cuda_graph=False),
+                                  SAMPLED)
+        self.loop = self.server.loop
+        self.loop.sink = self._sink
         with torch.no_grad():
-            self.batcher._init_states()
+            self.loop.engine = self.loop.make_engine()
         self.slots, self.frames = {}, {}
+
+    def _sink(self, events):
+        for e in events:
+            if isinstance(e, Frame):
+                self.frames[self.server.seats.taken[e.seat]].append((e.pcm, e.text))
 
     def join(self, name, seeds, sampling=SAMPLED):
         self.frames[name] = []
-        on_frame = lambda pcm, text: self.frames[name].append((pcm, text))  # noqa: E731
-        self.slots[name] = self.batcher.open(sampling, lambda: None, on_frame, seeds)
-        assert self.slots[name] is not None
+        seat = self.slots[name] = self.server.seats.open(name)
+        assert seat is not None
+        self.loop.submit(Join(seat, sampling, seeds))
 
     def leave(self, name):
-        self.batcher.close(self.slots.pop(name))
+        seat = self.slots.pop(name)
+        self.loop.submit(Leave(seat))
+        self.server.seats.close(seat)
+
+    def row(self, name) -> int:
+        return self.loop._row_of(self.slots[name])
 
     def tick(self, inputs: dict):
         """inputs: name -> one frame of pcm for each conversation that speaks this tick."""
         with torch.no_grad():
-            self.batcher._apply_commands()
+            self.loop._apply_commands()
             for name, pcm in inputs.items():
-                self.batcher.push(self.slots[name], pcm)
-            occupied = [s for s in self.batcher._slots if s is not None]
-            if occupied:
-                self.batcher._tick(occupied)
+                self.loop.push(self.slots[name], pcm[None])
+            if any(r is not None for r in self.loop.rows):
+                self.loop._tick()
+            self.loop._flush()
 
 
 def speech(seed: int, ticks: int, frame: int) -> list[np.ndarray]:
@@ -87,7 +102,7 @@ def test_a_conversation_hears_the_same_alone_beside_others_and_moved(models, sam
     others = {"a": speech(2, T, F), "b": speech(3, T, F)}
     for t in range(T):
         beside.tick({"a": others["a"][t], "b": others["b"][t], "x": x[t]})
-    assert beside.slots["x"].index == 2
+    assert beside.row("x") == 2
     assert_same(beside.frames["x"], ref)
 
     moved = Driver(models, 4)
@@ -100,7 +115,7 @@ def test_a_conversation_hears_the_same_alone_beside_others_and_moved(models, sam
         if t == 15:
             moved.leave("b")  # x (slot 1) is alone in slot 1 ... and moves to 0
         moved.tick({name: (x[t] if name == "x" else others[name][t]) for name in moved.slots})
-    assert moved.slots["x"].index == 0
+    assert moved.row("x") == 0
     assert_same(moved.frames["x"], ref)
 
 
@@ -135,7 +150,7 @@ class Occupancy(RuleBasedStateMachine):
         self.heard = {}  # name -> (seeds, frames pushed)
         self.done = []
 
-    @precondition(lambda self: sum(self.d.batcher._reserved) < 5)  # a leave frees its slot at the next tick
+    @precondition(lambda self: len(self.d.server.seats) < 5)
     @rule(seed=st.integers(0, 1000))
     def join(self, seed):
         name = f"c{self.count}"
@@ -161,15 +176,15 @@ class Occupancy(RuleBasedStateMachine):
             self.d.tick(inputs)
             k = len(self.d.slots)
             if k:
-                indices = sorted(s.index for s in self.d.batcher._slots if s is not None)
+                indices = [i for i, r in enumerate(self.d.loop.rows) if r is not None]
                 assert indices == list(range(k))  # a prefix
-                assert self.d.batcher.metrics.batch_rows == next(n for n in buckets(5) if n >= k)
+                assert self.d.server.metrics.batch_rows == next(n for n in buckets(5) if n >= k)
 
     @invariant()
     def reserved_matches_slots(self):
-        taken = [i for i, r in enumerate(self.d.batcher._reserved) if r]
-        joined = [i for i, s in enumerate(self.d.batcher._slots) if s is not None]
-        assert taken == joined or not self.d.batcher._commands.empty()
+        taken = set(self.d.server.seats.taken)
+        joined = {r.seat for r in self.d.loop.rows if r is not None}
+        assert taken == joined or not self.d.loop._commands.empty()
 
     def teardown(self):
         for name, (seeds, pcm) in self.heard.items():
@@ -237,12 +252,12 @@ def test_state_size_is_known_before_allocating():
 
 
 def test_too_many_sessions_are_refused_at_start_with_the_numbers(models, monkeypatch):
+    from openmoshi.engine import engine as E
     from openmoshi.lm import generate as G
-    from openmoshi.serving import batcher as B
 
     lm, mimi, tok = models
     per = G.state_bytes(lm, 1)
-    monkeypatch.setattr(B, "available_bytes", lambda device: int(per * 10.5 / 0.9))
-    B.Batcher(lm, mimi, tok, 10)  # fits
+    monkeypatch.setattr(E, "available_bytes", lambda device: int(per * 10.5 / 0.9))
+    MoshiServer(lm, mimi, tok, ServerConfig(max_sessions=10, static_dir=None))  # fits
     with pytest.raises(ValueError, match=r"--max-sessions 64 needs .* free: use --max-sessions 10 or fewer"):
-        B.Batcher(lm, mimi, tok, 64)
+        MoshiServer(lm, mimi, tok, ServerConfig(max_sessions=64, static_dir=None))

@@ -57,7 +57,7 @@ def serve(setup, conversations, sampling=SamplingConfig.greedy(), max_sessions=2
         server = MoshiServer(model.lm, model.mimi, model.tokenizer,
                              ServerConfig(max_sessions=max_sessions, clock="input", static_dir=None, voice_dir=voices),
                              sampling)
-        server.batcher.recorder = recorder
+        server.loop.recorder = recorder
         runner, sock = Runner(server), listening_socket()
         await runner.start(sock)
         url = f"ws://127.0.0.1:{sock.getsockname()[1]}/api/chat"
@@ -83,7 +83,7 @@ def test_cached_persona_state_gives_the_live_prompts_conversation(setup, seeded)
     params = dict(PERSONA, seed=11) if seeded else PERSONA
     sampling = SamplingConfig(temp=0.8, temp_text=0.7, top_k=50, top_k_text=10) if seeded else SamplingConfig.greedy()
     tokens, results, server = serve(setup, [[(pcm, params)], [(pcm, params)]], sampling)
-    assert server.batcher.persona_hits == 1 and len(server.batcher.persona_cache) == 1
+    assert server.loop.prompts.hits == 1 and len(server.loop.prompts.cache) == 1
     n = min(len(t) for t in tokens)  # frames the server took in before each client hung up
     assert len(tokens) == 2 and n >= 12
     assert tokens[0][:n] == tokens[1][:n]
@@ -97,7 +97,7 @@ def test_a_voice_preset_gives_the_audio_voices_conversation(setup):
     the audio file it was made from give the same conversation."""
     pcm = speech(SECONDS).numpy()
     tokens, results, server = serve(setup, [[(pcm, PERSONA)], [(pcm, dict(PERSONA, voice_prompt="ada.pt"))]])
-    assert server.batcher.persona_hits == 0 and len(server.batcher.persona_cache) == 2
+    assert server.loop.prompts.hits == 0 and len(server.loop.prompts.cache) == 2
     n = min(len(t) for t in tokens)
     assert len(tokens) == 2 and n >= 12
     assert tokens[0][:n] == tokens[1][:n]
@@ -112,7 +112,7 @@ def test_a_slot_in_its_prompt_does_not_change_the_others(setup):
     alone, _, _ = serve(setup, [[(b_pcm, b_params)]], sampling)
     together, results, server = serve(setup, [[(b_pcm, b_params), (a_pcm, dict(PERSONA, seed=3))]], sampling)
     assert not any(isinstance(r, Exception) for r in results[0]), results
-    assert server.batcher.persona_hits == 0 and len(together) == 2
+    assert server.loop.prompts.hits == 0 and len(together) == 2
     n = min(len(t) for t in (*alone, *together))
     assert n >= 12
     assert any(alone[0][:n] == t[:n] for t in together)
@@ -160,8 +160,8 @@ def test_voices_route_and_persona_time_saved(setup):
                         waits.append(time.monotonic() - start)
                         assert msg.data[:1] == b"\x00"
                         # The handshake came after the whole prompt phase had run in the model loop.
-                        slot = next(s for s in server.batcher._slots if s is not None)
-                        steps.append((slot.steps, slot.cursor, slot.prompt.frames))
+                        row = next(r for r in server.loop.rows if r is not None)
+                        steps.append((row.steps, row.cursor, row.join.prompt.frames))
         finally:
             await runner.stop()
         return listed, waits, steps, server
@@ -169,8 +169,8 @@ def test_voices_route_and_persona_time_saved(setup):
     listed, waits, steps, server = asyncio.run(main())
     assert all(n >= frames and cursor is None for n, cursor, frames in steps), steps
     assert listed == {"voices": ["ada.pt", "ada.wav", "broken.pt"]}
-    assert server.batcher.persona_hits == 1  # the second started from the cache (its time is printed, not tested)
-    frames = server.batcher.persona_cache[next(iter(server.batcher.persona_cache))].offset + 1
+    assert server.loop.prompts.hits == 1  # the second started from the cache (its time is printed, not tested)
+    frames = server.loop.prompts.cache[next(iter(server.loop.prompts.cache))].offset + 1
     print(f"persona handshake: live prompt ({frames} frames) {waits[0]:.3f} s, cached {waits[1]:.3f} s")
 
 
@@ -221,13 +221,13 @@ def test_realtime_instructions_and_voice_become_the_persona(setup):
                 assert (await next_of("session.updated"))["type"] == "error"
             await ws.send_str(json.dumps(update))
             updated = await next_of("session.updated")
-            conv = next(iter(server.conversations))
-            hits = server.batcher.persona_hits
+            conv = next(iter(server.sessions))
+            hits = server.loop.prompts.hits
             for _ in range(400):  # the first runs the prompt phase and caches its state; the second uses it
-                if (server.batcher.persona_hits > hits if cached else conv.slot.persona in server.batcher.persona_cache):
+                if (server.loop.prompts.hits > hits if cached else conv.join.persona in server.loop.prompts.cache):
                     break
                 await asyncio.sleep(0.05)
-            return updated, conv.slot.persona
+            return updated, conv.join.persona
 
     async def main():
         server = MoshiServer(model.lm, model.mimi, model.tokenizer,
@@ -238,11 +238,11 @@ def test_realtime_instructions_and_voice_become_the_persona(setup):
         first_events, second_events = [], []
         try:
             first = await session(url, first_events, server, bad_first=True)
-            hits_before = server.batcher.persona_hits
+            hits_before = server.loop.prompts.hits
             while server.conversations:
                 await asyncio.sleep(0.05)
             second = await session(url, second_events, server, cached=True)
-            return first, second, hits_before, server.batcher.persona_hits, first_events
+            return first, second, hits_before, server.loop.prompts.hits, first_events
         finally:
             await runner.stop()
 

@@ -125,10 +125,10 @@ def test_telephone_formats_and_sampling(models):
                 await c.send(type="session.update", session={"input_audio_format": "g711_alaw", "temperature": 0.4})
                 b = await c.wait_for(lambda e: e["type"] == "session.updated", start=u + 1)
                 for _ in range(50):
-                    if abs(float(server.batcher.gen.temp[0]) - 0.4) < 1e-6:
+                    if abs(float(server.loop.engine.gen.temp[0]) - 0.4) < 1e-6:
                         break
                     await asyncio.sleep(0.05)
-                return c.events, u, b, float(server.batcher.gen.temp[0]), float(server.batcher.gen.temp_text[0])
+                return c.events, u, b, float(server.loop.engine.gen.temp[0]), float(server.loop.engine.gen.temp_text[0])
     events, u, b, temp, temp_text = run(main())
     check_with_pipecat(events)
     assert events[u]["session"]["audio"]["output"]["format"] == {"type": "audio/pcmu"}
@@ -323,7 +323,7 @@ def test_pipecat_service(models, speech):
             runner = WorkerRunner(handle_sigint=False)
             running = asyncio.create_task(runner.run(worker))
             for _ in range(100):
-                if server.batcher.active:
+                if server.active:
                     break
                 await asyncio.sleep(0.05)
             pcm16 = np.round(speech * 32767).astype(np.int16)

@@ -118,33 +118,34 @@ def test_session_cancel_mutes_the_stretch_and_a_slow_client_loses_only_audio():
     from types import SimpleNamespace
 
     from openmoshi.serving.metrics import Metrics
-    from openmoshi.serving.realtime.session import RealtimeConversation
+    from openmoshi.serving.realtime.protocol import RealtimeProtocol
     from openmoshi.serving.server import ServerConfig
+    from openmoshi.serving.session import Session
 
     quiet = np.full(FRAME, 1e-4, np.float32)
 
     async def main():
         server = SimpleNamespace(config=ServerConfig(outbox_frames=1000), metrics=Metrics())
-        conv = RealtimeConversation(server, ws=None, peer="test")
-        conv._deliver(quiet, " one")
+        conv = Session(server, ws=None, peer="test", protocol=RealtimeProtocol())
+        conv.on_frame(quiet, " one")
         for _ in range(3):
-            conv._deliver(quiet, None)
-        await conv._on_response_cancel({"type": "response.cancel"})
+            conv.on_frame(quiet, None)
+        await conv.protocol._on_response_cancel({"type": "response.cancel"})
         cancelled = len(conv.outbox)
         for i in range(30):  # the stretch goes on: a word every 5 frames
-            conv._deliver(quiet, " more" if i % 5 == 0 else None)
+            conv.on_frame(quiet, " more" if i % 5 == 0 else None)
         muted = len(conv.outbox)
         for _ in range(END_FRAMES):  # the stretch ends unheard ...
-            conv._deliver(quiet, None)
-        conv._deliver(quiet, " next")  # ... and the next one is a new response
-        events = list(conv.outbox)
+            conv.on_frame(quiet, None)
+        conv.on_frame(quiet, " next")  # ... and the next one is a new response
+        events = [e for e, _ in conv.outbox]
 
-        slow = RealtimeConversation(SimpleNamespace(config=ServerConfig(outbox_frames=5), metrics=Metrics()),
-                                    ws=None, peer="slow")
-        slow._deliver(quiet, " a")
+        slow = Session(SimpleNamespace(config=ServerConfig(outbox_frames=5), metrics=Metrics()),
+                       ws=None, peer="slow", protocol=RealtimeProtocol())
+        slow.on_frame(quiet, " a")
         for _ in range(40):
-            slow._deliver(quiet, " b")
-        return events, cancelled, muted, list(slow.outbox), slow.dropped
+            slow.on_frame(quiet, " b")
+        return events, cancelled, muted, [e for e, _ in slow.outbox], slow.dropped
     events, cancelled, muted, slow, dropped = run(main())
     done = check_responses(events)
     assert [d["response"]["status"] for d in done] == ["cancelled"]

@@ -73,7 +73,7 @@ def test_busy_then_slot_freed(models):
                 busy = await chat(url, 0.5)
                 await first.close()  # vanishes mid-stream
                 for _ in range(50):
-                    if server.batcher.active == 0:
+                    if server.active == 0:
                         break
                     await asyncio.sleep(0.05)
                 again = await chat(url, 0.5)
@@ -93,10 +93,10 @@ def test_vanishing_client_frees_slot(models):
             ws._response.connection.transport.abort()
             await session.close()
             for _ in range(100):
-                if server.batcher.active == 0:
+                if server.active == 0:
                     break
                 await asyncio.sleep(0.05)
-            return server.batcher.active
+            return server.active
     assert run(main()) == 0
 
 
@@ -170,16 +170,17 @@ def test_bad_query_and_sampling():
 
 
 def test_outbox_drops_oldest(models):
-    from openmoshi.serving.server import Conversation
+    from openmoshi.serving.chat import ChatProtocol
+    from openmoshi.serving.session import Session
 
     async def main():
         server = MoshiServer(*models, ServerConfig(max_sessions=1, outbox_frames=3, static_dir=None))
-        conv = Conversation(server, ws=None, peer="test")
+        conv = Session(server, ws=None, peer="test", protocol=ChatProtocol())
         for i in range(10):
-            conv._deliver(np.full(FRAME, i, np.float32), None)
+            conv.on_frame(np.full(FRAME, i, np.float32), None)
         return conv, server
     conv, server = run(main())
-    assert [int(v[0]) for _, v in conv.outbox] == [7, 8, 9] and conv.dropped == 7
+    assert [int(v[0]) for (_, v), _ in conv.outbox] == [7, 8, 9] and conv.dropped == 7
     assert server.metrics.get("openmoshi_frames_dropped_total", direction="out") == 7
 
 
@@ -248,45 +249,41 @@ def test_idle_timeout_and_restart(models):
                 got = await binary_until_close(ws, timeout=10)
                 code = ws.close_code
             for _ in range(50):
-                if server.batcher.active == 0:
+                if server.active == 0:
                     break
                 await asyncio.sleep(0.05)
-            return got, code, server.batcher.active
+            return got, code, server.active
     got, code, active = run(main())
     assert any(m[:1] == b"\x01" for m in got)  # frames kept coming after the restart
     assert any(m[:1] == b"\x05" and b"no message" in m for m in got) and code == 1001 and active == 0
 
 
 def test_conditioned_model_gets_its_condition_in_every_slot():
-    from openmoshi.serving.batcher import Batcher
+    from openmoshi.engine.engine import Engine
+    from openmoshi.engine.speed import Speed
 
     cond = {"conditioners": {"description": {"type": "lut", "lut": {
         "n_bins": 3, "dim": 8, "tokenizer": "noop", "possible_values": ["very_bad", "very_good"]}}},
         "fuser": {"sum": ["description"]}}
     lm, mimi, tok = tiny_models(lm_kwargs={**TINY_7B, **cond})
     with pytest.raises(ValueError, match="conditioned model needs condition attributes"):
-        Batcher(lm, mimi, tok, 2)
-    batcher = Batcher(lm, mimi, tok, 2, condition={"description": "very_good"})
-    batcher.start()
+        MoshiServer(lm, mimi, tok, ServerConfig(max_sessions=2, static_dir=None))
+    server = MoshiServer(lm, mimi, tok, ServerConfig(max_sessions=2, static_dir=None),
+                         condition={"description": "very_good"})
+    server.loop.start()
     try:
-        for _ in range(100):
-            if getattr(batcher, "gen", None) is not None and batcher.gen.condition is not None:
-                break
-            time.sleep(0.05)
+        assert server.loop.ready.wait(10) and not server.loop.crashed
+        batcher = server.loop.engine
         expected = lm.condition_sum([{"description": "very_good"}] * 2).to(batcher.gen.condition.dtype)
         assert torch.equal(batcher.gen.condition, expected) and expected.abs().sum() > 0
     finally:
-        batcher.stop()
+        server.loop.stop()
     with pytest.raises(ValueError, match="classifier-free guidance"):
-        Batcher(lm, mimi, tok, 2, condition={"description": "very_good"}, cfg_coef=3.0)
-    guided = Batcher(lm, mimi, tok, 2, condition={"description": "very_good"}, cfg_coef=3.0,
-                     negative={"description": "very_bad"})
-    guided.start()
-    try:
-        assert guided.ready.wait(10) and not guided.crashed
-        good = lm.condition_sum([{"description": "very_good"}] * 2)
-        bad = lm.condition_sum([{"description": "very_bad"}] * 2)
-        rows = torch.stack([good, bad], dim=1).view(4, 1, -1)  # slot b: its condition in row 2b, the negative in 2b + 1
-        assert guided.gen.guided and torch.equal(guided.gen.condition, rows.to(guided.gen.condition.dtype))
-    finally:
-        guided.stop()
+        MoshiServer(lm, mimi, tok, ServerConfig(max_sessions=2, static_dir=None, cfg_coef=3.0),
+                    condition={"description": "very_good"})
+    guided = Engine(lm, mimi, 2, Speed(torch.device("cpu")), condition={"description": "very_good"}, cfg_coef=3.0,
+                    negative={"description": "very_bad"})
+    good = lm.condition_sum([{"description": "very_good"}] * 2)
+    bad = lm.condition_sum([{"description": "very_bad"}] * 2)
+    rows = torch.stack([good, bad], dim=1).view(4, 1, -1)  # slot b: its condition in row 2b, the negative in 2b + 1
+    assert guided.gen.guided and torch.equal(guided.gen.condition, rows.to(guided.gen.condition.dtype))

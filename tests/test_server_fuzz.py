@@ -49,7 +49,7 @@ class LiveServer:
     def check(self) -> None:
         """After a case: nothing reached the model loop that it had to isolate, and a normal
         conversation is served."""
-        b = self.server.batcher
+        b = self.server.loop
         assert not b.crashed and b.restarts == b.tick_errors == b.command_errors == 0, b.last_error
         asyncio.run(probe(self.url, self.http))
 

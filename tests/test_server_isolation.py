@@ -65,7 +65,7 @@ def test_odd_query_values_are_refused_at_the_edge_or_served(models):
             for name, raw in SERVED:
                 served[name, raw] = await chat(f"{url}?{name}={quote(raw)}", 0.4)
             await still_serves(url, http)
-            return refused, served, server.batcher
+            return refused, served, server.loop
     refused, served, batcher = run(main())
     for (name, raw), res in refused.items():
         assert not res.handshake and res.close_code == CLOSE_BAD_REQUEST, (name, raw, res)
@@ -112,7 +112,7 @@ def test_a_command_the_model_cannot_apply_ends_that_conversation_only(models, mo
             evil = await chat(url + "?evil=1", 0.3)
             other = await other
             await still_serves(url, http)
-            return evil, other, server.batcher, await health(http)
+            return evil, other, server.loop, await health(http)
     evil, other, batcher, (_, body) = run(main())
     assert not evil.handshake and evil.close_code == CLOSE_INTERNAL_ERROR
     assert "internal error" in evil.errors[0] and "settings" in evil.errors[0]
@@ -140,27 +140,27 @@ class FailOnce:
 def test_a_tick_that_raises_ends_only_its_conversations(models):
     async def main():
         async with serving(models, max_sessions=4) as (server, url, http):
-            b = server.batcher
-            for bucket in b.buckets.values():
+            b = server.loop
+            for bucket in b.engine.buckets.values():
                 bucket.lm_step = FailOnce(bucket.lm_step, after=10)
             first = await asyncio.gather(chat(url, 2.0), chat(url, 2.0))
             after = await health(http)
             await still_serves(url, http)
-            return first, after, b
-    first, (status, body), batcher = run(main())
+            return first, after, b, server
+    first, (status, body), batcher, server = run(main())
     for res in first:  # both were in the tick that failed: ended with the reason, code 1011
         assert res.handshake and res.close_code == CLOSE_INTERNAL_ERROR, res
         assert any("internal error" in e and "frame" in e for e in res.errors), res.errors
         assert res.frames_received < res.frames_sent
     assert status == 200 and body["model_loop"]["failed_ticks"] == 1
     assert "injected failure" in body["model_loop"]["last_error"]
-    assert batcher.restarts == 0 and batcher.active == 0
+    assert batcher.restarts == 0 and server.active == 0
 
 
 def test_a_dead_model_loop_is_restarted_and_serves_again(models):
     async def main():
         async with serving(models, max_sessions=2) as (server, url, http):
-            b = server.batcher
+            b = server.loop
             compact = b._compact
             state = {"calls": 0}
 
@@ -183,7 +183,7 @@ def test_a_loop_that_keeps_dying_makes_serve_exit_nonzero(models, monkeypatch):
     """Never up serving nobody: after MAX_RESTARTS quick deaths the server refuses clients, /health
     says crashed, and the command's serve loop returns a non-zero exit code."""
     from openmoshi.cli.serve import EXIT_MODEL_FAILED, _serve
-    from openmoshi.serving.batcher import Batcher
+    from openmoshi.serving.loop import ModelLoop
     from openmoshi.serving.server import MoshiServer, ServerConfig
     from server_utils import listening_socket
 
@@ -194,9 +194,9 @@ def test_a_loop_that_keeps_dying_makes_serve_exit_nonzero(models, monkeypatch):
         server = MoshiServer(*models, ServerConfig(max_sessions=1, static_dir=None, shutdown_grace=0.1))
         sock = listening_socket()
         port = sock.getsockname()[1]
-        monkeypatch.setattr(Batcher, "_compact", always)
+        monkeypatch.setattr(ModelLoop, "_compact", always)
         code = await asyncio.wait_for(_serve(server, sock, None, f"http://127.0.0.1:{port}/"), 60)
-        return code, server.health(), server.batcher
+        return code, server.health(), server.loop
     code, (status, body), batcher = run(main())
     assert code == EXIT_MODEL_FAILED != 0
     assert batcher.crashed and status == 503 and body["status"] == "crashed"
@@ -206,9 +206,9 @@ def test_a_loop_that_keeps_dying_makes_serve_exit_nonzero(models, monkeypatch):
 def test_a_crashed_server_refuses_new_clients_instead_of_queueing_them(models, monkeypatch):
     async def main():
         async with serving(models, max_sessions=1) as (server, url, http):
-            server.batcher.crashed = True  # what the worker sets when it gives up
+            server.loop.crashed = True  # what the worker sets when it gives up
             res = await chat(url, 0.2)
-            server.batcher.crashed = False
+            server.loop.crashed = False
             return res
     res = run(main())
     assert not res.handshake and res.close_code == 1013 and "cannot serve" in res.errors[0] and not res.queue

@@ -83,7 +83,7 @@ def test_server_computes_what_the_official_server_computes(folder):
     async def main():
         server = MoshiServer(model.lm, model.mimi, model.tokenizer,
                              ServerConfig(max_sessions=2, clock="input", static_dir=None), SamplingConfig.greedy())
-        server.batcher.recorder = recorder
+        server.loop.recorder = recorder
         runner, sock = Runner(server), listening_socket()
         await runner.start(sock)
         url = f"ws://127.0.0.1:{sock.getsockname()[1]}/api/chat"

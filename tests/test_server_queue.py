@@ -82,7 +82,7 @@ def test_first_come_first_served(models):
                     await until(lambda: len(server.line) == i + 1)
                 await first.close()
                 results = await asyncio.gather(*waiters)
-                await until(lambda: server.batcher.active == 0)
+                await until(lambda: server.active == 0)
                 return results, server
     results, server = run(main())
     for i, r in enumerate(results):
@@ -149,7 +149,7 @@ def test_waiter_that_leaves_is_removed(models):
                 await asyncio.sleep(0.3)
                 await first.close()
                 res = await third
-                await until(lambda: server.batcher.active == 0)
+                await until(lambda: server.active == 0)
             return res, waiting_after, server
     res, waiting_after, server = run(main())
     assert waiting_after == 1

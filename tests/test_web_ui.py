@@ -107,13 +107,13 @@ def test_browser_conversation_with_server(browser):
 
     moshi = MoshiServer(*tiny_models(), ServerConfig(max_sessions=2))
     peaks = []
-    push = moshi.batcher.push
+    push = moshi.loop.push
 
     def spy(slot, pcm):  # what the server decoded from the browser's Ogg/Opus
         peaks.append(float(np.abs(pcm).max()) if len(pcm) else 0.0)
         return push(slot, pcm)
 
-    moshi.batcher.push = spy
+    moshi.loop.push = spy
     with AppServer(moshi) as server:
         page, stats, errors = _converse(browser, server.url, 1.5, timeout=30)
         ARTIFACTS.mkdir(exist_ok=True)

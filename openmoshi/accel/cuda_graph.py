@@ -19,10 +19,11 @@ On CPU the same static-buffer discipline runs eagerly (`static=True`), so tests 
 step does not depend on the identity of its input tensors and returns fresh values through the same
 output buffers.
 
-The call sites (bench, server batcher, offline inference) choose with one flag, `cuda_graph`:
-None means graphs on CUDA unless the environment sets OPENMOSHI_NO_CUDA_GRAPH=1 (the official
-package's NO_CUDA_GRAPH is left to it: the tests set it so the oracle runs eagerly), False means
-plain eager calls, True means the wrapper always (on CPU: its static-buffer discipline, eagerly).
+The one call site is `engine.Engine` (under serve, offline inference and bench); whether it wraps
+is `engine.speed`'s decision, passed as `cuda_graph`: None means graphs on CUDA unless the
+environment sets OPENMOSHI_NO_CUDA_GRAPH=1 (the official package's NO_CUDA_GRAPH is left to it: the
+tests set it so the oracle runs eagerly), False means plain eager calls, True means the wrapper
+always (on CPU: its static-buffer discipline, eagerly).
 """
 
 from __future__ import annotations

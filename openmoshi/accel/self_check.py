@@ -119,7 +119,7 @@ def check_fast_paths(lm, use_fused: bool, use_graphs: bool, seed: int = 0, make_
                      apply: Callable = fused.apply, unapply: Callable = fused.unapply) -> CheckResult:
     """Checks the fused modules (when `use_fused`; `apply(lm)`/`unapply(lm)` switch them) and the
     graphed step (when `use_graphs`) against the reference; a failed fused check leaves `lm` on the
-    reference modules. The caller turns off what failed (`streaming.checked_fast_streaming`)."""
+    reference modules. The caller turns off what failed (`engine.speed.prepare`)."""
     result = CheckResult()
     generator = torch.Generator().manual_seed(seed)
     problems = []

@@ -5,5 +5,5 @@ Offers: `main.main`, `main.build_parser`.
 
 May import: openmoshi, openmoshi.audio, openmoshi.memory, openmoshi.modules, openmoshi.mimi, openmoshi.lm,
 openmoshi.accel, openmoshi.loading, openmoshi.inference, openmoshi.serving, openmoshi.training,
-openmoshi.bench.
+openmoshi.bench, openmoshi.engine.
 """

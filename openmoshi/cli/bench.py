@@ -54,7 +54,6 @@ def run_bench(args) -> int:
     import torch
 
     from openmoshi import bench
-    from openmoshi.accel.cuda_graph import wanted
     from openmoshi.lm.config import BUILTIN_CONFIGS, load_model_config
 
     sizes = _batch_sizes(args.batch_sizes)
@@ -83,36 +82,32 @@ def run_bench(args) -> int:
              ways=["a smaller --config (small, tiny)", "smaller --batch-sizes"])(ModelConfig(lm=cfg))
     lm = None if args.codec_only else bench.random_lm(cfg, device, dtype, args.quantize)
     mimi = None
-    try:
-        mimi_fast = bench.parse_mimi_fast(args.mimi_fast, device)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
     if not args.no_mimi:
         from openmoshi.loading.mimi import load_mimi
         mimi = load_mimi(None, num_codebooks=max(cfg.gen_q, cfg.num_user_codebooks), device=device)
-        if mimi_fast is not None:
-            from openmoshi.accel.mimi_cpu import fast_cpu
-            mimi = fast_cpu(mimi, *mimi_fast)
-    from openmoshi.accel import fused
-    use_fused = fused.wanted(device, args.no_fused)
-    if use_fused:  # the call-site speed wrapper, as serve and infer apply it on CUDA
-        for model in (lm, mimi):
-            if model is not None:
-                fused.apply(model)
+    from openmoshi.engine.engine import Engine
+    from openmoshi.engine.speed import SpeedConfig, prepare
+    from openmoshi.lm.sampling import SamplingConfig
+
+    try:  # the speed paths serve and infer apply, without their start-up self-check
+        lm, mimi, speed = prepare(lm, mimi, device, SpeedConfig(cuda_graphs=False if args.no_cuda_graph else None,
+                                                              fused=False if args.no_fused else None,
+                                                              mimi_fast=args.mimi_fast, self_check=False))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     params = sum(p.numel() for p in lm.parameters()) / 1e9 if lm is not None else 0
-    graphs = wanted(False if args.no_cuda_graph else None, device)
     print(f"openmoshi bench: config {args.config} ({params:.2f} B LM params), device {device}, {dtype_name}"
-          f"{', ' + args.quantize if args.quantize else ''}, cuda graphs "
-          f"{'on' if graphs else 'off'}, fused kernels {'on' if use_fused else 'off'}, threads {torch.get_num_threads()}, "
-          f"mimi {'fast ' + ','.join(mimi_fast) if mimi_fast else 'float32 reference'}")
+          f"{', ' + args.quantize if args.quantize else ''}, {speed.describe()}, threads {torch.get_num_threads()}")
     print(bench.HEADER)
     results = []
     for b in sizes:
-        r = bench.bench_loop(lm, mimi, b, args.steps, args.warmup, device, not args.no_cuda_graph, args.codec_only)
+        engine = Engine(lm, mimi, b, speed, SamplingConfig(), all_buckets=False)
+        r = bench.bench_loop(engine, args.steps, args.warmup, args.codec_only)
         print(bench.format_row(r), flush=True)
         results.append(bench.as_dict(r))
     if args.json:
         Path(args.json).write_text(json.dumps({"config": args.config, "device": str(device), "dtype": dtype_name,
-                                               "quantize": args.quantize, "mimi_fast": mimi_fast, "fused": use_fused,
+                                               "quantize": args.quantize, "mimi_fast": speed.mimi_fast,
+                                               "fused": speed.fused, "cuda_graphs": speed.cuda_graphs,
                                                "threads": torch.get_num_threads(), "results": results}, indent=1))
     return 0

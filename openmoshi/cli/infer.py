@@ -129,12 +129,12 @@ def infer(args: argparse.Namespace) -> int:
 
     from dataclasses import replace
 
-    from openmoshi.accel.streaming import checked_fast_streaming
     from openmoshi.audio import SAMPLE_RATE, save_wav
+    from openmoshi.engine.speed import SpeedConfig
+    from openmoshi.engine.startup import start
     from openmoshi.inference.offline import DEFAULT_SEED, InferenceModel, run
     from openmoshi.inference.transcript import write_json
     from openmoshi.lm.sampling import SamplingConfig
-    from openmoshi.loading.model import load_model
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
@@ -143,9 +143,8 @@ def infer(args: argparse.Namespace) -> int:
     check_cfg_coef(files.config, args.cfg_coef)
     if outputs and files.config.lm.dep_q == 0:
         raise UsageError(f"this model ({files.config.model_type}) writes no audio: use --transcript FILE.json")
-    fast, cuda_graph = checked_fast_streaming(load_model(files, device, dtype, args.quantize),
-                                              False if args.no_cuda_graph else None)
-    model = InferenceModel(fast)
+    fast, speed = start(files, device, dtype, args.quantize, SpeedConfig(cuda_graphs=False if args.no_cuda_graph else None))
+    model = InferenceModel(fast, speed)
     sampling = SamplingConfig.greedy() if args.greedy else SamplingConfig.from_gen_config(model.model.config.lm_gen_config)
     overrides = {k: getattr(args, k) for k in ("temp", "temp_text", "top_k", "top_k_text")
                  if getattr(args, k) is not None}
@@ -162,7 +161,7 @@ def infer(args: argparse.Namespace) -> int:
             raise UsageError(str(e)) from None
     printer = _Printer(args.quiet)
     results = run(fast, list(args.inputs), sampling, DEFAULT_SEED if args.seed is None else args.seed,
-                  args.silence_tail, printer, cuda_graph=cuda_graph, cfg_coef=args.cfg_coef, prompt=prompt)
+                  args.silence_tail, printer, cfg_coef=args.cfg_coef, prompt=prompt, speed=speed)
     printer.finish()
     for result, path in zip(results, outputs or []):
         save_wav(path, result.stereo() if args.stereo else result.audio, SAMPLE_RATE, float32=args.float32)

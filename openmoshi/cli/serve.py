@@ -136,10 +136,8 @@ def _ssl_context(args):
 def run_serve(args) -> int:
     import torch
 
-    from openmoshi.accel.streaming import checked_fast_streaming
-    from openmoshi.lm.conditioners import HIBIKI_CONDITION, HIBIKI_NEGATIVE
-    from openmoshi.lm.sampling import SamplingConfig
-    from openmoshi.loading.model import load_model
+    from openmoshi.engine.speed import SpeedConfig
+    from openmoshi.engine.startup import start
     from openmoshi.serving.server import WEB_DIR, MoshiServer, ServerConfig, event
 
     if args.queue < 0 or args.queue_timeout <= 0:
@@ -167,17 +165,13 @@ def run_serve(args) -> int:
     if files.config.lm.conditioners and files.config.model_type != "hibiki":  # as the official server
         raise UsageError(f"this {files.config.model_type} model expects conditioning, which the "
                          "server supports for Hibiki only")
-    model, cuda_graph = checked_fast_streaming(load_model(files, device, dtype, args.quantize),
-                                               False if args.no_cuda_graph else None)
-    sampling = SamplingConfig.from_gen_config(model.config.lm_gen_config)  # the checkpoint's lm_gen_config, else the official defaults
+    model, speed = start(files, device, dtype, args.quantize, SpeedConfig(cuda_graphs=False if args.no_cuda_graph else None))
+    event("speed_paths", paths=speed.describe())
     config = ServerConfig(max_sessions=max_sessions, auth_token=args.auth_token,
                           idle_timeout=args.idle_timeout, queue_size=args.queue, queue_timeout=args.queue_timeout,
-                          static_dir=Path(args.static) if args.static else WEB_DIR,
-                          cuda_graph=cuda_graph, cfg_coef=args.cfg_coef, clock=args.clock,
-                          voice_dir=Path(args.voice_prompt_dir) if args.voice_prompt_dir else None)
-    condition = HIBIKI_CONDITION if model.lm.condition_provider is not None else None
-    negative = HIBIKI_NEGATIVE if args.cfg_coef != 1.0 else None
-    server = MoshiServer(model.lm, model.mimi, model.tokenizer, config, sampling, condition, negative)
+                          static_dir=Path(args.static) if args.static else WEB_DIR, cfg_coef=args.cfg_coef,
+                          clock=args.clock, voice_dir=Path(args.voice_prompt_dir) if args.voice_prompt_dir else None)
+    server = MoshiServer.for_model(model, speed, config)
     url = f"{'https' if ssl_context else 'http'}://{args.host}:{port}/"
     return asyncio.run(_serve(server, sock, ssl_context, url))
 
@@ -226,7 +220,7 @@ EXIT_MODEL_FAILED = 1  # the model loop kept dying: exit so that a supervisor (s
 async def _serve(server, sock: socket.socket, ssl_context, url: str) -> int:
     """Starts the model loop (CUDA graphs), then accepts on `sock`; says it listens only then;
     on SIGINT/SIGTERM lets conversations end (graceful shutdown) and stops (exit code 0). When the
-    model loop dies more often than it can be restarted (see batcher), the server never stays up
+    model loop dies more often than it can be restarted (see serving.loop), the server never stays up
     serving nobody: it stops and returns EXIT_MODEL_FAILED."""
     from openmoshi.serving.app import Runner
     from openmoshi.serving.server import event
@@ -246,7 +240,7 @@ async def _serve(server, sock: socket.socket, ssl_context, url: str) -> int:
     finally:
         await runner.stop()
     if server.failed.is_set():
-        event("exiting", logging.ERROR, code=EXIT_MODEL_FAILED, reason=f"the model loop failed: {server.batcher.last_error}",
+        event("exiting", logging.ERROR, code=EXIT_MODEL_FAILED, reason=f"the model loop failed: {server.loop.last_error}",
               action="exit so that a supervisor restarts the server")
         return EXIT_MODEL_FAILED
     return 0

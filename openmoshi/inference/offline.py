@@ -32,24 +32,26 @@ own length. On CUDA, Mimi's steps and the LM step run as CUDA graphs (`openmoshi
 
 from __future__ import annotations
 
+import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from openmoshi.accel.cuda_graph import GraphedStep, graphed
-from openmoshi.accel.streaming import with_fast_streaming
 from openmoshi.audio import SAMPLE_RATE, AudioError, load_audio, resample
+from openmoshi.engine.engine import Engine
+from openmoshi.engine.speed import Speed, SpeedConfig, choose
+from openmoshi.engine.startup import make_fast
 from openmoshi.inference.transcript import Piece, Word, pieces, text_of, transcript_dict, words
-from openmoshi.lm.conditioners import HIBIKI_CONDITION, HIBIKI_NEGATIVE
-from openmoshi.lm.generate import init_state, set_condition
 from openmoshi.lm.persona import Prompt, build_prompt, run_prompts, wrap_system
 from openmoshi.lm.sampling import SamplingConfig
 from openmoshi.loading.model import LoadedModel, load_model
 from openmoshi.loading.resolve import DEFAULT_REPO, resolve_files
 from openmoshi.loading.voices import load_voice
 from openmoshi.mimi.codec import FRAME_SIZE
+
+log = logging.getLogger("openmoshi.inference")
 
 FRAME_SECONDS = FRAME_SIZE / SAMPLE_RATE  # 0.08
 ENCODE_CHUNK = 10  # frames Mimi encodes per call (bounds memory on long files)
@@ -114,12 +116,10 @@ def as_pcm(x, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
 class _Encoder:
     """Streaming Mimi codes of a growing batch signal: the inputs, then silence forever."""
 
-    def __init__(self, mimi, pcms: list[torch.Tensor], device, cuda_graph: bool | None = None):
-        self.mimi, self.device = mimi, device
+    def __init__(self, engine, pcms: list[torch.Tensor]):
+        self.engine = engine
         n = max(p.shape[-1] for p in pcms)
         self.pcm = torch.stack([torch.nn.functional.pad(p[0], (0, n - p.shape[-1])) for p in pcms])[:, None]
-        self.state = state = mimi.init_encode_state(len(pcms))
-        self.encode = graphed(lambda pcm: mimi.encode_step(pcm, state), cuda_graph, device, name="mimi_encode")
         self.codes = []  # chunks [B, K, F]
         self.done = 0  # frames encoded
 
@@ -130,7 +130,7 @@ class _Encoder:
             chunk = self.pcm[..., a:b]
             chunk = torch.nn.functional.pad(chunk, (0, b - a - chunk.shape[-1]))  # silence after the inputs
             # A copy: a graph's output buffer is overwritten by the next chunk.
-            self.codes.append(self.encode(chunk.to(self.device)).clone())
+            self.codes.append(self.engine.encode(chunk).clone())
             self.done += ENCODE_CHUNK
         return self.codes[f // ENCODE_CHUNK][:, :, f % ENCODE_CHUNK]
 
@@ -139,118 +139,202 @@ class _Encoder:
 def run(model: LoadedModel, inputs: list, sampling: SamplingConfig | None = None,
         seed: int | None = DEFAULT_SEED, silence_tail: float = 0.0, on_step=None,
         sample_rate: int = SAMPLE_RATE, cuda_graph: bool | None = None,
-        cfg_coef: float = 1.0, prompt: Prompt | None = None) -> list[InferenceResult]:
+        cfg_coef: float = 1.0, prompt: Prompt | None = None, speed: Speed | None = None) -> list[InferenceResult]:
     """Runs the model over `inputs` (paths or arrays) as one batch; see the module docstring.
-    `cuda_graph`: None for CUDA graphs on CUDA, False for eager (see openmoshi.accel.cuda_graph).
-    `prompt`: a persona's prompt phase (`persona_prompt`), run before every input."""
-    lm, mimi, tok, cfg = model.lm, model.mimi, model.tokenizer, model.config
-    kind = cfg.model_type
-    if kind not in ("moshi", "stt", "hibiki"):
+    `speed`: the paths `engine.speed.prepare` applied to `model` (None: none, CUDA graphs as
+    `cuda_graph` says: None for graphs on CUDA, False for eager). `prompt`: a persona's prompt
+    phase (`persona_prompt`), run before every input."""
+    kind = model.config.model_type
+    if kind not in POLICIES:
         raise ValueError(f"model_type {kind!r} is not supported by offline inference")
-    sampling = sampling or SamplingConfig.from_gen_config(model.config.lm_gen_config)
-    device = model.device
-    heard = [as_pcm(x, sample_rate) for x in inputs]  # [1, N] each
+    if prompt is not None and kind != "moshi":
+        raise ValueError(f"persona prompts are for speech-to-speech models, not {kind}")
     if silence_tail < 0:
         raise ValueError(f"silence_tail must be >= 0, got {silence_tail}")
-    tail = int(round(silence_tail * SAMPLE_RATE))
-    pre = post = 0
-    if kind == "stt":
-        pre = int(cfg.stt_config.get("audio_silence_prefix_seconds", 0.0) * SAMPLE_RATE)
-        post = int((cfg.stt_config.get("audio_delay_seconds", 0.0) + STT_TAIL_SECONDS) * SAMPLE_RATE)
-    padded = [torch.nn.functional.pad(p, (pre, post + tail)) for p in heard]
-    frames = [p.shape[-1] // FRAME_SIZE for p in padded]  # whole frames only, as the official loop
-    for x, p, t in zip(inputs, heard, frames):
+    sampling = sampling or SamplingConfig.from_gen_config(model.config.lm_gen_config)
+    heard = [as_pcm(x, sample_rate) for x in inputs]  # [1, N] each
+    policy = (PersonaPolicy if prompt is not None else POLICIES[kind])(model, heard, silence_tail)
+    for x, p, t in zip(inputs, heard, policy.frames):
         if t == 0:
             name = x if isinstance(x, (str, Path)) else "input array"
             raise AudioError(f"{name} is too short ({p.shape[-1] / SAMPLE_RATE:.3f} s): the model needs "
                              f"at least one {FRAME_SECONDS * 1000:.0f} ms frame")
-    padded = [p[:, :t * FRAME_SIZE] for p, t in zip(padded, frames)]
-
-    B, T, md = len(padded), max(frames), lm.cfg.max_delay
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device).manual_seed(seed)
-    state = init_state(lm, B, sampling, cfg_coef=cfg_coef)
-    if lm.condition_provider is not None:
-        if kind != "hibiki":  # as the official loop: only Hibiki has a known condition
-            raise ValueError(f"this {kind} model expects conditioning, which offline inference supports "
-                             "for Hibiki only")
-        negative = lm.condition_sum([HIBIKI_NEGATIVE] * B) if cfg_coef != 1.0 else None
-        set_condition(state, lm.condition_sum([HIBIKI_CONDITION] * B), negative=negative)
-    lead = 1  # the first frame is fed twice (the very first step reads only initial tokens)
+    B = len(heard)
+    generator = None if seed is None else torch.Generator(model.device).manual_seed(seed)
+    speed = speed or choose(model.device, SpeedConfig(cuda_graphs=cuda_graph, self_check=False))
+    if kind != "hibiki" and model.lm.condition_provider is not None:  # as the official loop
+        raise ValueError(f"this {kind} model expects conditioning, which offline inference supports for Hibiki only")
+    engine = Engine.build(model, B, speed, sampling, cfg_coef, slot_streams=False, generator=generator,
+                          all_buckets=False)
     if prompt is not None:
-        if kind != "moshi":
-            raise ValueError(f"persona prompts are for speech-to-speech models, not {kind}")
-        run_prompts(lm, state, [prompt] * B, generator)
-        lead, md = 0, 0  # the prompt's last frame is read first; every step's output is kept
-    prompted = state.calls  # steps done by the prompt phase
-    enc = _Encoder(mimi, padded, device, cuda_graph)
-    lm_step = GraphedStep(lm, state, cuda_graph, generator)  # outputs valid until its next call
-    decode = None
-    if lm.cfg.dep_q:
-        dec = mimi.init_decode_state(B)
-        decode = graphed(lambda codes: mimi.decode_step(codes, dec), cuda_graph, device, name="mimi_decode")
-    hibiki = kind == "hibiki"
-    total = None if hibiki else T + lead
-    max_steps = T + 2 + int(HIBIKI_MAX_EXTRA_SECONDS / FRAME_SECONDS) if hibiki else T + lead
-    eos_id = tok.eos_id()
-    eos = [False] * B
-    eos_fed = [False] * B
-    texts: list[list[int]] = [[] for _ in range(B)]
-    times: list[list[float]] = [[] for _ in range(B)]
-    audio: list[list[torch.Tensor]] = [[] for _ in range(B)]
-    shift = (pre / SAMPLE_RATE + cfg.stt_config.get("audio_delay_seconds", 0.0)) if kind == "stt" else 0.0
+        run_prompts(model.lm, engine.gen, [prompt] * B, generator)
+    prompted = engine.gen.calls  # steps done by the prompt phase
+    enc = _Encoder(engine, policy.padded)
+    results = [_Output() for _ in range(B)]
     start = time.perf_counter()
-    for s in range(max_steps):
-        if hibiki and all(eos):
+    for s in range(policy.max_steps):
+        if policy.finished(results):
             break
-        f = max(s - lead, 0)  # the input frame of step s: without a prompt, frame 0 is fed twice
-        codes = []
-        for b in range(B):
-            if not hibiki or f < frames[b]:
-                codes.append(enc.frame(f)[b])
-            elif f == frames[b]:  # end of the input stream
-                codes.append(torch.full((mimi.num_codebooks,), mimi.cardinality, dtype=torch.long, device=device))
-                eos_fed[b] = True
-            else:  # silence, continuing the encoder's stream where the input stopped
-                codes.append(enc.frame(f - 1)[b])
-        out = lm_step(torch.stack(codes), position=prompted + s)
-        if (lead and s == 0) or s < md:
-            if on_step:
-                on_step(Progress(s + 1, total, time.perf_counter() - start, [None] * B))
-            continue
-        pcm = None
-        if decode is not None:  # a copy: a graph's output is overwritten at its next call
-            pcm = decode(out.audio[:, :, None]).to("cpu", copy=True)  # [B, 1, 1920]
-        text = out.text.cpu().tolist()
+        out = engine.step(policy.codes(s, enc), position=prompted + s)
         shown: list[Piece | None] = [None] * B
-        t_out = (s - md) * FRAME_SECONDS - shift
-        for b in range(B):
-            if hibiki:
-                if eos[b]:
-                    continue
-                if text[b] == eos_id:
-                    if eos_fed[b]:
-                        eos[b] = True
-                    else:
-                        print("openmoshi: warning: EOS sampled before the end of the input, ignored")
-            elif s - lead >= frames[b]:  # past this input's own end (shorter input in a batch)
-                continue
-            texts[b].append(text[b])
-            times[b].append(round(max(t_out, 0.0), 3))
-            if pcm is not None:
-                audio[b].append(pcm[b])
-            ps = pieces([text[b]], [times[b][-1]], tok)
-            shown[b] = ps[0] if ps else None
+        if policy.keeps(s):
+            pcm = None
+            if engine.dec is not None:  # a copy: a graph's output is overwritten at its next call
+                pcm = engine.decode(out.audio[:, :, None]).to("cpu", copy=True)  # [B, 1, 1920]
+            text = out.text.cpu().tolist()
+            t_out = round(max(policy.time(s), 0.0), 3)
+            for b in range(B):
+                if policy.take(s, b, text[b], results[b]):
+                    r = results[b]
+                    r.texts.append(text[b])
+                    r.times.append(t_out)
+                    if pcm is not None:
+                        r.audio.append(pcm[b])
+                    ps = pieces([text[b]], [t_out], model.tokenizer)
+                    shown[b] = ps[0] if ps else None
         if on_step:
-            on_step(Progress(s + 1, total, time.perf_counter() - start, shown))
-    results = []
-    for b in range(B):
-        pcm = torch.cat(audio[b], dim=-1) if decode is not None and audio[b] else (
-            torch.zeros(1, 0) if decode is not None else None)
-        results.append(InferenceResult(input_pcm=heard[b], audio=pcm, text_tokens=texts[b], times=times[b],
-                                       pieces=pieces(texts[b], times[b], tok), eos=eos[b]))
-    return results
+            on_step(Progress(s + 1, policy.total, time.perf_counter() - start, shown))
+    return [r.result(heard[b], model.tokenizer, engine.dec is not None) for b, r in enumerate(results)]
+
+
+@dataclass
+class _Output:
+    """One input's outputs, as they come."""
+
+    texts: list[int] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)
+    audio: list[torch.Tensor] = field(default_factory=list)
+    eos: bool = False
+    eos_fed: bool = False  # hibiki: the end of its input went in
+
+    def result(self, heard: torch.Tensor, tokenizer, has_audio: bool) -> InferenceResult:
+        audio = (torch.cat(self.audio, dim=-1) if self.audio else torch.zeros(1, 0)) if has_audio else None
+        return InferenceResult(input_pcm=heard, audio=audio, text_tokens=self.texts, times=self.times,
+                               pieces=pieces(self.texts, self.times, tokenizer), eos=self.eos)
+
+
+# ----------------------------------------------------------------------------- frame policies
+
+
+class MoshiPolicy:
+    """The official offline policy: whole frames only; the first frame fed twice (the very first step
+    reads only initial tokens); step s outputs the frame generated at step s - max(delays), the
+    output of step 0 never kept; an input's outputs end with its own frames (`silence_tail`
+    appended first)."""
+
+    lead = 1  # steps before input frame 1 is fed: frame 0 goes in twice
+
+    def __init__(self, model: LoadedModel, heard: list[torch.Tensor], silence_tail: float = 0.0):
+        self.model, self.device = model, model.device
+        self.delay = model.lm.cfg.max_delay
+        pre, post = self.padding()
+        padded = [torch.nn.functional.pad(p, (pre, post + int(round(silence_tail * SAMPLE_RATE)))) for p in heard]
+        self.frames = [p.shape[-1] // FRAME_SIZE for p in padded]  # whole frames only, as the official loop
+        self.padded = [p[:, :t * FRAME_SIZE] for p, t in zip(padded, self.frames)]
+        self.shift = 0.0  # seconds subtracted from output times
+
+    def padding(self) -> tuple[int, int]:
+        """Samples of silence before and after each input."""
+        return 0, 0
+
+    @property
+    def total(self) -> int | None:
+        return max(self.frames) + self.lead
+
+    @property
+    def max_steps(self) -> int:
+        return self.total
+
+    def codes(self, s: int, enc: _Encoder) -> torch.Tensor:
+        """[B, K] input codes of step s."""
+        return enc.frame(max(s - self.lead, 0))
+
+    def keeps(self, s: int) -> bool:
+        """Whether step s's outputs are frames of the conversation."""
+        return not (self.lead and s == 0) and s >= self.delay
+
+    def time(self, s: int) -> float:
+        return (s - self.delay) * FRAME_SECONDS - self.shift
+
+    def take(self, s: int, b: int, token: int, out: _Output) -> bool:
+        return s - self.lead < self.frames[b]  # not past this input's own end (a shorter input of a batch)
+
+    def finished(self, outputs: list[_Output]) -> bool:
+        return False
+
+
+class SttPolicy(MoshiPolicy):
+    """Speech to text (dep_q = 0): `stt_config.audio_silence_prefix_seconds` of silence before the
+    input and `audio_delay_seconds` + STT_TAIL_SECONDS after it; word times shifted back by both."""
+
+    def padding(self) -> tuple[int, int]:
+        stt = self.model.config.stt_config
+        self.pre = int(stt.get("audio_silence_prefix_seconds", 0.0) * SAMPLE_RATE)
+        return self.pre, int((stt.get("audio_delay_seconds", 0.0) + STT_TAIL_SECONDS) * SAMPLE_RATE)
+
+    def __init__(self, model, heard, silence_tail=0.0):
+        super().__init__(model, heard, silence_tail)
+        self.shift = self.pre / SAMPLE_RATE + model.config.stt_config.get("audio_delay_seconds", 0.0)
+
+
+class HibikiPolicy(MoshiPolicy):
+    """Translation: after the input, one frame of codes all equal to `card` (end of input), then
+    silence, until the model emits the text EOS; an EOS before the input ended is ignored with a
+    warning. At most HIBIKI_MAX_EXTRA_SECONDS more than the input."""
+
+    def __init__(self, model, heard, silence_tail=0.0):
+        super().__init__(model, heard, silence_tail)
+        self.eos_id = model.tokenizer.eos_id()
+        self.fed = [False] * len(heard)
+
+    @property
+    def total(self) -> None:
+        return None  # until EOS
+
+    @property
+    def max_steps(self) -> int:
+        return max(self.frames) + 2 + int(HIBIKI_MAX_EXTRA_SECONDS / FRAME_SECONDS)
+
+    def codes(self, s: int, enc: _Encoder) -> torch.Tensor:
+        f, mimi = max(s - self.lead, 0), self.model.mimi
+        rows = []
+        for b, frames in enumerate(self.frames):
+            if f < frames:
+                rows.append(enc.frame(f)[b])
+            elif f == frames:  # end of the input stream
+                rows.append(torch.full((mimi.num_codebooks,), mimi.cardinality, dtype=torch.long, device=self.device))
+                self.fed[b] = True
+            else:  # silence, continuing the encoder's stream where the input stopped
+                rows.append(enc.frame(f - 1)[b])
+        return torch.stack(rows)
+
+    def take(self, s: int, b: int, token: int, out: _Output) -> bool:
+        if out.eos:
+            return False
+        if token == self.eos_id:
+            if self.fed[b]:
+                out.eos = True
+            else:
+                log.warning("EOS sampled before the end of the input, ignored")
+        return True
+
+    def finished(self, outputs: list[_Output]) -> bool:
+        return all(o.eos for o in outputs)
+
+
+class PersonaPolicy(MoshiPolicy):
+    """After a persona's prompt phase (PersonaPlex), whose last frame the first step reads: no frame
+    is fed twice, input frame i goes to step i and output frame i is what step i returns
+    (PersonaPlex's own script returns the last spacer frame first, one frame later)."""
+
+    lead = 0
+
+    def __init__(self, model, heard, silence_tail=0.0):
+        super().__init__(model, heard, silence_tail)
+        self.delay = 0  # every step's output is kept
+
+
+POLICIES = {"moshi": MoshiPolicy, "stt": SttPolicy, "hibiki": HibikiPolicy}
 
 
 def persona_prompt(model: LoadedModel, text: str | None = None, voice=None) -> Prompt:
@@ -266,6 +350,7 @@ class InferenceModel:
     """A loaded model with a one-call `run`; see the module docstring."""
 
     model: LoadedModel
+    speed: Speed | None = None  # the paths applied to the model (`engine.startup`); None: none
 
     def run(self, inputs, sampling: SamplingConfig | None = None, greedy: bool = False,
             seed: int | None = DEFAULT_SEED, silence_tail: float = 0.0, sample_rate: int = SAMPLE_RATE,
@@ -281,8 +366,9 @@ class InferenceModel:
         prompt = None
         if text_prompt is not None or voice_prompt is not None:
             prompt = persona_prompt(self.model, text_prompt, voice_prompt)
+        speed = self.speed if cuda_graph is None or self.speed is None else replace(self.speed, cuda_graphs=cuda_graph)
         out = run(self.model, [inputs] if single else list(inputs), sampling, seed, silence_tail,
-                  on_step, sample_rate, cuda_graph, cfg_coef, prompt)
+                  on_step, sample_rate, cuda_graph, cfg_coef, prompt, speed)
         return out[0] if single else out
 
     def transcript(self, result: InferenceResult, source: str | None = None) -> dict:
@@ -293,4 +379,5 @@ def load(hf_repo: str | None = DEFAULT_REPO, moshi_weight=None, mimi_weight=None
          config_path=None, lora_weight=None, device=None, dtype=None, quantize=None) -> InferenceModel:
     """Resolves (downloading if needed) and loads a model; arguments as the CLI flags."""
     files = resolve_files(hf_repo, moshi_weight, mimi_weight, tokenizer, config_path, lora_weight)
-    return InferenceModel(with_fast_streaming(load_model(files, device, dtype, quantize)))
+    model, speed = make_fast(load_model(files, device, dtype, quantize))
+    return InferenceModel(model, speed)

@@ -1,23 +1,26 @@
 """The real-time server and its clients: many conversations share one model, one batched step per
 80 ms frame.
 
-- `protocol`: the official websocket protocol's messages (independent of any web framework);
-- `opus`: streaming Ogg/Opus in and out;
-- `batcher`: the model loop, one slot per conversation;
-- `waiting`: the first-come first-served line for a free slot;
-- `personas`: PersonaPlex personas from the query (`text_prompt`, `voice_prompt`), voices listed;
-- `server`: the server's logic, independent of the web framework (a conversation fed a `Socket`);
+- `server`: the server's logic, independent of the web framework: seats, the waiting line, auth,
+  health; a conversation is a `session` on a `Socket`;
+- `session`: one client's conversation (its seat, outbox, timeouts, frame assembler), whatever its
+  wire protocol;
+- `chat` (+ `protocol`, `opus`): the official `/api/chat` protocol; `realtime`: the OpenAI Realtime
+  API (`/v1/realtime`) for voice-agent frameworks; each a wire protocol class of a session;
+- `loop`: the model loop, a worker thread that owns the engine's rows and ticks once per frame;
+  `prompts`: persona prompt phases inside its ticks, and their cache;
+- `params`: what a client may set, checked at the edge; `personas`: PersonaPlex personas from the
+  query (`text_prompt`, `voice_prompt`), voices listed;
+- `waiting`: the first-come first-served line for a free seat;
 - `app`: the server as an ASGI app (`/api/chat`, `/v1/realtime`, `/health`, `/metrics`, the web UI
-  in `web/`), and its runner on uvicorn;
-- `realtime`: the OpenAI Realtime API (`/v1/realtime`) on the same slots, for voice-agent frameworks;
+  in `web/`), and its runner on uvicorn; `cluster`: the same app on Ray Serve replicas;
 - `metrics`, `tls`: Prometheus counters; certificates;
-- `client`: the Python client of the protocol (files or sound card);
-- `aec`: the client's echo canceller (WebRTC's, from the livekit package), the played audio as its
-  reference.
+- `client`, `latency`: the Python client of the protocol (files or sound card), and the latency it
+  hears; `aec`: the client's echo canceller (WebRTC's, from the livekit package).
 
-Offers: `server.MoshiServer`, `server.ServerConfig`, `app.asgi_app`, `app.Runner`, `batcher.Batcher`,
-`client.talk_file`, `aec.EchoCanceller`.
+Offers: `server.MoshiServer`, `server.ServerConfig`, `app.asgi_app`, `app.Runner`, `loop.ModelLoop`,
+`session.Session`, `client.talk_file`, `aec.EchoCanceller`.
 
 May import: openmoshi.audio, openmoshi.memory, openmoshi.mimi, openmoshi.lm, openmoshi.accel,
-openmoshi.loading.
+openmoshi.loading, openmoshi.engine.
 """

@@ -26,8 +26,9 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from openmoshi.serving import protocol
 from openmoshi.serving.personas import VOICES_ROUTE
-from openmoshi.serving.realtime.session import RealtimeConversation, realtime_auth
-from openmoshi.serving.server import CLOSE_NORMAL, MoshiServer
+from openmoshi.serving.realtime.protocol import RealtimeProtocol, realtime_auth
+from openmoshi.serving.server import MoshiServer
+from openmoshi.serving.session import CLOSE_NORMAL
 
 # Messages a little over the protocol limit still reach `protocol.parse` (and get an error reply);
 # far larger ones are refused by uvicorn itself with close code 1009.
@@ -91,7 +92,7 @@ def asgi_app(server: MoshiServer, lifespan: bool = True, on_start=None) -> Starl
         headers, subprotocol = realtime_auth(ws.headers)
         await ws.accept(subprotocol=subprotocol)
         peer = ws.client.host if ws.client else "?"
-        await server.chat(StarletteSocket(ws), ws.query_params, headers, peer, kind=RealtimeConversation)
+        await server.chat(StarletteSocket(ws), ws.query_params, headers, peer, RealtimeProtocol(ws.query_params))
 
     async def health(_request):
         status, body = server.health()

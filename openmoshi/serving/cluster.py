@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 log = logging.getLogger("openmoshi.serving.cluster")
@@ -70,10 +70,8 @@ class MoshiReplica:
     def __init__(self, spec: dict):
         import torch
 
-        from openmoshi.accel.streaming import checked_fast_streaming
-        from openmoshi.lm.conditioners import HIBIKI_CONDITION, HIBIKI_NEGATIVE
-        from openmoshi.lm.sampling import SamplingConfig
-        from openmoshi.loading.model import load_model
+        from openmoshi.engine.speed import SpeedConfig
+        from openmoshi.engine.startup import start
         from openmoshi.loading.resolve import resolve_files
         from openmoshi.serving.server import MoshiServer, ServerConfig
 
@@ -81,13 +79,9 @@ class MoshiReplica:
         if spec.threads:
             torch.set_num_threads(spec.threads)
         config = ServerConfig(**spec.server)
-        model, cuda_graph = checked_fast_streaming(
-            load_model(resolve_files(**spec.files), spec.device, spec.dtype, spec.quantize), config.cuda_graph)
-        config = replace(config, cuda_graph=cuda_graph)
-        condition = HIBIKI_CONDITION if model.lm.condition_provider is not None else None
-        negative = HIBIKI_NEGATIVE if config.cfg_coef != 1.0 else None
-        sampling = SamplingConfig.from_gen_config(model.config.lm_gen_config)
-        self.server = MoshiServer(model.lm, model.mimi, model.tokenizer, config, sampling, condition, negative)
+        model, speed = start(resolve_files(**spec.files), spec.device, spec.dtype, spec.quantize,
+                             SpeedConfig(cuda_graphs=config.cuda_graph))
+        self.server = MoshiServer.for_model(model, speed, config)
         self._exporter: asyncio.Task | None = None
 
     def __serve_build_asgi_app__(self):

@@ -23,7 +23,7 @@ from openmoshi.lm.sampling import SamplingConfig
 SAMPLING_PARAMS = {"text_temperature": "temp_text", "text_topk": "top_k_text", "audio_temperature": "temp",
                    "audio_topk": "top_k", "pad_mult": "pad_mult", "repetition_penalty": "repetition_penalty",
                    "repetition_penalty_context": "repetition_context"}
-# The seeds of a conversation's own random streams (each slot samples from its own, see batcher).
+# The seeds of a conversation's own random streams (each slot samples from its own, see serving.loop).
 SEED_PARAMS = ("text_seed", "audio_seed")
 ONE_SEED = "seed"  # PersonaPlex's client: one seed for both streams
 SEED_LIMIT = 2 ** 62  # seeds live in int64 tensors, and hashing adds to them

@@ -1,6 +1,6 @@
 """Personas of the server's conversations (PersonaPlex): the query parameters `text_prompt` and
 `voice_prompt` (a file name in `serve --voice-prompt-dir`) made into a `persona.Prompt` and the
-key its state is cached under in the batcher.
+key its state is cached under in the model loop (`prompts`).
 
     personas = Personas(lm, mimi, tokenizer, voice_dir)
     personas.voices()                                   # GET /api/voices

@@ -1,28 +1,20 @@
-"""The real-time server: `/api/chat` speaks the official binary protocol (see `protocol`), many
-conversations share one model through the `Batcher`, plus `/health`, `/metrics` and the web UI.
+"""The real-time server: many conversations share one model through one model loop; `/api/chat`
+speaks the official binary protocol, `/v1/realtime` the OpenAI Realtime API, plus `/health` and
+`/metrics`. This module is the server's logic, independent of any web framework (`app.py` makes it an
+ASGI application, run by uvicorn for `openmoshi serve` or by Ray Serve across machines).
 
-This module is the server's logic, independent of any web framework: a conversation is fed the
-messages of a `Socket` (send bytes or text, receive bytes or text, close). `/v1/realtime` (the
-OpenAI Realtime API, `realtime.session`) is another kind of `Conversation` on the same slots,
-waiting line, auth and metrics: it overrides the protocol's own messages (`Conversation.greeting`,
-`handle`, ...). `app.py` makes it an ASGI
-application (Starlette, run by uvicorn for `openmoshi serve`, or by Ray Serve across machines).
+Serving in three parts:
 
-Per conversation, on the event loop:
+    Session (`session`)           one client: its seat, outbox, timeouts, the frame assembler
+      + a wire protocol           `chat.ChatProtocol` or `realtime.protocol.RealtimeProtocol`
+    ModelLoop (`loop`)            the worker thread: the engine, its rows, the ticks
 
-    websocket ──parse──> audio: Ogg/Opus ──OpusDecoder──> PCM frames ──> Batcher inbox (bounded)
-                         control restart: reset the slot; ping: ping back; bad input: error reply
-    Batcher (worker thread) ──on_frame──> outbox (bounded, oldest dropped) ──sender task──>
-        PCM ──OpusEncoder──> audio message, text piece ──> text message
-
-A client that arrives while every slot is taken waits in a bounded line, first come first served
-(`waiting`), told its place by metadata messages until a slot frees; then its conversation starts
-with the handshake as usual. A conversation that is refused (bad token, line full, waited too long,
-shutting down, bad query parameters) gets an error message (kind 5), then a clean websocket close.
-Bad messages get an error message and the conversation goes on; after `max_errors` of them it is
-closed. A client that does not read has its oldest output dropped; one that sends nothing for
-`idle_timeout`, or whose sends block for `send_timeout`, is closed. None of this touches the other
-conversations.
+The server owns the seats (who is in, the waiting line) on the event loop; the model loop owns the
+rows. A client that arrives while every seat is taken waits in a bounded line, first come first
+served (`waiting`), told its place (when its protocol can say it) until a seat frees; then its
+conversation starts with the protocol's greeting. A conversation that is refused (bad token, line
+full, waited too long, shutting down, bad query parameters, a model loop that cannot serve) gets an
+error message, then a clean websocket close with a code that says why.
 """
 
 from __future__ import annotations
@@ -32,57 +24,30 @@ import hmac
 import json
 import logging
 import time
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Protocol
+from typing import Mapping
 
-import numpy as np
-
-from openmoshi.serving import protocol
-from openmoshi.serving.batcher import TICK_SLACK, Batcher, Slot
-from openmoshi.serving.metrics import Metrics
-from openmoshi.serving.opus import OpusDecoder, OpusEncoder, OpusError
-from openmoshi.serving.params import sampling_from_query, seeds_from_query  # noqa: F401  (the server's edge)
-from openmoshi.serving.personas import Personas
+from openmoshi.engine.engine import check_conditions, check_memory
+from openmoshi.engine.speed import Speed, SpeedConfig, choose
 from openmoshi.lm.sampling import SamplingConfig
+from openmoshi.serving.chat import ChatProtocol
+from openmoshi.serving.loop import TICK_SLACK, Ended, Frame, Join, Leave, ModelLoop, Ready, Seat
+from openmoshi.serving.metrics import Metrics
+from openmoshi.serving.params import sampling_from_query, seeds_from_query
+from openmoshi.serving.personas import Personas
+from openmoshi.serving.session import (CLOSE_BAD_REQUEST, CLOSE_GOING_AWAY, CLOSE_INTERNAL_ERROR,  # noqa: F401
+                                       CLOSE_NORMAL, CLOSE_POLICY_VIOLATION, CLOSE_TRY_AGAIN_LATER,
+                                       CLOSE_UNAUTHORIZED, SEND_ERRORS, Session, SlotFailed, Socket, WireProtocol,
+                                       event)
 from openmoshi.serving.waiting import ADMITTED, LEFT, STOPPING, TIMED_OUT, Ticket, WaitingLine, wait_turn
 
 log = logging.getLogger("openmoshi.serving.server")
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
-# Websocket close codes (RFC 6455, and private-use ones).
-CLOSE_NORMAL = 1000
-CLOSE_GOING_AWAY = 1001  # shutting down, idle, or gone
-CLOSE_POLICY_VIOLATION = 1008
-CLOSE_INTERNAL_ERROR = 1011  # the model loop failed on this conversation
-CLOSE_TRY_AGAIN_LATER = 1013  # busy
-CLOSE_UNAUTHORIZED = 4001
-CLOSE_BAD_REQUEST = 4000
-SEND_ERRORS = (asyncio.TimeoutError, ConnectionError)  # a send that failed: the client is gone or stuck
 SHUTDOWN_MESSAGE = "the server is shutting down: reconnect to start a new conversation"
 STALL_SECONDS = 10.0  # a model loop that has not come round for this long is hung
-LOGGED_ERRORS = 3  # bad messages logged per conversation (all are counted in metrics)
 INTERNAL_ERROR_MESSAGE = "internal error while handling your message: the conversation is closed; reconnect"
-
-
-class SlotFailed(Exception):
-    """The model loop ended this conversation (a failed tick or command); the text is for its client."""
-
-
-class Socket(Protocol):
-    """A websocket as the server uses it (`app.py` adapts the framework's)."""
-
-    closed: bool
-
-    async def send(self, data: bytes | str) -> None:
-        """Sends one message, binary (bytes) or text (str); ConnectionError when the client is gone."""
-
-    async def receive(self) -> bytes | str | None:
-        """The next message: bytes, str (a text frame), or None once the connection is closed."""
-
-    async def close(self, code: int = CLOSE_NORMAL, reason: str = "") -> None:
-        ...
 
 
 @dataclass(frozen=True)
@@ -97,7 +62,7 @@ class ServerConfig:
     ready_timeout: float = 10.0  # waiting for the model loop to reset a slot
     shutdown_grace: float = 10.0  # seconds given to conversations to end on shutdown
     static_dir: Path | None = WEB_DIR
-    cuda_graph: bool | None = None  # the model loop as CUDA graphs: None on CUDA (see openmoshi.accel.cuda_graph)
+    cuda_graph: bool | None = None  # without a `speed`: CUDA graphs (None: on CUDA, see engine.speed)
     cfg_coef: float = 1.0  # classifier-free guidance of a conditioned model (needs `negative`)
     queue_size: int = 16  # clients waiting for a slot when all are taken; more are refused (0: no line)
     queue_timeout: float = 120.0  # seconds a client waits for a slot before it is refused
@@ -106,9 +71,6 @@ class ServerConfig:
     voice_dir: Path | None = None  # PersonaPlex voices (`voice_prompt` query parameter, GET /api/voices)
 
 
-def event(name: str, level: int = logging.INFO, **fields) -> None:
-    """A structured log line: the event name plus key/value fields (rendered as JSON by the CLI)."""
-    log.log(level, name, extra={"fields": fields})
 
 
 class JsonFormatter(logging.Formatter):
@@ -140,7 +102,9 @@ class TextFormatter(logging.Formatter):
         return line
 
 
-# ----------------------------------------------------------------------------- query parameters
+
+# ----------------------------------------------------------------------------- auth
+
 
 def _token_from(headers: Mapping[str, str], query: Mapping[str, str]) -> str | None:
     header = headers.get("authorization", "") or headers.get("Authorization", "")
@@ -153,371 +117,287 @@ def _same_token(given: str | None, expected: str) -> bool:
     return given is not None and hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8"))
 
 
-# ----------------------------------------------------------------------------- one conversation
 
 
-class Conversation:
-    """The event-loop side of one websocket conversation. Its protocol's own messages come from
-    `encode_error`, `greeting`, `place_in_line`, `while_waiting` and `handle`, which another
-    protocol overrides (`realtime.session.RealtimeConversation`)."""
+class Seats:
+    """The conversations' seats, on the event loop: at most `n` taken at once."""
 
-    encode_error = staticmethod(protocol.encode_error)  # a refusal or shutdown message
+    def __init__(self, n: int, input_clock: bool):
+        self.free, self.input_clock = list(range(n)), input_clock
+        self.taken: dict[Seat, Session] = {}
 
-    def __init__(self, server: "MoshiServer", ws: Socket, peer: str, query: Mapping[str, str] | None = None):
-        self.server, self.ws, self.peer, self.query = server, ws, peer, query or {}
-        self.loop = asyncio.get_running_loop()
-        self.ready = self.loop.create_future()
-        self.outbox: deque = deque()
-        self.out_event = asyncio.Event()
-        self.decoder = OpusDecoder()
-        self.encoder = OpusEncoder()
-        self.pending = np.zeros(0, dtype=np.float32)  # PCM not yet a whole frame
-        self.errors = 0
-        self.dropped = 0
-        self.frames_out = 0
-        self.waited = 0.0  # seconds in the waiting line
-        self.slot: Slot | None = None
-        self.closed_reason = "client closed"
-        self.closing: asyncio.Task | None = None  # telling the client the model loop ended it
+    def __len__(self) -> int:
+        return len(self.taken)
 
-    # Called from the worker thread.
-    def on_ready(self) -> None:
-        self.loop.call_soon_threadsafe(lambda: self.ready.done() or self.ready.set_result(None))
+    def open(self, session: Session) -> Seat | None:
+        if not self.free:
+            return None
+        seat = Seat(self.free.pop(0), self.input_clock)
+        self.taken[seat] = session
+        return seat
 
-    def on_frame(self, pcm: np.ndarray, text: str | None) -> None:
-        self.loop.call_soon_threadsafe(self._deliver, pcm, text)
-
-    def on_error(self, message: str) -> None:
-        self.loop.call_soon_threadsafe(self._model_failed, message)
-
-    def _model_failed(self, message: str) -> None:
-        """The model loop ended this conversation: before it started, the start fails with
-        SlotFailed (see MoshiServer.chat); after, the client is told and the connection closed."""
-        if not self.ready.done():
-            self.ready.set_exception(SlotFailed(message))
-        elif not self.ws.closed:
-            self.closing = asyncio.create_task(self.close_with_error(message))
-
-    async def close_with_error(self, message: str) -> None:
-        self.closed_reason = "model error"
-        try:
-            await self.send(self.encode_error(message))
-        except SEND_ERRORS:
-            pass
-        await self.ws.close(CLOSE_INTERNAL_ERROR, "internal error")
-
-    def _deliver(self, pcm: np.ndarray, text: str | None) -> None:
-        self.outbox.append(("audio", pcm))
-        if text:
-            self.outbox.append(("text", text))
-        while len(self.outbox) > self.server.config.outbox_frames:
-            self.outbox.popleft()  # the client cannot keep up: drop the oldest output
-            self.dropped += 1
-            self.server.metrics.inc("openmoshi_frames_dropped_total", direction="out")
-        self.out_event.set()
-
-    async def send(self, data: bytes) -> None:
-        await asyncio.wait_for(self.ws.send(data), self.server.config.send_timeout)
-
-    def wire(self, queued) -> bytes | str | None:
-        """The message of one outbox entry (None: nothing to send yet); another protocol overrides it."""
-        kind, value = queued
-        if kind == "audio":
-            self.frames_out += 1
-            ogg = self.encoder.encode(value)
-            return protocol.encode_audio(ogg) if ogg else None
-        return protocol.encode_text(value)
-
-    async def sender(self) -> None:
-        try:
-            while True:
-                await self.out_event.wait()
-                self.out_event.clear()
-                while self.outbox:
-                    data = self.wire(self.outbox.popleft())
-                    if data is not None:
-                        await self.send(data)
-        except SEND_ERRORS as e:
-            # A send that blocks or fails: the client is gone or stuck. Closing ends the receiver.
-            self.closed_reason = f"send failed: {type(e).__name__}"
-            await self.ws.close(CLOSE_GOING_AWAY)
-
-    async def error(self, message: str, kind: str) -> None:
-        """Reports a bad message to the client; closes after too many."""
-        self.errors += 1
-        self.server.metrics.inc("openmoshi_errors_total", kind=kind)
-        # A few lines per conversation: a client sending garbage must not flood the log (a blocked
-        # log pipe would stall every conversation). The count is in its `conversation_end` line.
-        if self.errors <= LOGGED_ERRORS:
-            event("bad_message", logging.WARNING, peer=self.peer, kind=kind, message=message,
-                  **({"more": "further bad messages of this conversation are counted, not logged"}
-                     if self.errors == LOGGED_ERRORS else {}))
-        try:
-            await self.send(protocol.encode_error(message))
-        except SEND_ERRORS:
-            pass
-        if self.errors >= self.server.config.max_errors:
-            self.closed_reason = "too many bad messages"
-            await self.ws.close(CLOSE_POLICY_VIOLATION, "too many bad messages")
-
-    def greeting(self) -> bytes:
-        return protocol.encode_handshake()
-
-    def place_in_line(self, position: int, length: int) -> bytes | None:
-        return protocol.encode_queue_position(position, length)
-
-    async def while_waiting(self, data: bytes | str) -> None:
-        """A message while waiting for a slot. Pings are answered; audio goes through the decoder,
-        to keep its Ogg stream in step, and is dropped: it would be stale by the start."""
-        if isinstance(data, str):
-            return
-        try:
-            m = protocol.parse(data)
-            if m.kind == protocol.KIND_AUDIO:
-                self.decoder.decode(m.data)
-            elif m.kind == protocol.KIND_PING:
-                await self.send(protocol.encode_ping())
-        except (protocol.ProtocolError, OpusError):
-            pass  # the conversation has not started: nothing to report yet
-
-    async def handle(self, data: bytes | str) -> None:
-        if isinstance(data, str):
-            await self.error("text websocket frames are not part of the protocol: send binary messages", "protocol")
-            return
-        try:
-            msg = protocol.parse(data)
-        except protocol.ProtocolError as e:
-            await self.error(str(e), "protocol")
-            return
-        if msg.kind == protocol.KIND_AUDIO:
-            try:
-                pcm = self.decoder.decode(msg.data)
-            except OpusError as e:
-                await self.error(str(e), "opus")
-                return
-            if pcm.size:
-                pcm = np.concatenate([self.pending, pcm])
-                whole = pcm.shape[0] - pcm.shape[0] % self.server.batcher.frame_size
-                self.server.batcher.push(self.slot, pcm[:whole])
-                self.pending = pcm[whole:]
-        elif msg.kind == protocol.KIND_CONTROL:
-            if msg.data == protocol.CONTROL_RESTART:
-                self.server.batcher.restart(self.slot)
-                self.pending = self.pending[:0]
-            event("control", peer=self.peer, code=protocol.CONTROL_NAMES[msg.data])
-        elif msg.kind == protocol.KIND_PING:
-            await self.send(protocol.encode_ping())  # answered at once: the UI measures the round trip
-        elif msg.kind in (protocol.KIND_TEXT, protocol.KIND_ERROR):
-            await self.error(f"{msg.name} messages go from server to client only", "protocol")
-        # Handshake and metadata from the client need no answer.
-
-
-# ----------------------------------------------------------------------------- the server
+    def close(self, seat: Seat) -> None:
+        if self.taken.pop(seat, None) is not None:
+            self.free.append(seat.id)
+            self.free.sort()
 
 
 class MoshiServer:
     def __init__(self, lm, mimi, tokenizer, config: ServerConfig = ServerConfig(),
                  sampling: SamplingConfig = SamplingConfig(), condition: dict | None = None,
-                 negative: dict | None = None):
-        self.config = config
-        self.sampling = sampling
+                 negative: dict | None = None, speed: Speed | None = None):
+        """`speed`: the paths `engine.speed.prepare` applied to the models; None: none applied,
+        CUDA graphs as `config.cuda_graph` says."""
+        from openmoshi.engine.engine import Engine
+
+        check_conditions(lm, mimi, condition, negative, config.cfg_coef)
+        check_memory(lm, config.max_sessions, config.cfg_coef)
+        self.config, self.sampling, self.tokenizer = config, sampling, tokenizer
+        self.takes_personas = bool(lm.cfg.depformer_user_slots)
         self.metrics = Metrics()
         self.metrics.max_sessions = config.max_sessions
         for direction in ("in", "out"):
             self.metrics.inc("openmoshi_frames_dropped_total", 0, direction=direction)
         self.metrics.inc("openmoshi_errors_total", 0, kind="protocol")
         self.metrics.inc("openmoshi_queue_timeouts_total", 0)
-        self.batcher = Batcher(lm, mimi, tokenizer, config.max_sessions, sampling, self.metrics, condition,
-                               config.cuda_graph, config.cfg_coef, negative, config.clock)
+        device = next(lm.parameters()).device
+        speed = speed or choose(device, SpeedConfig(cuda_graphs=config.cuda_graph, self_check=False))
+        topk = dict(max_k=max(sampling.top_k, 250), max_k_text=max(sampling.top_k_text, 25))  # room for the UI's
+
+        def make_engine() -> Engine:  # in the worker thread, at each (re)start
+            return Engine(lm, mimi, config.max_sessions, speed, sampling, condition, negative, config.cfg_coef,
+                          **topk)
+
+        self.loop = ModelLoop(make_engine, config.max_sessions, self._from_loop, tokenizer, lm.cfg, self.metrics,
+                              config.clock)
         self.personas = Personas(lm, mimi, tokenizer, config.voice_dir)
-        self.conversations: set[Conversation] = set()
+        self.seats = Seats(config.max_sessions, config.clock == "input")
+        self.sessions: set[Session] = set()
         self.line = WaitingLine(config.queue_size, self.metrics.set_waiting)
         self.draining = False
+        self._event_loop: asyncio.AbstractEventLoop | None = None
+
+    @classmethod
+    def for_model(cls, model, speed: Speed, config: ServerConfig = ServerConfig()) -> "MoshiServer":
+        """The server of a loaded model (`engine.startup.start`): the condition its type takes, the
+        sampling of its checkpoint's `lm_gen_config` (the official defaults otherwise)."""
+        from openmoshi.engine.engine import conditions
+
+        condition, negative = conditions(model.lm, model.config.model_type, config.cfg_coef)
+        sampling = SamplingConfig.from_gen_config(model.config.lm_gen_config)
+        return cls(model.lm, model.mimi, model.tokenizer, config, sampling, condition, negative, speed)
 
     # ------------------------------------------------------------------ life cycle
 
     async def start(self) -> None:
         """Starts the model loop (on CUDA: captures its graphs, seconds) before any conversation."""
-        loop = asyncio.get_running_loop()
-
-        def slot_freed() -> None:  # worker thread
-            try:
-                loop.call_soon_threadsafe(self._admit)
-            except RuntimeError:  # the loop is closed: the server is stopping
-                pass
+        self._event_loop = asyncio.get_running_loop()
+        self.failed = asyncio.Event()  # set when the model loop is given up: the process should exit
 
         def gave_up() -> None:  # worker thread: the model loop died too often
-            try:
-                loop.call_soon_threadsafe(self.failed.set)
-            except RuntimeError:
-                pass
+            self._hop(self.failed.set)
 
-        self.failed = asyncio.Event()  # set when the model loop is given up: the process should exit
-        self.batcher.on_free = slot_freed
-        self.batcher.on_fatal = gave_up
-        self.batcher.start()
-        await asyncio.to_thread(self.batcher.ready.wait)
+        self.loop.on_fatal = gave_up
+        self.loop.start()
+        await asyncio.to_thread(self.loop.ready.wait)
         event("server_started", max_sessions=self.config.max_sessions)
+
+    def _hop(self, fn, *args) -> None:
+        """Runs fn on the event loop, from the worker thread; nothing once the event loop is closed."""
+        try:
+            self._event_loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the loop is closed: the server is stopping
+            pass
+
+    def _from_loop(self, events: list) -> None:
+        self._hop(self._dispatch, events)
+
+    def _dispatch(self, events: list) -> None:
+        """A tick's events, on the event loop, to the sessions still holding their seats."""
+        for e in events:
+            session = self.seats.taken.get(e.seat)
+            if session is None:
+                continue  # it left meanwhile
+            if isinstance(e, Frame):
+                session.on_frame(e.pcm, e.text)
+            elif isinstance(e, Ready):
+                session.on_ready()
+            elif isinstance(e, Ended):
+                session.on_ended(e.message)
 
     async def drain(self) -> None:
         """Stops taking conversations, lets the open ones end for `shutdown_grace`, closes the rest."""
         self.draining = True
-        event("draining", active=len(self.conversations), waiting=len(self.line))
+        event("draining", active=len(self.sessions), waiting=len(self.line))
         self.line.wake_all()  # waiters see `draining` and are told to go
         deadline = time.monotonic() + self.config.shutdown_grace
-        while self.conversations and time.monotonic() < deadline:
+        while self.sessions and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
-        for conv in list(self.conversations):
-            conv.closed_reason = "server shutdown"
+        for session in list(self.sessions):
+            session.closed_reason = "server shutdown"
             try:
-                await conv.send(conv.encode_error(SHUTDOWN_MESSAGE))
+                await session.send(session.protocol.refusal(SHUTDOWN_MESSAGE))
             except SEND_ERRORS:
                 pass
-            await conv.ws.close(CLOSE_GOING_AWAY, "server shutdown")
+            await session.ws.close(CLOSE_GOING_AWAY, "server shutdown")
 
     async def stop(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(None, self.batcher.stop)
+        await asyncio.get_running_loop().run_in_executor(None, self.loop.stop)
         event("server_stopped")
+
+    # ------------------------------------------------------------------ seats
+
+    @property
+    def active(self) -> int:
+        return len(self.seats)
+
+    def _open(self, session: Session, join: Join) -> Seat | None:
+        """A seat for the session (None when all are taken); the model loop starts its conversation."""
+        seat = self.seats.open(session)
+        if seat is None:
+            return None
+        session.seat, session.join = seat, Join(seat, join.sampling, join.seeds, join.prompt, join.persona)
+        self.metrics.set_active(len(self.seats))
+        self.loop.submit(session.join)
+        return seat
+
+    def _close(self, session: Session) -> None:
+        """The session's seat frees: the model loop drops its row, the first waiter takes the seat."""
+        if session.seat is None or session.seat not in self.seats.taken:
+            return
+        self.loop.submit(Leave(session.seat))
+        self.seats.close(session.seat)
+        self.metrics.set_active(len(self.seats))
+        if not self.draining:
+            self.line.admit()
 
     # ------------------------------------------------------------------ routes
 
     def problem(self) -> str | None:
         """Why this server cannot serve (its model loop crashed or hangs), None when it can."""
-        if self.batcher.crashed:
+        if self.loop.crashed:
             return "the model loop crashed"
-        if self.batcher.stalled(STALL_SECONDS):
+        if self.loop.stalled(STALL_SECONDS):
             return f"the model loop has not moved for {STALL_SECONDS:g} s"
         return None
 
     def health(self) -> tuple[int, dict]:
         """(HTTP status, body) of /health: 200 while conversations can start, 503 otherwise."""
         problem = self.problem()
-        status = ("crashed" if self.batcher.crashed else "stalled") if problem else "draining" if self.draining else "ok"
-        b = self.batcher
-        body = {"status": status, "active": b.active, "max_sessions": self.config.max_sessions,
+        status = ("crashed" if self.loop.crashed else "stalled") if problem else "draining" if self.draining else "ok"
+        lp = self.loop
+        body = {"status": status, "active": self.active, "max_sessions": self.config.max_sessions,
                 "waiting": len(self.line), "queue_size": self.config.queue_size,
-                "model_loop": {"restarts": b.restarts, "failed_ticks": b.tick_errors,
-                               "failed_commands": b.command_errors, "last_error": b.last_error,
+                "model_loop": {"restarts": lp.restarts, "failed_ticks": lp.tick_errors,
+                               "failed_commands": lp.command_errors, "last_error": lp.last_error,
                                **({"problem": problem} if problem else {})}}
         return (200 if status == "ok" else 503), body
 
-    async def _refuse(self, ws: Socket, message: str, code: int, reason: str, peer: str,
-                      encode=protocol.encode_error) -> None:
+    async def _refuse(self, ws: Socket, message: str, code: int, reason: str, peer: str, protocol) -> None:
         self.metrics.inc("openmoshi_rejected_total", reason=reason)
         event("refused", logging.WARNING, peer=peer, reason=reason)
         try:
-            await asyncio.wait_for(ws.send(encode(message)), self.config.send_timeout)
+            await asyncio.wait_for(ws.send(protocol.refusal(message)), self.config.send_timeout)
         except SEND_ERRORS:
             pass
         await ws.close(code, reason)
 
     async def chat(self, ws: Socket, query: Mapping[str, str], headers: Mapping[str, str], peer: str,
-                   kind: type[Conversation] = Conversation) -> None:
-        """One client of /api/chat (or, with another `kind`, of another protocol on the same slots),
-        its websocket accepted, from the first message to the close."""
+                   protocol: WireProtocol | None = None) -> None:
+        """One client, its websocket accepted, from the first message to the close; `protocol`:
+        a new instance of its wire protocol (default the official one of /api/chat)."""
+        protocol = protocol or ChatProtocol()
         token = self.config.auth_token
         if token is not None and not _same_token(_token_from(headers, query), token):
             return await self._refuse(ws, "unauthorized: missing or wrong token", CLOSE_UNAUTHORIZED, "auth", peer,
-                                      kind.encode_error)
+                                      protocol)
         if self.draining:
-            return await self._refuse(ws, "the server is shutting down", CLOSE_GOING_AWAY, "draining", peer,
-                                      kind.encode_error)
+            return await self._refuse(ws, "the server is shutting down", CLOSE_GOING_AWAY, "draining", peer, protocol)
         try:
             sampling = sampling_from_query(query, self.sampling)
             seeds = seeds_from_query(query)
             prompt, persona = await self.personas.prompt(query)
         except ValueError as e:
-            return await self._refuse(ws, f"bad request: {e}", CLOSE_BAD_REQUEST, "bad_query", peer,
-                                      kind.encode_error)
+            return await self._refuse(ws, f"bad request: {e}", CLOSE_BAD_REQUEST, "bad_query", peer, protocol)
         except Exception:  # a bug: its traceback in the log, a short error to this client only
             log.exception("conversation_error", extra={"fields": {"peer": peer}})
-            return await self._refuse(ws, INTERNAL_ERROR_MESSAGE, CLOSE_INTERNAL_ERROR, "internal", peer,
-                                      kind.encode_error)
+            return await self._refuse(ws, INTERNAL_ERROR_MESSAGE, CLOSE_INTERNAL_ERROR, "internal", peer, protocol)
         problem = self.problem()
         if problem is not None:
             return await self._refuse(ws, f"the server cannot serve right now ({problem}): try again later",
-                                      CLOSE_TRY_AGAIN_LATER, "unavailable", peer, kind.encode_error)
-        conv = kind(self, ws, peer, query)
-
-        def open_slot() -> Slot | None:
-            return self.batcher.open(sampling, conv.on_ready, conv.on_frame, seeds, prompt, persona, conv.on_error)
-
-        conv.slot = None if len(self.line) else open_slot()  # nobody overtakes those who wait
-        if conv.slot is None:
-            ticket = self.line.join(open_slot)
+                                      CLOSE_TRY_AGAIN_LATER, "unavailable", peer, protocol)
+        session = Session(self, ws, peer, protocol, query)
+        join = Join(None, sampling, seeds, prompt, persona)
+        seat = None if len(self.line) else self._open(session, join)  # nobody overtakes those who wait
+        if seat is None:
+            ticket = self.line.join(lambda: self._open(session, join))
             if ticket is None:
                 full = f" and the waiting line is full ({len(self.line)})" if self.config.queue_size else ""
                 return await self._refuse(ws, f"the server is busy: all {self.config.max_sessions} conversations "
                                           f"are taken{full}, try again later", CLOSE_TRY_AGAIN_LATER, "busy", peer,
-                                          kind.encode_error)
-            conv.slot = await self._wait_in_line(conv, ticket)
-            if conv.slot is None:
+                                          protocol)
+            if await self._wait_in_line(session, ticket) is None:
                 return
-        self.conversations.add(conv)
+        self.sessions.add(session)
         self.metrics.inc("openmoshi_conversations_total")
         started = time.monotonic()
         sender = None
         try:
             if prompt is None:
-                await asyncio.wait_for(conv.ready, self.config.ready_timeout)
+                await asyncio.wait_for(session.ready, self.config.ready_timeout)
             else:
-                await self._run_prompt(conv, prompt)
-            event("conversation_start", peer=peer, slot=conv.slot.index, waited=round(conv.waited, 2),
+                await self._run_prompt(session, prompt)
+            event("conversation_start", peer=peer, slot=session.seat.id, waited=round(session.waited, 2),
                   sampling=sampling.__dict__)
-            await conv.send(conv.greeting())
-            sender = asyncio.create_task(conv.sender())
-            await self._receive(conv)
+            await session.send(protocol.greeting())
+            sender = asyncio.create_task(session.sender())
+            await self._receive(session)
         except asyncio.TimeoutError:
-            conv.closed_reason = "timeout"
+            session.closed_reason = "timeout"
         except ConnectionError as e:  # the client vanished while we were sending
-            conv.closed_reason = f"connection lost: {type(e).__name__}"
+            session.closed_reason = f"connection lost: {type(e).__name__}"
         except SlotFailed as e:  # the model loop could not start it
-            await conv.close_with_error(str(e))
+            await session.close_with_error(str(e))
         finally:
-            self.batcher.close(conv.slot)
-            self.conversations.discard(conv)
+            self._close(session)
+            self.sessions.discard(session)
             if sender is not None:
                 sender.cancel()
             await ws.close()
-            event("conversation_end", peer=peer, slot=conv.slot.index, reason=conv.closed_reason,
-                  seconds=round(time.monotonic() - started, 2), frames_in=conv.slot.frames_in,
-                  frames_out=conv.frames_out, dropped=conv.dropped, errors=conv.errors)
+            event("conversation_end", peer=peer, slot=session.seat.id, reason=session.closed_reason,
+                  seconds=round(time.monotonic() - started, 2), frames_in=session.seat.frames_in,
+                  frames_out=session.frames_out, dropped=session.dropped, errors=session.errors)
 
-    async def _run_prompt(self, conv: Conversation, prompt) -> None:
-        """Waits for the slot's persona prompt phase (at worst one frame per 80 ms tick), answering
+    async def _run_prompt(self, session: Session, prompt) -> None:
+        """Waits for the seat's persona prompt phase (at worst one frame per 80 ms tick), answering
         the client's pings meanwhile (the official client gives up after 10 s of silence)."""
-        listener = asyncio.create_task(self._listen_while_waiting(conv))
+        listener = asyncio.create_task(self._listen_while_waiting(session))
         try:
-            done, _ = await asyncio.wait({conv.ready, listener}, timeout=self.config.ready_timeout
+            done, _ = await asyncio.wait({session.ready, listener}, timeout=self.config.ready_timeout
                                          + prompt.frames * TICK_SLACK, return_when=asyncio.FIRST_COMPLETED)
         finally:
             listener.cancel()
             await asyncio.wait({listener})  # its ws.receive() must end before the conversation's
-        if conv.ready not in done:
+        if session.ready not in done:
             if listener in done:
                 raise ConnectionError("the client left during its persona prompt")
             raise asyncio.TimeoutError
-        conv.ready.result()  # SlotFailed when the model loop ended it
+        session.ready.result()  # SlotFailed when the model loop ended it
 
-    def _admit(self) -> None:
-        """A slot may have freed: the first waiters take it."""
-        if not self.draining:
-            self.line.admit()
-
-    async def _wait_in_line(self, conv: Conversation, ticket: Ticket) -> Slot | None:
-        """Waits for the client's turn, telling it its place; returns its slot. Returns None when it
+    async def _wait_in_line(self, session: Session, ticket: Ticket) -> Seat | None:
+        """Waits for the client's turn, telling it its place; returns its seat. Returns None when it
         left, waited `queue_timeout` or the server is shutting down: the client has then been told
-        and closed. A slot given to a client that left at that moment is closed again."""
-        cfg, ws = self.config, conv.ws
+        and closed. A seat given to a client that left at that moment is closed again."""
+        cfg, ws = self.config, session.ws
         started = time.monotonic()
-        event("queued", peer=conv.peer, position=self.line.position(ticket), waiting=len(self.line))
-        self.line.admit()  # a slot may have freed just before this client joined
-        listener = asyncio.create_task(self._listen_while_waiting(conv))
+        event("queued", peer=session.peer, position=self.line.position(ticket), waiting=len(self.line))
+        self.line.admit()  # a seat may have freed just before this client joined
+        listener = asyncio.create_task(self._listen_while_waiting(session))
 
         async def tell(position: int, length: int) -> None:
-            message = conv.place_in_line(position, length)
+            message = session.protocol.place_in_line(position, length)
             if message is not None:
-                await conv.send(message)
+                await session.send(message)
 
         outcome = LEFT
         try:
@@ -525,59 +405,58 @@ class MoshiServer:
                                       lambda: self.draining)
         finally:
             if ticket.slot is not None and outcome != ADMITTED:
-                self.batcher.close(ticket.slot)
+                self._close(session)
             listener.cancel()
             await asyncio.wait({listener})  # its ws.receive() must end before the conversation's
-        conv.waited = time.monotonic() - started
+        session.waited = time.monotonic() - started
         if outcome == ADMITTED:
             return ticket.slot
         if outcome == TIMED_OUT:
             self.metrics.inc("openmoshi_queue_timeouts_total")
             await self._refuse(ws, f"no conversation slot freed up within {cfg.queue_timeout:g} s: the server "
-                               "is busy, try again later", CLOSE_TRY_AGAIN_LATER, "queue_timeout", conv.peer,
-                               conv.encode_error)
+                               "is busy, try again later", CLOSE_TRY_AGAIN_LATER, "queue_timeout", session.peer,
+                               session.protocol)
         elif outcome == STOPPING:
-            await self._refuse(ws, "the server is shutting down", CLOSE_GOING_AWAY, "draining", conv.peer,
-                               conv.encode_error)
+            await self._refuse(ws, "the server is shutting down", CLOSE_GOING_AWAY, "draining", session.peer,
+                               session.protocol)
         else:
-            event("queue_left", peer=conv.peer, seconds=round(conv.waited, 2))
+            event("queue_left", peer=session.peer, seconds=round(session.waited, 2))
             await ws.close()
         return None
 
-    async def _listen_while_waiting(self, conv: Conversation) -> None:
-        """Reads a waiting client until it leaves (`Conversation.while_waiting` sees each message)."""
-        ws = conv.ws
+    async def _listen_while_waiting(self, session: Session) -> None:
+        """Reads a waiting client until it leaves (its protocol's `while_waiting` sees each message)."""
         while True:
-            data = await ws.receive()
+            data = await session.ws.receive()
             if data is None:
                 return  # closed
             try:
-                await conv.while_waiting(data)
+                await session.protocol.while_waiting(data)
             except SEND_ERRORS:
                 return  # cannot send: gone
 
-    async def _receive(self, conv: Conversation) -> None:
-        ws = conv.ws
+    async def _receive(self, session: Session) -> None:
+        ws = session.ws
         while not ws.closed:
             try:
                 data = await asyncio.wait_for(ws.receive(), self.config.idle_timeout)
             except asyncio.TimeoutError:
-                conv.closed_reason = "idle timeout"
-                await conv.error(f"no message for {self.config.idle_timeout:g} s: closing", "idle")
+                session.closed_reason = "idle timeout"
+                await session.error(f"no message for {self.config.idle_timeout:g} s: closing", "idle")
                 await ws.close(CLOSE_GOING_AWAY, "idle timeout")
                 return
             if data is None:
                 return  # the client closed (or the connection broke)
             try:
-                await conv.handle(data)
+                await session.protocol.handle(data)
             except SEND_ERRORS:
                 raise
             except Exception:  # a bug: its traceback in the log, a short error to this client only
-                log.exception("conversation_error", extra={"fields": {"peer": conv.peer}})
+                log.exception("conversation_error", extra={"fields": {"peer": session.peer}})
                 self.metrics.inc("openmoshi_errors_total", kind="internal")
-                conv.closed_reason = "internal error"
+                session.closed_reason = "internal error"
                 try:
-                    await conv.send(conv.encode_error(INTERNAL_ERROR_MESSAGE))
+                    await session.send(session.protocol.refusal(INTERNAL_ERROR_MESSAGE))
                 except SEND_ERRORS:
                     pass
                 await ws.close(CLOSE_INTERNAL_ERROR, "internal error")

@@ -7,9 +7,9 @@ with JSON events instead of the binary protocol.
 - `g711`: mu-law and A-law samples;
 - `vad`: when the user's speech starts and stops (Silero VAD);
 - `turns`: when the model's speech starts and ends (a response), from its text and audio streams;
-- `session`: one conversation (`RealtimeConversation`, a `server.Conversation`).
+- `protocol`: the API's side of one session (`RealtimeProtocol`, a wire protocol of `serving.session`).
 
-Offers: `session.RealtimeConversation`, `session.realtime_auth`, `turns.ModelTurns`, `vad.SpeechDetector`,
+Offers: `protocol.RealtimeProtocol`, `protocol.realtime_auth`, `turns.ModelTurns`, `vad.SpeechDetector`,
 `formats.Resampler`, `g711.encode`, `g711.decode`.
 
 May import: openmoshi.audio, openmoshi.memory, openmoshi.mimi, openmoshi.lm, openmoshi.accel,

@@ -1,29 +1,26 @@
-"""One `/v1/realtime` conversation: the OpenAI Realtime API over the server's shared model slots.
+"""`/v1/realtime`'s wire protocol for one session: the OpenAI Realtime API over the server's shared
+model slots (same seats in the model loop, waiting line, auth, limits and metrics as `/api/chat`):
 
-It is a `server.Conversation` (same slot in the `Batcher`, waiting line, auth, limits and metrics
-as `/api/chat`) that speaks JSON events instead of the binary protocol:
-
-    input_audio_buffer.append ──base64, G.711, 8->24 kHz──> PCM frames ──> Batcher (one slot)
+    input_audio_buffer.append ──base64, G.711, 8->24 kHz──> PCM ──> session.push_pcm (whole frames)
                               └──> SpeechDetector (vad) ──> speech_started / speech_stopped / committed
-    Batcher ──on_frame(pcm, text)──> ModelTurns (turns) ──> response.created ... deltas ... response.done
-                                                            (outbox, in order) ──sender──> websocket
+    model frame ──> ModelTurns (turns) ──> response.created ... deltas ... response.done
+                                           (the session's outbox, in order) ──sender──> websocket
 
-Every server event goes through one ordered outbox, so that no delta can follow its response's
-`response.done`. A client that reads slowly loses its oldest audio deltas, never other events.
-Things Moshi cannot do (instructions, tools, voices, text input) are accepted and reported as
-`ignored` in `session.updated`, except on a PersonaPlex model, where `instructions` and `voice` (a
-voice of `serve --voice-prompt-dir`) become its text and voice prompts: Moshi's side restarts with
-that persona (its prompt phase, from the persona cache when it has run before). A malformed event
-gets an `error` event and the session goes on.
+Every server event goes through the session's one ordered outbox, so that no delta can follow its
+response's `response.done`; audio deltas are the droppable items: a client that reads slowly loses
+its oldest audio, never other events. Things Moshi cannot do (instructions, tools, voices, text
+input) are accepted and reported as `ignored` in `session.updated`, except on a PersonaPlex model,
+where `instructions` and `voice` (a voice of `serve --voice-prompt-dir`) become its text and voice
+prompts: Moshi's side restarts with that persona (its prompt phase, from the persona cache when it
+has run before). A malformed event gets an `error` event and the session goes on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import logging
 from dataclasses import replace
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
 
@@ -31,7 +28,10 @@ from openmoshi.serving.realtime import events as E
 from openmoshi.serving.realtime.formats import AudioFormat, InputDecoder, OutputEncoder, parse_format
 from openmoshi.serving.realtime.turns import ENDED, STARTED, ModelTurns
 from openmoshi.serving.realtime.vad import SpeechDetector, TurnDetection
-from openmoshi.serving.server import CLOSE_POLICY_VIOLATION, Conversation, event
+from openmoshi.serving.session import event
+
+if TYPE_CHECKING:
+    from openmoshi.serving.session import Session
 
 SUBPROTOCOL = "realtime"
 KEY_SUBPROTOCOL = "openai-insecure-api-key."  # browsers pass the key as a websocket subprotocol
@@ -69,11 +69,11 @@ class _Response:
         self.input_frames_at_start = input_frames
 
 
-class RealtimeConversation(Conversation):
-    """The event-loop side of one Realtime API session."""
+class RealtimeProtocol:
+    """The Realtime API's side of one session (see the module doc)."""
 
-    def __init__(self, server, ws, peer, query: Mapping[str, str] | None = None):
-        super().__init__(server, ws, peer, query)
+    def __init__(self, query: Mapping[str, str] | None = None):
+        self.session: Session | None = None
         self.session_id = E.new_id("sess")
         self.model = (query or {}).get("model") or MODEL_NAME
         self.input_format = self.output_format = AudioFormat()
@@ -89,16 +89,18 @@ class RealtimeConversation(Conversation):
         self.user_item_id: str | None = None  # the user's speech item being heard (VAD)
         self.buffered_ms = 0.0  # appended audio since the last commit or clear
         self.frames_pushed = 0
-        self.audio_in_outbox = 0
 
-    # ------------------------------------------------------------------ protocol hooks
+    def attach(self, session: "Session") -> None:
+        self.session = session
+
+    # ------------------------------------------------------------------ the session's protocol
 
     @staticmethod
-    def encode_error(message: str) -> str:
+    def refusal(message: str) -> str:
         return json.dumps(E.error(message, "session_refused", kind="server_error"))
 
     def greeting(self) -> str:
-        return json.dumps(E.server_event("session.created", session=self.session()))
+        return json.dumps(E.server_event("session.created", session=self.describe()))
 
     def place_in_line(self, position: int, length: int) -> None:
         return None  # the Realtime API has no such event: a waiting client hears nothing until session.created
@@ -106,7 +108,7 @@ class RealtimeConversation(Conversation):
     async def while_waiting(self, data) -> None:
         pass  # audio sent before the session starts would be stale: dropped
 
-    def session(self) -> dict:
+    def describe(self) -> dict:
         fmt_in, fmt_out = self.input_format.to_dict(), self.output_format.to_dict()
         return {"type": "realtime", "object": "realtime.session", "id": self.session_id, "model": self.model,
                 "output_modalities": ["audio"], "instructions": self.instructions,
@@ -119,31 +121,15 @@ class RealtimeConversation(Conversation):
     # ------------------------------------------------------------------ output
 
     def emit(self, event: dict) -> None:
-        self.outbox.append(event)
-        if event["type"] == AUDIO_DELTA:
-            self.audio_in_outbox += 1
-            if self.audio_in_outbox > self.server.config.outbox_frames:
-                self._drop_oldest_audio()
-        self.out_event.set()
-
-    def _drop_oldest_audio(self) -> None:
-        """The client cannot keep up: its oldest audio delta goes, every other event stays."""
-        for i, queued in enumerate(self.outbox):
-            if queued["type"] == AUDIO_DELTA:
-                del self.outbox[i]
-                self.audio_in_outbox -= 1
-                self.dropped += 1
-                self.server.metrics.inc("openmoshi_frames_dropped_total", direction="out")
-                return
+        self.session.emit(event, droppable=event["type"] == AUDIO_DELTA)
 
     def wire(self, queued: dict) -> str:
-        """An outbox event as its JSON text (the base class's sender sends it)."""
+        """An outbox event as its JSON text (the session's sender sends it)."""
         if queued["type"] == AUDIO_DELTA:
-            self.audio_in_outbox -= 1
-            self.frames_out += 1
+            self.session.frames_out += 1
         return json.dumps(queued)
 
-    def _deliver(self, pcm: np.ndarray, text: str | None) -> None:
+    def frame(self, pcm: np.ndarray, text: str | None) -> None:
         """One frame of the model (on the event loop): responses start and end here."""
         transition, frames = self.turns.step(pcm, text)
         if transition == STARTED:
@@ -211,20 +197,13 @@ class RealtimeConversation(Conversation):
 
     # ------------------------------------------------------------------ input
 
-    async def error(self, message: str, kind: str = "realtime", code: str = "invalid_value",
-                    param: str | None = None, client_event_id: str | None = None) -> None:
-        """An `error` event (the session goes on); closes after `max_errors` of them. The server
-        also calls it (kind "idle") right before closing an idle session."""
-        self.errors += 1
-        self.server.metrics.inc("openmoshi_errors_total", kind=kind)
-        event("bad_message", logging.WARNING, peer=self.peer, kind=kind, code=code, message=message[:200])
+    async def report(self, message: str, kind: str, code: str = "invalid_value", param: str | None = None,
+                     client_event_id: str | None = None) -> None:
+        """An `error` event (the session goes on); the server also reports (kind "idle") right
+        before closing an idle session."""
         self.emit(E.error(message, "idle_timeout" if kind == "idle" else code, param, client_event_id))
-        closing = kind == "idle" or self.errors >= self.server.config.max_errors
-        if closing:
+        if kind == "idle" or self.session.errors >= self.session.server.config.max_errors:
             await asyncio.sleep(0.05)  # the sender says why before the close
-        if self.errors >= self.server.config.max_errors:
-            self.closed_reason = "too many bad messages"
-            await self.ws.close(CLOSE_POLICY_VIOLATION, "too many bad messages")
 
     async def handle(self, data: bytes | str) -> None:
         client_event_id = None
@@ -233,7 +212,8 @@ class RealtimeConversation(Conversation):
             client_event_id = ev.get("event_id")
             await getattr(self, "_on_" + ev["type"].replace(".", "_"))(ev)
         except E.EventError as e:
-            await self.error(e.message, "realtime", e.code, e.param, client_event_id)
+            await self.session.error(e.message, "realtime", code=e.code, param=e.param,
+                                     client_event_id=client_event_id)
 
     async def _on_session_update(self, ev: dict) -> None:
         s = ev.get("session")
@@ -280,15 +260,14 @@ class RealtimeConversation(Conversation):
         if isinstance(s.get("instructions"), str):
             self.instructions = s["instructions"]
         if sampling is not None:
-            self.slot.sampling = sampling
-            self.server.batcher.set_sampling(self.slot, sampling)
-        self.emit(E.server_event("session.updated", session=self.session(), ignored=ignored))
+            self.session.configure(sampling)
+        self.emit(E.server_event("session.updated", session=self.describe(), ignored=ignored))
 
     async def _persona(self, instructions, voice) -> tuple | None:
         """On a PersonaPlex model, (prompt, cache key) of session.update's `instructions` (the text
         prompt) and `voice` (a voice of --voice-prompt-dir), None when they leave the persona as
         it is or the model takes no prompts; EventError for a prompt it cannot use."""
-        if not self.server.batcher.lm.cfg.depformer_user_slots:
+        if not self.session.server.takes_personas:
             return None
         text = instructions if isinstance(instructions, str) and instructions.strip() else None
         voice = voice if isinstance(voice, str) and voice != VOICE else None
@@ -298,7 +277,7 @@ class RealtimeConversation(Conversation):
             return None
         query = {k: v for k, v in (("text_prompt", text), ("voice_prompt", voice)) if v is not None}
         try:
-            return await self.server.personas.prompt(query)
+            return await self.session.server.personas.prompt(query)
         except ValueError as e:
             raise E.EventError(f"cannot use this persona: {e}", "invalid_value",
                                "session.voice" if voice and "voice" in str(e) else "session.instructions") from None
@@ -309,9 +288,8 @@ class RealtimeConversation(Conversation):
         if self.response is not None:
             self._finish("incomplete")
         self.turns = ModelTurns()
-        self.slot.prompt, self.slot.persona = prompt, key
-        self.server.batcher.restart(self.slot)
-        event("realtime_persona", peer=self.peer, frames=prompt.frames)
+        self.session.restart(prompt, key)
+        event("realtime_persona", peer=self.session.peer, frames=prompt.frames)
 
     def _turn_detection(self, turn) -> TurnDetection:
         if turn is None or turn is False:
@@ -335,21 +313,16 @@ class RealtimeConversation(Conversation):
         if t is None:
             return None
         t = E.number(t, "session.temperature", 0.0, 2.0)
-        base = self.server.sampling
+        base = self.session.server.sampling
         scale = t / base.temp if base.temp > 0 else 1.0
-        return replace(self.slot.sampling, temp=float(t), temp_text=base.temp_text * scale)
+        return replace(self.session.join.sampling, temp=float(t), temp_text=base.temp_text * scale)
 
     async def _on_input_audio_buffer_append(self, ev: dict) -> None:
         pcm = self.decode(E.audio_payload(ev))
         if not pcm.size:
             return
         self.buffered_ms += 1000.0 * pcm.size / 24000
-        x = np.concatenate([self.pending, pcm])
-        whole = x.shape[0] - x.shape[0] % self.server.batcher.frame_size
-        if whole:
-            self.server.batcher.push(self.slot, x[:whole])
-            self.frames_pushed += whole // self.server.batcher.frame_size
-        self.pending = x[whole:]
+        self.frames_pushed += self.session.push_pcm(pcm)
         if self.turn_detection.type is None:
             return
         if self.vad is None:
@@ -452,8 +425,5 @@ class RealtimeConversation(Conversation):
             raise E.EventError("Cancellation failed: no active response found", "response_cancel_not_active")
         # Its audio not yet sent is dropped. The rest of the model's current stretch of speech is not
         # sent either: a response starts only where a stretch starts (`turns`).
-        kept = [q for q in self.outbox if not (q["type"] == AUDIO_DELTA and q.get("response_id") == r.id)]
-        self.audio_in_outbox -= len(self.outbox) - len(kept)
-        self.outbox.clear()
-        self.outbox.extend(kept)
+        self.session.discard(lambda q: not (q["type"] == AUDIO_DELTA and q.get("response_id") == r.id))
         self._finish("cancelled")

@@ -1,0 +1,235 @@
+"""The streaming engine: a model's states for `batch` slots, and the three per-frame steps over them.
+
+    engine = Engine.build(model, batch=8, speed=speed)       # states allocated; graphs captured on demand
+    codes = engine.encode(pcm)            # pcm [n, 1, 1920] -> codes [n, K, 1]   (slots [0, n))
+    out = engine.step(codes[:, :, 0], active, position)      # StepOutput: text [n], audio [n, Q], valid [n]
+    pcm = engine.decode(out.audio[:, :, None])               # [n, 1, 1920]
+
+Each call runs on the first n slots, n a bucket size (1, 2, 4, ..., batch): the states' prefixes are
+views, so a call costs what n slots need and the slots beyond cost nothing. With `speed.cuda_graphs`
+each bucket's steps are captured (`accel.cuda_graph`: one LM-step graph per attention window and
+sampler flags); outputs are then the graphs' own buffers, valid until the same step's next call.
+
+The engine also owns what the slots need besides tokens: the condition of a conditioned model (Hibiki's
+"very_good", with "very_bad" as the negative of classifier-free guidance), each slot's sampling
+settings and seeds, the memory all this takes (known before allocating: `Engine.state_bytes`), and the
+slot operations the server's model loop uses between frames (reset, move, snapshots).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from openmoshi.accel.cuda_graph import GraphedStep, graphed
+from openmoshi.engine.speed import Speed
+from openmoshi.lm import generate as G
+from openmoshi.lm.conditioners import HIBIKI_CONDITION, HIBIKI_NEGATIVE
+from openmoshi.lm.sampling import SamplingConfig
+from openmoshi.memory import available_bytes, gb
+
+log = logging.getLogger("openmoshi.engine")
+
+
+def buckets(batch: int) -> list[int]:
+    """Slot counts a step runs at: powers of two, and `batch` itself."""
+    sizes, n = [], 1
+    while n < batch:
+        sizes.append(n)
+        n *= 2
+    return sizes + [batch]
+
+
+def conditions(lm, model_type: str, cfg_coef: float = 1.0) -> tuple[dict | None, dict | None]:
+    """(condition, negative) of a model, as the official tools choose them: Hibiki's description
+    ("very_good", and "very_bad" to steer away from under classifier-free guidance); none for an
+    unconditioned model. ValueError for what cannot run."""
+    if lm.condition_provider is None:
+        if cfg_coef != 1.0:
+            raise ValueError("classifier-free guidance (--cfg-coef) needs a conditioned model such as Hibiki; "
+                             "use --cfg-coef 1")
+        return None, None
+    if model_type != "hibiki":
+        raise ValueError(f"this {model_type} model expects conditioning, which is supported for Hibiki only")
+    return HIBIKI_CONDITION, (HIBIKI_NEGATIVE if cfg_coef != 1.0 else None)
+
+
+@dataclass
+class _Bucket:
+    """The steps over the states' first `size` slots (views), graphed when the speed says so."""
+
+    size: int
+    gen: G.GenState
+    enc: Any
+    dec: Any
+    encode: Callable
+    decode: Callable
+    lm_step: GraphedStep | None
+
+
+class Engine:
+    """States of `batch` slots of one model and the steps over prefixes of them; see the module doc.
+    `all_buckets=False`: the whole batch only (offline inference runs every slot at every step);
+    `slot_streams=False`: one random stream, `generator`, for the batch (the official sampler's, for
+    parity) rather than a seeded stream per slot."""
+
+    def __init__(self, lm, mimi, batch: int, speed: Speed, sampling: SamplingConfig = SamplingConfig(),
+                 condition: dict | None = None, negative: dict | None = None, cfg_coef: float = 1.0,
+                 slot_streams: bool = True, generator: torch.Generator | None = None, max_k: int | None = None,
+                 max_k_text: int | None = None, all_buckets: bool = True):
+        if batch < 1:
+            raise ValueError(f"batch must be >= 1, got {batch}")
+        if lm is not None:
+            check_conditions(lm, mimi, condition, negative, cfg_coef)
+        self.lm, self.mimi, self.batch, self.speed = lm, mimi, batch, speed
+        self.cfg_coef, self.generator = cfg_coef, generator
+        self.device = next((lm or mimi).parameters()).device
+        self.gen = None  # no LM: a codec-only engine (`bench --codec-only`)
+        if lm is not None:
+            self.gen = G.init_state(lm, batch, sampling, max_k=max_k, max_k_text=max_k_text, cfg_coef=cfg_coef,
+                                    slot_streams=slot_streams)
+        if condition is not None:  # every slot, once: resetting a slot keeps its condition
+            neg = lm.condition_sum([negative] * batch) if negative is not None else None
+            G.set_condition(self.gen, lm.condition_sum([condition] * batch), negative=neg)
+        self.enc = mimi.init_encode_state(batch) if mimi is not None else None
+        self.dec = mimi.init_decode_state(batch) if mimi is not None and (lm is None or lm.cfg.gen_q) else None
+        self.mimi_dtype = next(mimi.parameters()).dtype if mimi is not None else None
+        self.buckets = {n: self._bucket(n) for n in (buckets(batch) if all_buckets else [batch])}
+
+    @classmethod
+    def build(cls, model, batch: int, speed: Speed, sampling: SamplingConfig | None = None, cfg_coef: float = 1.0,
+              **kwargs) -> "Engine":
+        """The engine of a loaded model (`loading.model.LoadedModel`, fast paths applied by
+        `speed.prepare`), its condition chosen from its type."""
+        condition, negative = conditions(model.lm, model.config.model_type, cfg_coef)
+        sampling = sampling or SamplingConfig.from_gen_config(model.config.lm_gen_config)
+        return cls(model.lm, model.mimi, batch, speed, sampling, condition, negative, cfg_coef, **kwargs)
+
+    # ------------------------------------------------------------------ the steps
+
+    def _bucket(self, n: int) -> _Bucket:
+        gen = G.prefix(self.gen, n) if self.gen is not None else None
+        enc = self.enc.prefix(n) if self.enc is not None else None
+        dec = self.dec.prefix(n) if self.dec is not None else None
+        mimi, graphs, device = self.mimi, self.speed.cuda_graphs, self.device
+        encode = decode = None
+        if enc is not None:
+            encode = graphed(lambda pcm: mimi.encode_step(pcm, enc), graphs, device, name=f"mimi_encode_{n}")
+        if dec is not None:
+            decode = graphed(lambda codes: mimi.decode_step(codes, dec), graphs, device, name=f"mimi_decode_{n}")
+        lm_step = GraphedStep(self.lm, gen, graphs, self.generator) if gen is not None else None
+        return _Bucket(n, gen, enc, dec, encode, decode, lm_step)
+
+    def bucket(self, n: int) -> _Bucket:
+        """The bucket of exactly n slots (n must be a bucket size)."""
+        try:
+            return self.buckets[n]
+        except KeyError:
+            raise ValueError(f"{n} slots is not a bucket of this engine ({list(self.buckets)})") from None
+
+    def fit(self, used: int) -> int:
+        """The smallest bucket holding slots [0, used)."""
+        return next(n for n in self.buckets if n >= used)
+
+    def encode(self, pcm: torch.Tensor) -> torch.Tensor:
+        """pcm [n, 1, F] (any device and float dtype) -> codes [n, K, 1] of slots [0, n)."""
+        return self.bucket(pcm.shape[0]).encode(pcm.to(self.device, self.mimi_dtype))
+
+    def step(self, codes: torch.Tensor, active: torch.Tensor | None = None, position: int | None = None,
+             forced: torch.Tensor | None = None, embeddings=None) -> G.StepOutput:
+        """One LM step of slots [0, n): codes [n, Ku]; see `accel.cuda_graph.GraphedStep`."""
+        b = self.bucket(codes.shape[0])
+        b.gen.greedy_text, b.gen.greedy_audio = self.gen.greedy_text, self.gen.greedy_audio
+        b.gen.shaped_text = self.gen.shaped_text
+        forcing = {} if forced is None and embeddings is None else dict(forced=forced, embeddings=embeddings)
+        return b.lm_step(codes, active, position, **forcing)
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes [n, Q, 1] -> pcm [n, 1, F] of slots [0, n)."""
+        return self.bucket(codes.shape[0]).decode(codes)
+
+    def capture(self) -> None:
+        """Every graph of the default sampling settings, before the first conversation (a capture
+        takes far longer than a step), with every slot idle; the states are reset after."""
+        b = self.buckets[self.batch]
+        if b.lm_step is None or not b.lm_step.enabled:
+            return  # eager (on a CPU with cuda_graphs: the static-buffer discipline, captured all the same)
+        start, graphs = time.monotonic(), 0
+        F, K = self.mimi.frame_size, self.mimi.num_codebooks
+        for n, b in self.buckets.items():
+            idle = torch.zeros(n, dtype=torch.bool, device=self.device)
+            for _ in range(b.encode.warmup + 1):  # warm-up calls, then capture and replay
+                codes = b.encode(torch.zeros(n, 1, F, device=self.device, dtype=self.mimi_dtype))
+                if b.decode is not None:
+                    b.decode(torch.zeros(n, K, 1, dtype=torch.long, device=self.device))
+            graphs += b.lm_step.capture_all(codes[:, :, 0], idle) + 2
+        self.reset()
+        log.info("cuda_graphs_ready", extra={"fields": {"buckets": list(self.buckets), "graphs": graphs,
+                                                        "seconds": round(time.monotonic() - start, 2)}})
+
+    # ------------------------------------------------------------------ slots
+
+    def mask(self, *slots: int) -> torch.Tensor:
+        m = torch.zeros(self.batch, dtype=torch.bool, device=self.device)
+        m[list(slots)] = True
+        return m
+
+    def reset(self, mask: torch.Tensor | None = None) -> None:
+        """New conversations in the masked slots (all when None): LM streams, Mimi states; their
+        sampling settings, seeds and condition stay."""
+        everyone = mask is None
+        mask = self.mask(*range(self.batch)) if everyone else mask.to(self.device)
+        G.reset_slots(self.gen, None if everyone else mask)
+        for state in (self.enc, self.dec):
+            if state is not None:
+                state.reset(mask)
+
+    def move(self, src: int, dst: int) -> None:
+        """Slot `dst` continues slot `src`'s conversation (LM and Mimi states, settings, seeds)."""
+        G.move_slot(self.gen, src, dst)
+        for state in (self.enc, self.dec):
+            if state is not None:
+                state.move(src, dst)
+
+    def configure(self, slot: int, sampling: SamplingConfig, seeds: tuple[int, int] | None = None) -> None:
+        """A slot's sampling settings, and its seeds (which also rewind its random streams)."""
+        mask = self.mask(slot)
+        G.set_sampling(self.gen, sampling, mask)
+        if seeds is not None:
+            G.set_seeds(self.gen, *seeds, mask)
+
+    @staticmethod
+    def state_bytes(lm, batch: int, cfg_coef: float = 1.0) -> int:
+        return G.state_bytes(lm, batch, cfg_coef)
+
+
+def check_conditions(lm, mimi, condition: dict | None, negative: dict | None, cfg_coef: float) -> None:
+    """ValueError unless the condition, guidance and Mimi fit the model."""
+    if (lm.condition_provider is not None) != (condition is not None):
+        raise ValueError("a conditioned model needs condition attributes (e.g. Hibiki's "
+                         "{'description': 'very_good'}) and an unconditioned one takes none")
+    if (cfg_coef != 1.0) != (negative is not None) or (negative is not None and condition is None):
+        raise ValueError("classifier-free guidance (cfg_coef != 1) needs a conditioned model and a negative "
+                         "condition (e.g. Hibiki's {'description': 'very_bad'}); use cfg_coef=1")
+    if mimi is not None and mimi.num_codebooks < lm.cfg.num_user_codebooks:
+        raise ValueError(f"Mimi produces {mimi.num_codebooks} codebooks, the LM reads {lm.cfg.num_user_codebooks}")
+
+
+def check_memory(lm, batch: int, cfg_coef: float = 1.0) -> None:
+    """The states of every slot (mostly the KV cache at full context) are allocated at once:
+    refuse, with the numbers, when they cannot fit in the device's free memory."""
+    device = next(lm.parameters()).device
+    need = G.state_bytes(lm, batch, cfg_coef)
+    free = available_bytes(device)
+    if free is None or need <= 0.9 * free:
+        return
+    per = G.state_bytes(lm, 1, cfg_coef)
+    fit = int(0.9 * free // per)
+    raise ValueError(f"--max-sessions {batch} needs {gb(need)} for the conversations' states "
+                     f"({gb(per)} each, mostly the KV cache at the full {lm.cfg.context}-frame "
+                     f"context), but {device} has {gb(free)} free: use --max-sessions {fit} or fewer"
+                     + ("" if fit else ", or a smaller dtype or model"))
