@@ -10,6 +10,8 @@
 - `app`: the server as an ASGI app (`/api/chat`, `/v1/realtime`, `/health`, `/metrics`, the web UI
   in `web/`), and its runner on uvicorn;
 - `realtime`: the OpenAI Realtime API (`/v1/realtime`) on the same slots, for voice-agent frameworks;
+- `cluster`: the same app as Ray Serve replicas (`serve --replicas`); `readiness`: when such a
+  cluster is ready (every replica answers through the proxy);
 - `metrics`, `tls`: Prometheus counters; certificates;
 - `client`: the Python client of the protocol (files or sound card);
 - `aec`: the client's echo canceller (WebRTC's, from the livekit package), the played audio as its

@@ -14,7 +14,8 @@ connections to wait a moment for a replica rather than be turned away. A replica
 fails `check_health`, and Ray replaces it; a replica that leaves (scale-down, redeploy, failed
 health) first tells its conversations to reconnect, and is given `graceful_shutdown_timeout_s` for
 conversations to end. Per-replica counters go to Ray's metrics (and from there to Prometheus)
-tagged with the replica, beside each replica's own `/metrics`.
+tagged with the replica, beside each replica's own `/metrics`. `run` says it is ready, and the
+replicas' `/health` answers 200, only once every replica answers through the proxy (`readiness`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ import asyncio
 import logging
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
+
+from openmoshi.serving import readiness
+from openmoshi.serving.readiness import ReplicaHealth
 
 log = logging.getLogger("openmoshi.serving.cluster")
 
@@ -36,6 +40,9 @@ METRICS_PERIOD_S = 5.0
 PROXY_QUEUE = 256
 REFUSE_ROOM = 2  # connections a full replica takes only to say it is busy
 SCALING = ("replicas", "gpus_per_replica", "graceful_shutdown_s", "cpus_per_replica")  # app() args besides ReplicaSpec's
+# How long `run` waits for every replica to answer through the proxy once Ray has them running
+# (the proxy lags by about a second); after it, it says how many do and serves with those.
+READY_TIMEOUT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -50,6 +57,7 @@ class ReplicaSpec:
     threads: int | None = None
     server: dict = field(default_factory=dict)  # ServerConfig fields (static_dir as a string)
     cfg_coef: float = 1.0
+    ready_key: str | None = None  # where `run` publishes whether the cluster is routable (readiness)
 
     @property
     def max_sessions(self) -> int:
@@ -88,12 +96,13 @@ class MoshiReplica:
         negative = HIBIKI_NEGATIVE if config.cfg_coef != 1.0 else None
         sampling = SamplingConfig.from_gen_config(model.config.lm_gen_config)
         self.server = MoshiServer(model.lm, model.mimi, model.tokenizer, config, sampling, condition, negative)
+        self.health = ReplicaHealth(self.server, spec.ready_key)
         self._exporter: asyncio.Task | None = None
 
     def __serve_build_asgi_app__(self):
         from openmoshi.serving.app import asgi_app
 
-        return asgi_app(self.server, lifespan=True, on_start=self._start_exporter)
+        return asgi_app(self.server, lifespan=True, on_start=self._start_exporter, health=self.health)
 
     async def _start_exporter(self) -> None:
         self._exporter = asyncio.create_task(_export_metrics(self.server))
@@ -175,16 +184,22 @@ def haproxy_available() -> bool:
 
 def run(spec: ReplicaSpec, replicas: int, address: str | None = None, host: str = "127.0.0.1", port: int = 8998,
         gpus_per_replica: float = 0.0, blocking: bool = True, graceful_shutdown_s: float = 300.0,
-        cpus_per_replica: float = 1.0, proxy: str = "python") -> None:
-    """Starts (or joins, with `address`) a Ray cluster and serves the app on host:port. `proxy`:
+        cpus_per_replica: float = 1.0, proxy: str = "python") -> int:
+    """Starts (or joins, with `address`) a Ray cluster and serves the app on host:port; returns (or,
+    `blocking`, serves until Ctrl-C) once every replica answers through the proxy, or after
+    READY_TIMEOUT_S with those that do, and logs the ready line; returns how many do. `proxy`:
     "haproxy" puts Ray Serve's HAProxy in front of the replicas instead of its Python proxy actor
     (websocket frames then skip a Python hop: see benchmarks/cluster_rtt.py); it is a setting of the
     cluster's processes, so it applies to a cluster started here, and a joined cluster must have
     been started with RAY_SERVE_ENABLE_HA_PROXY=1."""
     import os
+    import secrets
+    import time
 
     import ray
     from ray import serve
+
+    from openmoshi.serving.server import event
 
     if proxy == "haproxy" and not address:
         os.environ[HAPROXY_ENV] = "1"  # read by the Ray processes started below
@@ -197,6 +212,18 @@ def run(spec: ReplicaSpec, replicas: int, address: str | None = None, host: str 
         ray.init(address=address or "local",
                  **({} if address else {"_node_ip_address": host if host != "0.0.0.0" else None}),
                  include_dashboard=False, logging_level=logging.WARNING)
+    key = f"{APP_NAME}:ready:{secrets.token_hex(8)}"  # this deployment's: a redeploy starts over
+    readiness.publish(key, 0, replicas, ready=False)  # before any replica can answer /health
     serve.start(http_options={"host": host, "port": port})
-    serve.run(deployment(spec, replicas, gpus_per_replica, graceful_shutdown_s, cpus_per_replica), name=APP_NAME,
-              route_prefix="/", blocking=blocking)
+    serve.run(deployment(replace(spec, ready_key=key), replicas, gpus_per_replica, graceful_shutdown_s,
+                         cpus_per_replica), name=APP_NAME, route_prefix="/", blocking=False)
+    routable = readiness.wait_routable(readiness.local_url(host, port), replicas, key, READY_TIMEOUT_S)
+    readiness.publish(key, routable, replicas, ready=True)
+    if routable < replicas:
+        event("replicas_missing", logging.WARNING, routable=routable, replicas=replicas,
+              waited_s=READY_TIMEOUT_S, why="the others never answered through the proxy")
+    event("listening", url=f"http://{host}:{port}/", websocket="/api/chat",
+          replicas=f"{routable} of {replicas} routable")
+    while blocking:
+        time.sleep(3600)  # as serve.run(blocking=True): until Ctrl-C (KeyboardInterrupt)
+    return routable
