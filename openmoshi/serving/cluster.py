@@ -43,6 +43,14 @@ SCALING = ("replicas", "gpus_per_replica", "graceful_shutdown_s", "cpus_per_repl
 # How long `run` waits for every replica to answer through the proxy once Ray has them running
 # (the proxy lags by about a second); after it, it says how many do and serves with those.
 READY_TIMEOUT_S = 60.0
+# Ray stops a replica by waiting up to graceful_shutdown_s for its requests (our conversations) to
+# end and then killing it; the ASGI shutdown, where the server says "reconnect", runs only after
+# that wait, too late for a conversation still open. So each replica asks Ray's controller every
+# few seconds (a quarter of the grace, at most LEAVE_POLL_S) whether it is being stopped, and then
+# drains itself: its conversations get the grace Ray gives, less the time to notice and
+# LEAVE_SAY_S to tell each one, before the message.
+LEAVE_POLL_S = 2.0
+LEAVE_SAY_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -75,7 +83,7 @@ class ReplicaSpec:
 class MoshiReplica:
     """One replica: the model, its server, its ASGI app (built by Ray Serve after __init__)."""
 
-    def __init__(self, spec: dict):
+    def __init__(self, spec: dict, graceful_shutdown_s: float | None = None):
         import torch
 
         from openmoshi.accel.streaming import checked_fast_streaming
@@ -88,7 +96,13 @@ class MoshiReplica:
         spec = ReplicaSpec(**spec)
         if spec.threads:
             torch.set_num_threads(spec.threads)
-        config = ServerConfig(**spec.server)
+        settings = dict(spec.server)
+        self.leave_poll_s = LEAVE_POLL_S
+        if graceful_shutdown_s is not None:  # what Ray gives a leaving replica, less the time to leave well
+            self.leave_poll_s = min(LEAVE_POLL_S, graceful_shutdown_s / 4)
+            room = max(0.0, graceful_shutdown_s - 2 * self.leave_poll_s - LEAVE_SAY_S)
+            settings["shutdown_grace"] = min(settings.get("shutdown_grace", room), room)
+        config = ServerConfig(**settings)
         model, cuda_graph = checked_fast_streaming(
             load_model(resolve_files(**spec.files), spec.device, spec.dtype, spec.quantize), config.cuda_graph)
         config = replace(config, cuda_graph=cuda_graph)
@@ -97,21 +111,62 @@ class MoshiReplica:
         sampling = SamplingConfig.from_gen_config(model.config.lm_gen_config)
         self.server = MoshiServer(model.lm, model.mimi, model.tokenizer, config, sampling, condition, negative)
         self.health = ReplicaHealth(self.server, spec.ready_key)
-        self._exporter: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
 
     def __serve_build_asgi_app__(self):
         from openmoshi.serving.app import asgi_app
 
-        return asgi_app(self.server, lifespan=True, on_start=self._start_exporter, health=self.health)
+        return asgi_app(self.server, lifespan=True, on_start=self._on_start, health=self.health)
 
-    async def _start_exporter(self) -> None:
-        self._exporter = asyncio.create_task(_export_metrics(self.server))
+    async def _on_start(self) -> None:
+        self._tasks = [asyncio.create_task(_export_metrics(self.server)), asyncio.create_task(self._leave_well())]
+
+    async def _leave_well(self) -> None:
+        """Drains the server (conversations get their grace, then the reconnect message) as soon
+        as Ray's controller stops this replica: app deleted, redeployed, scaled down or replaced."""
+        import ray
+
+        from openmoshi.serving.server import event
+
+        me, listed = ray.get_runtime_context().get_actor_id(), False
+        while True:
+            await asyncio.sleep(self.leave_poll_s)
+            try:
+                state = await asyncio.to_thread(_replica_state, me)
+            except (ImportError, AttributeError) as e:  # a Ray without this API: leave as Ray does
+                log.warning("cannot follow this replica's state in Ray (%s): conversations open when it "
+                            "stops are cut without the reconnect message", e)
+                return
+            except Exception:  # the controller restarting, or slow: ask again
+                continue
+            listed = listed or state is not None
+            if state == "STOPPING" or (listed and state is None):
+                event("replica_leaving", state=state, conversations=len(self.server.conversations),
+                      grace_s=self.server.config.shutdown_grace)
+                await self.server.drain()
+                return
 
     async def check_health(self) -> None:
         """Ray replaces a replica whose check fails: the model loop crashed or hangs."""
         problem = self.server.problem()
         if problem:
             raise RuntimeError(problem)
+
+
+def _replica_state(actor_id: str) -> str | None:
+    """This replica's state in Ray Serve's controller (STARTING, RUNNING, STOPPING, ...), None when
+    it is not listed. The controller's details are what `serve status` reads; the client to it is
+    Ray's own (no public call gives one replica's state)."""
+    from ray.serve.context import _get_global_client
+
+    details = _get_global_client().get_serve_details()
+    for application in details.get("applications", {}).values():
+        for deployment_details in application.get("deployments", {}).values():
+            for replica in deployment_details.get("replicas", []):
+                if replica.get("actor_id") == actor_id:
+                    state = replica.get("state")
+                    return getattr(state, "value", state)  # ReplicaState, or its name
+    return None
 
 
 async def _export_metrics(server) -> None:
@@ -146,7 +201,7 @@ def deployment(spec: ReplicaSpec, replicas: int, gpus_per_replica: float = 0.0,
         ray_actor_options={"num_gpus": gpus_per_replica, "num_cpus": cpus_per_replica},
         health_check_period_s=HEALTH_PERIOD_S, health_check_timeout_s=30.0,
         graceful_shutdown_timeout_s=graceful_shutdown_s, graceful_shutdown_wait_loop_s=2.0)
-    return serve.deployment(**options)(ingress).bind(asdict(spec))
+    return serve.deployment(**options)(ingress).bind(asdict(spec), graceful_shutdown_s)
 
 
 def app(args: dict):
