@@ -23,6 +23,7 @@ ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 
 FRAME = 1920
+LONG = 600.0  # seconds of audio of a conversation that the server, not the client, must end
 
 
 @pytest.fixture(scope="module")
@@ -150,8 +151,9 @@ def test_replicas_spread_refuse_fail_alone_come_back_and_drain(cluster):
     url = f"ws://127.0.0.1:{port}/api/chat"
 
     async def scenario():
-        # Ready means routable: a takes one replica's slot, b the other's, at the first try.
-        a, b = Client(url, 16), Client(url, 16)
+        # Ready means routable: a takes one replica's slot, b the other's, at the first try. They
+        # (and `again` below) talk until the server ends them, however long a loaded machine takes.
+        a, b = Client(url, LONG), Client(url, LONG)
         tasks = [asyncio.create_task(a.run())]
         await asyncio.wait_for(a.handshake.wait(), 30)
         tasks.append(asyncio.create_task(b.run()))
@@ -198,7 +200,7 @@ def test_replicas_spread_refuse_fail_alone_come_back_and_drain(cluster):
         # Ray replaces the replica: a new client is served again, audio and words.
         again = None
         for _ in range(60):
-            again = Client(url, 20)
+            again = Client(url, LONG)
             again_task = asyncio.create_task(again.run())
             try:
                 await asyncio.wait_for(again.handshake.wait(), 2.0)
