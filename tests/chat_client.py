@@ -39,9 +39,11 @@ def tone(n_frames: int, freq: float = 220.0) -> np.ndarray:
 
 
 async def chat(url: str, seconds: float, headers=None, read_for: float | None = None,
-               drain: float = 2.0) -> ChatResult:
-    """Sends `seconds` of audio in real time; stops reading after `read_for` seconds if given."""
-    res = ChatResult()
+               drain: float = 2.0, unanswered: int = 0, result: ChatResult | None = None) -> ChatResult:
+    """Sends `seconds` of audio in real time; stops reading after `read_for` seconds if given.
+    Then reads for up to `drain` s, until every frame sent but `unanswered` is answered. `result`:
+    the ChatResult to fill, for a caller that watches it while the conversation goes on."""
+    res = result if result is not None else ChatResult()
     writer, reader = sphn.OpusStreamWriter(SAMPLE_RATE), sphn.OpusStreamReader(SAMPLE_RATE)
     n = int(round(seconds / 0.08))
     pcm = tone(n)
@@ -90,7 +92,7 @@ async def chat(url: str, seconds: float, headers=None, read_for: float | None = 
                         break
                 res.frames_sent += 1
             deadline = time.monotonic() + drain
-            while time.monotonic() < deadline and res.frames_received < res.frames_sent:
+            while time.monotonic() < deadline and res.frames_received < res.frames_sent - unanswered:
                 await asyncio.sleep(0.05)
             receiver.cancel()
             await ws.close()

@@ -1,5 +1,6 @@
 """Shared by the /v1/realtime tests: tiny models shaped like Moshi in conversation, real speech,
-a raw client that records every event, and the checks of event order and Pipecat's event models."""
+a raw client that records every event, and the checks of event order (realtime_order) and of
+Pipecat's event models."""
 
 from __future__ import annotations
 
@@ -16,10 +17,10 @@ import torch
 
 from openmoshi.lm.config import TEXT_PADDING_ID
 
+from realtime_order import DELTAS, check_responses  # noqa: F401 (re-exported for the tests)
 from server_utils import tiny_models
 
 FRAME, RATE = 1920, 24000
-DELTAS = ("response.output_audio.delta", "response.output_audio_transcript.delta")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -121,49 +122,6 @@ class Raw:
 
     def of(self, kind: str) -> list[dict]:
         return [e for e in self.events if e["type"] == kind]
-
-
-def check_responses(events: list[dict]) -> list[dict]:
-    """Asserts the API's order of each response's events, that responses never overlap and that
-    every delta belongs to the item its response announced; returns the `response.done` events."""
-    order = ["response.created", "response.output_item.added", "conversation.item.added",
-             "response.content_part.added", "deltas", "response.output_audio.done",
-             "response.output_audio_transcript.done", "response.content_part.done", "response.output_item.done",
-             "conversation.item.done", "response.done"]
-    active, stage, item, done, transcript = None, None, None, [], []
-    for ev in events:
-        kind = ev["type"]
-        if kind in ("conversation.item.added", "conversation.item.done") and ev["item"].get("role") != "assistant":
-            continue  # the user's items interleave freely
-        if kind not in order and kind not in DELTAS:
-            continue
-        if kind == "response.created":
-            assert active is None, f"response {ev['response']['id']} started while {active} was active"
-            active, stage = ev["response"]["id"], kind
-            transcript = []
-            continue
-        assert active is not None, f"{kind} outside a response"
-        step = "deltas" if kind in DELTAS else kind
-        assert order.index(step) in (order.index(stage), order.index(stage) + 1), f"{kind} after {stage}"
-        stage = step
-        if kind == "response.output_item.added":
-            assert ev["response_id"] == active
-            item = ev["item"]["id"]
-        elif kind == "conversation.item.added":
-            assert ev["item"]["id"] == item
-        elif kind in DELTAS or kind.startswith("response.content_part") or kind.startswith("response.output_audio"):
-            assert ev["response_id"] == active and ev["item_id"] == item, "a delta of an item never announced"
-            if kind == "response.output_audio_transcript.delta":
-                transcript.append(ev["delta"])
-            if kind == "response.output_audio_transcript.done":
-                assert ev["transcript"] == "".join(transcript)
-        elif kind == "response.done":
-            assert ev["response"]["id"] == active and ev["response"]["output"][0]["id"] == item
-            usage = ev["response"]["usage"]
-            assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"]
-            done.append(ev)
-            active, stage = None, None
-    return done
 
 
 def check_with_pipecat(events: list[dict]) -> None:

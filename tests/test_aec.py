@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -164,15 +165,20 @@ def test_live_mode_runs_the_microphone_through_the_canceller(monkeypatch, echo_c
     monkeypatch.setitem(sys.modules, "sounddevice", types.SimpleNamespace(Stream=_FakeStream))
     _FakeStream.opened.clear()
 
-    async def talk_briefly(url):
-        task = asyncio.create_task(talk_live(url, echo_cancel=echo_cancel))
-        await asyncio.sleep(1.0)
+    async def talk_briefly(server):
+        task = asyncio.create_task(talk_live(server.url, echo_cancel=echo_cancel))
+        # Until the microphone's audio has reached the server (and gone through the canceller when
+        # it is on), however slow the machine, rather than for a second that it may not suffice.
+        deadline = time.monotonic() + 30
+        while not (server.stub.log.samples_in > 0 and (calls or not echo_cancel)) and time.monotonic() < deadline:
+            assert not task.done(), task.result()
+            await asyncio.sleep(0.05)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
 
     with StubServer() as server:
-        asyncio.run(talk_briefly(server.url))
+        asyncio.run(talk_briefly(server))
         samples_in = server.stub.log.samples_in
     kw, = _FakeStream.opened
     assert kw["samplerate"] == room.SAMPLE_RATE and kw["channels"] == 1 and kw["blocksize"] == room.BLOCK

@@ -239,7 +239,7 @@ def test_realtime_instructions_and_voice_become_the_persona(setup):
         try:
             first = await session(url, first_events, server, bad_first=True)
             hits_before = server.loop.prompts.hits
-            while server.conversations:
+            while server.sessions:
                 await asyncio.sleep(0.05)
             second = await session(url, second_events, server, cached=True)
             return first, second, hits_before, server.loop.prompts.hits, first_events

@@ -31,8 +31,11 @@ def test_openai_sdk_session(models, speech):
     async def main():
         async with serving(models, max_sessions=2) as (server, _, http):
             client = AsyncOpenAI(base_url=http + "/v1", api_key="anything")
-            got = []
+            got, raw = [], []
             async with client.realtime.connect(model="gpt-realtime") as conn:
+                parse = conn.parse_event  # the SDK parses every event it receives here: keep the JSON too
+                conn.parse_event = lambda data: (raw.append(json.loads(data)), parse(data))[1]
+
                 async def reader():
                     async for ev in conn:
                         got.append(ev)
@@ -49,8 +52,13 @@ def test_openai_sdk_session(models, speech):
                         break
                     await asyncio.sleep(0.1)
                 reading.cancel()
-            return got
-    got = run(main())
+            return got, raw
+    got, raw = run(main())
+    assert [e["type"] for e in raw] == [e.type for e in got]
+    check_with_pipecat(raw)
+    # What the SDK received, in the API's order (the client closes while Moshi may be speaking).
+    assert [d["response"]["id"] for d in check_responses(raw, cut_by_close=True)] == [
+        e.response.id for e in got if e.type == "response.done"]
     kinds = [e.type for e in got]
     assert kinds[0] == "session.created" and got[0].session.model == "gpt-realtime"
     updated = got[kinds.index("session.updated")]
@@ -94,7 +102,7 @@ def test_event_order_ids_cancel_and_pipecat_models(models, speech):
                 return c.events, (i, sent_at, j, k, a, d, m), rid
     events, (i, sent_at, j, k, a, d, m), rid = run(main())
     check_with_pipecat(events)
-    done = check_responses(events)
+    done = check_responses(events, cut_by_close=True)  # the client closes while Moshi may be speaking
     assert len(done) >= 3
     cancelled = events[j]["response"]
     assert cancelled["status"] == "cancelled" and cancelled["output"][0]["status"] == "incomplete"
@@ -202,7 +210,11 @@ def test_both_endpoints_share_the_batch_and_a_full_server_says_so(models):
                 watching = asyncio.create_task(watch())
                 other = asyncio.create_task(chat(url, 3.0))
                 streaming = asyncio.create_task(c.stream(tone(4.0)))
-                await asyncio.sleep(1.0)
+                for _ in range(200):  # until both conversations hold their slots
+                    if server.active == 2:
+                        break
+                    await asyncio.sleep(0.05)
+                assert server.active == 2
                 async with s.ws_connect(realtime_url(http)) as third:  # both slots are taken
                     first = await third.receive(timeout=10)
                     closing = await third.receive(timeout=10)
@@ -253,7 +265,7 @@ def test_livekit_agents_session(models, speech):
         async with serving(models, max_sessions=1) as (server, _, http):
             async with aiohttp.ClientSession() as hs:
                 session = RealtimeModel(api_key="x", base_url=http + "/v1", http_session=hs).session()
-                got = {"generations": 0, "frames": 0, "text": [], "errors": [], "speech": []}
+                got = {"generations": 0, "frames": 0, "text": [], "errors": [], "speech": [], "events": []}
 
                 async def consume(gen):
                     got["generations"] += 1
@@ -270,6 +282,7 @@ def test_livekit_agents_session(models, speech):
                 tasks = []
                 session.on("generation_created", lambda g: tasks.append(asyncio.create_task(consume(g))))
                 session.on("error", lambda e: got["errors"].append(e))
+                session.on("openai_server_event_received", got["events"].append)  # the raw JSON it read
                 session.on("input_speech_started", lambda e: got["speech"].append("started"))
                 session.on("input_speech_stopped", lambda e: got["speech"].append("stopped"))
                 pcm = np.concatenate([speech, np.zeros(-speech.size % FRAME, np.float32)])
@@ -284,13 +297,17 @@ def test_livekit_agents_session(models, speech):
                 return got, reply
     got, reply = run(main())
     assert not got["errors"], got["errors"]
+    check_with_pipecat(got["events"])
+    # What LiveKit received, in the API's order (it closes while Moshi may be speaking).
+    done = check_responses(got["events"], cut_by_close=True)
+    assert done
     assert got["speech"][:2] == ["started", "stopped"]
     assert got["generations"] >= 2 and got["frames"] > 0 and "".join(got["text"]).strip()
     assert reply.user_initiated  # its response.create's metadata came back in response.created
 
 
 @pytest.mark.slow
-def test_pipecat_service(models, speech):
+def test_pipecat_service(models, speech, monkeypatch):
     """Pipecat's OpenAIRealtimeLLMService in a pipeline, as its users configure it (a base URL):
     the user's speech in, Moshi's audio and words out, and no error (its errors end a session)."""
     from pipecat.frames.frames import (EndFrame, ErrorFrame, InputAudioRawFrame, LLMFullResponseEndFrame,
@@ -298,6 +315,7 @@ def test_pipecat_service(models, speech):
     from pipecat.pipeline.pipeline import Pipeline
     from pipecat.pipeline.worker import PipelineParams, PipelineWorker
     from pipecat.processors.frame_processor import FrameProcessor
+    from pipecat.services.openai.realtime import events
     from pipecat.services.openai.realtime.llm import OpenAIRealtimeLLMService
     from pipecat.workers.runner import WorkerRunner
 
@@ -313,6 +331,10 @@ def test_pipecat_service(models, speech):
             if isinstance(frame, ErrorFrame):
                 self.errors.append(frame.error)
             await self.push_frame(frame, direction)
+
+    received = []  # Pipecat parses every event it receives with this function: keep the JSON too
+    parse = events.parse_server_event
+    monkeypatch.setattr(events, "parse_server_event", lambda data: (received.append(json.loads(data)), parse(data))[1])
 
     async def main():
         async with serving(models, max_sessions=1) as (server, _, http):
@@ -338,5 +360,7 @@ def test_pipecat_service(models, speech):
             return sink
     sink = run(main())
     assert not sink.errors, sink.errors
+    # What Pipecat received, in the API's order (its EndFrame closes while Moshi may be speaking).
+    done = check_responses(received, cut_by_close=True)
+    assert done and sink.counts.get(LLMFullResponseEndFrame, 0) == len(done)
     assert sink.counts.get(TTSAudioRawFrame, 0) > 10 and sink.counts.get(TTSTextFrame, 0) > 0
-    assert sink.counts.get(LLMFullResponseEndFrame, 0) >= 1

@@ -13,7 +13,7 @@ import torch
 from openmoshi.serving import protocol
 from openmoshi.serving.waiting import ADMITTED, LEFT, STOPPING, TIMED_OUT, WaitingLine, wait_turn
 
-from chat_client import chat
+from chat_client import ChatResult, chat
 from server_utils import serving, tiny_models
 
 FAST = {"max_sessions": 1, "queue_update": 0.2}  # one slot; place-in-line messages 5 times a second
@@ -54,9 +54,9 @@ def test_waiter_starts_when_the_slot_frees(models):
         async with serving(models, **FAST) as (server, url, http):
             async with aiohttp.ClientSession() as s:
                 first = await hold_slot(s, url)
-                second = asyncio.create_task(chat(url, 1.0))
-                await until(lambda: len(server.line) == 1)
-                await asyncio.sleep(0.5)  # a few place-in-line messages
+                live = ChatResult()
+                second = asyncio.create_task(chat(url, 1.0, result=live))
+                await until(lambda: len(server.line) == 1 and len(live.queue) >= 2)  # told its place again
                 health = await (await s.get(http + "/health")).json()
                 metrics = await (await s.get(http + "/metrics")).text()
                 await first.close()
@@ -140,13 +140,14 @@ def test_waiter_that_leaves_is_removed(models):
                 first = await hold_slot(s, url)
                 gone = await session.ws_connect(url)
                 assert await place(gone) == (1, 1)
-                third = asyncio.create_task(chat(url, 0.5))
+                live = ChatResult()
+                third = asyncio.create_task(chat(url, 0.5, result=live))
                 await until(lambda: len(server.line) == 2)
                 gone._response.connection.transport.abort()  # the TCP connection drops
                 await session.close()
                 await until(lambda: len(server.line) == 1)
                 waiting_after = server.metrics.waiting
-                await asyncio.sleep(0.3)
+                await until(lambda: live.queue[-1:] == [(1, 1)])  # told it moved up, before the slot frees
                 await first.close()
                 res = await third
                 await until(lambda: server.active == 0)

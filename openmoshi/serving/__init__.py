@@ -13,7 +13,8 @@
   query (`text_prompt`, `voice_prompt`), voices listed;
 - `waiting`: the first-come first-served line for a free seat;
 - `app`: the server as an ASGI app (`/api/chat`, `/v1/realtime`, `/health`, `/metrics`, the web UI
-  in `web/`), and its runner on uvicorn; `cluster`: the same app on Ray Serve replicas;
+  in `web/`), and its runner on uvicorn; `cluster`: the same app as Ray Serve replicas (`serve
+  --replicas`); `readiness`: when such a cluster is ready (every replica answers through the proxy);
 - `metrics`, `tls`: Prometheus counters; certificates;
 - `client`, `latency`: the Python client of the protocol (files or sound card), and the latency it
   hears; `aec`: the client's echo canceller (WebRTC's, from the livekit package).

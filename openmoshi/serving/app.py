@@ -78,10 +78,12 @@ class StarletteSocket:
                 await self.ws.close(code, reason)
 
 
-def asgi_app(server: MoshiServer, lifespan: bool = True, on_start=None) -> Starlette:
+def asgi_app(server: MoshiServer, lifespan: bool = True, on_start=None, health=None) -> Starlette:
     """The ASGI app of `server`. With `lifespan`, the app starts the model loop, and at shutdown
     drains (conversations get the reconnect message) and stops it, as a Ray Serve replica needs;
-    `Runner` does both itself (lifespan=False). `on_start`: a coroutine function run once started."""
+    `Runner` does both itself (lifespan=False). `on_start`: a coroutine function run once started.
+    `health`: a coroutine function giving /health's (status, body) instead of `server.health()`
+    (a cluster replica adds who it is and whether the whole cluster is routable yet)."""
 
     async def chat(ws: WebSocket) -> None:
         await ws.accept()
@@ -94,8 +96,8 @@ def asgi_app(server: MoshiServer, lifespan: bool = True, on_start=None) -> Starl
         peer = ws.client.host if ws.client else "?"
         await server.chat(StarletteSocket(ws), ws.query_params, headers, peer, RealtimeProtocol(ws.query_params))
 
-    async def health(_request):
-        status, body = server.health()
+    async def health_route(_request):
+        status, body = await health() if health is not None else server.health()
         return JSONResponse(body, status_code=status)
 
     async def voices(_request):
@@ -112,7 +114,8 @@ def asgi_app(server: MoshiServer, lifespan: bool = True, on_start=None) -> Starl
             return FileResponse(index)
         return PlainTextResponse("openmoshi server: websocket at /api/chat\n")
 
-    routes = [WebSocketRoute("/api/chat", chat), WebSocketRoute("/v1/realtime", realtime), Route("/health", health),
+    routes = [WebSocketRoute("/api/chat", chat), WebSocketRoute("/v1/realtime", realtime),
+              Route("/health", health_route),
               Route("/metrics", metrics), Route(VOICES_ROUTE, voices), Route("/", root)]
     if index is not None and Path(static).is_dir():
         routes.append(Mount("/", StaticFiles(directory=str(static)), name="static"))

@@ -14,15 +14,19 @@ connections to wait a moment for a replica rather than be turned away. A replica
 fails `check_health`, and Ray replaces it; a replica that leaves (scale-down, redeploy, failed
 health) first tells its conversations to reconnect, and is given `graceful_shutdown_timeout_s` for
 conversations to end. Per-replica counters go to Ray's metrics (and from there to Prometheus)
-tagged with the replica, beside each replica's own `/metrics`.
+tagged with the replica, beside each replica's own `/metrics`. `run` says it is ready, and the
+replicas' `/health` answers 200, only once every replica answers through the proxy (`readiness`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
+
+from openmoshi.serving import readiness
+from openmoshi.serving.readiness import ReplicaHealth
 
 log = logging.getLogger("openmoshi.serving.cluster")
 
@@ -36,6 +40,17 @@ METRICS_PERIOD_S = 5.0
 PROXY_QUEUE = 256
 REFUSE_ROOM = 2  # connections a full replica takes only to say it is busy
 SCALING = ("replicas", "gpus_per_replica", "graceful_shutdown_s", "cpus_per_replica")  # app() args besides ReplicaSpec's
+# How long `run` waits for every replica to answer through the proxy once Ray has them running
+# (the proxy lags by about a second); after it, it says how many do and serves with those.
+READY_TIMEOUT_S = 60.0
+# Ray stops a replica by waiting up to graceful_shutdown_s for its requests (our conversations) to
+# end and then killing it; the ASGI shutdown, where the server says "reconnect", runs only after
+# that wait, too late for a conversation still open. So each replica asks Ray's controller every
+# few seconds (a quarter of the grace, at most LEAVE_POLL_S) whether it is being stopped, and then
+# drains itself: its conversations get the grace Ray gives, less the time to notice and
+# LEAVE_SAY_S to tell each one, before the message.
+LEAVE_POLL_S = 2.0
+LEAVE_SAY_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -50,6 +65,7 @@ class ReplicaSpec:
     threads: int | None = None
     server: dict = field(default_factory=dict)  # ServerConfig fields (static_dir as a string)
     cfg_coef: float = 1.0
+    ready_key: str | None = None  # where `run` publishes whether the cluster is routable (readiness)
 
     @property
     def max_sessions(self) -> int:
@@ -67,7 +83,7 @@ class ReplicaSpec:
 class MoshiReplica:
     """One replica: the model, its server, its ASGI app (built by Ray Serve after __init__)."""
 
-    def __init__(self, spec: dict):
+    def __init__(self, spec: dict, graceful_shutdown_s: float | None = None):
         import torch
 
         from openmoshi.engine.speed import SpeedConfig
@@ -78,25 +94,73 @@ class MoshiReplica:
         spec = ReplicaSpec(**spec)
         if spec.threads:
             torch.set_num_threads(spec.threads)
-        config = ServerConfig(**spec.server)
+        settings = dict(spec.server)
+        self.leave_poll_s = LEAVE_POLL_S
+        if graceful_shutdown_s is not None:  # what Ray gives a leaving replica, less the time to leave well
+            self.leave_poll_s = min(LEAVE_POLL_S, graceful_shutdown_s / 4)
+            room = max(0.0, graceful_shutdown_s - 2 * self.leave_poll_s - LEAVE_SAY_S)
+            settings["shutdown_grace"] = min(settings.get("shutdown_grace", room), room)
+        config = ServerConfig(**settings)
         model, speed = start(resolve_files(**spec.files), spec.device, spec.dtype, spec.quantize,
                              SpeedConfig(cuda_graphs=config.cuda_graph))
         self.server = MoshiServer.for_model(model, speed, config)
-        self._exporter: asyncio.Task | None = None
+        self.health = ReplicaHealth(self.server, spec.ready_key)
+        self._tasks: list[asyncio.Task] = []
 
     def __serve_build_asgi_app__(self):
         from openmoshi.serving.app import asgi_app
 
-        return asgi_app(self.server, lifespan=True, on_start=self._start_exporter)
+        return asgi_app(self.server, lifespan=True, on_start=self._on_start, health=self.health)
 
-    async def _start_exporter(self) -> None:
-        self._exporter = asyncio.create_task(_export_metrics(self.server))
+    async def _on_start(self) -> None:
+        self._tasks = [asyncio.create_task(_export_metrics(self.server)), asyncio.create_task(self._leave_well())]
+
+    async def _leave_well(self) -> None:
+        """Drains the server (conversations get their grace, then the reconnect message) as soon
+        as Ray's controller stops this replica: app deleted, redeployed, scaled down or replaced."""
+        import ray
+
+        from openmoshi.serving.server import event
+
+        me, listed = ray.get_runtime_context().get_actor_id(), False
+        while True:
+            await asyncio.sleep(self.leave_poll_s)
+            try:
+                state = await asyncio.to_thread(_replica_state, me)
+            except (ImportError, AttributeError) as e:  # a Ray without this API: leave as Ray does
+                log.warning("cannot follow this replica's state in Ray (%s): conversations open when it "
+                            "stops are cut without the reconnect message", e)
+                return
+            except Exception:  # the controller restarting, or slow: ask again
+                continue
+            listed = listed or state is not None
+            if state == "STOPPING" or (listed and state is None):
+                event("replica_leaving", state=state, conversations=len(self.server.sessions),
+                      grace_s=self.server.config.shutdown_grace)
+                await self.server.drain()
+                return
 
     async def check_health(self) -> None:
         """Ray replaces a replica whose check fails: the model loop crashed or hangs."""
         problem = self.server.problem()
         if problem:
             raise RuntimeError(problem)
+
+
+def _replica_state(actor_id: str) -> str | None:
+    """This replica's state in Ray Serve's controller (STARTING, RUNNING, STOPPING, ...), None when
+    it is not listed. The controller's details are what `serve status` reads; the client to it is
+    Ray's own (no public call gives one replica's state)."""
+    from ray.serve.context import _get_global_client
+
+    details = _get_global_client().get_serve_details()
+    for application in details.get("applications", {}).values():
+        for deployment_details in application.get("deployments", {}).values():
+            for replica in deployment_details.get("replicas", []):
+                if replica.get("actor_id") == actor_id:
+                    state = replica.get("state")
+                    return getattr(state, "value", state)  # ReplicaState, or its name
+    return None
 
 
 async def _export_metrics(server) -> None:
@@ -131,7 +195,7 @@ def deployment(spec: ReplicaSpec, replicas: int, gpus_per_replica: float = 0.0,
         ray_actor_options={"num_gpus": gpus_per_replica, "num_cpus": cpus_per_replica},
         health_check_period_s=HEALTH_PERIOD_S, health_check_timeout_s=30.0,
         graceful_shutdown_timeout_s=graceful_shutdown_s, graceful_shutdown_wait_loop_s=2.0)
-    return serve.deployment(**options)(ingress).bind(asdict(spec))
+    return serve.deployment(**options)(ingress).bind(asdict(spec), graceful_shutdown_s)
 
 
 def app(args: dict):
@@ -169,16 +233,22 @@ def haproxy_available() -> bool:
 
 def run(spec: ReplicaSpec, replicas: int, address: str | None = None, host: str = "127.0.0.1", port: int = 8998,
         gpus_per_replica: float = 0.0, blocking: bool = True, graceful_shutdown_s: float = 300.0,
-        cpus_per_replica: float = 1.0, proxy: str = "python") -> None:
-    """Starts (or joins, with `address`) a Ray cluster and serves the app on host:port. `proxy`:
+        cpus_per_replica: float = 1.0, proxy: str = "python") -> int:
+    """Starts (or joins, with `address`) a Ray cluster and serves the app on host:port; returns (or,
+    `blocking`, serves until Ctrl-C) once every replica answers through the proxy, or after
+    READY_TIMEOUT_S with those that do, and logs the ready line; returns how many do. `proxy`:
     "haproxy" puts Ray Serve's HAProxy in front of the replicas instead of its Python proxy actor
     (websocket frames then skip a Python hop: see benchmarks/cluster_rtt.py); it is a setting of the
     cluster's processes, so it applies to a cluster started here, and a joined cluster must have
     been started with RAY_SERVE_ENABLE_HA_PROXY=1."""
     import os
+    import secrets
+    import time
 
     import ray
     from ray import serve
+
+    from openmoshi.serving.server import event
 
     if proxy == "haproxy" and not address:
         os.environ[HAPROXY_ENV] = "1"  # read by the Ray processes started below
@@ -191,6 +261,18 @@ def run(spec: ReplicaSpec, replicas: int, address: str | None = None, host: str 
         ray.init(address=address or "local",
                  **({} if address else {"_node_ip_address": host if host != "0.0.0.0" else None}),
                  include_dashboard=False, logging_level=logging.WARNING)
+    key = f"{APP_NAME}:ready:{secrets.token_hex(8)}"  # this deployment's: a redeploy starts over
+    readiness.publish(key, 0, replicas, ready=False)  # before any replica can answer /health
     serve.start(http_options={"host": host, "port": port})
-    serve.run(deployment(spec, replicas, gpus_per_replica, graceful_shutdown_s, cpus_per_replica), name=APP_NAME,
-              route_prefix="/", blocking=blocking)
+    serve.run(deployment(replace(spec, ready_key=key), replicas, gpus_per_replica, graceful_shutdown_s,
+                         cpus_per_replica), name=APP_NAME, route_prefix="/", blocking=False)
+    routable = readiness.wait_routable(readiness.local_url(host, port), replicas, key, READY_TIMEOUT_S)
+    readiness.publish(key, routable, replicas, ready=True)
+    if routable < replicas:
+        event("replicas_missing", logging.WARNING, routable=routable, replicas=replicas,
+              waited_s=READY_TIMEOUT_S, why="the others never answered through the proxy")
+    event("listening", url=f"http://{host}:{port}/", websocket="/api/chat",
+          replicas=f"{routable} of {replicas} routable")
+    while blocking:
+        time.sleep(3600)  # as serve.run(blocking=True): until Ctrl-C (KeyboardInterrupt)
+    return routable
