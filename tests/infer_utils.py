@@ -27,20 +27,62 @@ SMALL = dict(MOSHI, dim=256, num_heads=8, num_layers=6, depformer_dim=128, depfo
              depformer_num_heads=4, depformer_num_layers=2, context=200)
 STT = dict(TINY_STT, card=2048, text_card=TEXT_CARD, n_q=8, delays=[0] * 9)
 STT_CONFIG = {"audio_silence_prefix_seconds": 0.4, "audio_delay_seconds": 0.5}
+# A small official Mimi with the released rates (24 kHz, 1920-sample frames, codebooks of 2048 codes),
+# for tests that run whole conversations on 2 CPU cores, where the released Mimi costs ~0.5 s a frame.
+# Its transformer context (250 encoder steps, 10 s) outlasts every test's audio.
+SMALL_MIMI = {
+    "sample_rate": 24000, "channels": 1, "frame_rate": 12.5,
+    "seanet": {"channels": 1, "dimension": 32, "n_filters": 4, "n_residual_layers": 1,
+               "ratios": [8, 6, 5, 4], "kernel_size": 7, "residual_kernel_size": 3,
+               "last_kernel_size": 3, "dilation_base": 2, "compress": 2, "causal": True,
+               "activation": "ELU", "norm": "none", "pad_mode": "constant", "true_skip": True,
+               "disable_norm_outer_blocks": 0},
+    "quantizer": {"dimension": 16, "n_q": 16, "bins": 2048, "input_dimension": 32, "output_dimension": 32},
+    "transformer": {"d_model": 32, "num_heads": 2, "num_layers": 1, "causal": True,
+                    "layer_scale": 0.01, "context": 250, "conv_layout": True, "max_period": 10000,
+                    "gating": "none", "norm": "layer_norm", "positional_embedding": "rope",
+                    "dim_feedforward": 64, "input_dimension": 32, "output_dimensions": [32]},
+}
 
 
-def _mimi(seed: int) -> Path:
-    """A random official Mimi checkpoint, cached in the temp folder (it takes seconds to make)."""
+def _mimi(seed: int, small: bool = False) -> Path:
+    """A random official Mimi checkpoint (the released layout, or SMALL_MIMI), cached in the temp
+    folder (it takes seconds to make)."""
+    from safetensors.torch import save_file
+
     from official_utils import save_official_mimi
 
     cache = Path(tempfile.gettempdir()) / "openmoshi_test_ckpt"
     cache.mkdir(exist_ok=True)
-    path = cache / f"mimi_seed{seed}.safetensors"
+    path = cache / f"mimi_{'small_' if small else ''}seed{seed}.safetensors"
     if not path.exists():
         tmp = cache / f"mimi_{os.getpid()}.tmp"
-        save_official_mimi(tmp, seed)
+        if small:
+            mimi = _small_official_mimi(seed)
+            save_file({k: v.contiguous() for k, v in mimi.state_dict().items()}, str(tmp))
+        else:
+            save_official_mimi(tmp, seed)
         os.replace(tmp, path)
     return path
+
+
+def _small_official_mimi(seed: int):
+    """SMALL_MIMI, official, with random weights and codebooks, and no SEANet biases. With random
+    biases, its latents sit on a large constant offset, so the quantizer's distances (a difference
+    of large squares) tie within float rounding and a batch of two encodes otherwise than one; and
+    its decoder plays one fixed waveform whatever the codes. Without them, the codebooks are fitted
+    again, and the decoder's last conv is scaled to speech level (std 0.1)."""
+    from official_utils import _random_codebooks, make_official_mimi, speech
+
+    mimi = make_official_mimi(seed, SMALL_MIMI["quantizer"]["n_q"], SMALL_MIMI)
+    with torch.no_grad():
+        for name, p in [*mimi.encoder.named_parameters(), *mimi.decoder.named_parameters()]:
+            if name.endswith("bias"):
+                p.zero_()
+        _random_codebooks(mimi, torch.Generator().manual_seed(seed + 2))
+        pcm = mimi.decode(mimi.encode(speech(1.0)[None, None]))
+        mimi.decoder.model[-1].conv.conv.weight.mul_(0.1 / pcm.std())
+    return mimi
 
 
 def _tokenizer(path: Path, vocab: int) -> None:
@@ -60,8 +102,9 @@ def _tokenizer(path: Path, vocab: int) -> None:
 
 
 def make_checkpoint(folder: Path, kind: str = "moshi", seed: int = 0, lm_kwargs: dict | None = None,
-                    config: bool = True) -> dict:
-    """Writes a checkpoint folder; returns the raw config dict."""
+                    config: bool = True, small_mimi: bool = False) -> dict:
+    """Writes a checkpoint folder; returns the raw config dict. `small_mimi`: SMALL_MIMI, its
+    config beside it as `mimi.json` (config.json's `mimi_config_name`, which the official loader reads)."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -74,9 +117,12 @@ def make_checkpoint(folder: Path, kind: str = "moshi", seed: int = 0, lm_kwargs:
                                       mimi_name="tokenizer-e351c8d8-checkpoint125.safetensors",
                                       tokenizer_name="tokenizer_spm_32k_3.model")
     save_file({k: v.contiguous() for k, v in lm.state_dict().items()}, str(folder / names["moshi_name"]))
-    os.link(_mimi(seed), folder / names["mimi_name"]) if not (folder / names["mimi_name"]).exists() else None
+    os.link(_mimi(seed, small_mimi), folder / names["mimi_name"]) if not (folder / names["mimi_name"]).exists() else None
     _tokenizer(folder / names["tokenizer_name"], kwargs["text_card"])
     raw = dict(kwargs, model_type=kind, **NAMES)
+    if small_mimi:
+        (folder / "mimi.json").write_text(json.dumps(SMALL_MIMI))
+        raw["mimi_config_name"] = "mimi.json"
     if kind == "stt":
         raw["stt_config"] = STT_CONFIG
     if config:
