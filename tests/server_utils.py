@@ -1,19 +1,23 @@
 """Tiny random models for server tests: a Mimi with the real 24 kHz / 1920-sample frame but few
-channels, and the tiny 7B-shaped LM, fast enough for several conversations on a small CPU; and
-`serving`, the server on a free loopback port."""
+channels, and the tiny 7B-shaped LM, fast enough for several conversations on a small CPU;
+`serving`, the server on a free loopback port; and `recording_encoders`, what the server's Opus
+encoders were given."""
 
 from __future__ import annotations
 
 import contextlib
 import socket
 
+import numpy as np
 import torch
 
 from openmoshi.lm.config import lm_config_from_dict
 from openmoshi.lm.model import LMModel
 from openmoshi.mimi.codec import Mimi
 from openmoshi.mimi.config import mimi_config_from_dict
+from openmoshi.serving import chat as chat_module
 from openmoshi.serving.app import Runner
+from openmoshi.serving.opus import OpusEncoder
 from openmoshi.serving.server import MoshiServer, ServerConfig
 
 from lm_utils import TINY_7B
@@ -66,6 +70,28 @@ async def serving(models, **config):
         yield server, f"ws://127.0.0.1:{port}/api/chat", f"http://127.0.0.1:{port}"
     finally:
         await runner.stop()
+
+
+def recording_encoders(monkeypatch) -> list:
+    """Makes every conversation's Opus encoder keep what it was given (`pcm`, frames) and what it
+    gave (`pages`); returns the list the encoders made from now on join. Opus is lossy: a test
+    compares the sound a server sends before it, and the bytes a client got with these pages."""
+    made = []
+
+    class RecordingEncoder(OpusEncoder):
+        def __init__(self):
+            super().__init__()
+            self.pcm, self.pages = [], []
+            made.append(self)
+
+        def encode(self, pcm):
+            page = super().encode(pcm)
+            self.pcm.append(np.array(pcm, np.float32))
+            self.pages.append(page)
+            return page
+
+    monkeypatch.setattr(chat_module, "OpusEncoder", RecordingEncoder)
+    return made
 
 
 def listening_socket() -> socket.socket:

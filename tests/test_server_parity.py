@@ -25,10 +25,8 @@ from openmoshi.lm.sampling import SamplingConfig
 from openmoshi.loading.model import load_model
 from openmoshi.loading.resolve import resolve_files
 from openmoshi.serving.app import Runner
-from openmoshi.serving import chat as chat_module
-from openmoshi.serving.opus import OpusEncoder
 from openmoshi.serving.server import MoshiServer, ServerConfig
-from server_utils import listening_socket
+from server_utils import listening_socket, recording_encoders
 from wire_utils import converse, decode_ogg, frames, ogg_pages
 
 # The official server (moshi/server.py, decode_and_send) shows every text token but these two:
@@ -101,29 +99,11 @@ def offline_server_policy(model, heard: list[np.ndarray]) -> list[tuple[int, lis
     return out
 
 
-class RecordingEncoder(OpusEncoder):
-    """The server's Opus encoder, keeping what each conversation's encoder was given and gave."""
-
-    made: list["RecordingEncoder"] = []
-
-    def __init__(self):
-        super().__init__()
-        self.pcm, self.pages = [], []
-        RecordingEncoder.made.append(self)
-
-    def encode(self, pcm):
-        page = super().encode(pcm)
-        self.pcm.append(np.array(pcm, np.float32))
-        self.pages.append(page)
-        return page
-
-
 def serve(model, conversations, monkeypatch):
     """Runs the conversations [(pages, expected audio messages, params)] at once (each starts
-    sending once all have their handshake); returns (wires, {seeds: [(text, codes, valid)]})."""
+    sending once all have their handshake); returns (wires, {seeds: [(text, codes, valid)]}, the
+    conversations' Opus encoders)."""
     ticks: dict = {}
-    RecordingEncoder.made = []
-    monkeypatch.setattr(chat_module, "OpusEncoder", RecordingEncoder)
     servers = []
 
     def recorder(seat, pcm, text, audio, valid):  # the seeds tell whose seat it is
@@ -145,7 +125,8 @@ def serve(model, conversations, monkeypatch):
         finally:
             await runner.stop()
 
-    return asyncio.run(main()), ticks
+    encoders = recording_encoders(monkeypatch)
+    return asyncio.run(main()), ticks, encoders
 
 
 def test_server_sends_what_the_official_server_sends(folder, official, monkeypatch):
@@ -157,7 +138,7 @@ def test_server_sends_what_the_official_server_sends(folder, official, monkeypat
     assert [len(h) for h in heard] == [len(p) for p in pages] == [20, 24]
     expected = [official_server_loop(official, h) for h in heard]
     seeds = [(101, 201), (102, 202)]  # greedy: they only tell the conversations apart in the recorder
-    wires, ticks = serve(model, [(p, len(tokens), {"text_seed": s[0], "audio_seed": s[1]})
+    wires, ticks, encoders = serve(model, [(p, len(tokens), {"text_seed": s[0], "audio_seed": s[1]})
                                  for p, (tokens, _), s in zip(pages, expected, seeds)], monkeypatch)
     for wire, h, (tokens, pcm), s in zip(wires, heard, expected, seeds):
         assert wire.handshake and not wire.errors
@@ -172,7 +153,7 @@ def test_server_sends_what_the_official_server_sends(folder, official, monkeypat
         # The sound of each audio message: the official decoding of that frame, made Opus by the
         # conversation's encoder (Opus is lossy: its output is compared before it, and the bytes
         # the client got with what the encoder made of it).
-        encoder = next(e for e in RecordingEncoder.made if e.pages and e.pages[0] == wire.audio[0])
+        encoder = next(e for e in encoders if e.pages and e.pages[0] == wire.audio[0])
         assert encoder.pages == wire.audio and len(decode_ogg(wire.audio)) == len(tokens) * 1920
         assert np.abs(np.stack(encoder.pcm) - np.stack(pcm)).max() < 1e-4 * np.abs(pcm).max()
     assert [t for t, _ in expected[0][0]] != [t for t, _ in expected[1][0]]  # two conversations, not one
