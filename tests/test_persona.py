@@ -1,24 +1,32 @@
 """The PersonaPlex prompt phase (issue 13): frames of forced tokens, checked frame by frame on what
-the model reads, on a random dep_q = 16 checkpoint in PersonaPlex's layout made here; voice
-presets replayed; voices from files and folders; `openmoshi infer --text-prompt --voice-prompt`."""
+the model reads, and whole persona conversations checked against an oracle of PersonaPlex's own
+generation (`personaplex_oracle`, on the official model), on a random dep_q = 16 checkpoint in
+PersonaPlex's layout made here; voice presets saved as PersonaPlex saves them; voices from files and
+folders; `openmoshi infer --text-prompt --voice-prompt`."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
+import numpy as np
 import pytest
+import sentencepiece
 import torch
 
-from infer_utils import MOSHI, make_checkpoint
+from infer_utils import MOSHI, NAMES, make_checkpoint
+from official_utils import speech
 from openmoshi.audio import SAMPLE_RATE, save_wav
+from openmoshi.inference.offline import persona_prompt, run
 from openmoshi.lm import generate as G
-from openmoshi.lm.config import TEXT_PADDING_ID
-from openmoshi.lm.persona import (SILENCE_CODES, SINE_CODES, SPACER_FRAMES, Preset, PromptError, build_prompt,
-                                  run_prompts, wrap_system)
+from openmoshi.lm.persona import Preset, PromptError, build_prompt, run_prompts, wrap_system
 from openmoshi.lm.sampling import SamplingConfig
 from openmoshi.loading.model import load_model
 from openmoshi.loading.resolve import resolve_files
 from openmoshi.loading.voices import VoiceError, list_voices, load_voice, normalize_loudness, resolve_voice
+from personaplex_oracle import PROMPT_TEXT, SILENCE, SILENCE_FRAMES, SINE, converse, save_preset, voice_codes
+from personaplex_oracle import wrap_system as personaplex_wrap
+from wire_utils import frames
 
 PERSONAPLEX = dict(MOSHI, dep_q=16, context=200)  # card 2048, so that the silence and sine codes exist
 
@@ -26,10 +34,43 @@ PERSONAPLEX = dict(MOSHI, dep_q=16, context=200)  # card 2048, so that the silen
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     folder = tmp_path_factory.mktemp("personaplex") / "repo"
-    make_checkpoint(folder, "moshi", seed=3, lm_kwargs=PERSONAPLEX)
+    make_checkpoint(folder, "moshi", seed=3, lm_kwargs=PERSONAPLEX, small_mimi=True)
     m = load_model(resolve_files(str(folder)), device="cpu", dtype="float32")
     assert m.lm.cfg.depformer_user_slots == 8 and m.mimi.num_codebooks == 8
     return m
+
+
+@pytest.fixture(scope="module")
+def official(model):
+    """The official Mimi and LMModel of the same files: what PersonaPlex's LMGen runs on."""
+    return official_models(Path(model.files.hf_repo))
+
+
+def official_models(folder: Path):
+    from moshi.models import loaders
+
+    info = loaders.CheckpointInfo.from_hf_repo("unused/unused", folder / NAMES["moshi_name"], folder / NAMES["mimi_name"],
+                                               folder / NAMES["tokenizer_name"], folder / "config.json",
+                                               mimi_config_path=folder / "mimi.json")
+    return info.get_mimi(device="cpu"), info.get_moshi(device="cpu", dtype=torch.float32)
+
+
+def official_pcm(mimi, codes: list[list[int]]) -> np.ndarray:
+    """The official Mimi's streaming decoding of frames of 8 codes, from a fresh state."""
+    with torch.no_grad(), mimi.streaming(1):
+        return torch.cat([mimi.decode(torch.tensor(c)[None, :, None]) for c in codes], -1)[0, 0].numpy()
+
+
+def assert_personaplex_s(result, oracle: list, mimi) -> None:
+    """An offline persona result against the oracle's conversation steps: PersonaPlex's first step
+    returns the prompt's last frame (silence), ours starts with the frame after it, so our frame i is
+    its step i + 1: the same text token, and our sound the official decoding of its codes."""
+    assert oracle[0] == (PROMPT_TEXT, list(SILENCE))
+    n = len(oracle) - 1
+    assert len(result.text_tokens) == len(oracle)
+    assert result.text_tokens[:n] == [text for text, _ in oracle[1:]]
+    want = official_pcm(mimi, [codes for _, codes in oracle[1:]])
+    assert np.abs(result.audio[0, :n * 1920].numpy() - want).max() < 1e-4 * np.abs(want).max()
 
 
 def reading(lm):
@@ -46,13 +87,14 @@ def reading(lm):
 
 
 def expected_frames(voice: torch.Tensor | None, text: list[int]):
-    """(text [N], model [N, 8]) of the prompt, written out phase by phase."""
+    """(text [N], model [N, 8]) of the prompt, written out phase by phase in PersonaPlex's order
+    (`step_system_prompts`) with its numbers (`personaplex_oracle`)."""
     rows = []
     for codes in (voice if voice is not None else []):
-        rows.append((TEXT_PADDING_ID, codes.tolist()))
-    rows += [(TEXT_PADDING_ID, list(SILENCE_CODES))] * SPACER_FRAMES
-    rows += [(t, list(SILENCE_CODES)) for t in text]
-    rows += [(TEXT_PADDING_ID, list(SILENCE_CODES))] * SPACER_FRAMES
+        rows.append((PROMPT_TEXT, codes.tolist()))
+    rows += [(PROMPT_TEXT, list(SILENCE))] * SILENCE_FRAMES
+    rows += [(t, list(SILENCE)) for t in text]
+    rows += [(PROMPT_TEXT, list(SILENCE))] * SILENCE_FRAMES
     return torch.tensor([r[0] for r in rows]), torch.tensor([r[1] for r in rows])
 
 
@@ -77,7 +119,7 @@ def test_prompt_phase_streams_frame_by_frame(model):
     for p, v, t in zip(prompts, (voice, None), texts):
         text, audio = expected_frames(v, t)
         assert torch.equal(p.text, text) and torch.equal(p.model, audio)
-        assert (p.user == torch.tensor(SINE_CODES)).all()
+        assert (p.user == torch.tensor(SINE)).all()
     state = G.init_state(lm, 2, SamplingConfig(temp=0.8, temp_text=0.7))
     seen = reading(lm)
     run_prompts(lm, state, prompts, torch.Generator().manual_seed(6))
@@ -93,56 +135,60 @@ def test_prompt_phase_streams_frame_by_frame(model):
     # delayed streams still the last spacer frame) and the user's codes.
     user = torch.randint(0, 2048, (2, 8), generator=g)
     out = G.step(lm, state, user, generator=torch.Generator().manual_seed(7))
-    assert torch.equal(seen[-1][:, 2:9], torch.tensor(SILENCE_CODES[1:]).expand(2, 7))
+    assert torch.equal(seen[-1][:, 2:9], torch.tensor(SILENCE[1:]).expand(2, 7))
     assert torch.equal(seen[-1][:, 9], user[:, 0])
-    assert torch.equal(seen[-1][:, 10:], torch.tensor(SINE_CODES[1:]).expand(2, 7))
+    assert torch.equal(seen[-1][:, 10:], torch.tensor(SINE[1:]).expand(2, 7))
     assert out.valid.all()
     del lm.forward_text
 
 
-def _live_voice_as_preset(lm, voice: torch.Tensor, path) -> None:
-    """Writes the `.pt` PersonaPlex's server saves after a live voice prompt: the input embeddings
-    of its steps and its token ring (max_delay + 3 positions) after the voice's F frames."""
-    cfg = lm.cfg
-    F = voice.shape[0]
-    state = G.init_state(lm, 1, SamplingConfig.greedy())
-    seen = reading(lm)
-    run_prompts(lm, state, [build_prompt(cfg, voice, [], spacer=0)])
-    del lm.forward_text
-    embeddings = torch.stack([lm.embed(t[:, :, None])[:, 0] for t in seen[:F - 1]])  # [F - 1, 1, D]
-    R = cfg.max_delay + 3
-    ring = torch.full((cfg.num_codebooks, R), -2)
-    frame = lambda f: torch.cat([torch.tensor([TEXT_PADDING_ID]), voice[f], torch.tensor(SINE_CODES)])  # noqa: E731
-    for p in range(F - 3, F + 1):
-        for k, d in enumerate(cfg.delays):
-            if 0 <= p - d < F:
-                ring[k, p % R] = frame(p - d)[k]
-    torch.save({"embeddings": embeddings[:, :, None], "cache": ring[None]}, path)
+def test_a_persona_conversation_is_personaplex_s(model, official, tmp_path):
+    """`openmoshi infer --text-prompt --voice-prompt`'s path (offline generation with
+    `persona_prompt`) against the oracle of PersonaPlex's generation on the official model: its
+    prompt steps in its order (voice, silence, <system> text, silence), its voice encoding, and the
+    conversation after, frame for frame. A prompt laid out otherwise gives another conversation."""
+    mimi, lm = official
+    voice = tmp_path / "ada.wav"
+    save_wav(voice, speech(0.8)[None], SAMPLE_RATE)
+    user = frames((0.5 * speech(2.2)[24000:]).numpy())  # 15 frames
+    text = "You are Ada, a calm tutor."
+    tokens = sentencepiece.SentencePieceProcessor(str(Path(model.files.hf_repo) / NAMES["tokenizer_name"])).encode(
+        personaplex_wrap(text))
+    oracle, _ = converse(lm, mimi, voice_codes(voice, mimi), tokens, user)
+    assert len(oracle) == len(user) == 15 and len({t for t, _ in oracle}) > 3
+    greedy = SamplingConfig.greedy()
+    ours = run(model, [np.concatenate(user)], greedy, prompt=persona_prompt(model, text, voice), cuda_graph=False)[0]
+    assert_personaplex_s(ours, oracle, mimi)
+    codes = load_voice(voice, model.mimi, model.lm.cfg)
+    short = build_prompt(model.lm.cfg, codes, tokens, spacer=SILENCE_FRAMES - 1)
+    other = run(model, [np.concatenate(user)], greedy, prompt=short, cuda_graph=False)[0]
+    assert other.text_tokens[:14] != ours.text_tokens[:14] or not torch.equal(other.audio, ours.audio)
 
 
-def test_preset_replay_equals_the_live_voice_prompt(model, tmp_path):
-    """A voice preset (embeddings and token cache, as PersonaPlex saves them) gives the conversation
-    a live voice prompt gives: the same tokens, frame by frame."""
-    lm, cfg = model.lm, model.lm.cfg
+def test_a_personaplex_preset_gives_personaplex_s_conversation(model, official, tmp_path):
+    """A voice preset as PersonaPlex saves one after a live voice prompt (`save_voice_prompt_embeddings`:
+    `torch.save` of {"embeddings": the voice steps' input embeddings [F - 1, 1, 1, D], "cache": the
+    token cache [1, K, max_delay + 3]}, made here by the oracle) gives, loaded by ours, PersonaPlex's
+    conversation: the oracle's with the live voice, which its replay of the file gives too."""
+    mimi, lm = official
     g = torch.Generator().manual_seed(8)
     voice = torch.randint(0, 2048, (7, 8), generator=g)
-    _live_voice_as_preset(lm, voice, tmp_path / "v.pt")
-    preset = load_voice(tmp_path / "v.pt", model.mimi, cfg)
+    user = frames(speech(1.2).numpy())
+    save_preset(lm, voice, tmp_path / "v.pt")
+    live, _ = converse(lm, mimi, voice, [31, 32], user)
+    replayed, _ = converse(lm, mimi, torch.load(tmp_path / "v.pt"), [31, 32], user)
+    assert replayed == live
+    preset = load_voice(tmp_path / "v.pt", model.mimi, model.lm.cfg)
     assert isinstance(preset, Preset) and preset.frames == 7
-    user = torch.randint(0, 2048, (12, 8), generator=g)
-    outs = []
-    for voice_prompt in (voice, preset):
-        state = G.init_state(lm, 1, SamplingConfig.greedy())
-        run_prompts(lm, state, [build_prompt(cfg, voice_prompt, [31, 32])])
-        frames = [G.step(lm, state, user[t:t + 1]) for t in range(12)]
-        outs.append(torch.stack([torch.cat([o.text, o.audio[0]]) for o in frames]))
-    assert torch.equal(outs[0], outs[1])
-    # Not trivially: a preset whose cache is off by one frame gives another conversation.
+    greedy = SamplingConfig.greedy()
+    ours = run(model, [np.concatenate(user)], greedy, prompt=build_prompt(model.lm.cfg, preset, [31, 32]),
+               cuda_graph=False)[0]
+    assert_personaplex_s(ours, live, mimi)
+    # Not trivially: a preset whose cache is off by one position gives another conversation.
     shifted = Preset(preset.embeddings, preset.cache.roll(1, dims=1))
-    state = G.init_state(lm, 1, SamplingConfig.greedy())
-    run_prompts(lm, state, [build_prompt(cfg, shifted, [31, 32])])
-    other = torch.stack([torch.cat([o.text, o.audio[0]]) for o in (G.step(lm, state, user[t:t + 1]) for t in range(12))])
-    assert not torch.equal(other, outs[0])
+    other = run(model, [np.concatenate(user)], greedy, prompt=build_prompt(model.lm.cfg, shifted, [31, 32]),
+                cuda_graph=False)[0]
+    assert other.text_tokens != ours.text_tokens or not torch.equal(other.audio, ours.audio)
 
 
 def test_voice_files_and_folder(model, tmp_path):
@@ -193,10 +239,7 @@ def test_bad_prompts(model):
 def test_cli_infer_with_a_persona(model, tmp_path, capsys):
     """`openmoshi infer --text-prompt --voice-prompt`: the conversation after the prompt phase,
     one output frame per input frame, the same as the Python API's; bad prompts are one line."""
-    from official_utils import speech
-
     from openmoshi.cli.main import main
-    from openmoshi.inference.offline import persona_prompt, run
 
     folder = str(model.files.hf_repo)
     wav, voice = tmp_path / "in.wav", tmp_path / "ada.wav"
