@@ -1,44 +1,67 @@
-"""Personas in the batched server (issue 13), with the input clock (`--clock input`): a slot runs
-its prompt phase in the same ticks as the others, gets its handshake after it, and the next
-conversation with the same persona starts from the cached state with the same outputs; a slot in
-its prompt does not change what the others produce; bad persona input is refused clearly."""
+"""Personas in the batched server (issue 13), with the input clock (`--clock input`): a persona
+conversation through the server is offline persona generation's and PersonaPlex's (its oracle, on
+the official model), on what the client sent; a slot runs its prompt phase in the same ticks as the
+others, gets its handshake after it, and the next conversation with the same persona starts from
+the cached state with the same outputs; a slot in its prompt does not change what the others
+produce; bad persona input is refused clearly."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 
+import numpy as np
 import pytest
+import sentencepiece
 import torch
 
-from infer_utils import MOSHI, make_checkpoint
+from infer_utils import MOSHI, NAMES, make_checkpoint
 from official_utils import speech
 from openmoshi.audio import SAMPLE_RATE, save_wav
+from openmoshi.inference.offline import persona_prompt, run
 from openmoshi.lm.sampling import SamplingConfig
 from openmoshi.loading.model import load_model
 from openmoshi.loading.resolve import resolve_files
 from openmoshi.serving.app import Runner
 from openmoshi.serving.client import ClientError, talk_file
 from openmoshi.serving.server import MoshiServer, ServerConfig
-from openmoshi.loading.voices import load_voice
-from server_utils import listening_socket
-from test_persona import _live_voice_as_preset
+from personaplex_oracle import converse as personaplex_converse
+from personaplex_oracle import save_preset, voice_codes
+from personaplex_oracle import wrap_system as personaplex_wrap
+from server_utils import listening_socket, recording_encoders
+from test_persona import official_models
+from wire_utils import converse, decode_ogg, frames, ogg_pages
 
 PERSONAPLEX = dict(MOSHI, dep_q=16, context=200)
 SECONDS = 1.2  # 15 frames
+# PersonaPlex's server (moshi/moshi/server.py, opus_loop) sends every text token as a piece but
+# these: end of padding and padding.
+PERSONAPLEX_HIDDEN = (0, 3)
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("persona_server")
-    make_checkpoint(root / "model", "moshi", seed=4, lm_kwargs=PERSONAPLEX)
-    voices = root / "voices"
+    make_checkpoint(root / "model", "moshi", seed=4, lm_kwargs=PERSONAPLEX, small_mimi=True)
+    return root
+
+
+@pytest.fixture(scope="module")
+def official(folder):
+    return official_models(folder / "model")
+
+
+@pytest.fixture(scope="module")
+def setup(folder, official):
+    voices = folder / "voices"
     voices.mkdir()
     save_wav(voices / "ada.wav", speech(0.5)[None], SAMPLE_RATE)
     torch.save([1, 2], voices / "broken.pt")
-    model = load_model(resolve_files(str(root / "model")), "cpu", torch.float32)
-    # The same voice as a PersonaPlex preset: input embeddings and token cache of its live prompt.
-    _live_voice_as_preset(model.lm, load_voice(voices / "ada.wav", model.mimi, model.lm.cfg), voices / "ada.pt")
+    model = load_model(resolve_files(str(folder / "model")), "cpu", torch.float32)
+    # The same voice as the preset PersonaPlex saves after its live prompt (its voice encoding, its
+    # input embeddings and token cache, by the oracle).
+    mimi, lm = official
+    save_preset(lm, voice_codes(voices / "ada.wav", mimi), voices / "ada.pt")
     return model, voices
 
 
@@ -75,6 +98,57 @@ def serve(setup, conversations, sampling=SamplingConfig.greedy(), max_sessions=2
 
 
 PERSONA = {"text_prompt": "You are Ada.", "voice_prompt": "ada.wav"}
+
+
+def test_a_persona_conversation_through_the_server_is_offline_and_personaplex_s(setup, official, monkeypatch):
+    """A greedy persona conversation through the server (text and voice prompts and a seed as query
+    parameters), on what its client sent (the client's Ogg pages, decoded here): at every frame the
+    text token and codes of offline persona generation (`openmoshi infer`'s path) and of PersonaPlex's
+    oracle on the official model (its steps one later: its first returns the prompt's last frame);
+    the messages PersonaPlex's server sends for them; and their sound, before Opus."""
+    model, voices = setup
+    mimi, lm = official
+    pages = ogg_pages(speech(SECONDS).numpy())
+    heard = frames(decode_ogg(pages))
+    text = PERSONA["text_prompt"]
+    tokenizer = sentencepiece.SentencePieceProcessor(str(voices.parent / "model" / NAMES["tokenizer_name"]))
+    oracle, _ = personaplex_converse(lm, mimi, voice_codes(voices / "ada.wav", mimi),
+                                     tokenizer.encode(personaplex_wrap(text)), heard)
+    offline = run(model, [np.concatenate(heard)], SamplingConfig.greedy(),
+                  prompt=persona_prompt(model, text, voices / "ada.wav"), cuda_graph=False)[0]
+    ticks = []
+
+    def recorder(seat, pcm, text, audio, valid):
+        ticks.append((int(text), audio.tolist(), bool(valid)))
+
+    async def main():
+        server = MoshiServer(model.lm, model.mimi, model.tokenizer,
+                             ServerConfig(max_sessions=1, clock="input", static_dir=None, voice_dir=voices),
+                             SamplingConfig.greedy())
+        server.loop.recorder = recorder
+        runner, sock = Runner(server), listening_socket()
+        await runner.start(sock)
+        try:
+            return await converse(f"ws://127.0.0.1:{sock.getsockname()[1]}/api/chat", pages, len(heard),
+                                  dict(PERSONA, seed=7))
+        finally:
+            await runner.stop()
+
+    encoders = recording_encoders(monkeypatch)
+    wire = asyncio.run(main())
+    assert wire.handshake and not wire.errors
+    computed = [(text, codes) for text, codes, valid in ticks if valid]
+    assert len(ticks) == len(computed) == len(heard) == 15  # every frame answered, from the first
+    assert computed[:-1] == oracle[1:] and len({t for t, _ in computed}) > 3
+    assert [text for text, _ in computed] == offline.text_tokens
+    expected = []
+    for token in offline.text_tokens:
+        expected += ["audio"] + ([] if token in PERSONAPLEX_HIDDEN else [tokenizer.id_to_piece(token).replace("\u2581", " ")])
+    assert wire.kinds == expected
+    (encoder,) = encoders
+    assert encoder.pages == wire.audio
+    want = offline.audio[0].numpy().reshape(len(heard), -1)
+    assert np.abs(np.stack(encoder.pcm) - want).max() < 1e-4 * np.abs(want).max()
 
 
 @pytest.mark.parametrize("seeded", [False, True])
