@@ -59,7 +59,7 @@ def test_the_registry_decides_once_from_flags_and_environment(monkeypatch):
     monkeypatch.delenv("OPENMOSHI_NO_CUDA_GRAPH", raising=False)
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     on_cpu = S.choose(cpu)
-    assert not on_cpu.cuda_graphs and not on_cpu.fused and on_cpu.mimi_fast == S.DEFAULT_MIMI_FAST
+    assert not on_cpu.cuda_graphs and not on_cpu.fused and on_cpu.mimi_fast == S.AUTO  # measured in prepare
     assert S.choose(cuda).cuda_graphs and S.choose(cuda).mimi_fast is None
     assert not S.choose(cuda, S.SpeedConfig(cuda_graphs=False)).cuda_graphs
     assert S.choose(cpu, S.SpeedConfig(cuda_graphs=True)).cuda_graphs  # the static-buffer discipline, eagerly
@@ -74,8 +74,8 @@ def test_the_registry_decides_once_from_flags_and_environment(monkeypatch):
 
 def test_prepare_applies_the_cpu_fast_path_to_a_copy(models):
     lm, mimi, _ = models
-    lm2, fast, speed = S.prepare(lm, mimi, torch.device("cpu"))
-    assert lm2 is lm and fast is not mimi and speed.mimi_fast == S.DEFAULT_MIMI_FAST
+    lm2, fast, speed = S.prepare(lm, mimi, torch.device("cpu"), S.SpeedConfig(mimi_fast="fp32,fp32"))
+    assert lm2 is lm and fast is not mimi and speed.mimi_fast == ("fp32", "fp32")
     assert "mimi fast fp32,fp32" in speed.describe()
     _, same, off = S.prepare(lm, mimi, torch.device("cpu"), S.SpeedConfig(mimi_fast="off"))
     assert same is mimi and off.mimi_fast is None

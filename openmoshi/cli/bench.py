@@ -30,8 +30,9 @@ def add_bench_parser(subparsers) -> None:
     p.add_argument("--no-fused", action="store_true",
                    help="on CUDA, keep the reference norms/RoPE/gating instead of the fused Triton kernels")
     p.add_argument("--mimi-fast", default=None, metavar="ENC,DEC",
-                   help="Mimi CPU fast path: weight modes (fp32|bf16|int8) of the encoder and decoder "
-                        "sides, or 'off' for the float32 reference; default fp32,fp32 on CPU")
+                   help="Mimi CPU fast path: 'auto' (default on CPU: the faster of the float32 reference and "
+                        "the fast path, measured on this machine and cached), 'off' (the reference), or the weight "
+                        "modes (fp32|bf16|int8) of the encoder and decoder sides")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's, one per core; on a CPU shared with other "
                         "jobs --threads 1 avoids stalls)")
@@ -108,6 +109,7 @@ def run_bench(args) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"config": args.config, "device": str(device), "dtype": dtype_name,
                                                "quantize": args.quantize, "mimi_fast": speed.mimi_fast,
+                                               "mimi_times_ms": speed.mimi_choice.times_ms if speed.mimi_choice else None,
                                                "fused": speed.fused, "cuda_graphs": speed.cuda_graphs,
                                                "threads": torch.get_num_threads(), "results": results}, indent=1))
     return 0

@@ -10,7 +10,8 @@ The registry (`PATHS`):
     path         device  what is swapped                                           off with
     fused        cuda    the LM's and Mimi's norms, attention (RoPE + KV-cache        --no-fused,
                          writes), gating and residual + norm: module classes in place  OPENMOSHI_NO_FUSED_KERNELS=1
-    mimi_cpu     cpu     Mimi's large matmuls, in a copy (`accel.mimi_cpu`)           --mimi-fast off
+    mimi_cpu     cpu     Mimi's large matmuls, in a copy (`accel.mimi_cpu`), when      --mimi-fast off
+                         measured faster on this CPU (`autotune`, --mimi-fast auto)
     cuda_graphs  cuda    Mimi encode, LM step, Mimi decode captured at the call site  --no-cuda-graph,
                          (`accel.cuda_graph`, one graph per bucket and window)         OPENMOSHI_NO_CUDA_GRAPH=1
 
@@ -21,7 +22,8 @@ and nowhere else on the serving and inference paths.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -29,6 +31,9 @@ from openmoshi.accel import cuda_graph, fused
 from openmoshi.accel.env import env_disabled
 from openmoshi.accel.mimi_cpu import WEIGHT_MODES, fast_cpu
 from openmoshi.accel.self_check import CheckResult, check_fast_paths, report
+from openmoshi.engine.autotune import Choice, choose_mimi_fast
+
+log = logging.getLogger("openmoshi.engine")
 
 
 @dataclass(frozen=True)
@@ -46,7 +51,7 @@ PATHS = (
     SpeedPath("cuda_graphs", "cuda", "encode / LM step / decode captured per bucket and window",
               f"--no-cuda-graph, {cuda_graph.ENV_OFF}=1"),
 )
-DEFAULT_MIMI_FAST = ("fp32", "fp32")  # the CPU default: the reference's weights in a GEMV-friendly layout
+AUTO = "auto"  # the CPU default for Mimi: whichever of the reference and the fast path is faster here
 
 
 @dataclass(frozen=True)
@@ -56,7 +61,7 @@ class SpeedConfig:
 
     cuda_graphs: bool | None = None
     fused: bool | None = None
-    mimi_fast: str | None = None  # "ENC,DEC" weight modes of `mimi_cpu.fast_cpu`, or "off"
+    mimi_fast: str | None = None  # "auto" (the CPU default), "ENC,DEC" weight modes of `mimi_cpu.fast_cpu`, or "off"
     self_check: bool = True
 
 
@@ -67,25 +72,31 @@ class Speed:
     device: torch.device
     cuda_graphs: bool = False
     fused: bool = False
-    mimi_fast: tuple[str, str] | None = None
+    mimi_fast: tuple[str, str] | str | None = None  # "auto" until `prepare` has measured
     check: CheckResult | None = None
+    mimi_choice: Choice | None = None  # what `auto` measured (or found in its cache)
 
     def describe(self) -> str:
-        mimi = "fast " + ",".join(self.mimi_fast) if self.mimi_fast else "float32 reference"
-        return (f"cuda graphs {'on' if self.cuda_graphs else 'off'}, fused kernels {'on' if self.fused else 'off'}, "
+        mimi = "fast " + ",".join(self.mimi_fast) if isinstance(self.mimi_fast, tuple) else (
+            "auto" if self.mimi_fast == AUTO else "float32 reference")
+        text = (f"cuda graphs {'on' if self.cuda_graphs else 'off'}, fused kernels {'on' if self.fused else 'off'}, "
                 f"mimi {mimi}")
+        return text + (f" ({self.mimi_choice.describe()})" if self.mimi_choice is not None else "")
 
 
-def parse_mimi_fast(text: str | None, device: torch.device) -> tuple[str, str] | None:
-    """`--mimi-fast` -> (encode, decode) weight modes, or None for the float32 reference. Default:
-    DEFAULT_MIMI_FAST on CPU, None elsewhere (CUDA runs Mimi as graphs instead)."""
+def parse_mimi_fast(text: str | None, device: torch.device) -> tuple[str, str] | str | None:
+    """`--mimi-fast` -> (encode, decode) weight modes, "auto" (measure, see `autotune`), or None for
+    the float32 reference. Default: "auto" on CPU, None elsewhere (CUDA runs Mimi as graphs instead)."""
     if text is None:
-        return DEFAULT_MIMI_FAST if device.type == "cpu" else None
+        return AUTO if device.type == "cpu" else None
     if text == "off":
         return None
+    if text == AUTO:
+        return AUTO
     modes = tuple(text.split(","))
     if len(modes) != 2 or any(m not in WEIGHT_MODES for m in modes):
-        raise ValueError(f"--mimi-fast must be 'off' or ENCODE,DECODE with modes in {WEIGHT_MODES}, got {text!r}")
+        raise ValueError(f"--mimi-fast must be 'auto', 'off' or ENCODE,DECODE with modes in {WEIGHT_MODES}, "
+                         f"got {text!r}")
     return modes
 
 
@@ -108,6 +119,12 @@ def prepare(lm, mimi, device, config: SpeedConfig = SpeedConfig()) -> tuple[obje
         for model in (lm, mimi):
             if model is not None:
                 fused.apply(model)
+    if speed.mimi_fast == AUTO:
+        choice = choose_mimi_fast(mimi) if mimi is not None else None
+        speed = replace(speed, mimi_fast=choice.modes if choice else None, mimi_choice=choice)
+        if choice is not None:
+            log.info("mimi_fast_path", extra={"fields": {"chosen": choice.name, "cached": choice.cached,
+                                                         **{f"{k}_ms": v for k, v in choice.times_ms.items()}}})
     if speed.mimi_fast is not None and mimi is not None:
         mimi = fast_cpu(mimi, *speed.mimi_fast)
     if not config.self_check or speed.device.type != "cuda" or lm is None or not (speed.fused or speed.cuda_graphs):
@@ -116,5 +133,5 @@ def prepare(lm, mimi, device, config: SpeedConfig = SpeedConfig()) -> tuple[obje
     if not result.fused_ok and mimi is not None:
         fused.unapply(mimi)  # the LM's were switched back by the check
     report(result)
-    return lm, mimi, Speed(speed.device, speed.cuda_graphs and result.graphs_ok, speed.fused and result.fused_ok,
-                           speed.mimi_fast, result)
+    return lm, mimi, replace(speed, cuda_graphs=speed.cuda_graphs and result.graphs_ok,
+                             fused=speed.fused and result.fused_ok, check=result)
