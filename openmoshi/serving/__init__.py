@@ -16,8 +16,8 @@
   in `web/`), and its runner on uvicorn; `cluster`: the same app as Ray Serve replicas (`serve
   --replicas`); `readiness`: when such a cluster is ready (every replica answers through the proxy);
 - `metrics`, `tls`: Prometheus counters; certificates;
-- `client`, `latency`: the Python client of the protocol (files or sound card), and the latency it
-  hears; `aec`: the client's echo canceller (WebRTC's, from the livekit package).
+- `client`, `latency`, `jitter`: the Python client of the protocol (files or sound card), the latency it
+  hears, and its speaker's jitter buffer; `aec`: the client's echo canceller (WebRTC's, from the livekit package).
 
 Offers: `server.MoshiServer`, `server.ServerConfig`, `app.asgi_app`, `app.Runner`, `loop.ModelLoop`,
 `session.Session`, `client.talk_file`, `aec.EchoCanceller`.
