@@ -1,6 +1,8 @@
 """A stand-in for the Moshi server in the client and browser tests: it speaks the `/api/chat`
 protocol, echoes the caller's voice back (one 80 ms frame out per 80 ms frame in, like a model
-step) and sends a text piece every few frames. It serves the web UI at `/` like the real server.
+step) and sends a text piece every few frames. With `lag_frames=1` it answers frame k once frame k + 1
+is in, as a real server does (its first step answers nothing), and `answer_after_s` later: the
+latency a client should measure is then `answer_after_s` plus the network. It serves the web UI at `/` like the real server.
 
 It knows nothing about models, so the UI and client tests check the wire and the audio path and
 not the server; `tests/test_server*.py` test the server."""
@@ -36,8 +38,9 @@ class StubLog:
 
 class ChatStub:
     def __init__(self, text_every: int = 5, busy: bool = False, auth_token: str | None = None,
-                 queue: int = 0, queue_interval: float = 0.5):
+                 queue: int = 0, queue_interval: float = 0.5, lag_frames: int = 0, answer_after_s: float = 0.0):
         self.text_every = text_every
+        self.lag_frames, self.answer_after_s = lag_frames, answer_after_s
         self.busy = busy
         self.queue, self.queue_interval = queue, queue_interval  # a caller waits at places queue..1
         self.auth_token = auth_token
@@ -73,32 +76,58 @@ class ChatStub:
         await ws.send_bytes(protocol.encode_handshake())
         decoder, encoder = OpusDecoder(), OpusEncoder()
         pending = np.zeros(0, np.float32)
-        async for msg in ws:
-            if msg.type != WSMsgType.BINARY:
-                break
-            m = protocol.parse(msg.data)
-            if m.kind == protocol.KIND_PING:
-                self.log.pings += 1
-                await ws.send_bytes(protocol.encode_ping())
-                continue
-            if m.kind != protocol.KIND_AUDIO:
-                continue
-            pcm = decoder.decode(m.data)
-            self.log.samples_in += len(pcm)
-            if len(pcm):
-                self.log.peak_in = max(self.log.peak_in, float(np.abs(pcm).max()))
-            pending = np.concatenate([pending, pcm])
-            while len(pending) >= FRAME:
-                frame, pending = pending[:FRAME], pending[FRAME:]
-                # Echo, plus a quiet tone so that even a silent microphone gets audible audio back.
-                t = (self.log.frames_out * FRAME + np.arange(FRAME)) / 24000
-                out = 0.8 * frame + 0.1 * np.sin(2 * np.pi * 440 * t).astype(np.float32)
-                ogg = encoder.encode(out)
-                if ogg:
-                    await ws.send_bytes(protocol.encode_audio(ogg))
-                self.log.frames_out += 1
-                if self.log.frames_out % self.text_every == 0:
-                    await ws.send_bytes(protocol.encode_text(f" word{self.log.frames_out // self.text_every}"))
+        held: list[np.ndarray] = []  # frames in, not answered yet (lag_frames)
+        outbox: asyncio.Queue = asyncio.Queue()  # (when due, message), in order
+
+        async def send_later() -> None:
+            loop = asyncio.get_running_loop()
+            while True:
+                due, data = await outbox.get()
+                await asyncio.sleep(max(0.0, due - loop.time()))
+                if ws.closed:
+                    return
+                await ws.send_bytes(data)
+
+        async def send(data: bytes) -> None:
+            if self.answer_after_s > 0:
+                outbox.put_nowait((asyncio.get_running_loop().time() + self.answer_after_s, data))
+            else:
+                await ws.send_bytes(data)
+
+        sender = asyncio.create_task(send_later())
+        try:
+            async for msg in ws:
+                if msg.type != WSMsgType.BINARY:
+                    break
+                m = protocol.parse(msg.data)
+                if m.kind == protocol.KIND_PING:
+                    self.log.pings += 1
+                    await ws.send_bytes(protocol.encode_ping())
+                    continue
+                if m.kind != protocol.KIND_AUDIO:
+                    continue
+                pcm = decoder.decode(m.data)
+                self.log.samples_in += len(pcm)
+                if len(pcm):
+                    self.log.peak_in = max(self.log.peak_in, float(np.abs(pcm).max()))
+                pending = np.concatenate([pending, pcm])
+                while len(pending) >= FRAME:
+                    held.append(pending[:FRAME])
+                    pending = pending[FRAME:]
+                    if len(held) <= self.lag_frames:
+                        continue
+                    frame = held.pop(0)
+                    # Echo, plus a quiet tone so that even a silent microphone gets audible audio back.
+                    t = (self.log.frames_out * FRAME + np.arange(FRAME)) / 24000
+                    out = 0.8 * frame + 0.1 * np.sin(2 * np.pi * 440 * t).astype(np.float32)
+                    ogg = encoder.encode(out)
+                    if ogg:
+                        await send(protocol.encode_audio(ogg))
+                    self.log.frames_out += 1
+                    if self.log.frames_out % self.text_every == 0:
+                        await send(protocol.encode_text(f" word{self.log.frames_out // self.text_every}"))
+        finally:
+            sender.cancel()
         return ws
 
 

@@ -184,3 +184,34 @@ def test_live_mode_runs_the_microphone_through_the_canceller(monkeypatch, echo_c
     assert kw["samplerate"] == room.SAMPLE_RATE and kw["channels"] == 1 and kw["blocksize"] == room.BLOCK
     assert samples_in > 0  # the microphone reached the server
     assert (len(calls) > 0) == echo_cancel and set(calls) <= {room.FRAME_SIZE}
+
+
+def test_live_mode_reports_the_latency_as_heard(monkeypatch):
+    """Live, every window: the latency on arrival (a stub answering like a model, 100 ms late) and
+    as heard, which adds the jitter buffer's hold and the sound card's output latency (30 ms here)."""
+    from chat_stub import ChatStub, StubServer
+
+    from openmoshi.serving import client
+
+    monkeypatch.setitem(sys.modules, "sounddevice", types.SimpleNamespace(Stream=_FakeStream))
+    monkeypatch.setattr(client, "LATENCY_WINDOW_S", 0.5)
+    reports = []
+
+    async def talk_until_reported(server):
+        task = asyncio.create_task(talk_live(server.url, echo_cancel=False, on_latency=reports.append))
+        deadline = time.monotonic() + 30
+        while not any(r.get("heard_p50_ms") for r in reports[1:]) and time.monotonic() < deadline:
+            assert not task.done(), task.result()
+            await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    with StubServer(ChatStub(lag_frames=1, answer_after_s=0.1)) as server:
+        asyncio.run(talk_until_reported(server))
+    r = [r for r in reports if r.get("heard_p50_ms")][-1]
+    assert 100 <= r["p50_ms"] < 350 and r["chunks"] > 0, reports
+    # Heard: the arrival latency, the hold (at least 20 ms) and the 30 ms of output; the wait of a
+    # chunk's last sample also counts its 80 ms (the latency on arrival is that sample's).
+    assert r["heard_p50_ms"] >= r["p50_ms"] + 20 + 30, reports
+    assert r["heard_p50_ms"] < r["p50_ms"] + 30 + 320 + 80 and r["buffer_ms"] >= 20, reports

@@ -11,6 +11,7 @@ from openmoshi.cli import main as cli
 from openmoshi.cli.common import EXIT_USAGE
 from openmoshi.serving.client import (FRAME_SIZE, SAMPLE_RATE, ClientError, ServerError, _Playback, chat_url,
                               talk_file)
+from openmoshi.serving.latency import LatencyMeter
 
 from chat_stub import AppServer, ChatStub, StubServer
 
@@ -121,14 +122,33 @@ def test_cli_errors(tmp_path, capsys):
     assert "busy" in err and "Traceback" not in err
 
 
-def test_playback_drops_oldest_to_catch_up():
-    p = _Playback(start_s=0.08, max_lag_s=0.32)
+def test_playback_is_the_jitter_buffer_and_drops_oldest_to_catch_up():
+    """The live speaker queue is `jitter.JitterBuffer` (tests/test_jitter.py) behind a lock."""
+    p = _Playback(buffer_s=0.02, max_lag_s=0.32)
     assert not p.pull(480).any()  # nothing queued yet: silence
-    p.push(np.arange(1, 24001, dtype=np.float32))  # 1 s arrives at once: keep the newest 80 ms
-    assert p.dropped == 24000 - 1920
-    out = p.pull(1920)
-    assert out[0] == 24000 - 1920 + 1 and out[-1] == 24000
-    assert p.pull(10).sum() == 0 and p.underruns == 1
+    p.push(np.arange(1, 24001, dtype=np.float32))  # 1 s arrives at once: keep the hold + one frame
+    assert p.dropped == 24000 - 480 - FRAME_SIZE
+    out = p.pull(480 + 2400)  # 20 ms of hold, then the newest audio
+    assert not out[:480].any() and out[480] == 24000 - 480 - FRAME_SIZE + 1 and out[-1] == 24000
+    assert p.pull(10).sum() == 0 and p.underruns == 1 and p.target == 480 + 480  # raised by 20 ms
+
+
+def test_file_mode_reports_the_latency_it_measured(tmp_path, capsys):
+    """Against a stub that answers like a model (frame k once frame k + 1 is in) 100 ms late, the
+    latency measured is those 100 ms plus the network, in TalkResult and on the command line."""
+    meter = LatencyMeter()
+    with StubServer(ChatStub(lag_frames=1, answer_after_s=0.1)) as server:
+        result = asyncio.run(talk_file(server.url, _tone(1.6), tail_s=1.0, meter=meter))
+    lat = result.latency
+    assert lat == meter.summary() and lat["chunks"] >= 15
+    assert 100 <= lat["p50_ms"] <= lat["p90_ms"] < 100 + 250  # generous: a loaded 2-core machine
+    wav = tmp_path / "in.wav"
+    _write_wav(wav, _tone(0.8))
+    with StubServer(ChatStub(lag_frames=1, answer_after_s=0.1)) as server:
+        assert cli.main(["client", "--url", server.url, "--input", str(wav), "--tail", "1", "--quiet"]) == 0
+    line, = [x for x in capsys.readouterr().err.splitlines() if "latency" in x]
+    p50 = float(line.split("latency p50 ")[1].split(" ms")[0])
+    assert 100 <= p50 < 350, line
 
 
 @pytest.mark.slow

@@ -6,10 +6,13 @@ Two ways to talk:
   80 ms, on an absolute clock so that it does not drift), and whatever comes back is recorded.
   For scripts and tests.
 - `talk_live`: the sound card (the `sounddevice` package, imported only here). The speaker side
-  keeps at most `max_lag_s` of audio queued and drops the oldest beyond it, so that a server or
-  network hiccup costs a skip instead of a delay that lasts the rest of the conversation. The
-  microphone goes through an echo canceller (`aec`), what was played as its reference, unless
-  `echo_cancel=False`.
+  is an adaptive jitter buffer (`jitter`): it holds back only what the network's jitter needs, and
+  drops the oldest audio beyond `max_lag_s`, so that a server or network hiccup costs a skip
+  instead of a delay that lasts the rest of the conversation. The microphone goes through an echo
+  canceller (`aec`), what was played as its reference, unless `echo_cancel=False`.
+
+Both measure the latency the client hears (`latency.LatencyMeter`) and return it in `TalkResult.latency`;
+live, `on_latency` hears the last `LATENCY_WINDOW_S` every as long.
 
 Connection problems end as `ClientError` with a message meant for the user.
 """
@@ -27,6 +30,7 @@ import numpy as np
 
 from openmoshi.serving import protocol
 from openmoshi.serving.aec import AecUnavailable, EchoCanceller, EchoPath, round_trip_samples
+from openmoshi.serving.jitter import JitterBuffer
 from openmoshi.serving.latency import LatencyMeter
 from openmoshi.serving.opus import SAMPLE_RATE, OpusDecoder, OpusEncoder
 
@@ -35,6 +39,7 @@ FRAME_S = FRAME_SIZE / SAMPLE_RATE
 CHAT_PATH = "/api/chat"
 HANDSHAKE_TIMEOUT_S = 30.0  # a server may load or warm up before it answers (or tell our place in line)
 SILENCE_TIMEOUT_S = 10.0  # as the official web client: no message for this long ends the call
+LATENCY_WINDOW_S = 10.0  # live: the latency is reported over this window, this often
 AUTH_PARAM = "worker_auth_id"  # the official web client's name for the auth token
 
 # The sampling settings a server reads from the query string (the official web client's names).
@@ -80,6 +85,9 @@ class TalkResult:
     seconds_received: float
     seconds_dropped: float = 0.0  # live mode only: audio dropped to catch up
     errors: tuple[str, ...] = ()  # error messages the server sent after the handshake
+    # LatencyMeter.summary() (p50_ms, p90_ms, first/last_third_p90_ms, chunks); live mode adds the
+    # latency as heard (heard_p50_ms, heard_p90_ms: also the jitter buffer's wait and the sound card's)
+    latency: dict = field(default_factory=dict)
 
 
 def chat_url(url: str, params: dict[str, object] | None = None, auth_token: str | None = None) -> str:
@@ -223,11 +231,12 @@ async def talk_file(url: str, pcm: np.ndarray, *, params: dict | None = None, au
                     meter: LatencyMeter | None = None) -> TalkResult:
     """Plays `pcm` (float32 [N], 24 kHz) to the server as if spoken, then waits until as much audio
     has come back as was sent, or `tail_s` seconds more at most, and hangs up. While a busy server
-    keeps us waiting for a slot, `on_queue(position, length)` hears our place in line. `meter`
-    records what was sent and received when, for the latency a client hears."""
+    keeps us waiting for a slot, `on_queue(position, length)` hears our place in line. `meter` (one
+    is made if not given) records what was sent and received when, for the latency a client hears."""
     import aiohttp
 
     transcript = transcript or Transcript()
+    meter = LatencyMeter() if meter is None else meter
     frames = _frames(np.asarray(pcm, np.float32).reshape(-1))
     received: list[np.ndarray] = []
     errors: list[str] = []
@@ -237,8 +246,7 @@ async def talk_file(url: str, pcm: np.ndarray, *, params: dict | None = None, au
     def on_audio(chunk: np.ndarray) -> None:
         received.append(chunk)
         got[0] += len(chunk)
-        if meter is not None:
-            meter.received(got[0], time.monotonic())
+        meter.received(got[0], time.monotonic())
         if got[0] >= len(frames) * FRAME_SIZE:
             enough.set()
 
@@ -254,8 +262,7 @@ async def talk_file(url: str, pcm: np.ndarray, *, params: dict | None = None, au
                 ogg = encoder.encode(frame)
                 if ogg:
                     await ws.send_bytes(protocol.encode_audio(ogg))
-                    if meter is not None:
-                        meter.sent((i + 1) * FRAME_SIZE, time.monotonic())
+                    meter.sent((i + 1) * FRAME_SIZE, time.monotonic())
                 if receiver.done():
                     break
             waiter = asyncio.create_task(enough.wait())
@@ -271,46 +278,31 @@ async def talk_file(url: str, pcm: np.ndarray, *, params: dict | None = None, au
                 receiver.cancel()
     audio = np.concatenate(received) if received else np.zeros(0, np.float32)
     return TalkResult(audio, transcript.text, len(frames) * FRAME_S, len(audio) / SAMPLE_RATE,
-                      errors=tuple(errors))
+                      errors=tuple(errors), latency=meter.summary())
 
 
 # ----------------------------------------------------------------------------- live (sound card)
 
 
-class _Playback:
-    """The speaker's queue, shared with the sound card's thread: it starts playing once `start_s`
-    is queued and, when more than `max_lag_s` is queued, drops the oldest audio down to `start_s`."""
+class _Playback(JitterBuffer):
+    """The speaker's jitter buffer (`jitter.JitterBuffer`: holds at least `buffer_s`, drops the oldest
+    beyond `max_lag_s`), shared with the sound card's thread."""
 
-    def __init__(self, start_s: float = 0.08, max_lag_s: float = 0.32):
-        self.start = int(start_s * SAMPLE_RATE)
-        self.max = int(max_lag_s * SAMPLE_RATE)
-        self.buffer = np.zeros(0, np.float32)
-        self.playing = False
-        self.dropped = 0
-        self.underruns = 0
+    def __init__(self, buffer_s: float = 0.02, max_lag_s: float = 0.32):
+        super().__init__(buffer_s, max_lag_s, SAMPLE_RATE)
         self.lock = threading.Lock()
 
-    def push(self, pcm: np.ndarray) -> None:
+    def push(self, pcm: np.ndarray, tag: object = None) -> None:
         with self.lock:
-            self.buffer = np.concatenate([self.buffer, pcm])
-            if len(self.buffer) > self.max:
-                drop = len(self.buffer) - self.start
-                self.dropped += drop
-                self.buffer = self.buffer[drop:]
+            super().push(pcm, tag)
 
     def pull(self, n: int) -> np.ndarray:
-        out = np.zeros(n, np.float32)
         with self.lock:
-            if not self.playing and len(self.buffer) >= self.start:
-                self.playing = True
-            if self.playing:
-                k = min(n, len(self.buffer))
-                out[:k] = self.buffer[:k]
-                self.buffer = self.buffer[k:]
-                if k < n:
-                    self.playing = False
-                    self.underruns += 1
-        return out
+            return super().pull(n)
+
+    def take_started(self) -> list[tuple[object, int]]:
+        with self.lock:
+            return super().take_started()
 
 
 class _Duplex:
@@ -360,13 +352,24 @@ def _sounddevice():
     return sounddevice
 
 
+def _heard(seconds: list[float]) -> dict:
+    """p50 and p90 of the latency as heard (arrival latency + jitter buffer wait + sound card output)."""
+    if not seconds:
+        return {}
+    ms = np.asarray(seconds) * 1000.0
+    return {"heard_p50_ms": round(float(np.percentile(ms, 50)), 1),
+            "heard_p90_ms": round(float(np.percentile(ms, 90)), 1)}
+
+
 async def talk_live(url: str, *, params: dict | None = None, auth_token: str | None = None,
-                    transcript: Transcript | None = None, max_lag_s: float = 0.32,
+                    transcript: Transcript | None = None, max_lag_s: float = 0.32, buffer_s: float = 0.02,
                     record: bool = False, on_queue: Callable[[int, int], None] | None = None,
-                    echo_cancel: bool = True) -> TalkResult:
+                    echo_cancel: bool = True, on_latency: Callable[[dict], None] | None = None) -> TalkResult:
     """A conversation through the default microphone and speaker, until Ctrl-C or the server ends it
     (`on_queue` as in `talk_file`). With `echo_cancel`, the speaker's echo is removed from the
-    microphone (`aec`); headphones do not need it."""
+    microphone (`aec`); headphones do not need it. The jitter buffer holds at least `buffer_s` and at
+    most `max_lag_s`. Every `LATENCY_WINDOW_S`, `on_latency` hears that window's latency: p50_ms,
+    p90_ms, heard_p50_ms, heard_p90_ms, chunks, and the jitter buffer's buffer_ms and underruns."""
     import aiohttp
 
     sd = _sounddevice()
@@ -377,16 +380,21 @@ async def talk_live(url: str, *, params: dict | None = None, auth_token: str | N
     transcript = transcript or Transcript()
     loop = asyncio.get_running_loop()
     mic: asyncio.Queue[tuple[np.ndarray, np.ndarray]] = asyncio.Queue(maxsize=64)
-    playback = _Playback(max_lag_s=max_lag_s)
+    playback = _Playback(buffer_s, max_lag_s)
     received: list[np.ndarray] = []
     errors: list[str] = []
-    sent = [0]
+    sent, got = [0], [0]
+    meter = LatencyMeter()
+    heard: list[float] = []  # seconds, one per chunk played
+    output_s = [0.0]  # the sound card's output latency, once the stream is open
 
     def on_frame(frame: np.ndarray, reference: np.ndarray) -> None:  # sound card thread
         loop.call_soon_threadsafe(lambda: mic.full() or mic.put_nowait((frame, reference)))
 
     def on_audio(pcm: np.ndarray) -> None:
-        playback.push(pcm)
+        got[0] += len(pcm)
+        # Tagged with its latency on arrival: the buffer adds how long it waited until it played.
+        playback.push(pcm, meter.received(got[0], time.monotonic()))
         if record:
             received.append(pcm)
 
@@ -400,6 +408,18 @@ async def talk_live(url: str, *, params: dict | None = None, auth_token: str | N
             sent[0] += len(frame)
             if ogg:
                 await ws.send_bytes(protocol.encode_audio(ogg))
+                meter.sent(sent[0], time.monotonic())
+
+    def played_since() -> list[float]:
+        out = [tag + delay / SAMPLE_RATE + output_s[0] for tag, delay in playback.take_started()]
+        heard.extend(out)
+        return out
+
+    async def report_latency() -> None:
+        while True:
+            await asyncio.sleep(LATENCY_WINDOW_S)
+            buffer = {"buffer_ms": round(1000 * playback.target / SAMPLE_RATE), "underruns": playback.underruns}
+            on_latency({**meter.recent(LATENCY_WINDOW_S, time.monotonic()), **_heard(played_since()), **buffer})
 
     async with aiohttp.ClientSession() as session:
         ws = await _connect(session, chat_url(url, params, auth_token), auth_token, on_queue)
@@ -410,20 +430,25 @@ async def talk_live(url: str, *, params: dict | None = None, auth_token: str | N
             stream = sd.Stream(samplerate=SAMPLE_RATE, channels=1, blocksize=FRAME_SIZE // 4,
                                dtype="float32", callback=duplex)
             duplex.fallback_s = float(sum(stream.latency))  # (input, output) seconds
+            output_s[0] = float(stream.latency[1])
         except Exception as e:  # sounddevice.PortAudioError: no device, busy device...
             await ws.close()
             raise ClientError(f"cannot open the sound card: {e}") from None
-        sender = None
+        tasks = []
         try:
             with stream:
-                sender = asyncio.create_task(send_mic(ws))
+                tasks.append(asyncio.create_task(send_mic(ws)))
+                if on_latency is not None:
+                    tasks.append(asyncio.create_task(report_latency()))
                 await _receive(ws, on_audio, transcript, errors)
         except (ConnectionResetError, aiohttp.ClientError) as e:
             raise ClientError(f"connection lost ({e}): {RECONNECT}") from None
         finally:
-            if sender is not None:
-                sender.cancel()
+            for task in tasks:
+                task.cancel()
             await ws.close()
+    played_since()
     audio = np.concatenate(received) if received else np.zeros(0, np.float32)
     return TalkResult(audio, transcript.text, sent[0] / SAMPLE_RATE, len(audio) / SAMPLE_RATE,
-                      seconds_dropped=playback.dropped / SAMPLE_RATE, errors=tuple(errors))
+                      seconds_dropped=playback.dropped / SAMPLE_RATE, errors=tuple(errors),
+                      latency={**meter.summary(), **_heard(heard)})
