@@ -48,7 +48,7 @@ def test_audio_constants_agree():
 
 
 def test_web_files_are_packaged():
-    for name in ("index.html", "app.js", "protocol.js", "ogg.js", "worklets.js", "style.css"):
+    for name in ("index.html", "app.js", "protocol.js", "ogg.js", "worklets.js", "jitter.js", "latency.js", "style.css"):
         assert (WEB / name).is_file(), name
     html = (WEB / "index.html").read_text()
     assert 'src="app.js"' in html and 'href="style.css"' in html  # relative: works under any prefix

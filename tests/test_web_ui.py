@@ -6,6 +6,7 @@ appeared; saves screenshots under tests/artifacts/.
 Needs `apt-get install chromium espeak-ng sox` and `pip install playwright` (no browser download:
 the Debian chromium is used); skipped otherwise."""
 
+import re
 import shutil
 import subprocess
 import time
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from chat_stub import AppServer, StubServer
+from chat_stub import AppServer, ChatStub, StubServer
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
@@ -50,9 +51,10 @@ def browser(speech_wav):
         b.close()
 
 
-def _converse(browser, url: str, seconds_played: float, timeout: float):
-    """Opens the UI, connects, waits until `seconds_played` of the server's audio has played and
-    some text arrived; returns (page, stats, page errors)."""
+def _converse(browser, url: str, seconds_played: float, timeout: float, latency_chunks: int = 0):
+    """Opens the UI, connects, waits until `seconds_played` of the server's audio has played, some
+    text arrived (and the latency shown counts `latency_chunks` and has a heard value); returns
+    (page, stats, page errors)."""
     page = browser.new_page(viewport={"width": 1280, "height": 800}, accept_downloads=True)
     errors = []
     page.on("pageerror", lambda e: errors.append(str(e)))
@@ -64,7 +66,9 @@ def _converse(browser, url: str, seconds_played: float, timeout: float):
         page.wait_for_timeout(250)
         stats = page.evaluate("window.openmoshi.stats")
         if stats["state"] in ("error", "closed") or (
-                stats["audioPlayedS"] >= seconds_played and stats["textPieces"] > 0):
+                stats["audioPlayedS"] >= seconds_played and stats["textPieces"] > 0
+                and stats["latencyChunks"] >= latency_chunks
+                and (latency_chunks == 0 or stats["heardP50Ms"] is not None)):
             break
     return page, stats, errors
 
@@ -115,13 +119,37 @@ def test_browser_conversation_with_server(browser):
 
     moshi.loop.push = spy
     with AppServer(moshi) as server:
-        page, stats, errors = _converse(browser, server.url, 1.5, timeout=30)
+        page, stats, errors = _converse(browser, server.url, 1.5, timeout=60, latency_chunks=5)
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "web_ui.png"), full_page=True)
         _check_conversation(page, stats, errors, 1.5)
         assert len(peaks) >= 10 and max(peaks) > 0.05
+        # The latency the page measured: after the model's step, and no longer than the conversation
+        # (a loaded 2-core machine may not keep real time with even the tiny model: no tighter bound).
+        assert 0 < stats["latencyP50Ms"] <= stats["latencyP90Ms"] < 1000 * stats["audioSentS"] + 1000, stats
+        assert stats["heardP50Ms"] is None or stats["heardP50Ms"] > stats["latencyP50Ms"], stats
         page.click("#disconnect")
         page.close()
+
+
+def test_browser_shows_the_latency_it_measures(browser):
+    """Against a stub that answers like a model (frame k once frame k + 1 is in) 100 ms late, the
+    page measures those 100 ms plus the network, and as heard adds its jitter buffer's hold (20 ms
+    at first), the rest of the 80 ms frame after its first sample, and the audio output's delay."""
+    with StubServer(ChatStub(lag_frames=1, answer_after_s=0.1)) as server:
+        page, stats, errors = _converse(browser, server.url, 1.5, timeout=30, latency_chunks=10)
+        _check_conversation(page, stats, errors, 1.5)
+        table = page.inner_text("#stats")
+        page.click("#disconnect")
+        page.close()
+    assert 100 <= stats["latencyP50Ms"] <= stats["latencyP90Ms"] < 100 + 300, stats
+    out = stats["outputLatencyMs"]
+    assert 0 <= out < 500 and stats["bufferTargetMs"] >= 20, stats
+    heard_extra = stats["heardP50Ms"] - stats["latencyP50Ms"] - out
+    assert 20 + 80 - 10 <= heard_extra < 320 + 80, stats
+    for label in ("Latency p50 / p90 (10 s)", "As heard p50 / p90"):  # shown to the user, as numbers
+        assert re.search(re.escape(label) + r"\s+-?\d+ / -?\d+ ms", table), table
+    assert re.search(r"Jitter buffer target\s+\d+ ms", table), table
 
 
 def test_browser_shows_busy_server(browser):

@@ -1,11 +1,14 @@
 // The openmoshi web UI: microphone -> Opus (WebCodecs) -> Ogg pages -> websocket /api/chat,
 // and back: Ogg pages -> Opus packets -> PCM -> jitter-buffered playback in an AudioWorklet.
+// It measures the latency it hears (latency.js) and shows it with the other statistics.
 import * as P from "./protocol.js";
 import { OggOpusReader, OggOpusWriter, opusPacketSamples48k } from "./ogg.js";
+import { LatencyMeter, percentile } from "./latency.js";
 
 const $ = (id) => document.getElementById(id);
 const PING_INTERVAL_MS = 2000;
 const SILENCE_TIMEOUT_MS = 10000; // as the official client: give up after 10 s without a message
+const LATENCY_WINDOW_MS = 10000; // the latency shown is over the last 10 s
 
 let session = null; // the live conversation, or null
 let recording = null; // {user: [], model: [], start} of the last conversation, kept after it ends
@@ -41,6 +44,10 @@ function newStats() {
     messagesIn: 0, messagesOut: 0, bytesIn: 0, bytesOut: 0,
     audioSentS: 0, audioReceivedS: 0, audioPlayedS: 0, droppedS: 0, underruns: 0, bufferedMs: 0,
     textPieces: 0, rttMs: null, decodeErrors: 0, errors: [], queuePosition: null, queueLength: null,
+    // Over the last 10 s: the latency on arrival (latency.js), and as heard: plus the jitter buffer's
+    // wait and the audio output's own latency (as the browser reports it).
+    latencyP50Ms: null, latencyP90Ms: null, latencyChunks: 0, heardP50Ms: null, heardP90Ms: null,
+    bufferTargetMs: null, outputLatencyMs: null,
   };
 }
 
@@ -55,7 +62,8 @@ async function connect() {
     return;
   }
   const settings = new FormData($("settings"));
-  const s = { stats: newStats(), closed: false, timers: [] };
+  const s = { stats: newStats(), closed: false, timers: [], meter: new LatencyMeter(P.FRAME_SIZE, LATENCY_WINDOW_MS),
+    sentSamples: 0, receivedSamples: 0, decodedSamples: 0, tags: [], heard: [] };
   session = s;
   $("connect").disabled = true;
   $("disconnect").disabled = false;
@@ -73,7 +81,7 @@ async function connect() {
   }
   if (s.closed) return;
   await s.audio.resume();
-  setupPlayback(s, Number(settings.get("buffer_ms")) || 80, Number(settings.get("max_buffer_ms")) || 320);
+  setupPlayback(s, msSetting(settings, "buffer_ms", 20), msSetting(settings, "max_buffer_ms", 320));
   recording = { user: [], model: [], start: null, sampleRate: s.audio.sampleRate };
 
   s.ws = new WebSocket(chatUrl(settings));
@@ -90,7 +98,25 @@ async function connect() {
   s.timers.push(setInterval(() => {
     if (performance.now() - s.lastMessageMs > SILENCE_TIMEOUT_MS) stop("No message from the server for 10 s.");
   }, 1000));
-  s.timers.push(setInterval(() => renderStats(s.stats), 250));
+  s.timers.push(setInterval(() => { updateLatency(s); renderStats(s.stats); }, 250));
+}
+
+function msSetting(settings, name, fallback) {
+  const value = Number(settings.get(name));
+  return settings.get(name) !== "" && Number.isFinite(value) && value >= 0 ? value : fallback;
+}
+
+function updateLatency(s) {
+  const now = performance.now(), st = s.stats;
+  const arrival = s.meter.summary(now);
+  st.latencyChunks = arrival.chunks;
+  st.latencyP50Ms = arrival.p50;
+  st.latencyP90Ms = arrival.p90;
+  st.outputLatencyMs = 1000 * ((s.audio.baseLatency || 0) + (s.audio.outputLatency || 0));
+  while (s.heard.length && s.heard[0][0] < now - LATENCY_WINDOW_MS) s.heard.shift();
+  const heard = s.heard.map(([, ms]) => ms + st.outputLatencyMs);
+  st.heardP50Ms = percentile(heard, 50);
+  st.heardP90Ms = percentile(heard, 90);
 }
 
 function setupPlayback(s, startMs, maxMs) {
@@ -105,6 +131,9 @@ function setupPlayback(s, startMs, maxMs) {
       s.stats.droppedS = st.dropped / P.SAMPLE_RATE;
       s.stats.underruns = st.underruns;
       s.stats.bufferedMs = st.bufferedMs;
+      s.stats.bufferTargetMs = st.targetMs;
+      const now = performance.now();
+      for (const ms of st.heardMs) s.heard.push([now, ms]);
     } else {
       record("model", e.data.frame, e.data.samples);
       $("out-level").value = peak(e.data.samples);
@@ -131,6 +160,8 @@ async function startMicrophone(s) {
       const durationUs = chunk.duration || opusPacketSamples48k(data) * 1e6 / 48000;
       send(s, P.encodeAudio(writer.packet(data, durationUs)));
       s.stats.audioSentS += durationUs / 1e6;
+      s.sentSamples += Math.round(durationUs * P.SAMPLE_RATE / 1e6);
+      s.meter.sent(s.sentSamples, performance.now()); // handed to the websocket: the latency counts from here
     },
     error: (e) => showError(`Opus encoder: ${e.message}`),
   });
@@ -184,13 +215,19 @@ function onMessage(s, data) {
       startMicrophone(s).catch((e) => stop(`Microphone: ${e.message || e}`));
       s.timers.push(setInterval(() => { s.pingSentMs = performance.now(); send(s, P.encodePing()); }, PING_INTERVAL_MS));
       break;
-    case P.KIND_AUDIO:
-      for (const packet of s.reader.append(msg.data)) {
+    case P.KIND_AUDIO: {
+      const packets = s.reader.append(msg.data);
+      for (const packet of packets) {
         const us = opusPacketSamples48k(packet) * 1e6 / 48000;
         s.decoder.decode(new EncodedAudioChunk({ type: "key", timestamp: s.decodedUs, duration: us, data: packet }));
         s.decodedUs += us;
+        s.receivedSamples += opusPacketSamples48k(packet) / 2; // 48 kHz counts, 24 kHz audio
       }
+      // Per message, as the Python client measures (one 80 ms frame each from a Moshi server): the
+      // latency of its last sample, which tags the decoded piece that ends the message.
+      if (packets.length) s.tags.push([s.receivedSamples, s.meter.received(s.receivedSamples, performance.now())]);
       break;
+    }
     case P.KIND_TEXT:
       s.stats.textPieces++;
       $("transcript").append(msg.data);
@@ -228,7 +265,12 @@ function onDecoded(s, data) {
   if (s.closed) return;
   if (s.stats.firstAudioMs === null) s.stats.firstAudioMs = performance.now() - s.stats.connectStartMs;
   s.stats.audioReceivedS += pcm.length / P.SAMPLE_RATE;
-  s.playback.port.postMessage(pcm, [pcm.buffer]);
+  s.decodedSamples += pcm.length;
+  // The piece that ends a message carries the message's latency on arrival; the worklet adds how
+  // long its last sample waits there (the latency as heard).
+  let latencyMs = null;
+  while (s.tags.length && s.tags[0][0] <= s.decodedSamples) latencyMs = s.tags.shift()[1];
+  s.playback.port.postMessage({ pcm, latencyMs }, [pcm.buffer]);
 }
 
 // Linear interpolation; only used if a browser decodes at another rate than asked.
@@ -311,6 +353,7 @@ function download() {
 }
 
 const fmt = (x, digits = 1, unit = "") => (x === null || x === undefined ? "—" : `${x.toFixed(digits)}${unit}`);
+const pair = (a, b) => (a === null ? "—" : `${fmt(a, 0)} / ${fmt(b, 0)} ms`);
 
 function renderStats(st) {
   const elapsed = (performance.now() - st.connectStartMs) / 1000;
@@ -323,7 +366,11 @@ function renderStats(st) {
     ["Audio sent", fmt(st.audioSentS, 1, " s")],
     ["Audio received", fmt(st.audioReceivedS, 1, " s")],
     ["Model behind mic", fmt(Math.max(0, st.audioSentS - st.audioReceivedS) * 1000, 0, " ms")],
+    ["Latency p50 / p90 (10 s)", pair(st.latencyP50Ms, st.latencyP90Ms)],
+    ["As heard p50 / p90", pair(st.heardP50Ms, st.heardP90Ms)],
+    ["Jitter buffer target", fmt(st.bufferTargetMs, 0, " ms")],
     ["Playback buffer", fmt(st.bufferedMs, 0, " ms")],
+    ["Audio output latency", fmt(st.outputLatencyMs, 0, " ms")],
     ["Audio played", fmt(st.audioPlayedS, 1, " s")],
     ["Dropped to catch up", fmt(st.droppedS * 1000, 0, " ms")],
     ["Buffer underruns", String(st.underruns)],

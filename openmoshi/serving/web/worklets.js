@@ -1,10 +1,14 @@
 // AudioWorklet processors, both running in the page's 24 kHz AudioContext.
 //  - "capture" hands the microphone to the page in 20 ms chunks.
-//  - "playback" plays the model's audio through a small jitter buffer: it waits for `startMs`
-//    of audio before playing, and when more than `maxMs` is queued (the network or the model ran
-//    ahead of the speaker) it drops the oldest audio down to `startMs`, so lag never accumulates.
+//  - "playback" plays the model's audio through an adaptive jitter buffer (jitter.js): it holds
+//    back at least `startMs` and only as much more as underruns ask for, and drops the oldest audio
+//    beyond `maxMs` (the network or the model ran ahead of the speaker), so lag never accumulates.
+//    It reports, for each chunk it plays, the latency as heard: the chunk's latency on arrival
+//    (measured by the page, latency.js) plus how long it waited here.
 // Both stamp their chunks with `currentFrame`, the context's clock, so the page can line the two
 // voices up when recording.
+
+import { JitterBuffer } from "./jitter.js";
 
 class CaptureProcessor extends AudioWorkletProcessor {
   constructor() {
@@ -34,57 +38,33 @@ class PlaybackProcessor extends AudioWorkletProcessor {
   constructor(options) {
     super();
     const opts = options.processorOptions || {};
-    this.startSamples = Math.round((opts.startMs ?? 80) * sampleRate / 1000);
-    this.maxSamples = Math.round((opts.maxMs ?? 320) * sampleRate / 1000);
-    this.queue = []; // Float32Arrays, oldest first
-    this.offset = 0; // samples already played from queue[0]
-    this.queued = 0; // samples in the queue, minus offset
-    this.playing = false;
-    this.stats = { played: 0, dropped: 0, underruns: 0 };
+    this.least = (opts.startMs ?? 20) / 1000;
+    this.most = (opts.maxMs ?? 320) / 1000;
+    this.jitter = new JitterBuffer(this.least, this.most, sampleRate);
     this.lastReport = 0;
+    this.heard = []; // ms, one per chunk that played since the last report
     this.port.onmessage = (e) => {
-      if (e.data === "reset") { this.queue = []; this.offset = 0; this.queued = 0; this.playing = false; return; }
-      this.queue.push(e.data);
-      this.queued += e.data.length;
-      if (this.queued > this.maxSamples) this.drop(this.queued - this.startSamples);
+      if (e.data === "reset") { this.jitter = new JitterBuffer(this.least, this.most, sampleRate); return; }
+      this.jitter.push(e.data.pcm, e.data.latencyMs ?? null);
     };
-  }
-
-  drop(n) {
-    this.stats.dropped += n;
-    this.queued -= n;
-    while (n > 0) {
-      const left = this.queue[0].length - this.offset;
-      if (n < left) { this.offset += n; return; }
-      n -= left;
-      this.queue.shift();
-      this.offset = 0;
-    }
   }
 
   process(_inputs, outputs) {
     const out = outputs[0][0];
-    let written = 0;
-    if (!this.playing && this.queued >= this.startSamples) this.playing = true;
-    if (this.playing) {
-      while (written < out.length && this.queue.length > 0) {
-        const head = this.queue[0];
-        const n = Math.min(out.length - written, head.length - this.offset);
-        out.set(head.subarray(this.offset, this.offset + n), written);
-        written += n;
-        this.offset += n;
-        this.queued -= n;
-        if (this.offset === head.length) { this.queue.shift(); this.offset = 0; }
-      }
-      if (written < out.length) { this.playing = false; this.stats.underruns++; }
-    }
-    out.fill(0, written);
+    const j = this.jitter;
+    const before = j.played;
+    j.pull(out);
     for (let c = 1; c < outputs[0].length; c++) outputs[0][c].set(out);
-    this.stats.played += written;
-    if (written > 0) this.port.postMessage({ frame: currentFrame, samples: out.slice(0, written) });
+    if (j.played > before) this.port.postMessage({ frame: currentFrame, samples: out.slice() });
+    // Heard: the chunk's latency on arrival plus how long its last sample waited here.
+    for (const [latencyMs, waited] of j.takeStarted()) this.heard.push(latencyMs + 1000 * waited / sampleRate);
     if (currentFrame - this.lastReport >= sampleRate / 4) {
       this.lastReport = currentFrame;
-      this.port.postMessage({ stats: { ...this.stats, bufferedMs: 1000 * this.queued / sampleRate } });
+      this.port.postMessage({ stats: {
+        played: j.played, dropped: j.dropped, underruns: j.underruns, heardMs: this.heard,
+        bufferedMs: 1000 * j.queued / sampleRate, targetMs: 1000 * j.target / sampleRate,
+      } });
+      this.heard = [];
     }
     return true;
   }
