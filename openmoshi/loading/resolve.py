@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from openmoshi.errors import UserError
+
 if TYPE_CHECKING:
     from openmoshi.lm.config import ModelConfig
 
@@ -35,7 +37,7 @@ _FLAGS = {"config": "--config-path", "moshi": "--moshi-weight", "mimi": "--mimi-
           "tokenizer": "--tokenizer", "lora": "--lora-weight", "mimi_config": "--hf-repo DIR"}
 
 
-class ResolveError(ValueError):
+class ResolveError(UserError):
     """A model file that cannot be found or fetched; the message says what to pass instead."""
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from openmoshi.accel.quantize import QuantizedLinear, quantize_lm, set_compute_dtype
+from openmoshi.errors import UserError
 from openmoshi.lm.model import LMModel
 from openmoshi.loading import budget
 from openmoshi.loading.files import read_header
@@ -44,7 +45,7 @@ RUN_FILE = "run.json"
 RESUMABLE_CHANGES = ("run_dir", "steps", "eval_data", "eval_every", "save_every", "resume", "device", "codes_cache")
 
 
-class RunError(ValueError):
+class RunError(UserError):
     """A run directory that cannot be used as asked."""
 
 
