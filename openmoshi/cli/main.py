@@ -5,9 +5,10 @@ and sets `handler=<function(args) -> int>`, and list it in `build_parser`. Handl
 check their inputs, call the library, and import torch and the models lazily so that `--help` is
 fast. What they share is in `cli.common`.
 
-User errors (a bad file, a bad flag, a missing key) end as one line `openmoshi: error: ...` on
-stderr and exit code 2, without a traceback: handlers raise `UsageError`, and the library's
-`ValueError`s (`AudioError`, `CheckpointError`, bad shapes) are reported the same way.
+Errors. What a user can fix is a `UserError` (`openmoshi.errors`): handlers raise `UsageError`,
+the library its own kinds (`AudioError`, `CheckpointError`, `ConfigError`, ...). Those, file-system
+errors (`OSError`) and running out of memory end as one line `openmoshi: error: ...` on stderr and
+exit code 2, without a traceback. Anything else is a bug: it goes on with its traceback (exit 1).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import sys
 from openmoshi import __version__
 from openmoshi.cli import annotate, bench, client, codec, finetune, infer, quantize, serve
 from openmoshi.cli.common import EXIT_USAGE
+from openmoshi.errors import UserError
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -31,6 +33,10 @@ class ArgumentParser(argparse.ArgumentParser):
 def _fail(message: str):
     print(f"openmoshi: error: {message}", file=sys.stderr)
     sys.exit(EXIT_USAGE)
+
+
+def _one_line(text: str) -> str:
+    return text.replace("\n", " ").strip()
 
 
 def build_parser() -> ArgumentParser:
@@ -60,9 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv  # what a handler re-runs (finetune --nproc under torchrun)
     try:
         return args.handler(args)
-    except (ValueError, OSError) as e:  # AudioError, CheckpointError, UsageError, bad shapes, I/O
-        message = str(e).strip().replace("\n", " ") or type(e).__name__
-        _fail(message)
+    except (UserError, OSError) as e:  # UsageError, AudioError, CheckpointError, ...; files, I/O
+        _fail(_one_line(str(e)) or type(e).__name__)
     except (RuntimeError, MemoryError) as e:  # the allocator gave up (torch.OutOfMemoryError is a RuntimeError)
         if not _out_of_memory(e):
             raise
