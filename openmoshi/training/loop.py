@@ -151,7 +151,7 @@ def _resolve(cfg: TrainConfig, d: Dist) -> ModelFiles:
     if d.main:
         try:
             files = resolve()
-        except (ValueError, OSError) as e:
+        except Exception as e:  # every rank must learn of it (see Dist.agree)
             error = e
     d.agree(error)
     return files if d.main else resolve()
@@ -185,7 +185,7 @@ def _prepare_run_dir(run_dir: Path, cfg: TrainConfig, files: ModelFiles, d: Dist
     if d.main:
         try:
             _check_run_dir(run_dir, cfg, record)
-        except (ValueError, OSError) as e:
+        except Exception as e:  # every rank must learn of it (see Dist.agree)
             error = e
     d.agree(error)
     return record
@@ -257,7 +257,7 @@ class _Data:
                 cache.encode(mine, self.mimi, part=self.d.rank, log=log.info if self.d.main else None)
             except PermissionError:
                 error = DataError(f"cannot write the codes cache in {folder}: pass a writable folder with --codes-cache")
-            except (ValueError, OSError) as e:
+            except Exception as e:  # every rank must learn of it (see Dist.agree)
                 error = e
             self.d.agree(error)
             if self.d.main:
