@@ -2,6 +2,7 @@
 
 The package, by layer (each may import only the layers above it, as its __init__ says):
 
+    errors                UserError, the root of what a user can fix
     audio, modules        audio files; the transformer and LoRA shared by both models
     mimi, lm              the codec; the language model and its generation loop
     accel                 speed paths applied at the call site (CUDA graphs, kernels, int8/int4)
@@ -25,6 +26,7 @@ __version__ = "0.1.0"
 
 # Offered name -> "module:attribute" (imported by `__getattr__` on first use).
 _OFFERED = {
+    "UserError": "openmoshi.errors:UserError",
     "MOSHI_7B": "openmoshi.lm.config:MOSHI_7B",
     "LMConfig": "openmoshi.lm.config:LMConfig",
     "load_model_config": "openmoshi.lm.config:load_model_config",

@@ -8,7 +8,7 @@ and known (`ceil(N * to_sr / from_sr)` samples, output sample j at input time j 
 
 Shapes: C channels, N samples.
 
-May import: nothing.
+May import: openmoshi.errors.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from openmoshi.errors import UserError
 
 SAMPLE_RATE = 24000  # Mimi's sample rate (Hz).
 
@@ -47,8 +49,8 @@ _FORMATS = {
 }
 
 
-class AudioError(ValueError):
-    """An audio file could not be read or written; the message says which file and why."""
+class AudioError(UserError):
+    """An audio file or array could not be read, written or used; the message says which and why."""
 
 
 def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE, mono: bool = True) -> torch.Tensor:
@@ -142,9 +144,9 @@ def resample(pcm: torch.Tensor, from_sr: int, to_sr: int) -> torch.Tensor:
     silence. Output sample j sits at input time j * from_sr / to_sr, so sample 0 is aligned.
     """
     if from_sr <= 0 or to_sr <= 0 or int(from_sr) != from_sr or int(to_sr) != to_sr:
-        raise ValueError(f"sample rates must be positive integers, got {from_sr} and {to_sr}")
+        raise AudioError(f"sample rates must be positive integers, got {from_sr} and {to_sr}")
     if not pcm.is_floating_point():
-        raise ValueError(f"resample needs a floating-point tensor, got {pcm.dtype}")
+        raise AudioError(f"resample needs a floating-point tensor, got {pcm.dtype}")
     g = math.gcd(int(from_sr), int(to_sr))
     up, down = int(to_sr) // g, int(from_sr) // g  # output j reads input time j * down / up
     if up == down:

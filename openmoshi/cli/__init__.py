@@ -3,7 +3,7 @@ bench, infer, client, serve, quantize, finetune, annotate); `common` holds what 
 
 Offers: `main.main`, `main.build_parser`.
 
-May import: openmoshi, openmoshi.audio, openmoshi.memory, openmoshi.modules, openmoshi.mimi, openmoshi.lm,
-openmoshi.accel, openmoshi.loading, openmoshi.inference, openmoshi.serving, openmoshi.training,
+May import: openmoshi, openmoshi.errors, openmoshi.audio, openmoshi.memory, openmoshi.modules, openmoshi.mimi,
+openmoshi.lm, openmoshi.accel, openmoshi.loading, openmoshi.inference, openmoshi.serving, openmoshi.training,
 openmoshi.bench, openmoshi.engine.
 """

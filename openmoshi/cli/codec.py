@@ -135,6 +135,12 @@ def codec_decode(args: argparse.Namespace) -> int:
 
     from openmoshi.audio import SAMPLE_RATE, save_wav
     from openmoshi.loading.mimi import load_mimi
+    from openmoshi.mimi.config import MimiConfig
+
+    bins = MimiConfig.default().quantizer.bins  # the Mimi load_mimi builds
+    if codes.max() >= bins:
+        raise UsageError(f"'{CODES_KEY}' in {args.input} has values up to {codes.max()}; Mimi's codebooks "
+                         f"have {bins} entries (0 to {bins - 1})")
 
     device = resolve_device(args.device)
     _check_memory(args, device, codes.shape[-1] * 1920)

@@ -11,14 +11,15 @@ import math
 import sys
 from pathlib import Path
 
+from openmoshi.errors import UserError
 from openmoshi.loading.resolve import DEFAULT_REPO, DTYPES, ModelFiles, resolve_files
 from openmoshi.memory import available_bytes
 
 EXIT_USAGE = 2  # argparse's exit code for bad usage; we use it for every user error
 
 
-class UsageError(ValueError):
-    """A user error found by a handler; reported as one line, exit code 2."""
+class UsageError(UserError):
+    """A user error found by a handler (a flag, a file); reported as one line, exit code 2."""
 
 
 # ----------------------------------------------------------------------------- argparse types

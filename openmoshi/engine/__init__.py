@@ -11,6 +11,6 @@
 
 Offers: `engine.Engine`, `speed.SpeedConfig`, `speed.Speed`, `startup.start`.
 
-May import: openmoshi.audio, openmoshi.memory, openmoshi.modules, openmoshi.mimi, openmoshi.lm,
+May import: openmoshi.errors, openmoshi.audio, openmoshi.memory, openmoshi.modules, openmoshi.mimi, openmoshi.lm,
 openmoshi.accel, openmoshi.loading.
 """

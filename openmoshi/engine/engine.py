@@ -27,9 +27,11 @@ import torch
 
 from openmoshi.accel.cuda_graph import GraphedStep, graphed
 from openmoshi.engine.speed import Speed
+from openmoshi.errors import UserError
 from openmoshi.lm import generate as G
 from openmoshi.lm.conditioners import HIBIKI_CONDITION, HIBIKI_NEGATIVE
 from openmoshi.lm.sampling import SamplingConfig
+from openmoshi.loading.budget import MemoryCheckError
 from openmoshi.memory import available_bytes, gb
 
 log = logging.getLogger("openmoshi.engine")
@@ -47,14 +49,14 @@ def buckets(batch: int) -> list[int]:
 def conditions(lm, model_type: str, cfg_coef: float = 1.0) -> tuple[dict | None, dict | None]:
     """(condition, negative) of a model, as the official tools choose them: Hibiki's description
     ("very_good", and "very_bad" to steer away from under classifier-free guidance); none for an
-    unconditioned model. ValueError for what cannot run."""
+    unconditioned model. UserError for what cannot run."""
     if lm.condition_provider is None:
         if cfg_coef != 1.0:
-            raise ValueError("classifier-free guidance (--cfg-coef) needs a conditioned model such as Hibiki; "
-                             "use --cfg-coef 1")
+            raise UserError("classifier-free guidance (--cfg-coef) needs a conditioned model such as Hibiki; "
+                            "use --cfg-coef 1")
         return None, None
     if model_type != "hibiki":
-        raise ValueError(f"this {model_type} model expects conditioning, which is supported for Hibiki only")
+        raise UserError(f"this {model_type} model expects conditioning, which is supported for Hibiki only")
     return HIBIKI_CONDITION, (HIBIKI_NEGATIVE if cfg_coef != 1.0 else None)
 
 
@@ -82,7 +84,7 @@ class Engine:
                  slot_streams: bool = True, generator: torch.Generator | None = None, max_k: int | None = None,
                  max_k_text: int | None = None, all_buckets: bool = True):
         if batch < 1:
-            raise ValueError(f"batch must be >= 1, got {batch}")
+            raise UserError(f"batch must be >= 1, got {batch}")
         if lm is not None:
             check_conditions(lm, mimi, condition, negative, cfg_coef)
         self.lm, self.mimi, self.batch, self.speed = lm, mimi, batch, speed
@@ -208,15 +210,15 @@ class Engine:
 
 
 def check_conditions(lm, mimi, condition: dict | None, negative: dict | None, cfg_coef: float) -> None:
-    """ValueError unless the condition, guidance and Mimi fit the model."""
+    """UserError unless the condition, guidance and Mimi fit the model."""
     if (lm.condition_provider is not None) != (condition is not None):
-        raise ValueError("a conditioned model needs condition attributes (e.g. Hibiki's "
-                         "{'description': 'very_good'}) and an unconditioned one takes none")
+        raise UserError("a conditioned model needs condition attributes (e.g. Hibiki's "
+                        "{'description': 'very_good'}) and an unconditioned one takes none")
     if (cfg_coef != 1.0) != (negative is not None) or (negative is not None and condition is None):
-        raise ValueError("classifier-free guidance (cfg_coef != 1) needs a conditioned model and a negative "
-                         "condition (e.g. Hibiki's {'description': 'very_bad'}); use cfg_coef=1")
+        raise UserError("classifier-free guidance (cfg_coef != 1) needs a conditioned model and a negative "
+                        "condition (e.g. Hibiki's {'description': 'very_bad'}); use cfg_coef=1")
     if mimi is not None and mimi.num_codebooks < lm.cfg.num_user_codebooks:
-        raise ValueError(f"Mimi produces {mimi.num_codebooks} codebooks, the LM reads {lm.cfg.num_user_codebooks}")
+        raise UserError(f"Mimi produces {mimi.num_codebooks} codebooks, the LM reads {lm.cfg.num_user_codebooks}")
 
 
 def check_memory(lm, batch: int, cfg_coef: float = 1.0) -> None:
@@ -229,7 +231,7 @@ def check_memory(lm, batch: int, cfg_coef: float = 1.0) -> None:
         return
     per = G.state_bytes(lm, 1, cfg_coef)
     fit = int(0.9 * free // per)
-    raise ValueError(f"--max-sessions {batch} needs {gb(need)} for the conversations' states "
-                     f"({gb(per)} each, mostly the KV cache at the full {lm.cfg.context}-frame "
-                     f"context), but {device} has {gb(free)} free: use --max-sessions {fit} or fewer"
-                     + ("" if fit else ", or a smaller dtype or model"))
+    raise MemoryCheckError(f"--max-sessions {batch} needs {gb(need)} for the conversations' states "
+                           f"({gb(per)} each, mostly the KV cache at the full {lm.cfg.context}-frame "
+                           f"context), but {device} has {gb(free)} free: use --max-sessions {fit} or fewer"
+                           + ("" if fit else ", or a smaller dtype or model"))

@@ -32,6 +32,7 @@ from openmoshi.accel.env import env_disabled
 from openmoshi.accel.mimi_cpu import WEIGHT_MODES, fast_cpu
 from openmoshi.accel.self_check import CheckResult, check_fast_paths, report
 from openmoshi.engine.autotune import Choice, choose_mimi_fast
+from openmoshi.errors import UserError
 
 log = logging.getLogger("openmoshi.engine")
 
@@ -95,8 +96,8 @@ def parse_mimi_fast(text: str | None, device: torch.device) -> tuple[str, str] |
         return AUTO
     modes = tuple(text.split(","))
     if len(modes) != 2 or any(m not in WEIGHT_MODES for m in modes):
-        raise ValueError(f"--mimi-fast must be 'auto', 'off' or ENCODE,DECODE with modes in {WEIGHT_MODES}, "
-                         f"got {text!r}")
+        raise UserError(f"--mimi-fast must be 'auto', 'off' or ENCODE,DECODE with modes in {WEIGHT_MODES}, "
+                        f"got {text!r}")
     return modes
 
 

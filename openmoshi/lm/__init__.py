@@ -15,5 +15,5 @@ Offers: `config.LMConfig`, `config.ModelConfig`, `config.load_model_config`, `co
 `model.LMModel`, `sampling.SamplingConfig`, `generate.init_state`, `generate.step`,
 `persona.build_prompt`, `persona.run_prompts`.
 
-May import: openmoshi.modules.
+May import: openmoshi.errors, openmoshi.modules.
 """

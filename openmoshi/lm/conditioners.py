@@ -28,6 +28,8 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from openmoshi.errors import UnsupportedError, UserError
+
 CONDITIONER_TYPES = ("lut", "tensor")
 LUT_TOKENIZERS = ("noop",)
 FUSE_METHODS = ("sum", "cross")  # the official ConditionFuser's "prepend" is rejected by it too
@@ -36,6 +38,10 @@ HIBIKI_CONDITION = {"description": "very_good"}  # what the official loops ask a
 HIBIKI_NEGATIVE = {"description": "very_bad"}  # and what classifier-free guidance steers it away from
 
 Attributes = Mapping[str, Any]  # one batch item: condition name -> value (str, tensor or None)
+
+
+class ConditionError(UserError):
+    """Condition values that a conditioned model cannot take; the message names the condition."""
 
 
 @dataclass(frozen=True)
@@ -76,7 +82,7 @@ class FuserConfig:
 
 
 # ----------------------------------------------------------------------------- config parsing
-# Errors are ValueErrors naming the key; config.py turns them into ConfigErrors.
+# Errors are UserErrors naming the key; config.py turns them into ConfigErrors.
 
 _COMMON_KEYS = ("dim", "force_linear", "learn_padding", "pad_empty", "output_bias")
 _LUT_KEYS = _COMMON_KEYS + ("n_bins", "tokenizer", "possible_values", "init_scale")
@@ -85,7 +91,7 @@ _LUT_KEYS = _COMMON_KEYS + ("n_bins", "tokenizer", "possible_values", "init_scal
 def parse_conditioners(raw: Any) -> tuple[ConditionerConfig, ...]:
     """The official `conditioners` object -> one ConditionerConfig per named condition."""
     if not isinstance(raw, dict):
-        raise ValueError(f"config key 'conditioners' must be a JSON object, got {raw!r}")
+        raise UserError(f"config key 'conditioners' must be a JSON object, got {raw!r}")
     return tuple(_parse_conditioner(name, spec) for name, spec in raw.items())
 
 
@@ -94,34 +100,34 @@ def _parse_conditioner(name: str, spec: Any) -> ConditionerConfig:
     if isinstance(spec, ConditionerConfig):
         return spec
     if not isinstance(spec, dict) or "type" not in spec:
-        raise ValueError(f"config key {where!r} must be an object with a 'type', got {spec!r}")
+        raise UserError(f"config key {where!r} must be an object with a 'type', got {spec!r}")
     kind = spec["type"]
     if kind not in CONDITIONER_TYPES:
-        raise ValueError(f"{where}: unknown conditioner type {kind!r}, expected one of {CONDITIONER_TYPES}")
+        raise UserError(f"{where}: unknown conditioner type {kind!r}, expected one of {CONDITIONER_TYPES}")
     extra = set(spec) - {"type", kind}
     if extra:
-        raise ValueError(f"{where}: unknown key {sorted(extra)[0]!r}")
+        raise UserError(f"{where}: unknown key {sorted(extra)[0]!r}")
     kwargs = dict(spec.get(kind) or {})
     allowed = _LUT_KEYS if kind == "lut" else _COMMON_KEYS
     for key in kwargs:
         if key not in allowed:
-            raise ValueError(f"{where}.{kind}: unknown key {key!r}")
+            raise UserError(f"{where}.{kind}: unknown key {key!r}")
     if kwargs.pop("output_bias", False):
-        raise ValueError(f"{where}.{kind}: output_bias=true is not supported (nor by the official code)")
+        raise UserError(f"{where}.{kind}: output_bias=true is not supported (nor by the official code)")
     if not isinstance(kwargs.get("dim"), int) or kwargs["dim"] <= 0:
-        raise ValueError(f"{where}.{kind}: 'dim' must be a positive integer, got {kwargs.get('dim')!r}")
+        raise UserError(f"{where}.{kind}: 'dim' must be a positive integer, got {kwargs.get('dim')!r}")
     if kind == "lut":
         if not isinstance(kwargs.get("n_bins"), int) or kwargs["n_bins"] <= 0:
-            raise ValueError(f"{where}.lut: 'n_bins' must be a positive integer, got {kwargs.get('n_bins')!r}")
+            raise UserError(f"{where}.lut: 'n_bins' must be a positive integer, got {kwargs.get('n_bins')!r}")
         if kwargs.get("tokenizer") not in LUT_TOKENIZERS:
-            raise ValueError(f"{where}.lut: unknown tokenizer {kwargs.get('tokenizer')!r}, "
-                             f"expected one of {LUT_TOKENIZERS}")
+            raise UserError(f"{where}.lut: unknown tokenizer {kwargs.get('tokenizer')!r}, "
+                            f"expected one of {LUT_TOKENIZERS}")
         values = kwargs.get("possible_values")
         if values is not None:
             if not isinstance(values, (list, tuple)) or not all(isinstance(v, str) for v in values):
-                raise ValueError(f"{where}.lut: 'possible_values' must be a list of strings")
+                raise UserError(f"{where}.lut: 'possible_values' must be a list of strings")
             if len(values) > kwargs["n_bins"]:
-                raise ValueError(f"{where}.lut: {len(values)} possible_values do not fit n_bins={kwargs['n_bins']}")
+                raise UserError(f"{where}.lut: {len(values)} possible_values do not fit n_bins={kwargs['n_bins']}")
             kwargs["possible_values"] = tuple(values)
     return ConditionerConfig(name=name, type=kind, **kwargs)
 
@@ -131,22 +137,22 @@ def parse_fuser(raw: Any) -> FuserConfig:
     if isinstance(raw, FuserConfig):
         return raw
     if not isinstance(raw, dict):
-        raise ValueError(f"config key 'fuser' must be a JSON object, got {raw!r}")
+        raise UserError(f"config key 'fuser' must be a JSON object, got {raw!r}")
     kwargs: dict[str, Any] = {}
     for key, value in raw.items():
         if key in FUSE_METHODS:
             if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-                raise ValueError(f"fuser.{key} must be a list of condition names, got {value!r}")
+                raise UserError(f"fuser.{key} must be a list of condition names, got {value!r}")
             kwargs[key] = tuple(value)
         elif key in FUSER_OPTIONS:
             kwargs[key] = value
         elif key == "prepend":
             if value:
-                raise ValueError("fuser method 'prepend' is not supported (nor by the official code); "
-                                 f"supported methods are {FUSE_METHODS}")
+                raise UserError("fuser method 'prepend' is not supported (nor by the official code); "
+                                f"supported methods are {FUSE_METHODS}")
         else:
-            raise ValueError(f"unknown fuse method or fuser option {key!r}, expected one of "
-                             f"{FUSE_METHODS + FUSER_OPTIONS}")
+            raise UserError(f"unknown fuse method or fuser option {key!r}, expected one of "
+                            f"{FUSE_METHODS + FUSER_OPTIONS}")
     return FuserConfig(**kwargs)
 
 
@@ -155,8 +161,8 @@ def check_fuser(conditioners: tuple[ConditionerConfig, ...] | None, fuser: Fuser
     for method in FUSE_METHODS:
         for name in getattr(fuser, method, ()):
             if name not in names:
-                raise ValueError(f"fuser.{method} names condition {name!r}, which is not in "
-                                 f"'conditioners' ({sorted(names)})")
+                raise UserError(f"fuser.{method} names condition {name!r}, which is not in "
+                                f"'conditioners' ({sorted(names)})")
 
 
 # ----------------------------------------------------------------------------- modules
@@ -206,18 +212,18 @@ class Conditioner(nn.Module):
                    for v in values]
         for v in vectors:
             if v.shape != (cfg.dim,):
-                raise ValueError(f"condition {cfg.name!r} takes vectors of {cfg.dim} values, got {v.numel()}")
+                raise ConditionError(f"condition {cfg.name!r} takes vectors of {cfg.dim} values, got {v.numel()}")
         return torch.stack(vectors).to(device), present
 
     def _row(self, value: str) -> int:
         cfg = self.cfg
         if not isinstance(value, str):
-            raise ValueError(f"condition {cfg.name!r} takes a string, got {value!r}")
+            raise ConditionError(f"condition {cfg.name!r} takes a string, got {value!r}")
         if cfg.possible_values is None:
             return hash_value(value, cfg.n_bins)
         if value not in self.rows:
-            raise ValueError(f"{value!r} is not a possible value of condition {cfg.name!r}: "
-                             f"{list(cfg.possible_values)} (or None for no condition)")
+            raise ConditionError(f"{value!r} is not a possible value of condition {cfg.name!r}: "
+                                 f"{list(cfg.possible_values)} (or None for no condition)")
         return self.rows[value]
 
     def forward(self, inputs: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
@@ -234,8 +240,8 @@ class ConditionProvider(nn.Module):
     def __init__(self, conditioners: tuple[ConditionerConfig, ...], fuser: FuserConfig | None, output_dim: int):
         super().__init__()
         if fuser is not None and fuser.cross:
-            raise NotImplementedError(f"fuser method 'cross' (cross-attention on conditions {list(fuser.cross)}) "
-                                      "is not supported yet; only 'sum' is")
+            raise UnsupportedError(f"fuser method 'cross' (cross-attention on conditions {list(fuser.cross)}) "
+                                   "is not supported yet; only 'sum' is")
         self.conditioners = nn.ModuleDict({c.name: Conditioner(c, output_dim) for c in conditioners})
         self.sum_names = fuser.sum if fuser is not None else ()
         self.output_dim = output_dim
@@ -248,12 +254,12 @@ class ConditionProvider(nn.Module):
         for b, attrs in enumerate(attributes):
             unknown = set(attrs) - known
             if unknown:
-                raise ValueError(f"unknown condition {sorted(unknown)[0]!r} in batch item {b}; "
-                                 f"this model has {sorted(known)}")
+                raise ConditionError(f"unknown condition {sorted(unknown)[0]!r} in batch item {b}; "
+                                     f"this model has {sorted(known)}")
             missing = known - set(attrs)
             if missing:
-                raise ValueError(f"batch item {b} has no value for condition {sorted(missing)[0]!r} "
-                                 f"(give None for no condition)")
+                raise ConditionError(f"batch item {b} has no value for condition {sorted(missing)[0]!r} "
+                                     f"(give None for no condition)")
         total = torch.zeros(len(attributes), 1, self.output_dim, device=_device(self), dtype=_dtype(self))
         for name in self.sum_names:
             conditioner = self.conditioners[name]

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from openmoshi.errors import UserError
 from openmoshi.lm.conditioners import ConditionerConfig, FuserConfig, check_fuser, parse_conditioners, parse_fuser
 from openmoshi.modules.transformer import TransformerConfig
 
@@ -27,7 +28,7 @@ TEXT_EOS_ID = 2  # the text tokenizer's end of sequence (Hibiki ends its transla
 MODEL_TYPES = ("moshi", "hibiki", "stt", "tts")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A model configuration that cannot be used; the message names the key."""
 
 
@@ -105,7 +106,7 @@ class LMConfig:
         if self.dim % self.num_heads:
             raise ConfigError(f"dim={self.dim} is not a multiple of num_heads={self.num_heads}")
         try:
-            self.temporal, self.depth  # validate both transformer configs now
+            self.temporal, self.depth  # validate both transformer configs now (plain ValueErrors)
             check_fuser(self.conditioners, self.fuser)
         except ValueError as e:
             raise ConfigError(str(e)) from None
@@ -213,7 +214,7 @@ def lm_config_from_dict(raw: dict) -> LMConfig:
         if key in ("conditioners", "fuser") and value is not None:
             try:
                 value = parse_conditioners(value) if key == "conditioners" else parse_fuser(value)
-            except ValueError as e:
+            except UserError as e:
                 raise ConfigError(str(e)) from None
         kwargs[key] = value
     return LMConfig(**kwargs)

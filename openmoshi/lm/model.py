@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from openmoshi.lm.conditioners import Attributes, ConditionProvider
+from openmoshi.lm.conditioners import Attributes, ConditionError, ConditionProvider
 from openmoshi.lm.config import ZERO_TOKEN, LMConfig
 from openmoshi.lm.delays import delay_codes, undelay
 from openmoshi.modules.transformer import Transformer, TransformerState, make_norm
@@ -114,7 +114,7 @@ class LMModel(nn.Module):
         """Condition values per batch item, e.g. [{"description": "very_good"}, ...] -> the summed
         condition [B, 1, D] (float32) to pass as `condition_sum`. None as a value: no condition."""
         if self.condition_provider is None:
-            raise ValueError("this model has no conditioners (config keys 'conditioners'/'fuser')")
+            raise ConditionError("this model has no conditioners (config keys 'conditioners'/'fuser')")
         return self.condition_provider(attributes)
 
     # ------------------------------------------------------------------ temporal transformer

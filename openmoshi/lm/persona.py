@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from openmoshi.errors import UserError
 from openmoshi.lm import generate as G
 from openmoshi.lm.config import TEXT_PADDING_ID, LMConfig
 from openmoshi.lm.model import LMModel
@@ -42,7 +43,7 @@ SPACER_FRAMES = 6  # int(0.5 s * 12.5 Hz)
 SYSTEM_TAG = "<system>"
 
 
-class PromptError(ValueError):
+class PromptError(UserError):
     """A persona prompt that cannot be used; the message says why."""
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from openmoshi.errors import UserError
 
 TEXT_HISTORY = 256  # the most recent text tokens a repetition penalty can look back at
 # What each setting may be: (kind, lowest, highest). Temperatures divide logits (a temperature
@@ -69,9 +70,9 @@ class SamplingConfig:
         for name, (kind, low, high) in LIMITS.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
-                raise ValueError(f"{name} must be {'a number' if kind is float else 'an integer'}, got {_short(value)}")
+                raise UserError(f"{name} must be {'a number' if kind is float else 'an integer'}, got {_short(value)}")
             if not (low <= value <= high and (isinstance(value, int) or math.isfinite(value))):
-                raise ValueError(f"{name} {_RULES[name]}, got {_short(value)}")
+                raise UserError(f"{name} {_RULES[name]}, got {_short(value)}")
 
     @property
     def shapes_text(self) -> bool:

@@ -13,5 +13,5 @@ offline mode).
 Offers: `lm.load_lm`, `mimi.load_mimi`, `tokenizer.load_text_tokenizer`, `lora.apply_lora`,
 `resolve.resolve_files`, `model.load_model`, `files.CheckpointError`, `resolve.ResolveError`.
 
-May import: openmoshi.audio, openmoshi.memory, openmoshi.modules, openmoshi.mimi, openmoshi.lm, openmoshi.accel.
+May import: openmoshi.errors, openmoshi.audio, openmoshi.memory, openmoshi.modules, openmoshi.mimi, openmoshi.lm, openmoshi.accel.
 """

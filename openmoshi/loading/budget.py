@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from openmoshi.accel.quantize import quantize_lm
+from openmoshi.errors import UserError
 from openmoshi.lm import generate as G
 from openmoshi.lm.config import LMConfig
 from openmoshi.lm.model import LMModel
@@ -31,7 +32,7 @@ MIMI_STEP_BYTES = 100e6  # Mimi's activations for a few streamed frames (measure
 SKIP_FLAG = "--skip-memory-check"
 
 
-class MemoryCheckError(ValueError):
+class MemoryCheckError(UserError):
     """A command that would not fit in the memory available; the message has the numbers."""
 
 

@@ -21,8 +21,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from openmoshi.errors import UserError
 
-class CheckpointError(ValueError):
+
+class CheckpointError(UserError):
     """A checkpoint file that cannot be used; the message names the file and what is wrong."""
 
 

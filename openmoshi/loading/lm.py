@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from openmoshi.accel.quantize import DEFAULT_GROUP_SIZE, quantize_linear, quantize_lm, set_compute_dtype
+from openmoshi.accel.quantize import DEFAULT_GROUP_SIZE, MODES, quantize_linear, quantize_lm, set_compute_dtype
+from openmoshi.errors import UserError
 from openmoshi.lm.config import LMConfig
 from openmoshi.lm.model import LMModel
 from openmoshi.loading.files import CheckpointError, Header, cast, check_complete, check_tensors, meta_tensors, read_header
@@ -67,6 +68,10 @@ def load_lm(path: str | Path | None, cfg: LMConfig, device: str | torch.device =
     (`fuse_lora`) or keep apart. `quantize` ("int8"/"int4") quantizes the transformer layers as
     they are read (after the adapter is merged, when there is one: then the float model is read
     whole first), int4 in groups of `group_size` inputs."""
+    if quantize not in (None, *MODES):
+        raise UserError(f"unknown quantization {quantize!r}: expected one of {', '.join(MODES)} (or None)")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise UserError(f"group_size must be a positive integer, got {group_size!r}")
     layerwise = quantize if lora is None else None
     if path is None:
         model = random_lm(cfg, device, dtype, layerwise, group_size)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from openmoshi.lm.config import TEXT_EOS_ID, TEXT_PADDING_ID, ModelConfig
+from openmoshi.lm.config import TEXT_EOS_ID, TEXT_PADDING_ID, ConfigError, ModelConfig
 from openmoshi.lm.model import LMModel
 from openmoshi.loading.lm import load_lm
 from openmoshi.loading.mimi import load_mimi
@@ -48,7 +48,10 @@ def load_model(files: ModelFiles, device=None, dtype=None, quantize: str | None 
             lm.text_emb.weight[TEXT_EOS_ID] = lm.text_emb.weight[TEXT_PADDING_ID]
     mimi_config = None
     if files.mimi_config is not None:
-        mimi_config = mimi_config_from_dict(json.loads(files.mimi_config.read_text()))
+        try:
+            mimi_config = mimi_config_from_dict(json.loads(files.mimi_config.read_text()))
+        except (ValueError, TypeError) as e:  # not JSON, or keys and values Mimi's config refuses
+            raise ConfigError(f"{files.mimi_config}: {e}") from None
     mimi = load_mimi(files.mimi_weight, cfg.mimi_codebooks, device, torch.float32, config=mimi_config)
     tokenizer = load_text_tokenizer(files.tokenizer)
     return LoadedModel(lm=lm, mimi=mimi, tokenizer=tokenizer, config=cfg, files=files,

@@ -16,11 +16,13 @@ take local copies.
 
 from __future__ import annotations
 
+import logging
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from openmoshi.errors import UserError
 
 if TYPE_CHECKING:
     from openmoshi.lm.config import ModelConfig
@@ -29,13 +31,14 @@ if TYPE_CHECKING:
 DEFAULT_REPO = "kyutai/moshiko-pytorch-bf16"
 CONFIG_NAME = "config.json"
 DTYPES = ("float32", "bfloat16", "float16")
+log = logging.getLogger("openmoshi.loading.resolve")  # the command line shows its warnings as one line each
 
 # Command-line flag of each file, for error messages.
 _FLAGS = {"config": "--config-path", "moshi": "--moshi-weight", "mimi": "--mimi-weight",
           "tokenizer": "--tokenizer", "lora": "--lora-weight", "mimi_config": "--hf-repo DIR"}
 
 
-class ResolveError(ValueError):
+class ResolveError(UserError):
     """A model file that cannot be found or fetched; the message says what to pass instead."""
 
 
@@ -163,10 +166,6 @@ def _legacy_name(repo: str | None) -> str:
     return "PersonaPlex 7B" if legacy_lm(repo).depformer_user_slots else "legacy Moshi 7B"
 
 
-def _warn(message: str) -> None:
-    print(f"openmoshi: warning: {message}", file=sys.stderr)
-
-
 def resolve_files(hf_repo: str | None = DEFAULT_REPO, moshi_weight=None, mimi_weight=None,
                   tokenizer=None, config_path=None, lora_weight=None, lm_only: bool = False,
                   before_download=None) -> ModelFiles:
@@ -186,7 +185,7 @@ def resolve_files(hf_repo: str | None = DEFAULT_REPO, moshi_weight=None, mimi_we
             cfg_file = fetch.local_dir / CONFIG_NAME
             if not cfg_file.is_file():
                 cfg_file = None
-                _warn(f"{fetch.local_dir} has no {CONFIG_NAME}: assuming the {_legacy_name(hf_repo)}")
+                log.warning(f"{fetch.local_dir} has no {CONFIG_NAME}: assuming the {_legacy_name(hf_repo)}")
         elif hf_repo is not None:
             given = (moshi_weight,) if lm_only else (moshi_weight, mimi_weight, tokenizer)
             cfg_file = _repo_config(fetch, hf_repo, explicit=None not in given)
@@ -218,14 +217,14 @@ def _repo_config(fetch: _Fetcher, repo: str, explicit: bool) -> Path | None:
         # Offline: legacy if the cache says so, or if every weight is given locally (as the
         # official loader does); otherwise the caller lists what is needed.
         if _cached_legacy(repo) or explicit:
-            _warn(f"no {CONFIG_NAME} for {repo} (offline): assuming the {_legacy_name(repo)}; pass "
-                  "--config-path for another model")
+            log.warning(f"no {CONFIG_NAME} for {repo} (offline): assuming the {_legacy_name(repo)}; pass "
+                        "--config-path for another model")
             return None
         raise
     except ResolveError as e:
         if f"has no file {CONFIG_NAME}" not in str(e):
             raise
-        _warn(f"{repo} has no {CONFIG_NAME}: assuming the {_legacy_name(repo)}")
+        log.warning(f"{repo} has no {CONFIG_NAME}: assuming the {_legacy_name(repo)}")
         return None
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from openmoshi.audio import SAMPLE_RATE, AudioError, load_audio
+from openmoshi.errors import UserError
 from openmoshi.lm.config import LMConfig
 from openmoshi.lm.persona import Preset, PromptError, check_preset
 
@@ -26,7 +27,7 @@ PRESET_SUFFIX = ".pt"
 AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".aac", ".webm")
 
 
-class VoiceError(ValueError):
+class VoiceError(UserError):
     """A voice that cannot be used; the message names it and says why."""
 
 

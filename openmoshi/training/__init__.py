@@ -10,6 +10,6 @@ place (`distributed`, FSDP2 over torchrun), resumable state and the outputs user
 
 Offers: `loop.train`, `config.TrainConfig`, `export.export_run`, `lora.add_lora`.
 
-May import: openmoshi.audio, openmoshi.modules, openmoshi.mimi, openmoshi.lm, openmoshi.accel,
+May import: openmoshi.errors, openmoshi.audio, openmoshi.modules, openmoshi.mimi, openmoshi.lm, openmoshi.accel,
 openmoshi.loading.
 """

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from openmoshi.audio import load_audio
+from openmoshi.errors import UserError
 from openmoshi.training.manifest import MAIN_SPEAKER, DataError, Word, alignment_path, read_manifest
 
 DEFAULT_MODEL = "medium"
@@ -34,7 +35,7 @@ MODEL_CHANNEL = 0  # channel 0 is the model (assistant), channel 1 the user
 INSTALL_HINT = "pip install 'openmoshi[annotate]'"
 
 
-class ModelError(ValueError):
+class ModelError(UserError):
     """A Whisper model that cannot be found, fetched or loaded; the message says what to pass."""
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+from openmoshi.errors import UserError
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -64,7 +66,7 @@ class TrainConfig:
         ]
         for ok, message in checks:
             if not ok:
-                raise ValueError(message)
+                raise UserError(message)
 
     @property
     def warmup_count(self) -> int:

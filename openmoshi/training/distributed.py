@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from openmoshi.errors import UserError
 from openmoshi.modules.transformer import Layer, Transformer
 
 
@@ -48,18 +49,23 @@ class Dist:
             dist.barrier()
 
     def agree(self, error: BaseException | None) -> None:
-        """Raises on every rank when any rank failed (the first rank's error), so that a bad file
-        found by one rank never leaves the others waiting."""
+        """Raises on every rank when any rank failed, so that a bad file found by one rank never
+        leaves the others waiting: a failed rank raises its own error (with its traceback), the
+        others the first failed rank's, as the same UserError or OSError (one line at the command
+        line), anything else as a RuntimeError naming it."""
         if not self.sharded:
             if error is not None:
                 raise error
             return
         errors: list = [None] * self.world
         dist.all_gather_object(errors, None if error is None else (type(error), str(error)))
+        if error is not None:
+            raise error
         first = next((e for e in errors if e is not None), None)
         if first is not None:
             kind, message = first
-            raise (kind(message) if issubclass(kind, (ValueError, OSError)) else RuntimeError(message))
+            raise (kind(message) if issubclass(kind, (UserError, OSError)) else
+                   RuntimeError(f"another process failed: {kind.__name__}: {message}"))
 
     def broadcast_object(self, obj):
         if not self.sharded:

@@ -12,7 +12,7 @@ torchrun: FSDP2 (see `distributed`).
 from __future__ import annotations
 
 import json
-import sys
+import logging
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -20,12 +20,12 @@ from pathlib import Path
 import torch
 
 from openmoshi.accel.quantize import QuantizedLinear, quantize_lm, set_compute_dtype
+from openmoshi.errors import UserError
 from openmoshi.lm.model import LMModel
 from openmoshi.loading import budget
 from openmoshi.loading.files import read_header
 from openmoshi.loading.lm import checkpoint_format, load_lm
 from openmoshi.loading.mimi import load_mimi
-
 from openmoshi.loading.resolve import ModelFiles, resolve_dtype, resolve_files
 from openmoshi.loading.tokenizer import load_text_tokenizer
 from openmoshi.training import checkpoints
@@ -42,14 +42,11 @@ from openmoshi.training.text_stream import FRAME_RATE
 RUN_FILE = "run.json"
 # Options a resumed run may change; every other one must be what the run started with.
 RESUMABLE_CHANGES = ("run_dir", "steps", "eval_data", "eval_every", "save_every", "resume", "device", "codes_cache")
+log = logging.getLogger("openmoshi.training.loop")  # what the run does: `openmoshi finetune` shows it
 
 
-class RunError(ValueError):
+class RunError(UserError):
     """A run directory that cannot be used as asked."""
-
-
-def say(message: str) -> None:
-    print(f"openmoshi: {message}", file=sys.stderr, flush=True)
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -79,8 +76,9 @@ def _train(cfg: TrainConfig, d: Dist) -> Path:
     train_set = data.load(cfg.manifest)
     eval_set = data.load(cfg.eval_data) if cfg.eval_data else None
     data.release()
-    say(f"{len(train_set)} training segments of {cfg.duration:g} s from {len(train_set.conversations)} conversations"
-        + (f", {len(eval_set)} for evaluation" if eval_set else "")) if d.main else None
+    if d.main:
+        log.info(f"{len(train_set)} training segments of {cfg.duration:g} s from {len(train_set.conversations)} "
+                 "conversations" + (f", {len(eval_set)} for evaluation" if eval_set else ""))
 
     lm = _build_model(cfg, files, d, dtype)
     params = [p for p in lm.parameters() if p.requires_grad]
@@ -92,7 +90,7 @@ def _train(cfg: TrainConfig, d: Dist) -> Path:
             raise RunError(f"--resume: {run_dir} has no checkpoint to continue from")
         step = checkpoints.restore(found[-1][1], lm, optimizer, d)
         if d.main:
-            say(f"resuming {run_dir} at step {step}")
+            log.info(f"resuming {run_dir} at step {step}")
     model_config = _raw_config(files)
     lora = None if cfg.full else (cfg.lora_rank, cfg.lora_scaling)
     _write_run_record(run_dir, record, d)
@@ -136,7 +134,7 @@ def _train(cfg: TrainConfig, d: Dist) -> Path:
     if last is None:  # resumed at the last step already
         last = checkpoints.checkpoint_dir(run_dir, step)
     if d.main:
-        say(f"done: {last / 'consolidated'}")
+        log.info(f"done: {last / 'consolidated'}")
     return last
 
 
@@ -153,7 +151,7 @@ def _resolve(cfg: TrainConfig, d: Dist) -> ModelFiles:
     if d.main:
         try:
             files = resolve()
-        except (ValueError, OSError) as e:
+        except Exception as e:  # every rank must learn of it (see Dist.agree)
             error = e
     d.agree(error)
     return files if d.main else resolve()
@@ -187,7 +185,7 @@ def _prepare_run_dir(run_dir: Path, cfg: TrainConfig, files: ModelFiles, d: Dist
     if d.main:
         try:
             _check_run_dir(run_dir, cfg, record)
-        except (ValueError, OSError) as e:
+        except Exception as e:  # every rank must learn of it (see Dist.agree)
             error = e
     d.agree(error)
     return record
@@ -255,11 +253,11 @@ class _Data:
                 if self.mimi is None:
                     self.mimi = load_mimi(self.files.mimi_weight, self.num_codebooks, self.d.device)
                 if self.d.main:
-                    say(f"encoding {len(stale)} conversation(s) with Mimi into {folder} (once; later runs read the cache)")
-                cache.encode(mine, self.mimi, part=self.d.rank, log=say if self.d.main else None)
+                    log.info(f"encoding {len(stale)} conversation(s) with Mimi into {folder} (once; later runs read the cache)")
+                cache.encode(mine, self.mimi, part=self.d.rank, log=log.info if self.d.main else None)
             except PermissionError:
                 error = DataError(f"cannot write the codes cache in {folder}: pass a writable folder with --codes-cache")
-            except (ValueError, OSError) as e:
+            except Exception as e:  # every rank must learn of it (see Dist.agree)
                 error = e
             self.d.agree(error)
             if self.d.main:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from openmoshi.accel.quantize import QuantizedLinear
+from openmoshi.errors import UserError
 from openmoshi.modules.lora import LoRALinear, LoRAStacked
 from openmoshi.modules.transformer import StackedLinear
 
@@ -76,8 +77,8 @@ def merge_lora(model: nn.Module) -> None:
         for name, child in list(parent.named_children()):
             if isinstance(child, (LoRALinear, LoRAStacked)):
                 if not isinstance(child.base, (nn.Linear, StackedLinear)):
-                    raise ValueError("adapters on quantized weights cannot be merged into them: merge them "
-                                     "into the float checkpoint (openmoshi finetune export --merge)")
+                    raise UserError("adapters on quantized weights cannot be merged into them: merge them "
+                                    "into the float checkpoint (openmoshi finetune export --merge)")
                 with torch.no_grad():
                     child.base.weight.copy_(child.merged_weight())
                 setattr(parent, name, child.base)

@@ -17,10 +17,12 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from openmoshi.errors import UserError
+
 MAIN_SPEAKER = "SPEAKER_MAIN"
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Training data that cannot be used; the message names the file and what is wrong."""
 
 
