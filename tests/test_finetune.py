@@ -6,13 +6,17 @@ and that bad input is one clear error."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import finetune_probe
 from finetune_utils import ANSWER, make_dataset
 from infer_utils import NAMES, _Collector, make_checkpoint
 from openmoshi.audio import SAMPLE_RATE, load_audio, save_wav
@@ -36,10 +40,20 @@ def data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def run(ckpt, data, tmp_path_factory) -> Path:
+    """One process; what it trained on is recorded in run_dir/../probe (see finetune_probe)."""
     run_dir = tmp_path_factory.mktemp("runs") / "run"
-    assert main(["finetune", str(data), "-o", str(run_dir), "--hf-repo", str(ckpt), "--eval-data", str(data),
-                 *RUN_ARGS]) == 0
+    with pytest.MonkeyPatch.context() as patch:
+        finetune_probe.install(patch.setattr, run_dir.parent / "probe")
+        assert main(["finetune", str(data), "-o", str(run_dir), "--hf-repo", str(ckpt), "--eval-data", str(data),
+                     *RUN_ARGS]) == 0
     return run_dir
+
+
+def _torchrun(probe: Path, *argv: str) -> None:
+    """`torchrun --nproc-per-node 2 -m openmoshi ARGV`, each rank recording into `probe`."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           finetune_probe.__file__, *argv]
+    subprocess.run(cmd, env={**os.environ, "PROBE_DIR": str(probe)}, check=True, timeout=600)
 
 
 def _metrics(run_dir: Path) -> list[dict]:
@@ -132,10 +146,25 @@ def test_exports_load_everywhere(run, ckpt, data, tmp_path):
 
 
 def test_two_processes_train_as_one(run, ckpt, data, tmp_path):
-    """torchrun with 2 gloo processes (FSDP2), 1 segment each, == 1 process with both."""
+    """torchrun with 2 gloo processes (FSDP2): each rank trains on its own half of every batch and
+    holds half of every weight, and together they train as 1 process with the whole batch does."""
     two = tmp_path / "two"
-    assert main(["finetune", str(data), "-o", str(two), "--hf-repo", str(ckpt), "--eval-data", str(data),
-                 "--nproc", "2", *RUN_ARGS]) == 0
+    _torchrun(tmp_path / "probe", "finetune", str(data), "-o", str(two), "--hf-repo", str(ckpt),
+              "--eval-data", str(data), *RUN_ARGS)
+    one, = finetune_probe.read(run.parent / "probe", 1)
+    ranks = finetune_probe.read(tmp_path / "probe", 2)
+    assert len(one["segments"]) == 6 and all(len(r["segments"]) == 6 for r in ranks)
+    for step, whole in enumerate(one["segments"]):
+        mine, theirs = (r["segments"][step] for r in ranks)
+        assert len(mine) == len(theirs) == len(whole) // 2, step
+        assert not {tuple(s) for s in mine} & {tuple(s) for s in theirs}, step  # no segment twice
+        assert sorted(mine + theirs) == sorted(whole), step
+    assert not one["shards"] and ranks[0]["shards"].keys() == ranks[1]["shards"].keys() != set()
+    for name, (held, shape) in ranks[0]["shards"].items():
+        other = ranks[1]["shards"][name][0]
+        rows = shape[0]  # FSDP2 cuts dim 0 as torch.chunk does: the first rank takes the odd row
+        assert [held, other] == [[(rows + 1) // 2, *shape[1:]], [rows // 2, *shape[1:]]], name
+
     ref, got = _metrics(run), _metrics(two)
     assert [r["step"] for r in got] == [r["step"] for r in ref]
     for a, b in zip(ref, got):
@@ -146,6 +175,20 @@ def test_two_processes_train_as_one(run, ckpt, data, tmp_path):
     assert a.keys() == b.keys()
     for k in a:  # Adam turns float noise in near-zero gradients into updates: far below lr (3e-2)
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-3)
+
+
+def test_nproc_reruns_the_command_under_torchrun(monkeypatch, ckpt, data, tmp_path):
+    """`--nproc 2` (the tests above run torchrun themselves, to record each rank)."""
+    from openmoshi.cli import finetune
+
+    ran = []
+    monkeypatch.setattr(finetune.subprocess, "run", lambda cmd: ran.append(cmd) or subprocess.CompletedProcess(cmd, 0))
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    argv = ["finetune", str(data), "-o", str(tmp_path / "run"), "--nproc", "2", "--hf-repo", str(ckpt), "--steps", "3"]
+    assert main(argv) == 0
+    assert ran == [[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                    "-m", "openmoshi", "finetune", str(data), "-o", str(tmp_path / "run"), "--hf-repo", str(ckpt),
+                    "--steps", "3"]]
 
 
 def test_resumed_run_equals_uninterrupted(run, ckpt, data, tmp_path):
