@@ -21,6 +21,8 @@ from openmoshi.audio import SAMPLE_RATE, load_audio, save_wav
 QUESTIONS = ["what is the weather like", "tell me about music", "how are you today",
              "do you know some history", "can you count to three", "where do you live"]
 ANSWER = "hello world moshi answers questions about science"
+# Two questions, each with its own answer (no word in common): a model that learns them must listen.
+QA = [("what is the weather like", "hello world moshi"), ("tell me about music", "one two three four")]
 GAP = 0.06  # seconds of silence between words
 
 
@@ -68,10 +70,12 @@ def make_dialogue(wav: Path, question: str, answer: str = ANSWER, answer_start: 
 
 
 def make_dataset(folder: Path, count: int, answer: str = ANSWER, name: str = "data",
-                 answer_start: float | None = None) -> Path:
-    """`count` dialogues (the QUESTIONS in turn) and their manifest `name`.jsonl in `folder`."""
+                 answer_start: float | None = None, pairs: list[tuple[str, str]] | None = None) -> Path:
+    """`count` dialogues and their manifest `name`.jsonl in `folder`: the QUESTIONS in turn, each
+    answered with `answer`, or the (question, answer) `pairs` in turn."""
     folder.mkdir(parents=True, exist_ok=True)
-    lines = [make_dialogue(folder / f"{name}_{i}.wav", QUESTIONS[i % len(QUESTIONS)], answer, answer_start)
+    pairs = pairs or [(q, answer) for q in QUESTIONS]
+    lines = [make_dialogue(folder / f"{name}_{i}.wav", *pairs[i % len(pairs)], answer_start=answer_start)
              for i in range(count)]
     manifest = folder / f"{name}.jsonl"
     manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
