@@ -32,18 +32,11 @@ reset (`state.reset(mask)`) or left idle (`active`) without disturbing the other
 preallocated and updated in place, and nothing in `step` waits on the device: the step can be
 captured in a CUDA graph as it is.
 
-The state is a `GenState` of nested slot states (`openmoshi.modules.slots`: each field declares
-its batch axis and reset value, and prefix / move / reset / save_slot follow from that):
-
-    GenState
-      streams    Streams: cache, forced [B, ., C], offset [B]; initial, delays (shared constants)
-      sampler    Sampler: temp, top_k, temp_text, top_k_text, rep_penalty, rep_context, pad_mult,
-                 seeds (settings); draws, text_history, text_count; flags (SamplerFlags, shared:
-                 max_k, max_k_text, greedy_text, greedy_audio, shaped_text)
-      guidance   Guidance: condition [B', 1, D] (rows), cfg_coef (host)
-      temporal   TransformerState over the rows (B' = 2B under guidance)
-      depth      TransformerState over the rows, rebuilt every frame (scratch)
-      calls      host: eager steps since init
+The state is a `GenState` of slot states split by concern (`openmoshi.modules.slots`: each field
+declares its batch axis and reset value, and prefix / move / reset / save_slot follow from that):
+`streams` (the token rings and positions), `sampler` (per-slot settings, random streams, text
+history, and the host's flags, one object shared by every prefix), `guidance` (condition rows and
+cfg_coef), the `temporal` and `depth` transformers' caches over the rows, and `calls`.
 """
 
 from __future__ import annotations
@@ -116,8 +109,12 @@ class Guidance(SlotState):
     cfg_coef: float = host()  # != 1: classifier-free guidance, each slot's condition and negative rows
 
     @property
+    def guided(self) -> bool:
+        return self.cfg_coef != 1.0
+
+    @property
     def rows_per_slot(self) -> int:
-        return 2 if self.cfg_coef != 1.0 else 1
+        return 2 if self.guided else 1
 
 
 @dataclass
@@ -142,7 +139,7 @@ class GenState(SlotState):
 
     @property
     def guided(self) -> bool:
-        return self.guidance.cfg_coef != 1.0
+        return self.guidance.guided
 
 
 @dataclass
@@ -168,7 +165,10 @@ def init_state(lm: LMModel, batch_size: int, sampling: SamplingConfig = Sampling
         raise ValueError("classifier-free guidance (cfg_coef != 1) needs a conditioned model "
                          "(config keys 'conditioners'/'fuser', e.g. Hibiki); use cfg_coef=1")
     rows = 2 * batch_size if cfg_coef != 1.0 else batch_size  # the transformers' batch
-    full = lambda shape, value, dtype=torch.long: torch.full(shape, value, dtype=dtype, device=device)  # noqa: E731
+
+    def full(shape, value, dtype=torch.long):
+        return torch.full(shape, value, dtype=dtype, device=device)
+
     streams = Streams(cache=full((batch_size, K, C), UNGENERATED_TOKEN),
                       forced=full((batch_size, cfg.gen_q + 1, C), NOT_FORCED),
                       offset=full((batch_size,), 0),
