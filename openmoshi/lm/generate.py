@@ -139,7 +139,7 @@ class GenState(SlotState):
 
     @property
     def guided(self) -> bool:
-        return self.guidance.guided
+        return self.guidance.cfg_coef != 1.0  # read a few times per step: no second property call
 
 
 @dataclass
