@@ -114,11 +114,11 @@ def test_greedy_generation_matches_official(models):
 def test_set_condition_per_slot(models):
     _, ours = models
     state = G.init_state(ours, 3)
-    assert state.condition.shape == (3, 1, ours.cfg.dim) and not state.condition.any()
+    assert state.guidance.condition.shape == (3, 1, ours.cfg.dim) and not state.guidance.condition.any()
     cond = ours.condition_sum([{"description": "good"}])
     G.set_condition(state, cond, mask=torch.tensor([False, True, False]))
-    assert not state.condition[0].any() and not state.condition[2].any()
-    assert torch.equal(state.condition[1], cond[0])
+    assert not state.guidance.condition[0].any() and not state.guidance.condition[2].any()
+    assert torch.equal(state.guidance.condition[1], cond[0])
     with pytest.raises(ValueError, match="condition must be"):
         G.set_condition(state, torch.zeros(2, 1, ours.cfg.dim))
 
@@ -136,7 +136,7 @@ def test_strict_load_keeps_conditioners_in_float32(models, tmp_path):
         assert torch.equal(lm.condition_sum(values), ours.condition_sum(values))
     state = G.init_state(lm, 2)
     G.set_condition(state, lm.condition_sum(values))
-    assert state.condition.dtype == torch.bfloat16
+    assert state.guidance.condition.dtype == torch.bfloat16
     G.step(lm, state, torch.zeros(2, cfg.num_user_codebooks, dtype=torch.long))
     assert load_lm(None, cfg, dtype=torch.bfloat16).condition_provider.conditioners["description"] \
         .learnt_padding.dtype == torch.float32

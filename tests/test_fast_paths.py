@@ -209,7 +209,7 @@ def test_streaming_states_are_updated_in_place():
     assert len(before) > 10
     for t in range(4):
         G.step(lm, state, torch.randint(0, 64, (2, 8)), check=False)
-        G.reset_slots(state, torch.tensor([t == 2, False]))
+        state.reset(torch.tensor([t == 2, False]))
     assert _storages(state) == before
 
     mimi = load_mimi(None, num_codebooks=8)

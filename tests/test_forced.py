@@ -76,13 +76,13 @@ def test_forced_tokens_wait_for_their_step_and_skip_idle_slots():
     for _ in range(3):
         G.step(ours, state, user)
     G.step(ours, state, user, active=torch.tensor([True, False]), forced=forced)
-    assert (state.forced[0] != G.NOT_FORCED).sum() == 1 and (state.forced[1] == G.NOT_FORCED).all()
+    assert (state.streams.forced[0] != G.NOT_FORCED).sum() == 1 and (state.streams.forced[1] == G.NOT_FORCED).all()
     out = G.step(ours, state, user)  # slot 0: frame 4's acoustic codebook is produced now, and returned
-    assert (state.forced == G.NOT_FORCED).all()
+    assert (state.streams.forced == G.NOT_FORCED).all()
     assert out.audio[0, 1] == 7 and out.audio[1, 1] != 7
     G.step(ours, state, user, forced=forced)
-    G.reset_slots(state, torch.tensor([True, False]))
-    assert (state.forced[0] == G.NOT_FORCED).all() and (state.forced[1] != G.NOT_FORCED).sum() == 1
+    state.reset(torch.tensor([True, False]))
+    assert (state.streams.forced[0] == G.NOT_FORCED).all() and (state.streams.forced[1] != G.NOT_FORCED).sum() == 1
 
 
 def test_bad_forced_tokens():

@@ -28,7 +28,7 @@ def test_reset_slot_restarts_only_that_conversation(lm):
     user = torch.randint(0, 64, (2, 8, 30))
     state = G.init_state(lm, 2, SamplingConfig.greedy())
     frames(lm, state, user[:, :, :12])
-    G.reset_slots(state, torch.tensor([True, False]))
+    state.reset(torch.tensor([True, False]))
     after = frames(lm, state, user[:, :, 12:])
     fresh = frames(lm, G.init_state(lm, 1, SamplingConfig.greedy()), user[:1, :, 12:])
     unbroken = frames(lm, G.init_state(lm, 1, SamplingConfig.greedy()), user[1:])
@@ -54,7 +54,7 @@ def test_idle_slot_pauses_without_disturbing_others(lm):
         if alone1[i][1][0]:
             assert torch.equal(out[t][0][1], alone1[i][0][0])
     assert not any(bool(out[t][1][1]) for t in range(5, 15))
-    assert state.offset.tolist() == [30, 20]
+    assert state.streams.offset.tolist() == [30, 20]
 
 
 def test_runs_far_past_the_context_window(lm):
@@ -105,8 +105,8 @@ def test_bounded_cache_reads_change_nothing():
     windows = set()
     for t in range(140):
         if t == 70:  # a reset keeps the bound valid: no slot is further along than the calls
-            G.reset_slots(auto, torch.tensor([True, False]))
-            G.reset_slots(full, torch.tensor([True, False]))
+            auto.reset(torch.tensor([True, False]))
+            full.reset(torch.tensor([True, False]))
         windows.add(G.read_window(auto.calls, auto))
         a = G.step(m, auto, user[:, :, t])
         b = G.step(m, full, user[:, :, t], attend=None)
@@ -116,10 +116,10 @@ def test_bounded_cache_reads_change_nothing():
 
 def test_greedy_flags_follow_the_slots_settings(lm):
     state = G.init_state(lm, 2, SamplingConfig.greedy())
-    assert state.greedy_text and state.greedy_audio
+    assert state.sampler.flags.greedy_text and state.sampler.flags.greedy_audio
     G.set_sampling(state, SamplingConfig(temp=0.0, temp_text=0.7), torch.tensor([True, False]))
-    assert state.greedy_audio and not state.greedy_text
+    assert state.sampler.flags.greedy_audio and not state.sampler.flags.greedy_text
     G.set_sampling(state, SamplingConfig.greedy(), torch.tensor([True, False]))
-    assert not state.greedy_text  # the host does not know the other slots became greedy: sample
+    assert not state.sampler.flags.greedy_text  # the host does not know the other slots became greedy: sample
     G.set_sampling(state, SamplingConfig.greedy())
-    assert state.greedy_text
+    assert state.sampler.flags.greedy_text

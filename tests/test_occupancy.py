@@ -258,7 +258,7 @@ def test_state_size_is_known_before_allocating():
         kw = CONFIGS[name]
         lm = ours_from_official(make_official_lm(kw), kw)
         state = G.init_state(lm, 3, slot_streams=True)
-        shared = {id(state.initial), id(state.delays)}
+        shared = {id(state.streams.initial), id(state.streams.delays)}
         assert G.state_bytes(lm, 3) == sum(t.numel() * t.element_size() for t in tensors(state) if id(t) not in shared)
 
 

@@ -123,7 +123,7 @@ def test_prompt_phase_streams_frame_by_frame(model):
     state = G.init_state(lm, 2, SamplingConfig(temp=0.8, temp_text=0.7))
     seen = reading(lm)
     run_prompts(lm, state, prompts, torch.Generator().manual_seed(6))
-    assert state.offset.tolist() == [20, 19]
+    assert state.streams.offset.tolist() == [20, 19]
     delayed = torch.tensor(cfg.delays) > 0
     for b, p in enumerate(prompts):
         for s in range(2, p.frames):  # steps 0 and 1 read initial tokens in the delayed streams

@@ -246,7 +246,7 @@ def test_voices_route_and_persona_time_saved(setup):
     assert all(n >= frames and cursor is None for n, cursor, frames in steps), steps
     assert listed == {"voices": ["ada.pt", "ada.wav", "broken.pt"]}
     assert server.loop.prompts.hits == 1  # the second started from the cache (its time is printed, not tested)
-    frames = server.loop.prompts.cache[next(iter(server.loop.prompts.cache))].offset + 1
+    frames = server.loop.prompts.cache[next(iter(server.loop.prompts.cache))].temporal.offset.item() + 1
     print(f"persona handshake: live prompt ({frames} frames) {waits[0]:.3f} s, cached {waits[1]:.3f} s")
 
 

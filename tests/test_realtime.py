@@ -133,10 +133,10 @@ def test_telephone_formats_and_sampling(models):
                 await c.send(type="session.update", session={"input_audio_format": "g711_alaw", "temperature": 0.4})
                 b = await c.wait_for(lambda e: e["type"] == "session.updated", start=u + 1)
                 for _ in range(50):
-                    if abs(float(server.loop.engine.gen.temp[0]) - 0.4) < 1e-6:
+                    if abs(float(server.loop.engine.gen.sampler.temp[0]) - 0.4) < 1e-6:
                         break
                     await asyncio.sleep(0.05)
-                return c.events, u, b, float(server.loop.engine.gen.temp[0]), float(server.loop.engine.gen.temp_text[0])
+                return c.events, u, b, float(server.loop.engine.gen.sampler.temp[0]), float(server.loop.engine.gen.sampler.temp_text[0])
     events, u, b, temp, temp_text = run(main())
     check_with_pipecat(events)
     assert events[u]["session"]["audio"]["output"]["format"] == {"type": "audio/pcmu"}

@@ -278,8 +278,8 @@ def test_conditioned_model_gets_its_condition_in_every_slot():
     try:
         assert server.loop.ready.wait(10) and not server.loop.crashed
         batcher = server.loop.engine
-        expected = lm.condition_sum([{"description": "very_good"}] * 2).to(batcher.gen.condition.dtype)
-        assert torch.equal(batcher.gen.condition, expected) and expected.abs().sum() > 0
+        expected = lm.condition_sum([{"description": "very_good"}] * 2).to(batcher.gen.guidance.condition.dtype)
+        assert torch.equal(batcher.gen.guidance.condition, expected) and expected.abs().sum() > 0
     finally:
         server.loop.stop()
     with pytest.raises(ValueError, match="classifier-free guidance"):
@@ -290,4 +290,4 @@ def test_conditioned_model_gets_its_condition_in_every_slot():
     good = lm.condition_sum([{"description": "very_good"}] * 2)
     bad = lm.condition_sum([{"description": "very_bad"}] * 2)
     rows = torch.stack([good, bad], dim=1).view(4, 1, -1)  # slot b: its condition in row 2b, the negative in 2b + 1
-    assert guided.gen.guided and torch.equal(guided.gen.condition, rows.to(guided.gen.condition.dtype))
+    assert guided.gen.guided and torch.equal(guided.gen.guidance.condition, rows.to(guided.gen.guidance.condition.dtype))

@@ -76,7 +76,7 @@ def run(lm, sampling: list[SamplingConfig], user: torch.Tensor, record: list | N
         with torch.no_grad():
             for t in range(user.shape[2]):
                 G.step(lm, state, user[:, :, t])
-                texts.append(state.cache[:, 0, state.offset[0] % state.cache.shape[2]].clone())
+                texts.append(state.streams.cache[:, 0, state.streams.offset[0] % state.streams.cache.shape[2]].clone())
     finally:
         del lm.forward_text
     return torch.stack(texts)

@@ -174,11 +174,11 @@ class GraphedStep:
 
     A graph freezes the host-side values the step reads, so they are passed explicitly and key the
     graphs: the attention window (`generate.read_window`, which grows in buckets of 64 steps up to
-    the cache capacity) and the sampler flags `state.greedy_text/greedy_audio/shaped_text` (which
-    `set_sampling` may flip). The window comes from the steps counted here, or from `position`
-    when the caller knows better: the most steps any active slot has done since its reset (the
-    server's slots restart at 0). `state.calls` is not used: a replay does not advance it.
-    Outputs are valid until the next call.
+    the cache capacity) and the sampler flags `state.sampler.flags` (greedy_text, greedy_audio,
+    shaped_text: `set_sampling` may flip them; one object shared by a state and its prefixes).
+    The window comes from the steps counted here, or from `position` when the caller knows better:
+    the most steps any active slot has done since its reset (the server's slots restart at 0).
+    `state.calls` is not used: a replay does not advance it. Outputs are valid until the next call.
     """
 
     def __init__(self, lm, state: G.GenState, cuda_graph: bool | None = None,
@@ -193,7 +193,7 @@ class GraphedStep:
                          forced=forced, embeddings=embeddings)
             return out.text, out.audio, out.valid
 
-        device = state.offset.device
+        device = state.streams.offset.device
         self.graphs = graphed(fn, cuda_graph, device, (generator,), "lm_step")
         self.enabled = isinstance(self.graphs, CUDAGraphed)
 
@@ -203,12 +203,12 @@ class GraphedStep:
         """`forced` and `embeddings` as `generate.step`'s (a persona's prompt phase)."""
         position = self.calls if position is None else position
         self.calls += 1
-        s = self.state
+        s, flags = self.state, self.state.sampler.flags
         extra = ()  # without forcing, the graphs' keys stay (window, flags)
         if forced is not None or embeddings is not None:
             extra = ("forcing", forced, *(embeddings if embeddings is not None else (None, None)))
-        text, audio, valid = self.graphs(codes, active, G.read_window(position, s), s.greedy_text, s.greedy_audio,
-                                         s.shaped_text, *extra)
+        text, audio, valid = self.graphs(codes, active, G.read_window(position, s), flags.greedy_text,
+                                         flags.greedy_audio, flags.shaped_text, *extra)
         return G.StepOutput(text=text, audio=audio, valid=valid)
 
     def windows(self) -> dict[int, int]:

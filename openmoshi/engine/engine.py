@@ -114,9 +114,7 @@ class Engine:
     # ------------------------------------------------------------------ the steps
 
     def _bucket(self, n: int) -> _Bucket:
-        gen = G.prefix(self.gen, n) if self.gen is not None else None
-        enc = self.enc.prefix(n) if self.enc is not None else None
-        dec = self.dec.prefix(n) if self.dec is not None else None
+        gen, enc, dec = (None if state is None else state.prefix(n) for state in (self.gen, self.enc, self.dec))
         mimi, graphs, device = self.mimi, self.speed.cuda_graphs, self.device
         encode = decode = None
         if enc is not None:
@@ -145,8 +143,6 @@ class Engine:
              forced: torch.Tensor | None = None, embeddings=None) -> G.StepOutput:
         """One LM step of slots [0, n): codes [n, Ku]; see `accel.cuda_graph.GraphedStep`."""
         b = self.bucket(codes.shape[0])
-        b.gen.greedy_text, b.gen.greedy_audio = self.gen.greedy_text, self.gen.greedy_audio
-        b.gen.shaped_text = self.gen.shaped_text
         forcing = {} if forced is None and embeddings is None else dict(forced=forced, embeddings=embeddings)
         return b.lm_step(codes, active, position, **forcing)
 
@@ -183,17 +179,14 @@ class Engine:
     def reset(self, mask: torch.Tensor | None = None) -> None:
         """New conversations in the masked slots (all when None): LM streams, Mimi states; their
         sampling settings, seeds and condition stay."""
-        everyone = mask is None
-        mask = self.mask(*range(self.batch)) if everyone else mask.to(self.device)
-        G.reset_slots(self.gen, None if everyone else mask)
-        for state in (self.enc, self.dec):
+        mask = None if mask is None else mask.to(self.device)
+        for state in (self.gen, self.enc, self.dec):
             if state is not None:
                 state.reset(mask)
 
     def move(self, src: int, dst: int) -> None:
         """Slot `dst` continues slot `src`'s conversation (LM and Mimi states, settings, seeds)."""
-        G.move_slot(self.gen, src, dst)
-        for state in (self.enc, self.dec):
+        for state in (self.gen, self.enc, self.dec):
             if state is not None:
                 state.move(src, dst)
 

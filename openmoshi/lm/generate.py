@@ -10,7 +10,7 @@ Classifier-free guidance (`init_state(..., cfg_coef=3.0)`, conditioned LMs): the
 2B rows, slot b's own condition in row 2b and a negative one in row 2b + 1 (`set_condition(...,
 negative=...)`), fed the same tokens; the logits sampled are null + (cond - null) * cfg_coef, as
 the official LMGen computes them. Interleaved, the rows of slots [0, n) are the rows [0, 2n): a
-prefix of slots is a prefix of rows (`prefix`).
+prefix of slots is a prefix of rows (`state.prefix(n)`).
 
 Forced tokens: a token given in `forced` for a slot and a stream replaces the one the step would
 sample there: it is what the depth transformer reads as the previous codebook, what the cache (and
@@ -28,14 +28,20 @@ The streams are read with their delays: a step writes the user's codes and the m
 tokens into a small ring buffer of frames (`cache` [B, K, C]) at their delayed positions, and
 returns the frame whose every stream is complete, i.e. `max(delays)` steps back (`valid` is False
 until a slot has produced that many steps). Every slot has its own position, so a slot can be
-reset (`reset_slots`) or left idle (`active`) without disturbing the others. All state is
+reset (`state.reset(mask)`) or left idle (`active`) without disturbing the others. All state is
 preallocated and updated in place, and nothing in `step` waits on the device: the step can be
 captured in a CUDA graph as it is.
+
+The state is a `GenState` of slot states split by concern (`openmoshi.modules.slots`: each field
+declares its batch axis and reset value, and prefix / move / reset / save_slot follow from that):
+`streams` (the token rings and positions), `sampler` (per-slot settings, random streams, text
+history, and the host's flags, one object shared by every prefix), `guidance` (condition rows and
+cfg_coef), the `temporal` and `depth` transformers' caches over the rows, and `calls`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -43,52 +49,97 @@ from openmoshi.lm.config import UNGENERATED_TOKEN, ZERO_TOKEN
 from openmoshi.lm.model import LMModel
 from openmoshi.lm.sampling import (TEXT_HISTORY, SamplingConfig, push_text_history, sample, shape_text_logits,
                                    slot_exponentials)
+from openmoshi.modules.slots import SlotState, Snapshot, host, nested, per_row, per_slot, scratch, shared  # noqa: F401
 from openmoshi.modules.transformer import Transformer, TransformerState
 
 NOT_FORCED = UNGENERATED_TOKEN  # in `forced`: sample this token
 
 
 @dataclass
-class GenState:
-    cache: torch.Tensor  # [B, K, C] long, tokens by delayed position, UNGENERATED_TOKEN when unknown
-    offset: torch.Tensor  # [B] long, steps done by each slot
-    initial: torch.Tensor  # [1, K, 1] long, tokens read before a stream has started
-    delays: torch.Tensor  # [K] long
-    temporal: TransformerState
-    depth: TransformerState | None
-    temp: torch.Tensor  # [B] float, audio temperature (<= 0: greedy)
-    top_k: torch.Tensor  # [B] long
-    temp_text: torch.Tensor  # [B] float
-    top_k_text: torch.Tensor  # [B] long
+class Streams(SlotState):
+    """The token streams by delayed position: a ring of C frames per slot (see the module doc)."""
+
+    cache: torch.Tensor = per_slot(reset=UNGENERATED_TOKEN)  # [B, K, C] long, UNGENERATED_TOKEN when unknown
+    forced: torch.Tensor = per_slot(reset=NOT_FORCED)  # [B, 1 + Q, C] long, tokens waiting for their step
+    offset: torch.Tensor = per_slot(reset=0)  # [B] long, steps done by each slot
+    initial: torch.Tensor = shared()  # [1, K, 1] long, tokens read before a stream has started
+    delays: torch.Tensor = shared()  # [K] long
+
+
+@dataclass
+class SamplerFlags:
+    """What the host knows of every slot's sampler without a sync (`set_sampling` keeps it): one
+    object shared by a state and all its prefixes, so that no view holds stale flags. The flags
+    choose the code a step runs (`cuda_graph.GraphedStep` keys its graphs on them)."""
+
     max_k: int  # top-k width computed for every slot
     max_k_text: int
-    condition: torch.Tensor | None = None  # [B, 1, D] model dtype, added to the input; None: unconditioned model
-    calls: int = 0  # eager `step` calls since init: no slot is further along (host-side, no sync)
-    greedy_text: bool = False  # host-side: every slot decodes text greedily, so skip the sampler
+    greedy_text: bool = False  # every slot decodes text greedily: skip the sampler
     greedy_audio: bool = False
-    cfg_coef: float = 1.0  # classifier-free guidance: != 1 doubles the transformers' rows
+    shaped_text: bool = False  # some slot shapes its text (repetition penalty, pad_mult)
+
+
+@dataclass
+class Sampler(SlotState):
+    """Each slot's sampling settings, its random streams and the text history that shaping reads."""
+
+    temp: torch.Tensor = per_slot()  # [B] float, audio temperature (<= 0: greedy)
+    top_k: torch.Tensor = per_slot()  # [B] long
+    temp_text: torch.Tensor = per_slot()  # [B] float
+    top_k_text: torch.Tensor = per_slot()  # [B] long
+    # Text shaping (SamplingConfig.repetition_penalty/_context, pad_mult) and the ring of each
+    # slot's recent non-padding text tokens.
+    rep_penalty: torch.Tensor = per_slot()  # [B] float
+    rep_context: torch.Tensor = per_slot()  # [B] long
+    pad_mult: torch.Tensor = per_slot()  # [B] float
+    text_history: torch.Tensor = per_slot(reset=-1)  # [B, TEXT_HISTORY] long, -1 where empty
+    text_count: torch.Tensor = per_slot(reset=0)  # [B] long, tokens pushed since the slot's reset
     # Per-slot random streams (`init_state(..., slot_streams=True)`): each slot samples from its own
     # seeds, so its tokens do not depend on the other slots or on its row. None: one generator.
-    seeds: torch.Tensor | None = None  # [B, 2] long: text seed, audio seed
-    draws: torch.Tensor | None = None  # [B, 2] long: draws taken from each stream
-    # Forced tokens waiting for the step that produces their position (see the module doc).
-    forced: torch.Tensor | None = None  # [B, 1 + Q, C] long by delayed position, NOT_FORCED when free
-    # Text shaping (SamplingConfig.repetition_penalty/_context, pad_mult), per slot; the ring of
-    # each slot's recent non-padding text tokens. `shaped_text` (host-side): some slot shapes.
-    rep_penalty: torch.Tensor | None = None  # [B] float
-    rep_context: torch.Tensor | None = None  # [B] long
-    pad_mult: torch.Tensor | None = None  # [B] float
-    text_history: torch.Tensor | None = None  # [B, TEXT_HISTORY] long, -1 where empty
-    text_count: torch.Tensor | None = None  # [B] long, tokens pushed since the slot's reset
-    shaped_text: bool = False
+    seeds: torch.Tensor | None = per_slot()  # [B, 2] long: text seed, audio seed
+    draws: torch.Tensor | None = per_slot(reset=0)  # [B, 2] long: draws taken from each stream
+    flags: SamplerFlags = shared()
 
-    @property
-    def batch_size(self) -> int:
-        return self.offset.shape[0]
+
+@dataclass
+class Guidance(SlotState):
+    """What steers the model: each slot's condition, and classifier-free guidance (two rows per slot)."""
+
+    condition: torch.Tensor | None = per_row()  # [B', 1, D] model dtype, added to the input; None: unconditioned
+    cfg_coef: float = host()  # != 1: classifier-free guidance, each slot's condition and negative rows
 
     @property
     def guided(self) -> bool:
         return self.cfg_coef != 1.0
+
+    @property
+    def rows_per_slot(self) -> int:
+        return 2 if self.guided else 1
+
+
+@dataclass
+class GenState(SlotState):
+    """Everything a step reads and writes, per slot; `prefix`, `move`, `reset`, `save_slot` as
+    every slot state (`openmoshi.modules.slots`)."""
+
+    streams: Streams = nested()
+    sampler: Sampler = nested()
+    guidance: Guidance = nested()
+    temporal: TransformerState = nested(rows=True)
+    depth: TransformerState | None = scratch(rows=True)  # `depth_step` resets it before every frame
+    calls: int = host(0)  # eager `step` calls since init: no slot is further along (no sync)
+
+    @property
+    def rows_per_slot(self) -> int:
+        return self.guidance.rows_per_slot
+
+    @property
+    def batch_size(self) -> int:
+        return self.streams.offset.shape[0]
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance.cfg_coef != 1.0  # read a few times per step: no second property call
 
 
 @dataclass
@@ -100,144 +151,127 @@ class StepOutput:
 
 def init_state(lm: LMModel, batch_size: int, sampling: SamplingConfig = SamplingConfig(),
                max_k: int | None = None, max_k_text: int | None = None, cfg_coef: float = 1.0,
-               slot_streams: bool = False) -> GenState:
+               slot_streams: bool = False, device=None) -> GenState:
     """Fresh state for `batch_size` slots. `max_k`/`max_k_text` bound the per-slot top-k (default:
     the sampling config's values). `cfg_coef` != 1: classifier-free guidance (conditioned LMs).
     `slot_streams`: each slot draws from its own seeded streams (`set_seeds`) rather than from the
-    generator given to `step` (the official sampler's stream, for parity)."""
+    generator given to `step` (the official sampler's stream, for parity). `device`: the model's
+    by default; "meta" sizes the state without allocating it (`state_bytes`)."""
     cfg = lm.cfg
     param = lm.text_emb.weight  # never swapped by the speed wrappers
-    device, dtype = param.device, param.dtype
+    device, dtype = param.device if device is None else torch.device(device), param.dtype
     K, C = cfg.num_codebooks, cfg.max_delay + 2
     if cfg_coef != 1.0 and lm.condition_provider is None:
         raise ValueError("classifier-free guidance (cfg_coef != 1) needs a conditioned model "
                          "(config keys 'conditioners'/'fuser', e.g. Hibiki); use cfg_coef=1")
     rows = 2 * batch_size if cfg_coef != 1.0 else batch_size  # the transformers' batch
-    depth = None
-    if lm.depformer is not None:
-        depth = lm.depformer.init_state(rows, device=device, dtype=dtype, capacity=cfg.gen_q)
-    state = GenState(
-        cache=torch.full((batch_size, K, C), UNGENERATED_TOKEN, dtype=torch.long, device=device),
-        offset=torch.zeros(batch_size, dtype=torch.long, device=device),
-        initial=lm.initial_tokens(device).view(1, K, 1),
-        delays=torch.tensor(cfg.delays, dtype=torch.long, device=device),
-        temporal=lm.transformer.init_state(rows, device=device, dtype=dtype,
-                                           capacity=None if cfg.context else 4096),
-        depth=depth,
-        temp=torch.empty(batch_size, device=device), top_k=torch.empty(batch_size, dtype=torch.long, device=device),
-        temp_text=torch.empty(batch_size, device=device),
-        top_k_text=torch.empty(batch_size, dtype=torch.long, device=device),
-        max_k=min(max_k or sampling.top_k, cfg.card), max_k_text=min(max_k_text or sampling.top_k_text, cfg.text_out_card),
-        cfg_coef=float(cfg_coef),
-        forced=torch.full((batch_size, cfg.gen_q + 1, C), NOT_FORCED, dtype=torch.long, device=device),
-        rep_penalty=torch.ones(batch_size, device=device),
-        rep_context=torch.zeros(batch_size, dtype=torch.long, device=device),
-        pad_mult=torch.zeros(batch_size, device=device),
-        text_history=torch.full((batch_size, TEXT_HISTORY), -1, dtype=torch.long, device=device),
-        text_count=torch.zeros(batch_size, dtype=torch.long, device=device))
+
+    def full(shape, value, dtype=torch.long):
+        return torch.full(shape, value, dtype=dtype, device=device)
+
+    streams = Streams(cache=full((batch_size, K, C), UNGENERATED_TOKEN),
+                      forced=full((batch_size, cfg.gen_q + 1, C), NOT_FORCED),
+                      offset=full((batch_size,), 0),
+                      initial=lm.initial_tokens(device).view(1, K, 1),
+                      delays=torch.tensor(cfg.delays, dtype=torch.long, device=device))
+    flags = SamplerFlags(max_k=min(max_k or sampling.top_k, cfg.card),
+                         max_k_text=min(max_k_text or sampling.top_k_text, cfg.text_out_card))
+    sampler = Sampler(temp=full((batch_size,), 0.0, torch.float), top_k=full((batch_size,), 0),
+                      temp_text=full((batch_size,), 0.0, torch.float), top_k_text=full((batch_size,), 0),
+                      rep_penalty=full((batch_size,), 1.0, torch.float), rep_context=full((batch_size,), 0),
+                      pad_mult=full((batch_size,), 0.0, torch.float),
+                      text_history=full((batch_size, TEXT_HISTORY), -1), text_count=full((batch_size,), 0),
+                      seeds=full((batch_size, 2), 0) if slot_streams else None,
+                      draws=full((batch_size, 2), 0) if slot_streams else None, flags=flags)
+    condition = None
     if lm.condition_provider is not None:
-        state.condition = torch.zeros(rows, 1, cfg.dim, device=device, dtype=dtype)
-    if slot_streams:
-        state.seeds = torch.zeros(batch_size, 2, dtype=torch.long, device=device)
-        state.draws = torch.zeros(batch_size, 2, dtype=torch.long, device=device)
+        condition = torch.zeros(rows, 1, cfg.dim, device=device, dtype=dtype)
+    state = GenState(
+        streams=streams, sampler=sampler, guidance=Guidance(condition=condition, cfg_coef=float(cfg_coef)),
+        temporal=lm.transformer.init_state(rows, device=device, dtype=dtype, capacity=None if cfg.context else 4096),
+        depth=None if lm.depformer is None else lm.depformer.init_state(rows, device=device, dtype=dtype,
+                                                                          capacity=cfg.gen_q))
     set_sampling(state, sampling)
     return state
 
 
 def state_bytes(lm: LMModel, batch_size: int, cfg_coef: float = 1.0) -> int:
-    """What `init_state(lm, batch_size, cfg_coef=...)` allocates, in bytes, without allocating it:
-    almost all of it the temporal transformer's KV cache at its full context."""
-    cfg = lm.cfg
-    rows = 2 * batch_size if cfg_coef != 1.0 else batch_size
-    elem = lm.text_emb.weight.element_size()
-    total = 0
-    for t, capacity in ((cfg.temporal, cfg.context or 4096), (cfg.depth if cfg.gen_q else None, cfg.gen_q)):
-        if t is None:
-            continue
-        kv = rows * (t.num_heads // t.kv_repeat) * capacity * t.head_dim * elem
-        total += 2 * t.num_layers * kv + rows * (capacity + 1) * 8  # keys and values; positions
-    total += batch_size * (cfg.num_codebooks * (cfg.max_delay + 2) + 1 + 2 + 2 + 3) * 8  # cache, offset, seeds, draws, sampling
-    total += batch_size * (cfg.gen_q + 1) * (cfg.max_delay + 2) * 8  # forced tokens
-    total += batch_size * ((TEXT_HISTORY + 2) * 8 + 2 * 4)  # text shaping: history, count, context; penalty, pad
-    if lm.condition_provider is not None:
-        total += rows * cfg.dim * elem
-    return total
+    """What `init_state(lm, batch_size, cfg_coef=..., slot_streams=True)` allocates for its slots
+    (the server's states), in bytes, sized on the meta device: almost all of it the temporal
+    transformer's KV cache at its full context."""
+    return init_state(lm, batch_size, cfg_coef=cfg_coef, slot_streams=True, device="meta").nbytes
 
 
 def set_seeds(state: GenState, text_seed: int, audio_seed: int, mask: torch.Tensor | None = None) -> None:
     """Seeds the text and audio streams of the slots in `mask` (all when None) and rewinds them."""
-    if state.seeds is None:
+    sampler = state.sampler
+    if sampler.seeds is None:
         raise ValueError("this state samples from one generator: init_state(..., slot_streams=True)")
-    seeds = torch.tensor([text_seed, audio_seed], device=state.seeds.device)
+    seeds = torch.tensor([text_seed, audio_seed], device=sampler.seeds.device)
     if mask is None:
-        state.seeds.copy_(seeds.expand_as(state.seeds))
-        state.draws.zero_()
+        sampler.seeds.copy_(seeds.expand_as(sampler.seeds))
+        sampler.draws.zero_()
     else:
-        mask = mask.to(state.seeds.device)[:, None]
-        state.seeds.copy_(torch.where(mask, seeds, state.seeds))
-        state.draws.masked_fill_(mask, 0)
+        mask = mask.to(sampler.seeds.device)[:, None]
+        sampler.seeds.copy_(torch.where(mask, seeds, sampler.seeds))
+        sampler.draws.masked_fill_(mask, 0)
 
 
-def _sample(state: GenState, stream: int, logits: torch.Tensor, temp, top_k, max_k: int, generator) -> torch.Tensor:
-    """sample() with the state's per-slot stream `stream` (0 text, 1 audio) when it has them."""
+def _sample(sampler: Sampler, stream: int, logits: torch.Tensor, temp, top_k, max_k: int, generator) -> torch.Tensor:
+    """sample() with the per-slot stream `stream` (0 text, 1 audio) when the sampler has them."""
     noise = None
-    if state.seeds is not None:
-        noise = slot_exponentials(state.seeds[:, stream], state.draws[:, stream], max_k)
-        state.draws[:, stream] += max_k
+    if sampler.seeds is not None:
+        noise = slot_exponentials(sampler.seeds[:, stream], sampler.draws[:, stream], max_k)
+        sampler.draws[:, stream] += max_k
     return sample(logits, temp, top_k, max_k, generator, noise)
 
 
 def set_sampling(state: GenState, sampling: SamplingConfig, mask: torch.Tensor | None = None) -> None:
     """Sets the sampling settings of the slots in `mask` (all when None). top-k is capped at max_k."""
-    for name, max_k in (("temp", None), ("top_k", state.max_k), ("temp_text", None), ("top_k_text", state.max_k_text)):
-        value = getattr(sampling, name)
-        if max_k is not None:
-            value = min(value, max_k)
-        target = getattr(state, name)
+    sampler, flags = state.sampler, state.sampler.flags
+    for target, value in ((sampler.temp, sampling.temp), (sampler.top_k, min(sampling.top_k, flags.max_k)),
+                          (sampler.temp_text, sampling.temp_text),
+                          (sampler.top_k_text, min(sampling.top_k_text, flags.max_k_text)),
+                          (sampler.rep_penalty, sampling.repetition_penalty),
+                          (sampler.rep_context, sampling.repetition_context), (sampler.pad_mult, sampling.pad_mult)):
         if mask is None:
             target.fill_(value)
         else:
             target.masked_fill_(mask.to(target.device), value)
     # Known on the host without a sync: all greedy after a full setting, or while only greedy
-    # settings have been added since.
-    state.greedy_text = sampling.temp_text <= 0 and (mask is None or state.greedy_text)
-    if state.rep_penalty is not None:
-        for target, value in ((state.rep_penalty, sampling.repetition_penalty),
-                              (state.rep_context, sampling.repetition_context), (state.pad_mult, sampling.pad_mult)):
-            if mask is None:
-                target.fill_(value)
-            else:
-                target.masked_fill_(mask.to(target.device), value)
-        state.shaped_text = sampling.shapes_text or (mask is not None and state.shaped_text)
-    state.greedy_audio = sampling.temp <= 0 and (mask is None or state.greedy_audio)
+    # settings have been added since; some slot shapes its text once one was set to.
+    flags.greedy_text = sampling.temp_text <= 0 and (mask is None or flags.greedy_text)
+    flags.greedy_audio = sampling.temp <= 0 and (mask is None or flags.greedy_audio)
+    flags.shaped_text = sampling.shapes_text or (mask is not None and flags.shaped_text)
 
 
 def set_condition(state: GenState, condition: torch.Tensor, mask: torch.Tensor | None = None,
                   negative: torch.Tensor | None = None) -> None:
     """Sets the condition of the slots in `mask` (all when None), e.g. from
     `lm.condition_sum([{"description": "very_good"}] * B)`. condition: [B, 1, D] or [1, 1, D].
-    Like the sampling settings, a slot keeps its condition across `reset_slots`; slots never set
+    Like the sampling settings, a slot keeps its condition across `state.reset`; slots never set
     add zeros (an unconditioned input, which is not the model's learnt "no condition": for that,
     pass the value None to `lm.condition_sum`). With classifier-free guidance, `negative` (same
     shapes, e.g. the "very_bad" description) is what the guidance steers away from."""
-    if state.condition is None:
+    target = state.guidance.condition
+    if target is None:
         raise ValueError("this model has no conditioners (config keys 'conditioners'/'fuser')")
     if state.guided != (negative is not None):
         raise ValueError("classifier-free guidance needs a negative condition (set_condition(..., negative=...)), "
                          "and only guidance uses one" if state.guided else
                          "a negative condition is for classifier-free guidance: init_state(..., cfg_coef=...)")
-    B, D = state.batch_size, state.condition.shape[-1]
+    B, D = state.batch_size, target.shape[-1]
     for name, c in (("condition", condition), ("negative", negative)):
         if c is not None and (c.dim() != 3 or c.shape[0] not in (1, B) or c.shape[1:] != (1, D)):
             raise ValueError(f"{name} must be [{B} or 1, 1, {D}], got {tuple(c.shape)}")
     parts = [condition] if negative is None else [condition, negative]
-    value = torch.stack([c.to(state.condition.device, state.condition.dtype).expand(B, 1, D) for c in parts],
+    value = torch.stack([c.to(target.device, target.dtype).expand(B, 1, D) for c in parts],
                         dim=1).view(-1, 1, D)  # [B', 1, D], a slot's rows side by side
     if mask is None:
-        state.condition.copy_(value)
+        target.copy_(value)
     else:
         rows = _rows(state, mask.to(value.device))
-        state.condition.copy_(torch.where(rows[:, None, None], value, state.condition))
+        target.copy_(torch.where(rows[:, None, None], value, target))
 
 
 def _rows(state: GenState, per_slot: torch.Tensor) -> torch.Tensor:
@@ -252,112 +286,12 @@ def _guide(state: GenState, logits: torch.Tensor) -> torch.Tensor:
         return logits
     pairs = logits.view(-1, 2, *logits.shape[1:])
     cond, null = pairs[:, 0], pairs[:, 1]
-    return null + (cond - null) * state.cfg_coef
-
-
-def prefix(state: GenState, n: int) -> GenState:
-    """Slots [0, n) of `state` as views: a step on it updates `state` in place, and computes only
-    what those slots need. Host-side fields (calls, the greedy flags) are copies: the caller keeps
-    them current (the server passes positions to `GraphedStep` and copies the flags)."""
-    rows = 2 * n if state.guided else n
-    return replace(state, cache=state.cache[:n], offset=state.offset[:n], temporal=state.temporal.prefix(rows),
-                   depth=None if state.depth is None else state.depth.prefix(rows),
-                   temp=state.temp[:n], top_k=state.top_k[:n], temp_text=state.temp_text[:n],
-                   top_k_text=state.top_k_text[:n],
-                   condition=None if state.condition is None else state.condition[:rows],
-                   seeds=None if state.seeds is None else state.seeds[:n],
-                   draws=None if state.draws is None else state.draws[:n],
-                   forced=None if state.forced is None else state.forced[:n],
-                   **{name: None if getattr(state, name) is None else getattr(state, name)[:n]
-                      for name in ("rep_penalty", "rep_context", "pad_mult", "text_history", "text_count")})
-
-
-def move_slot(state: GenState, src: int, dst: int) -> None:
-    """Slot `dst` takes over slot `src`'s conversation: stream positions, tokens, caches, sampling
-    settings and condition. (Slot `src` keeps a copy; reset or ignore it.)"""
-    for t in (state.cache, state.offset, state.temp, state.top_k, state.temp_text, state.top_k_text,
-              state.seeds, state.draws, state.forced, state.rep_penalty, state.rep_context, state.pad_mult, state.text_history,
-              state.text_count):
-        if t is not None:
-            t[dst].copy_(t[src])
-    width = 2 if state.guided else 1
-    for i in range(width):
-        a, b = width * src + i, width * dst + i
-        for transformer in (state.temporal, state.depth):
-            if transformer is not None:
-                transformer.move(a, b)
-        if state.condition is not None:
-            state.condition[b].copy_(state.condition[a])
-
-
-@dataclass(frozen=True)
-class SlotSnapshot:
-    """A slot's conversation state, copied out of a GenState (`save_slot`): its token streams and
-    the filled part of its temporal KV cache. Not its sampling settings nor its seeds."""
-
-    rows: dict[str, torch.Tensor]  # GenState field -> the slot's row
-    offset: int  # temporal transformer positions filled (0..offset - 1), in cache slots 0..offset - 1
-    keys: list[torch.Tensor]  # per layer [Hkv, offset, Dh]
-    values: list[torch.Tensor]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.rows.values(), *self.keys, *self.values))
-
-
-_SLOT_ROWS = ("cache", "offset", "forced", "draws", "text_history", "text_count")
-
-
-def save_slot(state: GenState, slot: int) -> SlotSnapshot:
-    """A copy of slot `slot`'s conversation (see SlotSnapshot), for `load_slot` into any slot of a
-    state made for the same model. Its temporal transformer must not have wrapped its ring yet."""
-    if state.guided:
-        raise ValueError("slot snapshots do not support classifier-free guidance")
-    t = state.temporal
-    n = int(t.offset[slot])
-    if n > t.capacity:
-        raise ValueError(f"slot {slot} is at position {n}, past its KV cache's {t.capacity} slots")
-    rows = {name: getattr(state, name)[slot].clone() for name in _SLOT_ROWS if getattr(state, name) is not None}
-    return SlotSnapshot(rows, n, [k[slot, :, :n].clone() for k in t.keys], [v[slot, :, :n].clone() for v in t.values])
-
-
-def load_slot(state: GenState, slot: int, snap: SlotSnapshot) -> None:
-    """Slot `slot` continues the conversation of `snap` (its sampling settings and seeds stay)."""
-    for name, row in snap.rows.items():
-        getattr(state, name)[slot].copy_(row)
-    t, n = state.temporal, snap.offset
-    t.offset[slot] = n
-    t.key_pos[slot].fill_(-1)
-    t.key_pos[slot, :n] = torch.arange(n, device=t.key_pos.device)
-    for k, v, sk, sv in zip(t.keys, t.values, snap.keys, snap.values):
-        k[slot, :, :n].copy_(sk)
-        v[slot, :, :n].copy_(sv)
+    return null + (cond - null) * state.guidance.cfg_coef
 
 
 def read_window(calls: int, state: GenState) -> int:
     """Cache slots the temporal transformer must read at the (calls + 1)-th step since init."""
     return Transformer.read_window(calls, state.temporal.capacity)
-
-
-def reset_slots(state: GenState, mask: torch.Tensor | None = None) -> None:
-    """Starts a new conversation in the slots where mask [B] is True (all when None)."""
-    if mask is None:
-        state.cache.fill_(UNGENERATED_TOKEN)
-        state.offset.zero_()
-        state.forced.fill_(NOT_FORCED)
-        if state.text_history is not None:
-            state.text_history.fill_(-1)
-            state.text_count.zero_()
-    else:
-        mask = mask.to(state.offset.device)
-        state.cache.masked_fill_(mask[:, None, None], UNGENERATED_TOKEN)
-        state.offset.masked_fill_(mask, 0)
-        state.forced.masked_fill_(mask[:, None, None], NOT_FORCED)
-        if state.text_history is not None:
-            state.text_history.masked_fill_(mask[:, None], -1)
-            state.text_count.masked_fill_(mask, 0)
-        mask = _rows(state, mask)
-    state.temporal.reset(mask)
 
 
 def check_codes(codes: torch.Tensor, card: int, name: str = "codes") -> None:
@@ -415,7 +349,8 @@ def step(lm: LMModel, state: GenState, user_codes: torch.Tensor, active: torch.T
         attend = read_window(state.calls, state)
     state.calls += 1
     cfg = lm.cfg
-    Q, C = cfg.gen_q, state.cache.shape[2]
+    streams, sampler, flags = state.streams, state.sampler, state.sampler.flags
+    Q, C = cfg.gen_q, streams.cache.shape[2]
     if user_codes.dim() != 2:
         raise ValueError(f"user_codes must be [batch, codebooks], got shape {tuple(user_codes.shape)}")
     B, Ku = user_codes.shape
@@ -423,66 +358,66 @@ def step(lm: LMModel, state: GenState, user_codes: torch.Tensor, active: torch.T
         raise ValueError(f"user_codes has batch {B}, the state was made for {state.batch_size}")
     if Ku < cfg.num_user_codebooks:
         raise ValueError(f"user_codes has {Ku} codebooks, the model reads {cfg.num_user_codebooks}")
-    user_codes = user_codes[:, :cfg.num_user_codebooks].to(state.cache.device)
+    user_codes = user_codes[:, :cfg.num_user_codebooks].to(streams.cache.device)
     if check:
         check_codes(user_codes, cfg.card, "user_codes")
     if forced is not None:
-        forced = forced.to(state.cache.device)
+        forced = forced.to(streams.cache.device)
         if check:
             check_forced(forced, cfg, B)
         # Each forced token waits at its delayed position for the step that produces it.
-        at = (state.offset[:, None] + 1 + state.delays[:Q + 1]) % C  # [B, 1 + Q]
+        at = (streams.offset[:, None] + 1 + streams.delays[:Q + 1]) % C  # [B, 1 + Q]
         given = forced != NOT_FORCED
         if active is not None:
             given = given & active[:, None]
-        state.forced.scatter_(2, at[..., None], torch.where(given, forced, state.forced.gather(2, at[..., None])[..., 0])[..., None])
-    target = ((state.offset + 1) % C)[:, None].expand(B, Q + 1)  # the position this step produces
-    pending = state.forced.gather(2, target[..., None])[..., 0]  # [B, 1 + Q]
+        streams.forced.scatter_(2, at[..., None], torch.where(given, forced, streams.forced.gather(2, at[..., None])[..., 0])[..., None])
+    target = ((streams.offset + 1) % C)[:, None].expand(B, Q + 1)  # the position this step produces
+    pending = streams.forced.gather(2, target[..., None])[..., 0]  # [B, 1 + Q]
 
     # The user's codes of this frame go where their delayed streams will read them.
-    user_delays = state.delays[Q + 1:]
-    _write(state.cache[:, Q + 1:], (state.offset[:, None] + user_delays) % C, user_codes, active)
+    user_delays = streams.delays[Q + 1:]
+    _write(streams.cache[:, Q + 1:], (streams.offset[:, None] + user_delays) % C, user_codes, active)
 
     # Read this step's tokens; streams that have not started yet read the initial token.
-    not_started = state.offset[:, None, None] <= state.delays[None, :, None]  # [B, K, 1]
+    not_started = streams.offset[:, None, None] <= streams.delays[None, :, None]  # [B, K, 1]
     if active is not None:
         not_started = not_started | ~active[:, None, None]
-    index = (state.offset % C)[:, None, None].expand(B, cfg.num_codebooks, 1)
-    tokens = torch.where(not_started, state.initial, state.cache.gather(2, index))  # [B, K, 1]
+    index = (streams.offset % C)[:, None, None].expand(B, cfg.num_codebooks, 1)
+    tokens = torch.where(not_started, streams.initial, streams.cache.gather(2, index))  # [B, K, 1]
 
     tokens = _rows(state, tokens)  # with guidance, both rows of a slot read its tokens
     rows_active = None if active is None else _rows(state, active)
     if embeddings is not None:
         embeddings = (_rows(state, embeddings[0]), _rows(state, embeddings[1]))
-    hidden, text_logits = lm.forward_text(tokens, state.temporal, rows_active, state.condition, attend,
+    hidden, text_logits = lm.forward_text(tokens, state.temporal, rows_active, state.guidance.condition, attend,
                                           embeddings)  # [B', 1, D], [B', 1, N]
     text_logits = _guide(state, text_logits)[:, 0]  # [B, N]
-    if state.shaped_text:
-        text_logits = shape_text_logits(text_logits, state.text_history, state.text_count, state.rep_penalty,
-                                        state.rep_context, state.pad_mult, cfg.existing_text_padding_id)
-    if state.greedy_text:
+    if flags.shaped_text:
+        text_logits = shape_text_logits(text_logits, sampler.text_history, sampler.text_count, sampler.rep_penalty,
+                                        sampler.rep_context, sampler.pad_mult, cfg.existing_text_padding_id)
+    if flags.greedy_text:
         text = text_logits.argmax(dim=-1)
     else:
-        text = _sample(state, 0, text_logits, state.temp_text, state.top_k_text, state.max_k_text, generator)
+        text = _sample(sampler, 0, text_logits, sampler.temp_text, sampler.top_k_text, flags.max_k_text, generator)
     text = torch.where(pending[:, 0] != NOT_FORCED, pending[:, 0], text)
-    if state.shaped_text:
-        push_text_history(state.text_history, state.text_count, text,
+    if flags.shaped_text:
+        push_text_history(sampler.text_history, sampler.text_count, text,
                           (cfg.existing_text_padding_id, cfg.existing_text_end_padding_id), active)
     audio = depth_step(lm, state, text, hidden, generator, pending[:, 1:]) if Q else None
-    _write(state.forced, target, torch.full_like(pending, NOT_FORCED), active)  # used: free the positions
+    _write(streams.forced, target, torch.full_like(pending, NOT_FORCED), active)  # used: free the positions
 
     if active is None:
-        state.offset.add_(1)
+        streams.offset.add_(1)
     else:
-        state.offset.add_(active.long())
-    position = (state.offset % C)[:, None]  # [B, 1]
+        streams.offset.add_(active.long())
+    position = (streams.offset % C)[:, None]  # [B, 1]
     produced = text[:, None] if audio is None else torch.cat([text[:, None], audio], dim=1)  # [B, 1 + Q]
-    _write(state.cache[:, :Q + 1], position.expand(B, Q + 1), produced, active)
+    _write(streams.cache[:, :Q + 1], position.expand(B, Q + 1), produced, active)
 
     # The frame max_delay steps back is now complete in every generated stream.
-    back = (state.offset[:, None] - cfg.max_delay + state.delays[:Q + 1]) % C  # [B, 1 + Q]
-    frame = state.cache[:, :Q + 1].gather(2, back[..., None])[..., 0]  # [B, 1 + Q]
-    valid = state.offset > cfg.max_delay
+    back = (streams.offset[:, None] - cfg.max_delay + streams.delays[:Q + 1]) % C  # [B, 1 + Q]
+    frame = streams.cache[:, :Q + 1].gather(2, back[..., None])[..., 0]  # [B, 1 + Q]
+    valid = streams.offset > cfg.max_delay
     if active is not None:
         valid = valid & active
     return StepOutput(text=frame[:, 0], audio=frame[:, 1:], valid=valid)
@@ -493,17 +428,17 @@ def depth_step(lm: LMModel, state: GenState, text: torch.Tensor, hidden: torch.T
     """The depth transformer samples the frame's gen_q audio codebooks in order. text [B] -> [B, Q].
     hidden [B', 1, D]: B' = 2B rows with guidance. forced [B, Q]: tokens that replace the sampled
     ones (NOT_FORCED where none), read as the previous codebook by the next depth step."""
-    depth = state.depth
-    depth.reset()
+    depth, sampler, flags = state.depth, state.sampler, state.sampler.flags
+    depth.reset()  # nothing of the last frame's codebooks is read again
     prev, out = text[:, None], []  # [B, 1]
     for q in range(lm.cfg.gen_q):
         x = lm.depformer_input(q, _rows(state, prev), hidden)  # [B', 1, Dd]
         y = lm.depformer(x, depth, step=q)
         logits = _guide(state, lm.depformer_logits(q, y)[:, 0])  # [B, card]
-        if state.greedy_audio:
+        if flags.greedy_audio:
             token = logits.argmax(dim=-1)
         else:
-            token = _sample(state, 1, logits, state.temp, state.top_k, state.max_k, generator)
+            token = _sample(sampler, 1, logits, sampler.temp, sampler.top_k, flags.max_k, generator)
         if forced is not None:
             token = torch.where(forced[:, q] != NOT_FORCED, forced[:, q], token)
         out.append(token)

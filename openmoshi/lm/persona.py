@@ -173,16 +173,17 @@ def load_preset_cache(state: G.GenState, slot: int, ring: torch.Tensor, frames: 
     """Puts a preset's tokens where a live voice prompt of `frames` frames would have left them,
     the slot being one step short of it (offset frames - 1): every stream's position frames - 1,
     and the later positions of the delayed streams, the model's as forced tokens still to come."""
-    C, R, Q = state.cache.shape[2], ring.shape[1], cfg.gen_q
-    ring = ring.to(state.cache.device)
+    streams = state.streams
+    C, R, Q = streams.cache.shape[2], ring.shape[1], cfg.gen_q
+    ring = ring.to(streams.cache.device)
     for k, d in enumerate(cfg.delays):
         for p in range(frames - 1, frames + d - (0 if k <= Q else 1)):
             if p == frames - 1:
-                state.cache[slot, k, p % C] = ring[k, p % R]
+                streams.cache[slot, k, p % C] = ring[k, p % R]
             elif k <= Q:
-                state.forced[slot, k, p % C] = ring[k, p % R]
+                streams.forced[slot, k, p % C] = ring[k, p % R]
             else:
-                state.cache[slot, k, p % C] = ring[k, p % R]
+                streams.cache[slot, k, p % C] = ring[k, p % R]
 
 
 def run_prompts(lm: LMModel, state: G.GenState, prompts: Sequence[Prompt | None],
@@ -193,7 +194,7 @@ def run_prompts(lm: LMModel, state: G.GenState, prompts: Sequence[Prompt | None]
     if len(prompts) != B:
         raise ValueError(f"{len(prompts)} prompts for {B} slots")
     cursors = [None if p is None else PromptCursor(p, lm.cfg) for p in prompts]
-    device = state.cache.device
+    device = state.streams.cache.device
     Ku, Q, D = lm.cfg.num_user_codebooks, lm.cfg.gen_q, lm.cfg.dim
     while any(c is not None and not c.done for c in cursors):
         user = torch.zeros(B, Ku, dtype=torch.long)

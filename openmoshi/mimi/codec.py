@@ -18,7 +18,8 @@ Everything is causal, so both directions stream frame by frame with caller-owned
 
     enc = mimi.init_encode_state(B);  codes = mimi.encode_step(pcm_frames, enc)
     dec = mimi.init_decode_state(B);  pcm = mimi.decode_step(codes, dec)
-    enc.reset(mask)   # restart some conversations of the batch (mask: bool [B])
+    enc.reset(mask)   # restart some conversations of the batch (mask: bool [B]); also prefix, move,
+                      # save_slot: see openmoshi.modules.slots
 
 Streaming outputs equal the whole-signal `encode`/`decode` outputs. Whole-signal `encode` pads the
 audio on the right with zeros to a whole number of frames, like the official `MimiModel.encode`.
@@ -35,6 +36,7 @@ from openmoshi.mimi.conv import Conv1dState, ConvTr1dState, StreamingConv1d, Str
 from openmoshi.mimi.config import MimiConfig
 from openmoshi.mimi.quantizer import SplitResidualVectorQuantizer
 from openmoshi.mimi.seanet import SeanetDecoder, SeanetEncoder, SeanetState
+from openmoshi.modules.slots import SlotState, nested
 from openmoshi.modules.transformer import Transformer, TransformerConfig, TransformerState
 
 SAMPLE_RATE = 24000
@@ -75,47 +77,17 @@ class Upsample(nn.Module):
 
 
 @dataclass
-class MimiEncodeState:
-    encoder: SeanetState
-    transformer: TransformerState
-    downsample: Conv1dState
-
-    def reset(self, mask: torch.Tensor) -> None:
-        """Restart the batch slots where `mask` (bool [B]) is True; the others are untouched."""
-        self.encoder.reset(mask)
-        self.transformer.reset(mask)
-        self.downsample.reset(mask)
-
-    def prefix(self, n: int) -> "MimiEncodeState":
-        """Slots [0, n) as views: steps on it update this state in place."""
-        return MimiEncodeState(self.encoder.prefix(n), self.transformer.prefix(n), self.downsample.prefix(n))
-
-    def move(self, src: int, dst: int) -> None:
-        """Slot `dst` continues slot `src`'s stream."""
-        self.encoder.move(src, dst)
-        self.transformer.move(src, dst)
-        self.downsample.move(src, dst)
+class MimiEncodeState(SlotState):
+    encoder: SeanetState = nested()
+    transformer: TransformerState = nested()
+    downsample: Conv1dState = nested()
 
 
 @dataclass
-class MimiDecodeState:
-    upsample: ConvTr1dState
-    transformer: TransformerState
-    decoder: SeanetState
-
-    def reset(self, mask: torch.Tensor) -> None:
-        """Restart the batch slots where `mask` (bool [B]) is True; the others are untouched."""
-        self.upsample.reset(mask)
-        self.transformer.reset(mask)
-        self.decoder.reset(mask)
-
-    def prefix(self, n: int) -> "MimiDecodeState":
-        return MimiDecodeState(self.upsample.prefix(n), self.transformer.prefix(n), self.decoder.prefix(n))
-
-    def move(self, src: int, dst: int) -> None:
-        self.upsample.move(src, dst)
-        self.transformer.move(src, dst)
-        self.decoder.move(src, dst)
+class MimiDecodeState(SlotState):
+    upsample: ConvTr1dState = nested()
+    transformer: TransformerState = nested()
+    decoder: SeanetState = nested()
 
 
 class Mimi(nn.Module):

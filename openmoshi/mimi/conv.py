@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from openmoshi.modules.slots import SlotState, host, per_slot
+
 PAD_MODES = ("constant", "replicate")
 LIBRARY_CONV_MIN_WINDOWS = 64  # streaming convs with this many output steps use the library conv
 
@@ -70,29 +72,16 @@ class _ConvTrHolder(nn.Module):
 
 
 @dataclass
-class Conv1dState:
+class Conv1dState(SlotState):
     """Left context of a streaming conv. `buffer[:, :, :length]` holds the last P samples seen
     (initially the padding) followed by the samples that do not yet complete a stride.
     `length` is a host-side int: it only depends on chunk lengths, which are the same for every
-    slot, so reading it never syncs with the device."""
+    slot, so reading it never syncs with the device. A reset is exact whenever no partial stride
+    is pending (always true for Mimi's whole frames)."""
 
-    buffer: torch.Tensor  # [B, C_in, P + s - 1], preallocated
-    length: int
-    first: torch.Tensor  # [B] bool, True until the slot has seen a sample (replicate padding)
-
-    def reset(self, mask: torch.Tensor) -> None:
-        """Restart the slots where `mask` [B] is True, as if they had seen nothing.
-        Exact whenever no partial stride is pending (always true for Mimi's whole frames)."""
-        self.buffer.masked_fill_(mask.view(-1, 1, 1), 0.0)
-        self.first.logical_or_(mask)
-
-    def prefix(self, n: int) -> "Conv1dState":
-        """Slots [0, n) as views. `length` is copied: whole-frame steps never change it."""
-        return Conv1dState(self.buffer[:n], self.length, self.first[:n])
-
-    def move(self, src: int, dst: int) -> None:
-        self.buffer[dst].copy_(self.buffer[src])
-        self.first[dst].copy_(self.first[src])
+    buffer: torch.Tensor = per_slot(reset=0.0)  # [B, C_in, P + s - 1], preallocated
+    length: int = host()
+    first: torch.Tensor = per_slot(reset=True)  # [B] bool, True until the slot has seen a sample (replicate padding)
 
 
 class StreamingConv1d(nn.Module):
@@ -148,7 +137,7 @@ class StreamingConv1d(nn.Module):
         buffer = torch.zeros(batch_size, self.in_channels, self.padding + self.stride - 1,
                              device=device or weight.device, dtype=dtype or weight.dtype)
         first = torch.ones(batch_size, dtype=torch.bool, device=buffer.device)
-        return Conv1dState(buffer, self.padding, first)
+        return Conv1dState(buffer=buffer, length=self.padding, first=first)
 
     def step(self, x: torch.Tensor, state: Conv1dState) -> torch.Tensor:
         """Streaming: x [B, C_in, T] (any T) -> [B, C_out, number of windows completed]."""
@@ -173,19 +162,10 @@ class StreamingConv1d(nn.Module):
 
 
 @dataclass
-class ConvTr1dState:
+class ConvTr1dState(SlotState):
     """Overhang of the last chunk's transposed conv, bias removed."""
 
-    partial: torch.Tensor  # [B, C_out, k - s], preallocated
-
-    def reset(self, mask: torch.Tensor) -> None:
-        self.partial.masked_fill_(mask.view(-1, 1, 1), 0.0)
-
-    def prefix(self, n: int) -> "ConvTr1dState":
-        return ConvTr1dState(self.partial[:n])
-
-    def move(self, src: int, dst: int) -> None:
-        self.partial[dst].copy_(self.partial[src])
+    partial: torch.Tensor = per_slot(reset=0.0)  # [B, C_out, k - s], preallocated
 
 
 class StreamingConvTranspose1d(nn.Module):
@@ -232,7 +212,7 @@ class StreamingConvTranspose1d(nn.Module):
         weight = self.convtr.convtr.weight
         partial = torch.zeros(batch_size, self.out_channels, self.overhang,
                               device=device or weight.device, dtype=dtype or weight.dtype)
-        return ConvTr1dState(partial)
+        return ConvTr1dState(partial=partial)
 
     def step(self, x: torch.Tensor, state: ConvTr1dState) -> torch.Tensor:
         """Streaming: x [B, C_in, T] (any T) -> [B, C_out, T * s]."""

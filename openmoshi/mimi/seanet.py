@@ -20,38 +20,30 @@ keeps a `SeanetState` (`init_state`) and calls `step`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from openmoshi.mimi.conv import StreamingConv1d, StreamingConvTranspose1d
 from openmoshi.mimi.config import SeanetConfig
+from openmoshi.modules.slots import SlotState, nested
 
 
-class SeanetState(list):
+@dataclass
+class SeanetState(SlotState):
     """Streaming state of a sequence of layers: one entry per layer (None for stateless ones)."""
 
-    def reset(self, mask: torch.Tensor) -> None:
-        """Restart the batch slots where `mask` [B] is True."""
-        for s in self:
-            if s is not None:
-                s.reset(mask)
-
-    def prefix(self, n: int) -> "SeanetState":
-        return SeanetState(None if s is None else s.prefix(n) for s in self)
-
-    def move(self, src: int, dst: int) -> None:
-        for s in self:
-            if s is not None:
-                s.move(src, dst)
+    layers: list[SlotState | None] = nested()
 
 
 def _init_states(layers: nn.Sequential, batch_size: int, device, dtype) -> SeanetState:
-    return SeanetState(layer.init_state(batch_size, device, dtype)
-                       if hasattr(layer, "init_state") else None for layer in layers)
+    return SeanetState(layers=[layer.init_state(batch_size, device, dtype)
+                               if hasattr(layer, "init_state") else None for layer in layers])
 
 
 def _step_all(layers: nn.Sequential, x: torch.Tensor, state: SeanetState) -> torch.Tensor:
-    for layer, s in zip(layers, state):
+    for layer, s in zip(layers, state.layers):
         x = layer(x) if s is None else layer.step(x, s)
     return x
 

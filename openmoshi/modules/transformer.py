@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from openmoshi.modules.slots import UNREAD, SlotState, host, per_slot
+
 NORMS = ("layer_norm", "layer_norm_f32", "rms_norm", "rms_norm_f32")
 GATINGS = ("none", "silu", "gelu", "relu", "sigmoid", "tanh", "elu", "leaky_relu", "mish",
            "softsign", "identity")
@@ -189,38 +191,27 @@ def additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 @dataclass
-class TransformerState:
+class TransformerState(SlotState):
     """Ring KV cache with per-slot positions. All tensors are updated in place."""
 
-    offset: torch.Tensor  # [B] long, steps already processed by each slot
-    key_pos: torch.Tensor  # [B, S] long, position held by each cache slot, -1 when empty
-    keys: list[torch.Tensor]  # per layer [B, Hkv, S, Dh]
-    values: list[torch.Tensor]  # per layer [B, Hkv, S, Dh]
-    max_chunk: int  # most steps one call may add without breaking the context window
+    offset: torch.Tensor = per_slot(reset=0)  # [B] long, steps already processed by each slot
+    key_pos: torch.Tensor = per_slot(reset=-1)  # [B, S] long, position held by each cache slot, -1 when empty
+    keys: list[torch.Tensor] = per_slot(reset=UNREAD)  # per layer [B, Hkv, S, Dh], read where key_pos >= 0
+    values: list[torch.Tensor] = per_slot(reset=UNREAD)  # per layer [B, Hkv, S, Dh]
+    max_chunk: int = host()  # most steps one call may add without breaking the context window
 
     @property
     def capacity(self) -> int:
         return self.key_pos.shape[1]
 
-    def reset(self, mask: torch.Tensor | None = None) -> None:
-        """Start the slots where `mask` [B] is True afresh (all slots when mask is None)."""
-        if mask is None:
-            self.offset.zero_()
-            self.key_pos.fill_(-1)
-            return
-        mask = mask.to(self.offset.device)
-        self.offset.masked_fill_(mask, 0)
-        self.key_pos.masked_fill_(mask[:, None], -1)
-
-    def prefix(self, n: int) -> "TransformerState":
-        """The state of rows [0, n) as views: a step on it updates this state in place."""
-        return TransformerState(self.offset[:n], self.key_pos[:n], [k[:n] for k in self.keys],
-                                [v[:n] for v in self.values], self.max_chunk)
-
-    def move(self, src: int, dst: int) -> None:
-        """Row `dst` becomes a copy of row `src` (its conversation continues there)."""
-        for t in (self.offset, self.key_pos, *self.keys, *self.values):
-            t[dst].copy_(t[src])
+    def _saved(self, name: str, rows, which: slice):
+        """Of the keys and values, a snapshot keeps the ring slots filled so far (positions
+        0..offset - 1 sit in slots 0..offset - 1 until the ring wraps): a 7B's full-context cache
+        is 1.5 GB per slot, a persona prompt's part of it a few hundred MB."""
+        if name not in ("keys", "values"):
+            return rows
+        n = min(int(self.offset[which].max()), self.capacity)
+        return [t[:, :, :n] for t in rows]
 
 
 # ----------------------------------------------------------------------------- layers

@@ -24,7 +24,7 @@ PERSONA_CACHE_BYTES = 2 * 1024 ** 3  # ... and their bytes (a 7B's: about 0.5 MB
 class PromptRunner:
     def __init__(self, cfg):
         self.cfg = cfg
-        self.cache: OrderedDict[tuple, G.SlotSnapshot] = OrderedDict()
+        self.cache: OrderedDict[tuple, G.Snapshot] = OrderedDict()
         self.hits = 0
 
     def start(self, engine, row: int, prompt: Prompt, persona: tuple | None) -> tuple[PromptCursor, int]:
@@ -34,7 +34,7 @@ class PromptRunner:
         snap = self.cache.get(persona) if persona is not None else None
         if snap is None:
             return cursor, 0
-        G.load_slot(engine.gen, row, snap)
+        engine.gen.load_slot(row, snap)
         cursor.step = prompt.frames - 1
         self.cache.move_to_end(persona)
         self.hits += 1
@@ -62,7 +62,7 @@ class PromptRunner:
         cursor.after_step(engine.gen, row)
         if (cursor.step == cursor.prompt.frames - 1 and persona is not None and not engine.gen.guided
                 and persona not in self.cache):
-            self.cache[persona] = G.save_slot(engine.gen, row)
+            self.cache[persona] = engine.gen.save_slot(row)
             while len(self.cache) > PERSONA_CACHE or (
                     len(self.cache) > 1 and sum(s.nbytes for s in self.cache.values()) > PERSONA_CACHE_BYTES):
                 self.cache.popitem(last=False)
