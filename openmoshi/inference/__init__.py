@@ -5,6 +5,6 @@
 
 Offers: `offline.load`, `offline.InferenceModel`, `offline.InferenceResult`.
 
-May import: openmoshi.audio, openmoshi.modules, openmoshi.mimi, openmoshi.lm, openmoshi.accel, openmoshi.engine,
+May import: openmoshi.errors, openmoshi.audio, openmoshi.modules, openmoshi.mimi, openmoshi.lm, openmoshi.accel, openmoshi.engine,
 openmoshi.loading.
 """

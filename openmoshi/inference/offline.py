@@ -43,6 +43,7 @@ from openmoshi.audio import SAMPLE_RATE, AudioError, load_audio, resample
 from openmoshi.engine.engine import Engine
 from openmoshi.engine.speed import Speed, SpeedConfig, choose
 from openmoshi.engine.startup import make_fast
+from openmoshi.errors import UserError
 from openmoshi.inference.transcript import Piece, Word, pieces, text_of, transcript_dict, words
 from openmoshi.lm.persona import Prompt, build_prompt, run_prompts, wrap_system
 from openmoshi.lm.sampling import SamplingConfig
@@ -146,11 +147,11 @@ def run(model: LoadedModel, inputs: list, sampling: SamplingConfig | None = None
     phase (`persona_prompt`), run before every input."""
     kind = model.config.model_type
     if kind not in POLICIES:
-        raise ValueError(f"model_type {kind!r} is not supported by offline inference")
+        raise UserError(f"model_type {kind!r} is not supported by offline inference")
     if prompt is not None and kind != "moshi":
-        raise ValueError(f"persona prompts are for speech-to-speech models, not {kind}")
+        raise UserError(f"persona prompts are for speech-to-speech models, not {kind}")
     if silence_tail < 0:
-        raise ValueError(f"silence_tail must be >= 0, got {silence_tail}")
+        raise UserError(f"silence_tail must be >= 0, got {silence_tail}")
     sampling = sampling or SamplingConfig.from_gen_config(model.config.lm_gen_config)
     heard = [as_pcm(x, sample_rate) for x in inputs]  # [1, N] each
     policy = (PersonaPolicy if prompt is not None else POLICIES[kind])(model, heard, silence_tail)
@@ -163,7 +164,7 @@ def run(model: LoadedModel, inputs: list, sampling: SamplingConfig | None = None
     generator = None if seed is None else torch.Generator(model.device).manual_seed(seed)
     speed = speed or choose(model.device, SpeedConfig(cuda_graphs=cuda_graph, self_check=False))
     if kind != "hibiki" and model.lm.condition_provider is not None:  # as the official loop
-        raise ValueError(f"this {kind} model expects conditioning, which offline inference supports for Hibiki only")
+        raise UserError(f"this {kind} model expects conditioning, which offline inference supports for Hibiki only")
     engine = Engine.build(model, B, speed, sampling, cfg_coef, slot_streams=False, generator=generator,
                           all_buckets=False)
     if prompt is not None:

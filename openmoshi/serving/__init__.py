@@ -22,6 +22,6 @@
 Offers: `server.MoshiServer`, `server.ServerConfig`, `app.asgi_app`, `app.Runner`, `loop.ModelLoop`,
 `session.Session`, `client.talk_file`, `aec.EchoCanceller`.
 
-May import: openmoshi.audio, openmoshi.memory, openmoshi.mimi, openmoshi.lm, openmoshi.accel,
+May import: openmoshi.errors, openmoshi.audio, openmoshi.memory, openmoshi.mimi, openmoshi.lm, openmoshi.accel,
 openmoshi.loading, openmoshi.engine.
 """

@@ -17,6 +17,7 @@ import re
 import secrets
 from dataclasses import replace
 
+from openmoshi.errors import UserError
 from openmoshi.lm.sampling import SamplingConfig
 
 # Official web client parameter -> SamplingConfig field.
@@ -45,7 +46,7 @@ def one_value(query, name: str) -> str | None:
     values = query.getlist(name) if hasattr(query, "getlist") else [query[name]] if name in query else []
     values = [v for v in values if v != ""]
     if len(set(values)) > 1:
-        raise ValueError(f"query parameter {name} is given {len(values)} times "
+        raise UserError(f"query parameter {name} is given {len(values)} times "
                          f"({', '.join(quoted(v) for v in values[:3])}): give it once")
     return values[0] if values else None
 
@@ -54,9 +55,9 @@ def parse_number(name: str, raw: str, integer: bool) -> int | float:
     """A query value as a number, strictly: ASCII digits, optional sign, point and exponent; an
     integer setting takes integral values only ("100.0" and "1e2" are 100, JavaScript's way)."""
     if raw.strip().lstrip("+-").lower() in ("inf", "infinity", "nan"):
-        raise ValueError(f"query parameter {name}={quoted(raw)} must be finite")
+        raise UserError(f"query parameter {name}={quoted(raw)} must be finite")
     if len(raw) > MAX_NUMBER_CHARS or not _FLOAT.fullmatch(raw):
-        raise ValueError(f"query parameter {name}={quoted(raw)} is not {'an integer' if integer else 'a number'} "
+        raise UserError(f"query parameter {name}={quoted(raw)} is not {'an integer' if integer else 'a number'} "
                          f"(ASCII digits, at most {MAX_NUMBER_CHARS} characters)")
     value = float(raw)  # inf beyond the double range: refused by the setting's range
     if not integer:
@@ -64,9 +65,9 @@ def parse_number(name: str, raw: str, integer: bool) -> int | float:
     if _DIGITS.fullmatch(raw):
         return int(raw)  # exact, however long (the range check quotes it)
     if math.isfinite(value) and not value.is_integer():
-        raise ValueError(f"query parameter {name}={quoted(raw)} is not an integer")
+        raise UserError(f"query parameter {name}={quoted(raw)} is not an integer")
     if not abs(value) < 2 ** 63:
-        raise ValueError(f"query parameter {name}={quoted(raw)} is out of range (far too large)")
+        raise UserError(f"query parameter {name}={quoted(raw)} is out of range (far too large)")
     return int(value)
 
 
@@ -81,7 +82,7 @@ def sampling_from_query(query, default: SamplingConfig) -> SamplingConfig:
         try:
             sampling = replace(sampling, **{field: value})  # SamplingConfig checks the ranges
         except ValueError as e:
-            raise ValueError(f"query parameter {name}={quoted(raw)} is out of range: {e}") from None
+            raise UserError(f"query parameter {name}={quoted(raw)} is out of range: {e}") from None
     return sampling
 
 
@@ -94,10 +95,10 @@ def seeds_from_query(query) -> tuple[int, int] | None:
         if raw is None:
             continue
         if len(raw) > MAX_NUMBER_CHARS or not raw.isascii() or not raw.isdigit():
-            raise ValueError(f"query parameter {name}={quoted(raw)} must be an integer")
+            raise UserError(f"query parameter {name}={quoted(raw)} must be an integer")
         value = int(raw)
         if value >= SEED_LIMIT:
-            raise ValueError(f"query parameter {name}={quoted(raw)} must be between 0 and 2^62")
+            raise UserError(f"query parameter {name}={quoted(raw)} must be between 0 and 2^62")
         given[name] = value
     if not given:
         return None
