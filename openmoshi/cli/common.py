@@ -138,6 +138,7 @@ def fits(args: argparse.Namespace, what: str, device, dtype, quantize: str | Non
     from openmoshi.loading import budget
 
     def check(config) -> None:
+        check_cfg_coef(config, cfg_coef)  # before sizing a guided state the model cannot have
         lm = config.lm
         given = getattr(args, "moshi_weight", None)
         path = given if given and Path(str(given)).is_file() else None

@@ -45,6 +45,7 @@ from dataclasses import dataclass
 
 import torch
 
+from openmoshi.errors import UserError
 from openmoshi.lm.config import UNGENERATED_TOKEN, ZERO_TOKEN
 from openmoshi.lm.model import LMModel
 from openmoshi.lm.sampling import (TEXT_HISTORY, SamplingConfig, push_text_history, sample, shape_text_logits,
@@ -162,8 +163,8 @@ def init_state(lm: LMModel, batch_size: int, sampling: SamplingConfig = Sampling
     device, dtype = param.device if device is None else torch.device(device), param.dtype
     K, C = cfg.num_codebooks, cfg.max_delay + 2
     if cfg_coef != 1.0 and lm.condition_provider is None:
-        raise ValueError("classifier-free guidance (cfg_coef != 1) needs a conditioned model "
-                         "(config keys 'conditioners'/'fuser', e.g. Hibiki); use cfg_coef=1")
+        raise UserError("classifier-free guidance (cfg_coef != 1) needs a conditioned model "
+                        "(config keys 'conditioners'/'fuser', e.g. Hibiki); use cfg_coef=1")
     rows = 2 * batch_size if cfg_coef != 1.0 else batch_size  # the transformers' batch
 
     def full(shape, value, dtype=torch.long):
