@@ -3,9 +3,10 @@
 A `UserError` is raised for what the user caused and can put right: a missing or unreadable file,
 a bad flag or option, a config, checkpoint, audio file, voice or data set that cannot be used, an
 out-of-range value given to the library's public API (`openmoshi.load_*`, `openmoshi.inference`,
-`SamplingConfig`, ...). Its message says, in one line, what is wrong and where it can what to do
-instead: the command line prints it as `openmoshi: error: ...` and exits 2. Anything else raised
-is a bug (our own code passing a wrong shape, a broken invariant) and keeps its traceback.
+`SamplingConfig`, `Engine` arguments, ...). Its message says, in one line, what is wrong and, where
+it can, what to do instead: the command line prints it as `openmoshi: error: ...` and exits 2.
+Anything else raised is a bug (our own code passing a wrong shape, a broken invariant) and keeps
+its traceback.
 
 `UserError` is a `ValueError`, so code and tests that catch `ValueError` catch it as before. Each
 kind has its subclass beside what it guards:
