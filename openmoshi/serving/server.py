@@ -341,7 +341,7 @@ class MoshiServer:
         self.sessions.add(session)
         self.metrics.inc("openmoshi_conversations_total")
         started = time.monotonic()
-        sender = None
+        sender = filler = None
         try:
             if prompt is None:
                 await asyncio.wait_for(session.ready, self.config.ready_timeout)
@@ -351,6 +351,8 @@ class MoshiServer:
                   sampling=sampling.__dict__)
             await session.send(protocol.greeting())
             sender = asyncio.create_task(session.sender())
+            if getattr(protocol, "fills_silence", False):
+                filler = asyncio.create_task(session.fill_silence())
             await self._receive(session)
         except asyncio.TimeoutError:
             session.closed_reason = "timeout"
@@ -361,8 +363,9 @@ class MoshiServer:
         finally:
             self._close(session)
             self.sessions.discard(session)
-            if sender is not None:
-                sender.cancel()
+            for task in (sender, filler):
+                if task is not None:
+                    task.cancel()
             await ws.close()
             event("conversation_end", peer=peer, slot=session.seat.id, reason=session.closed_reason,
                   seconds=round(time.monotonic() - started, 2), frames_in=session.seat.frames_in,

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from typing import Any, Mapping, Protocol
 
 import numpy as np
 
 from openmoshi.serving.loop import FRAME_SIZE, Configure, Join, Seat
+from openmoshi.serving.phases import FRAME_S, JITTER_S
 
 log = logging.getLogger("openmoshi.serving.server")
 
@@ -65,6 +67,8 @@ class WireProtocol(Protocol):
     async def report(self, message: str, kind: str, **details) -> None: ...  # a bad message, to the client
     def frame(self, pcm: np.ndarray, text: str | None) -> None: ...  # one model frame
     def wire(self, item: Any) -> bytes | str | None: ...  # an outbox item as a message (None: nothing yet)
+    # A protocol sets `fills_silence = True` when its clients may send no audio and still expect the
+    # model to go on (the Realtime API): the session then fills their silences (`Session.fill_silence`).
 
 
 def event(name: str, level: int = logging.INFO, **fields) -> None:
@@ -85,6 +89,7 @@ class Session:
         self.droppable = 0  # droppable items in the outbox
         self.out_event = asyncio.Event()
         self.pending = np.zeros(0, dtype=np.float32)  # PCM not yet a whole frame
+        self.last_audio = time.monotonic()  # when the client's audio last came (`fill_silence`)
         self.errors = self.dropped = self.frames_out = 0
         self.waited = 0.0  # seconds in the waiting line
         self.seat: Seat | None = None
@@ -116,12 +121,23 @@ class Session:
         """Any length of PCM: its whole frames go to the model loop, the rest waits; returns frames."""
         if not pcm.size:
             return 0
+        self.last_audio = time.monotonic()
         x = np.concatenate([self.pending, pcm]) if self.pending.size else pcm
         whole = x.shape[0] - x.shape[0] % FRAME_SIZE
         if whole:
             self.server.loop.push(self.seat, x[:whole].reshape(-1, FRAME_SIZE))
         self.pending = x[whole:]
         return whole // FRAME_SIZE
+
+    async def fill_silence(self) -> None:
+        """For a protocol whose clients may send no audio (`fills_silence`): while none has come for
+        a frame (and jitter), one frame of silence a frame goes in, so the model goes on as the
+        client expects. A client that streams audio gets none: the model loop never makes up input."""
+        silence = np.zeros((1, FRAME_SIZE), dtype=np.float32)
+        while True:
+            await asyncio.sleep(FRAME_S)
+            if time.monotonic() - self.last_audio > FRAME_S + JITTER_S and not self.seat.inbox:
+                self.server.loop.push(self.seat, silence)
 
     def restart(self, prompt=None, persona: tuple | None = None, keep_prompt: bool = True) -> None:
         """The model's side starts afresh (with a new persona prompt when given)."""

@@ -72,6 +72,8 @@ class _Response:
 class RealtimeProtocol:
     """The Realtime API's side of one session (see the module doc)."""
 
+    fills_silence = True  # a Realtime client may send no audio (text turns, push-to-talk) and still hears Moshi
+
     def __init__(self, query: Mapping[str, str] | None = None):
         self.session: Session | None = None
         self.session_id = E.new_id("sess")
