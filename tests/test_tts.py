@@ -1,0 +1,101 @@
+"""Kyutai TTS: greedy generation equal to the official `TTSModel.generate` (moshi 0.2.13) on tiny
+random checkpoints in the released layouts: text and audio tokens exact, word timings equal.
+One speaker-embedding model (cross-attention, CFG distilled into a `cfg` condition, second text
+stream) and one audio-prefix model (guidance by batch doubling)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from openmoshi.lm.tts import TTSSettings, condition_values, generate, tts_spec
+from openmoshi.lm.tts_script import script_to_entries
+from openmoshi.loading.model import load_model
+from openmoshi.loading.resolve import resolve_files
+
+from tts_utils import make_tts_checkpoint, make_voice, official_tts
+
+TURNS = [["Hello there, how are you?", "Fine <break time=\"0.4s\"/> thanks."],
+         ["One two three four five six seven."]]
+
+
+@pytest.fixture(scope="module")
+def emb_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tts_emb")
+    make_tts_checkpoint(folder, "emb", seed=3)
+    make_voice(folder / "voices", "alice", 1)
+    make_voice(folder / "voices", "bob", 2)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def prefix_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tts_prefix")
+    make_tts_checkpoint(folder, "prefix", seed=5)
+    return folder
+
+
+def chosen_timings(transcripts) -> bool:
+    """Some word started before the state machine forced it (max_padding 8: 9 frames apart): the
+    timings are the model's, not the rule's."""
+    return any(b[1] - a[1] < 9 for t in transcripts for a, b in zip(t, t[1:]))
+
+
+def ours(folder: Path):
+    model = load_model(resolve_files(hf_repo=str(folder)), device="cpu", dtype=torch.float32)
+    return model, tts_spec(model.config)
+
+
+def official_run(tts, turns, voices=None, prefixes=None, cfg=None):
+    from moshi.models.tts import TTSModel  # noqa: F401
+
+    entries = [tts.prepare_script(t, padding_between=1) for t in turns]
+    attrs = [tts.make_condition_attributes(v or [], cfg) for v in (voices or [None] * len(turns))]
+    result = tts.generate(entries, attrs, prefixes=prefixes)
+    return torch.cat(result.frames, dim=-1), result
+
+
+def test_speaker_embeddings_match_official(emb_folder):
+    tts = official_tts(emb_folder, temp=0.0, cfg_coef=1.0)
+    voices = [[emb_folder / "voices" / f"alice.0badc0de@7.safetensors", emb_folder / "voices" / "bob.0badc0de@7.safetensors"],
+              [emb_folder / "voices" / "bob.0badc0de@7.safetensors"]]
+    ref, result = official_run(tts, TURNS, voices, cfg=2.0)
+
+    model, spec = ours(emb_folder)
+    from safetensors.torch import load_file
+    assert spec.delay_steps == 4 and spec.second_stream_ahead == 2 and spec.multi_speaker and spec.cfg_values
+    entries = [script_to_entries(model.tokenizer, t, 12.5, spec.multi_speaker, padding_between=1) for t in TURNS]
+    values = [condition_values(spec, [load_file(str(p))["speaker_wavs"][0] for p in v], 2.0) for v in voices]
+    out = generate(model.lm, spec, TTSSettings(temp=0.0, cfg_coef=2.0), entries, values)
+    assert out.frames.shape == ref.shape
+    assert (ref[:, 1:] >= 0).any() and len(set(ref[:, 1:].flatten().tolist())) > 10, "degenerate test"
+    assert torch.equal(out.frames, ref)
+    assert out.end_steps == result.end_steps and None not in out.end_steps
+    assert out.transcripts == [[tuple(w) for w in t] for t in result.all_transcripts]
+    assert chosen_timings(out.transcripts), "degenerate test: every word was forced"
+    assert out.consumption_times == result.all_consumption_times
+    assert chosen_timings(out.transcripts), "degenerate test: every word was forced"
+
+
+def test_audio_prefix_matches_official(prefix_folder):
+    tts = official_tts(prefix_folder, temp=0.0, cfg_coef=2.0)
+    torch.manual_seed(0)
+    prefixes = [torch.randint(0, 2048, (5, 7)), torch.randint(0, 2048, (5, 9))]
+    for p in prefixes:
+        p[0] = -1  # the text row of an official prefix
+    ref, result = official_run(tts, TURNS, prefixes=prefixes)
+
+    model, spec = ours(prefix_folder)
+    assert not spec.multi_speaker and not spec.cfg_values
+    entries = [script_to_entries(model.tokenizer, t, 12.5, spec.multi_speaker, padding_between=1) for t in TURNS]
+    values = [condition_values(spec) for _ in TURNS]
+    out = generate(model.lm, spec, TTSSettings(temp=0.0, cfg_coef=2.0), entries, values, prefixes=[p[1:] for p in prefixes])
+    assert len(set(ref[:, 1:].flatten().tolist())) > 10, "degenerate test"
+    for b, p in enumerate(prefixes):  # the prefix is in the audio, delayed
+        assert torch.equal(ref[b, 1, spec.delay_steps:spec.delay_steps + p.shape[1]], p[1])
+    assert torch.equal(out.frames, ref)
+    assert out.end_steps == result.end_steps and None not in out.end_steps
+    assert out.transcripts == [[tuple(w) for w in t] for t in result.all_transcripts]
+    assert chosen_timings(out.transcripts), "degenerate test: every word was forced"
