@@ -99,3 +99,93 @@ def test_audio_prefix_matches_official(prefix_folder):
     assert out.end_steps == result.end_steps and None not in out.end_steps
     assert out.transcripts == [[tuple(w) for w in t] for t in result.all_transcripts]
     assert chosen_timings(out.transcripts), "degenerate test: every word was forced"
+
+
+def test_sampling_matches_official_with_the_same_seed(emb_folder):
+    """temp 0.6 (moshi-tts's), top-k 250/25: the official sampler's draws from the global generator."""
+    from safetensors.torch import load_file
+
+    voices = [[emb_folder / "voices" / "alice.0badc0de@7.safetensors"], [emb_folder / "voices" / "bob.0badc0de@7.safetensors"]]
+    tts = official_tts(emb_folder, temp=0.6, cfg_coef=1.0)
+    torch.manual_seed(1234)
+    ref, result = official_run(tts, TURNS, voices, cfg=3.0)
+    model, spec = ours(emb_folder)
+    entries = [script_to_entries(model.tokenizer, t, 12.5, spec.multi_speaker, padding_between=1) for t in TURNS]
+    values = [condition_values(spec, [load_file(str(p))["speaker_wavs"][0] for p in v], 3.0) for v in voices]
+    torch.manual_seed(1234)
+    out = generate(model.lm, spec, TTSSettings(temp=0.6), entries, values)
+    assert torch.equal(out.frames, ref)
+    assert out.transcripts == [[tuple(w) for w in t] for t in result.all_transcripts]
+
+
+def test_streams_joining_and_leaving_equal_their_solo_runs(emb_folder):
+    """The server's way: slots start at different steps, wait (inactive) and leave; each stream's
+    frames equal those of the stream generated alone."""
+    from safetensors.torch import load_file
+
+    from openmoshi.lm.tts import finished, init_tts_state, start_slot, tts_step
+
+    model, spec = ours(emb_folder)
+    lm, settings = model.lm, TTSSettings(temp=0.0, cfg_coef=2.0)
+    voice = {n: load_file(str(emb_folder / "voices" / f"{n}.0badc0de@7.safetensors"))["speaker_wavs"][0] for n in ("alice", "bob")}
+    streams = [(["Hello there, how are you?"], ["alice"]), (["One two three."], ["bob"]), (["Fine thanks.", "Good."], ["bob", "alice"])]
+    entries = [script_to_entries(model.tokenizer, t, 12.5, True, padding_between=1) for t, _ in streams]
+    values = [condition_values(spec, [voice[n] for n in names], 2.0) for _, names in streams]
+    solo = [generate(lm, spec, settings, [e], [v]).frames[0] for e, v in zip(entries, values)]
+
+    state = init_tts_state(lm, spec, settings, batch_size=2, cross_len=values[0]["speaker_wavs"].tensor.shape[0])
+    got = {0: [], 1: [], 2: []}
+    slot_of = {}  # stream -> slot
+    queue = [(0, 0), (1, 3), (2, None)]  # (stream, step at which it joins; None: when a slot frees)
+    for step in range(400):
+        for stream, at in list(queue):
+            free = [s for s in range(2) if s not in slot_of.values()]
+            if free and (at == step or (at is None and step > 3)):
+                slot_of[stream] = free[0]
+                start_slot(lm, spec, state, free[0], entries[stream], values[stream])
+                queue.remove((stream, at))
+        active = [s in slot_of.values() and step % 7 != 5 for s in range(2)]  # and a pause now and then
+        out = tts_step(lm, spec, state, active=active)
+        for stream, s in list(slot_of.items()):
+            if active[s] and out.valid[s]:
+                got[stream].append(out.frame[s].clone())
+            if finished(spec, state, s):
+                del slot_of[stream]
+        if not queue and not slot_of:
+            break
+    for stream in range(3):
+        assert torch.equal(torch.stack(got[stream], dim=-1), solo[stream]), f"stream {stream}"
+
+
+def test_words_streamed_one_by_one_say_what_the_whole_text_says(emb_folder):
+    """A client sends its text word by word (moshi-server's /api/tts_streaming): the slot steps only
+    when `ready`, and says exactly what the whole text given at once says."""
+    from safetensors.torch import load_file
+
+    from openmoshi.lm.tts import finished, init_tts_state, ready, start_slot, tts_step
+
+    model, spec = ours(emb_folder)
+    lm, settings = model.lm, TTSSettings(temp=0.0, cfg_coef=2.0)
+    voice = load_file(str(emb_folder / "voices" / "alice.0badc0de@7.safetensors"))["speaker_wavs"][0]
+    text = "Hello there, <break time=\"0.3s\"/> how are you today my friend?"
+    values = condition_values(spec, [voice], 2.0)
+    whole = generate(lm, spec, settings, [script_to_entries(model.tokenizer, [text], 12.5, True, 1)], [values])
+
+    state = init_tts_state(lm, spec, settings, batch_size=1, cross_len=values["speaker_wavs"].tensor.shape[0])
+    start_slot(lm, spec, state, 0, [], values)
+    chunks, frames, waits = text.replace("<break time", "<break_time").split(), [], 0
+    for step in range(300):
+        if not ready(state, 0, text_complete=not chunks):
+            waits += 1  # the client's next word arrives: one per wait
+            chunk = chunks.pop(0).replace("<break_time", "<break time")
+            first = not state.scripts[0].entries and not state.scripts[0].consumption_times
+            state.scripts[0].entries.extend(script_to_entries(model.tokenizer, [chunk], 12.5, first, 1))
+            continue
+        out = tts_step(lm, spec, state)
+        if out.valid[0]:
+            frames.append(out.frame[0].clone())
+        if finished(spec, state, 0):
+            break
+    assert waits > 3
+    assert torch.equal(torch.stack(frames, dim=-1), whole.frames[0])
+    assert state.scripts[0].transcript == whole.transcripts[0]

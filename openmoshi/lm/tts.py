@@ -386,6 +386,25 @@ def tts_step(lm: LMModel, spec: TTSSpec, state: TTSState, active: Sequence[bool]
     return TTSStepOutput(frame=frame, valid=valid, popped=popped)
 
 
+def ready(state: TTSState, slot: int, text_complete: bool) -> bool:
+    """Whether a slot fed word by word (a streaming client) can step without reading past the words
+    it has: all its text is in (`text_complete`), or its next entry is a break, or it holds the next
+    word and the `second_stream_ahead` after it. A slot that is not ready waits (inactive); waiting
+    changes nothing of what it will say, so a stream fed word by word says what its whole text
+    given at once says. Its entries come from `script_to_entries(tokenizer, [chunk], ...)` with
+    `multi_speaker` only for the first chunk (the speaker token starts the stream)."""
+    script = state.scripts[slot]
+    if script is None:
+        return False
+    if text_complete:
+        return True
+    if not script.entries:
+        return False
+    if state.machine.second_stream_ahead == 0 or not script.entries[0].tokens:
+        return True
+    return script.words_ahead() >= state.machine.second_stream_ahead + 1
+
+
 def finished(spec: TTSSpec, state: TTSState, slot: int) -> bool:
     """Whether a slot's stream has produced all it will: its script ran out `delay_steps +
     final_padding` frames ago."""
