@@ -46,8 +46,15 @@ PREFIX = dict(
     _BASE, text_card_out=8, demux_second_stream=True,
     conditioners={"control": {"type": "lut", "lut": {"dim": 64, "n_bins": 1, "tokenizer": "noop", "possible_values": ["ok"]}}},
     fuser={"sum": ["control"], "prepend": [], "cross": []})
+# A wider and deeper EMB, with 8 codebooks and the released audio delay, for the CPU benchmark.
+SMALL_EMB = dict(EMB, dim=256, num_heads=8, num_layers=6, n_q=8, dep_q=8, delays=[0, 0] + [2] * 7,
+                 depformer_dim=128, depformer_num_heads=4, depformer_num_layers=2, depformer_dim_feedforward=384,
+                 depformer_weights_per_step_schedule=[0, 1, 2, 3, 4, 4, 4, 4], context=500,
+                 conditioners=dict(EMB["conditioners"], control={"type": "lut", "lut": {
+                     "dim": 256, "n_bins": 1, "tokenizer": "noop", "possible_values": ["ok"]}}))
 KINDS = {"emb": (EMB, {"audio_delay": 0.32, "second_stream_ahead": 2}),
-         "prefix": (PREFIX, {"audio_delay": 0.24, "second_stream_ahead": 1})}
+         "prefix": (PREFIX, {"audio_delay": 0.24, "second_stream_ahead": 1}),
+         "small": (SMALL_EMB, {"audio_delay": 1.28, "second_stream_ahead": 2})}
 
 
 def make_tts_checkpoint(folder: Path, kind: str = "emb", seed: int = 0) -> dict:
@@ -89,8 +96,8 @@ def make_voice(folder: Path, name: str, seed: int, frames: int = VOICE_FRAMES) -
     return path
 
 
-def official_tts(folder: Path, n_q: int | None = None, **kwargs):
-    """The official TTSModel on a checkpoint folder (float32, CPU)."""
+def official_tts(folder: Path, n_q: int | None = None, device: str = "cpu", **kwargs):
+    """The official TTSModel on a checkpoint folder (float32, CPU by default)."""
     from moshi.models import loaders
     from moshi.models.tts import TTSModel
 
@@ -99,4 +106,4 @@ def official_tts(folder: Path, n_q: int | None = None, **kwargs):
                                                folder / NAMES["tokenizer_name"], folder / "config.json",
                                                mimi_config_path=folder / "mimi.json")
     n_q = n_q or info.lm_config["n_q"]
-    return TTSModel.from_checkpoint_info(info, n_q=n_q, device="cpu", dtype=torch.float32, **kwargs)
+    return TTSModel.from_checkpoint_info(info, n_q=n_q, device=device, dtype=torch.float32, **kwargs)
