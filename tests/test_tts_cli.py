@@ -115,6 +115,7 @@ def test_audio_prefix_voice_matches_moshi_tts(tmp_path, capsys):
     (["tts", "--jsonl", "{tmp}/bad2.jsonl", "--hf-repo", "{emb}"], "bad2.jsonl line 1: not valid JSON"),
     (["tts", "Hi.", "--jsonl", "{tmp}/bad.jsonl"], "give one input"),
     (["tts", "Hi.", "-o", "{tmp}/x.wav", "--voice", "a", "--hf-repo", "{moshi}"], "not a TTS model"),
+    (["infer", "{tmp}/v.wav", "-o", "{tmp}/x.wav", "--hf-repo", "{emb}"], "this is a Kyutai TTS model"),
 ])
 def test_errors_are_one_line(emb_folder, tmp_path, capsys, argv, message):
     from infer_utils import make_checkpoint

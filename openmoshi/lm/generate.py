@@ -198,11 +198,16 @@ def init_state(lm: LMModel, batch_size: int, sampling: SamplingConfig = Sampling
     return state
 
 
+NOMINAL_CROSS_LEN = 5 * 125  # a cross-attention source of the released TTS voices: 5 speakers x 125 frames
+
+
 def state_bytes(lm: LMModel, batch_size: int, cfg_coef: float = 1.0) -> int:
     """What `init_state(lm, batch_size, cfg_coef=..., slot_streams=True)` allocates for its slots
     (the server's states), in bytes, sized on the meta device: almost all of it the temporal
-    transformer's KV cache at its full context."""
-    return init_state(lm, batch_size, cfg_coef=cfg_coef, slot_streams=True, device="meta").nbytes
+    transformer's KV cache at its full context (plus, with cross-attention, the keys and values of
+    a source of NOMINAL_CROSS_LEN)."""
+    cross_len = NOMINAL_CROSS_LEN if lm.cfg.cross_attention else 0
+    return init_state(lm, batch_size, cfg_coef=cfg_coef, slot_streams=True, device="meta", cross_len=cross_len).nbytes
 
 
 def set_seeds(state: GenState, text_seed: int, audio_seed: int, mask: torch.Tensor | None = None) -> None:

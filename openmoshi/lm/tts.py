@@ -46,7 +46,7 @@ import torch
 
 from openmoshi.errors import UnsupportedError, UserError
 from openmoshi.lm.conditioners import TensorValue
-from openmoshi.lm.generate import GenState, _guide, _rows, _sample, _write, depth_step, init_state, set_condition, set_sampling
+from openmoshi.lm.generate import GenState, _rows, _sample, _write, depth_step, init_state, read_window
 from openmoshi.lm.model import LMModel
 from openmoshi.lm.sampling import SamplingConfig
 from openmoshi.lm.tts_script import PAD, ZERO, Entry, Machine, Script, advance, new_script
@@ -331,7 +331,9 @@ def tts_step(lm: LMModel, spec: TTSSpec, state: TTSState, active: Sequence[bool]
         null[:, :1] = torch.where(not_started[:, :1], null[:, :1], ZERO)  # no text
         tokens = torch.stack([tokens, null], dim=1).view(2 * B, K, 1)  # [R, K, 1]
     rows_active = None if act is None else _rows(gen, act)
-    hidden, text_logits = lm.forward_text(tokens, gen.temporal, rows_active, gen.guidance.condition)
+    # No slot is further along than the steps since init: attend to the ring slots filled so far.
+    hidden, text_logits = lm.forward_text(tokens, gen.temporal, rows_active, gen.guidance.condition,
+                                          attend=read_window(gen.calls, gen))
     gen.calls += 1
     text_logits = text_logits[::2, 0] if state.guided else text_logits[:, 0]  # [B, N], the text is not guided
     if settings.padding_bonus:
