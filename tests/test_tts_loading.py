@@ -121,3 +121,49 @@ def test_condition_errors():
         condition_values(spec, [torch.zeros(512, 2)], 2.2)
     with pytest.raises(TTSError, match="voices must match"):
         condition_values(spec, [torch.zeros(512, 2), torch.zeros(512, 3)], 2.0)
+
+
+# kyutai/tts-1.6b-en_fr's config.json (its keys as published; the weights file
+# dsm_tts_1e68beda@240.safetensors holds 418 tensors, 8 of them float32: the conditioners).
+RELEASED_1_6B = {
+    "card": 2048, "n_q": 32, "dep_q": 32, "delays": [0, 0] + [2] * 31, "dim": 2048, "text_card": 8000,
+    "existing_text_padding_id": 3, "num_heads": 16, "num_layers": 16, "hidden_scale": 4.125, "causal": True,
+    "layer_scale": None, "context": 500, "max_period": 10000, "gating": "silu", "norm": "rms_norm_f32",
+    "positional_embedding": "rope", "depformer_dim": 1024, "depformer_num_heads": 16, "depformer_num_layers": 4,
+    "depformer_dim_feedforward": 3072, "depformer_multi_linear": True, "depformer_pos_emb": "none",
+    "depformer_weights_per_step": True, "depformer_low_rank_embeddings": 128, "demux_second_stream": True,
+    "text_card_out": None, "cross_attention": True,
+    "depformer_weights_per_step_schedule": list(range(8)) + [8] * 8 + [9] * 8 + [10] * 8,
+    "conditioners": {"speaker_wavs": {"type": "tensor", "tensor": {"dim": 512}},
+                     "cfg": {"type": "lut", "lut": {"n_bins": 7, "dim": 16, "tokenizer": "noop",
+                                                    "possible_values": ["1.0", "1.5", "2.0", "2.5", "3.0", "3.5", "4.0"]}},
+                     "control": {"type": "lut", "lut": {"dim": 2048, "n_bins": 1, "tokenizer": "noop", "possible_values": ["ok"]}}},
+    "fuser": {"cross_attention_pos_emb": True, "cross_attention_pos_emb_scale": 1, "sum": ["control", "cfg"],
+              "prepend": [], "cross": ["speaker_wavs"]},
+    "tts_config": {"audio_delay": 1.28, "second_stream_ahead": 2}, "model_id": {"sig": "1e68beda", "epoch": 240},
+    "model_type": "tts", "lm_gen_config": {"temp": 0.6, "text_temp": 0.6},
+    "tokenizer_name": "tokenizer_spm_8k_en_fr_audio.model", "mimi_name": "tokenizer-e351c8d8-checkpoint125.safetensors",
+    "moshi_name": "dsm_tts_1e68beda@240.safetensors"}
+
+
+def test_the_released_1_6b_layout():
+    """The released config builds a model whose released key names are the file's 418 tensors, 8 of
+    them the float32 conditioners; the official LMModel of the same config has the same keys."""
+    from moshi.models import loaders
+
+    from openmoshi.loading.files import released_keys
+
+    cfg = parse_model_config(copy.deepcopy(RELEASED_1_6B))
+    with torch.device("meta"):
+        ours = LMModel(cfg.lm)
+    keys = released_keys(ours.state_dict())
+    assert len(keys) == 418 and sum(k.startswith("condition_provider.") for k in keys) == 8
+    assert 1.8e9 < sum(p.numel() for p in ours.parameters()) < 1.9e9
+    lm_kwargs = {k: v for k, v in copy.deepcopy(RELEASED_1_6B).items()
+                 if k not in ("tts_config", "model_id", "model_type", "lm_gen_config", "tokenizer_name", "mimi_name",
+                              "moshi_name")}
+    official = loaders.get_moshi_lm(None, lm_kwargs=lm_kwargs, device="meta", dtype=torch.bfloat16)
+    assert set(canonical_keys(dict(official.state_dict()))) == set(ours.state_dict())
+    spec = tts_spec(cfg)
+    assert (spec.delay_steps, spec.second_stream_ahead, spec.card) == (16, 2, 8001)
+    assert voice_suffix(cfg) == ".1e68beda@240.safetensors"
