@@ -70,6 +70,8 @@ def test_the_plain_moshi_layers_have_no_cross_attention():
     ({"tts_config": {"audio_delay": 1.28, "speed": 2}}, TTSError, "unknown tts_config key 'speed'"),
     ({"tts_config": {}}, TTSError, "not a TTS model"),
     ({"model_type": "moshi", "tts_config": {}}, TTSError, "not a TTS model"),
+    ({"tts_config": {"audio_delay": "1.28"}}, TTSError, "tts_config.audio_delay must be a number"),
+    ({"tts_config": {"audio_delay": 1.28, "max_speakers": 0}}, TTSError, "tts_config.max_speakers must be"),
 ])
 def test_configs_it_cannot_run_are_refused(change, error, message):
     with pytest.raises(error, match=message):

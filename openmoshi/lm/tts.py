@@ -93,6 +93,16 @@ class TTSSettings:
     padding_bonus: float = 0.0
     max_gen_length: int = 30000
 
+    def __post_init__(self):
+        for name in ("max_padding", "top_k", "top_k_text", "max_gen_length"):
+            if getattr(self, name) < 1:
+                raise TTSError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("initial_padding", "final_padding", "padding_between"):
+            if getattr(self, name) < 0:
+                raise TTSError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.n_q is not None and self.n_q < 1:
+            raise TTSError(f"n_q must be >= 1, got {self.n_q}")
+
     def sampling(self) -> SamplingConfig:
         return SamplingConfig(temp=self.temp, top_k=self.top_k, temp_text=self.temp, top_k_text=self.top_k_text)
 
@@ -109,6 +119,10 @@ def tts_spec(config, frame_rate: float = FRAME_RATE) -> TTSSpec:
         raise TTSError(f"unknown tts_config key {sorted(unknown)[0]!r}")
     if tts.get("multistream"):
         raise UnsupportedError("tts_config.multistream (two audio streams) is not supported")
+    for key, low, kinds in (("audio_delay", 0, (int, float)), ("second_stream_ahead", 0, (int,)), ("max_speakers", 1, (int,))):
+        value = tts.get(key, low)
+        if isinstance(value, bool) or not isinstance(value, kinds) or value < low:
+            raise TTSError(f"tts_config.{key} must be a number >= {low}, got {value!r}")
     if lm.dep_q == 0 or lm.num_user_codebooks:
         raise TTSError(f"a TTS model generates all its audio codebooks (dep_q = n_q), got dep_q={lm.dep_q}, n_q={lm.n_q}")
     names = tuple(c.name for c in lm.conditioners or ())
@@ -118,7 +132,10 @@ def tts_spec(config, frame_rate: float = FRAME_RATE) -> TTSSpec:
     cfg_values: tuple[float, ...] = ()
     for c in lm.conditioners or ():
         if c.name == CFG_CONDITION:
-            cfg_values = tuple(sorted(float(v) for v in c.possible_values or ()))
+            try:
+                cfg_values = tuple(sorted(float(v) for v in c.possible_values or ()))
+            except ValueError:
+                raise TTSError(f"conditioners.cfg: possible_values must be coefficients, got {list(c.possible_values)}") from None
     if not names:
         raise TTSError("this TTS model has no conditioners: nothing to condition it on (speaker_wavs, cfg, control)")
     return TTSSpec(delay_steps=int(float(tts["audio_delay"]) * frame_rate),
