@@ -123,7 +123,7 @@ def test_streams_joining_and_leaving_equal_their_solo_runs(emb_folder):
     frames equal those of the stream generated alone."""
     from safetensors.torch import load_file
 
-    from openmoshi.lm.tts import finished, init_tts_state, start_slot, tts_step
+    from openmoshi.lm.tts import finished, init_tts_state, move_slot, start_slot, tts_step
 
     model, spec = ours(emb_folder)
     lm, settings = model.lm, TTSSettings(temp=0.0, cfg_coef=2.0)
@@ -135,7 +135,7 @@ def test_streams_joining_and_leaving_equal_their_solo_runs(emb_folder):
 
     state = init_tts_state(lm, spec, settings, batch_size=2, cross_len=values[0]["speaker_wavs"].tensor.shape[0])
     got = {0: [], 1: [], 2: []}
-    slot_of = {}  # stream -> slot
+    slot_of, moves = {}, 0  # stream -> slot
     queue = [(0, 0), (1, 3), (2, None)]  # (stream, step at which it joins; None: when a slot frees)
     for step in range(400):
         for stream, at in list(queue):
@@ -151,8 +151,13 @@ def test_streams_joining_and_leaving_equal_their_solo_runs(emb_folder):
                 got[stream].append(out.frame[s].clone())
             if finished(spec, state, s):
                 del slot_of[stream]
+        for stream, s in list(slot_of.items()):  # pack the streams into the first slots
+            if s == 1 and 0 not in slot_of.values():
+                move_slot(state, 1, 0)
+                slot_of[stream], moves = 0, moves + 1
         if not queue and not slot_of:
             break
+    assert moves > 0
     for stream in range(3):
         assert torch.equal(torch.stack(got[stream], dim=-1), solo[stream]), f"stream {stream}"
 

@@ -32,9 +32,10 @@ condition whose values ("1.0", "1.5", ...) are the coefficients it learnt; it ta
 coefficient there and runs one row per slot. Others double the rows (`TTSSettings.cfg_coef`).
 
 For a server (streams joining and leaving, `/api/tts_streaming`): every slot has its own step
-count, script, prefix and conditions; `start_slot` resets one slot between steps and `tts_step`
-takes an `active` mask: an inactive slot (e.g. waiting for more words from its client) keeps its
-state untouched. Words can be appended to `state.scripts[b].entries` while a stream runs.
+count, script, prefix and conditions; `start_slot` resets one slot between steps, `move_slot`
+moves a stream to another slot, and `tts_step` takes an `active` mask: an inactive slot (e.g.
+waiting for more words from its client, see `ready`) keeps its state untouched. Words can be
+appended to `state.scripts[b].entries` while a stream runs.
 """
 
 from __future__ import annotations
@@ -310,6 +311,19 @@ def start_slot(lm: LMModel, spec: TTSSpec, state: TTSState, slot: int, entries: 
     state.prefix_lens[slot] = P
     state.prefix_len[slot] = P
     state.masked_until[slot] = P + spec.delay_steps if (P and state.guided) else _NEVER
+
+
+def move_slot(state: TTSState, src: int, dst: int) -> None:
+    """Slot `dst` takes over slot `src`'s stream (a server packing its streams into the first
+    slots): the LM state, conditions and cross-attention keys, and the host-side script and prefix.
+    Slot `src` is left as it was: start another stream there, or leave it inactive."""
+    state.gen.move(src, dst)
+    for name in ("steps", "scripts", "prefix_lens", "logged"):
+        values = getattr(state, name)
+        values[dst] = values[src]
+    for t in (state.prefix_codes, state.prefix_len, state.masked_until):
+        t[dst] = t[src]
+    state.scripts[src], state.logged[src] = None, []  # one owner per script
 
 
 # ----------------------------------------------------------------------------- the step
