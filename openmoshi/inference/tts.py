@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 import torch
 
 from openmoshi.errors import UserError
-from openmoshi.lm.tts import TTSError, TTSSettings, TTSSpec, condition_values, generate, tts_spec
+from openmoshi.lm.tts import TTSError, TTSSettings, TTSSpec, condition_values, generate, tts_spec, word_timings
 from openmoshi.lm.tts_script import script_to_entries
 from openmoshi.loading.model import LoadedModel, load_model
 from openmoshi.loading.resolve import ModelFiles
@@ -149,8 +149,7 @@ class TTSModel:
             start_frames = 0 if prefixes[b] is None else prefixes[b].shape[-1]
             wav = pcm[b, :length][int(sr * start_frames / fr):]
             outputs.append(TTSOutput(id=r.id, pcm=wav.clamp(-1, 1).cpu(), frames=result.frames[b].cpu(),
-                                     words=_words(result.transcripts[b], result.consumption_times[b], end,
-                                                  start_frames, fr),
+                                     words=[Word(*w) for w in word_timings(result.scripts[b], fr, start_frames)],
                                      finished=end is not None))
         return outputs
 
@@ -164,16 +163,6 @@ class TTSModel:
         device = next(mimi.parameters()).device
         return torch.cat([mimi.decode_step(codes[:, :, t:t + 1].clamp(min=0).to(device), state)[:, 0]
                           for t in range(T)], dim=-1).float()
-
-
-def _words(transcript, consumed: list[int], end: int | None, offset: int, frame_rate: float) -> list[Word]:
-    """(word, step) -> Words in seconds of the output: a word ends where the next entry starts."""
-    words = []
-    for text, step in transcript:
-        later = [t for t in consumed if t > step]
-        stop = later[0] if later else end
-        words.append(Word(text, (step - offset) / frame_rate, None if stop is None else (stop - offset) / frame_rate))
-    return words
 
 
 def load_tts(files: ModelFiles, device=None, dtype=None, voice_repo: str | None = DEFAULT_VOICE_REPO,

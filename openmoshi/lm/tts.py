@@ -438,6 +438,20 @@ def ready(state: TTSState, slot: int, text_complete: bool) -> bool:
     return script.words_ahead() >= state.machine.second_stream_ahead + 1
 
 
+def word_timings(script: Script, frame_rate: float = FRAME_RATE, offset: int = 0) -> list[tuple[str, float, float | None]]:
+    """(word, start, end) in seconds of the stream's audio for each word said so far: a word starts
+    at the frame its text was fed (its sound starts there in the decoded output, which begins
+    `delay_steps` frames in) and ends where the next entry (word or break) or the script's end
+    starts; None while that is not known yet (a server sends a word once its end is). `offset`:
+    frames cut from the start of the audio (an audio prefix)."""
+    out = []
+    for text, step in script.transcript:
+        later = [t for t in script.consumption_times if t > step]
+        stop = later[0] if later else script.end_step
+        out.append((text, (step - offset) / frame_rate, None if stop is None else (stop - offset) / frame_rate))
+    return out
+
+
 def finished(spec: TTSSpec, state: TTSState, slot: int) -> bool:
     """Whether a slot's stream has produced all it will: its script ran out `delay_steps +
     final_padding` frames ago."""
@@ -452,6 +466,7 @@ def finished(spec: TTSSpec, state: TTSState, slot: int) -> bool:
 @dataclass
 class TTSResult:
     frames: torch.Tensor  # [B, 1 + Q, T] long: muxed text and audio codes, frame t at frame-time t
+    scripts: list[Script]  # each stream's script at the end (`word_timings`)
     end_steps: list[int | None]  # where each script ran out (None: not within max_gen_length)
     transcripts: list[list[tuple[str, int]]]  # (word, step) of each word
     consumption_times: list[list[int]]  # step of each entry consumed
@@ -488,7 +503,7 @@ def generate(lm: LMModel, spec: TTSSpec, settings: TTSSettings, all_entries: Seq
             if on_frame is not None:
                 on_frame(out.frame)
     frames_t = torch.stack(frames, dim=-1) if frames else torch.zeros(B, state.n_q + 1, 0, dtype=torch.long)
-    return TTSResult(frames=frames_t, end_steps=[s.end_step for s in state.scripts],
+    return TTSResult(frames=frames_t, scripts=list(state.scripts), end_steps=[s.end_step for s in state.scripts],
                      transcripts=[list(s.transcript) for s in state.scripts],
                      consumption_times=[list(s.consumption_times) for s in state.scripts],
                      logged_text=state.logged)
