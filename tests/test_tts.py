@@ -194,3 +194,20 @@ def test_words_streamed_one_by_one_say_what_the_whole_text_says(emb_folder):
     assert waits > 3
     assert torch.equal(torch.stack(frames, dim=-1), whole.frames[0])
     assert state.scripts[0].transcript == whole.transcripts[0]
+
+
+def test_voices_of_different_lengths_in_one_batch_match_official(emb_folder):
+    """The official collation pads a shorter speaker condition with masked positions (learnt
+    padding) to the batch's longest; so does ours."""
+    from safetensors.torch import load_file
+
+    long_voice = make_voice(emb_folder / "voices", "carol", 3, frames=9)
+    voices = [[emb_folder / "voices" / "alice.0badc0de@7.safetensors"], [long_voice]]
+    tts = official_tts(emb_folder, temp=0.0, cfg_coef=1.0)
+    ref, result = official_run(tts, TURNS, voices, cfg=2.0)
+    model, spec = ours(emb_folder)
+    entries = [script_to_entries(model.tokenizer, t, 12.5, spec.multi_speaker, padding_between=1) for t in TURNS]
+    values = [condition_values(spec, [load_file(str(p))["speaker_wavs"][0] for p in v], 2.0) for v in voices]
+    out = generate(model.lm, spec, TTSSettings(temp=0.0), entries, values)
+    assert torch.equal(out.frames, ref)
+    assert out.transcripts == [[tuple(w) for w in t] for t in result.all_transcripts]
