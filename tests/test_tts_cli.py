@@ -132,3 +132,16 @@ def test_errors_are_one_line(emb_folder, tmp_path, capsys, argv, message):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("openmoshi: error: ") and message in lines[0], err
     assert not (tmp_path / "x.wav").exists()
+
+
+def test_text_from_stdin_and_file_equal_the_argument(emb_folder, tmp_path, capsys, monkeypatch):
+    import io
+
+    common = ["--voice", "alice", "--voice-repo", emb_folder / "voices", "--hf-repo", emb_folder, "--greedy", "-q"]
+    assert run(capsys, "tts", "One two three.", "-o", tmp_path / "a.wav", *common)[0] == 0
+    monkeypatch.setattr("sys.stdin", io.StringIO("One two\nthree.\n"))
+    assert run(capsys, "tts", "-", "-o", tmp_path / "b.wav", *common)[0] == 0
+    (tmp_path / "t.txt").write_text("One   two three.")
+    assert run(capsys, "tts", "--text-file", tmp_path / "t.txt", "-o", tmp_path / "c.wav", *common)[0] == 0
+    a = load_audio(tmp_path / "a.wav")
+    assert torch.equal(a, load_audio(tmp_path / "b.wav")) and torch.equal(a, load_audio(tmp_path / "c.wav"))
