@@ -18,7 +18,9 @@ kind has its subclass beside what it guards:
 - `loading.files.CheckpointError`: a checkpoint, adapter or tokenizer file that cannot be used;
 - `loading.resolve.ResolveError`: a model file that cannot be found or fetched, a bad device;
 - `loading.budget.MemoryCheckError`: a command that would not fit in the memory available;
-- `loading.voices.VoiceError`: a PersonaPlex voice prompt;
+- `loading.voices.VoiceError`: a PersonaPlex voice prompt, a Kyutai TTS voice;
+- `lm.tts.TTSError`: a TTS model or input (voices, prefix, cfg coefficient) the generation cannot take;
+- `inference.tts.RequestError`: a TTS request (a `moshi-tts` JSONL line);
 - `training.manifest.DataError`: fine-tuning data (manifest, alignments, codes cache);
 - `training.loop.RunError`: a run folder that cannot be used as asked;
 - `training.annotate.ModelError`: the Whisper model of `openmoshi annotate`;

@@ -81,3 +81,11 @@ def test_server_load_runs(tmp_path):
 def test_self_check_script_runs(tmp_path):
     row = run_script(["benchmarks/self_check.py", "--config", "tiny", "--device", "cpu"], tmp_path)
     assert row["ok"] and row["config"] == "tiny"
+
+
+def test_tts_speed_runs_both_implementations(tmp_path):
+    data = run_script(["benchmarks/tts_speed.py", "--config", "tiny", "--streams", "1", "--repeats", "1",
+                       "--threads", "1"], tmp_path)
+    row, = data["rows"]
+    for name in ("openmoshi", "official"):
+        assert row[name]["ttfa_s"] > 0 and row[name]["rtf"] > 0 and row[name]["audio_s"] > 1

@@ -198,10 +198,16 @@ def test_config_errors(change, message):
         lm_config_from_dict(kw)
 
 
-def test_cross_attention_fuser_is_not_implemented():
-    cfg = lm_config_from_dict({**TINY_DEV, "fuser": {"cross": ["description"]}})
-    with pytest.raises(NotImplementedError, match="'cross'"):
-        LMModel(cfg)
+@pytest.mark.parametrize("change, message", [
+    ({"fuser": {"cross": ["description"]}}, "needs cross_attention=true"),
+    ({"cross_attention": True}, "needs conditions fused by cross-attention"),
+    ({"cross_attention": True, "fuser": {"cross": ["description"]}, "kv_repeat": 2}, "kv_repeat = 1"),
+])
+def test_cross_attention_config_errors(change, message):
+    """Cross-attention (Kyutai TTS) and the fuser's "cross" conditions go together (tested in
+    test_tts.py); a config with one and not the other says which key is missing."""
+    with pytest.raises(ConfigError, match=message):
+        lm_config_from_dict({**TINY_DEV, **change})
 
 
 def test_config_round_trip():

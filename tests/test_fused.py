@@ -90,6 +90,21 @@ def test_transformer_streaming_equals_reference(norm, layer_scale, dtype):
             close(fast(x, sf, a), ref(x, sr, a), dtype, scale=3.0)
 
 
+def test_cross_attention_layers_equal_reference():
+    """Kyutai TTS's layers (cross-attention on a fixed source) run the reference path when fused."""
+    cfg = TransformerConfig(d_model=64, num_heads=4, num_layers=2, dim_feedforward=256, context=6,
+                            norm="rms_norm_f32", gating="silu", cross_attention=True)
+    ref = Transformer(cfg).to(DEVICE)
+    fast = fused.apply(copy.deepcopy(ref))
+    src = torch.randn(2, 10, 64, device=DEVICE)
+    sr, sf = (m.init_state(2, device=DEVICE, cross_len=10) for m in (ref, fast))
+    ref.set_cross(sr, src), fast.set_cross(sf, src)
+    with torch.no_grad():
+        for _ in range(3):
+            x = torch.randn(2, 1, 64, device=DEVICE)
+            close(fast(x, sf), ref(x, sr), torch.float32)
+
+
 @pytest.mark.parametrize("scale", [True, False])
 def test_add_rms_norm(scale):
     x, r = torch.randn(2, 3, 80, device=DEVICE), torch.randn(2, 3, 80, device=DEVICE)

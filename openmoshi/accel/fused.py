@@ -224,10 +224,10 @@ class FusedGating(Gating):
 
 
 class FusedLayer(Layer):
-    def forward(self, x, q_pos, index, cache, key_pos, mask, rope=None):
+    def forward(self, x, q_pos, index, cache, key_pos, mask, rope=None, cross=None):
         norm2 = self.norm2
-        if not (isinstance(norm2, RMSNorm) and usable(x)):
-            return super().forward(x, q_pos, index, cache, key_pos, mask, rope)
+        if cross is not None or not (isinstance(norm2, RMSNorm) and usable(x)):  # cross-attention: the reference
+            return super().forward(x, q_pos, index, cache, key_pos, mask, rope, cross)
         r = self.self_attn(self.norm1(x), q_pos, index, cache, key_pos, mask, rope)
         scale = self.layer_scale_1.scale if isinstance(self.layer_scale_1, LayerScale) else None
         x, h = add_rms_norm(x, r, scale, norm2.alpha, norm2.eps)  # the residual add and norm2 at once

@@ -1,5 +1,5 @@
 """The `openmoshi` command: `main` builds one parser with a subcommand per module here (codec,
-bench, infer, client, serve, quantize, finetune, annotate); `common` holds what they share.
+bench, infer, tts, client, serve, quantize, finetune, annotate); `common` holds what they share.
 
 Offers: `main.main`, `main.build_parser`.
 

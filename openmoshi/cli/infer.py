@@ -138,8 +138,15 @@ def infer(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    files = resolve_model(args, fits(args, "openmoshi infer", device, dtype, args.quantize,
-                                     sessions=len(args.inputs), cfg_coef=args.cfg_coef))
+    check_memory = fits(args, "openmoshi infer", device, dtype, args.quantize, sessions=len(args.inputs),
+                        cfg_coef=args.cfg_coef)
+
+    def before_download(config) -> None:
+        if config.model_type == "tts" or config.lm.cross_attention:  # before its weights are fetched
+            raise UsageError("this is a Kyutai TTS model, which speaks text: use 'openmoshi tts TEXT -o OUT.wav --voice V'")
+        check_memory(config)
+
+    files = resolve_model(args, before_download)
     check_cfg_coef(files.config, args.cfg_coef)
     if outputs and files.config.lm.dep_q == 0:
         raise UsageError(f"this model ({files.config.model_type}) writes no audio: use --transcript FILE.json")

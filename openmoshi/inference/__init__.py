@@ -1,9 +1,10 @@
 """Offline inference on recorded audio, with the official offline frame policy, and transcripts.
 
 - `offline`: `load(...)` -> `InferenceModel`, whose `run(inputs)` gives `InferenceResult`s;
-- `transcript`: text pieces, words with their times, the JSON transcript.
+- `transcript`: text pieces, words with their times, the JSON transcript;
+- `tts`: Kyutai TTS requests (moshi-tts's JSONL) to audio and word timings (`load_tts`).
 
-Offers: `offline.load`, `offline.InferenceModel`, `offline.InferenceResult`.
+Offers: `offline.load`, `offline.InferenceModel`, `offline.InferenceResult`, `tts.load_tts`, `tts.TTSRequest`.
 
 May import: openmoshi.errors, openmoshi.audio, openmoshi.modules, openmoshi.mimi, openmoshi.lm, openmoshi.accel, openmoshi.engine,
 openmoshi.loading.

@@ -1,22 +1,30 @@
-"""LM conditioning: per-conversation attributes (e.g. the 2B dev model's `description`, one of
-"very_bad" .. "very_good") turned into one vector added to every frame's input embedding.
+"""LM conditioning: per-conversation attributes turned into vectors the LM reads: the 2B dev
+model's `description` (one of "very_bad" .. "very_good") and Kyutai TTS's `cfg` and `control`,
+summed into every frame's input embedding; Kyutai TTS's speaker embeddings (`speaker_wavs`), a
+sequence the temporal transformer cross-attends to.
 
-Dimension glossary: B batch, D the LM's model dim, E a conditioner's own width (`dim`).
+Dimension glossary: B batch, D the LM's model dim, E a conditioner's own width (`dim`), L length
+of a tensor condition (a sequence of E-vectors).
 
 The official config names each condition and how to fuse it:
 
     "conditioners": {"description": {"type": "lut", "lut": {"n_bins": 31, "dim": 16,
-                                      "tokenizer": "noop", "possible_values": [...]}}},
-    "fuser": {"sum": ["description"]}
+                                      "tokenizer": "noop", "possible_values": [...]}},
+                     "speaker_wavs": {"type": "tensor", "tensor": {"dim": 512}}},
+    "fuser": {"sum": ["description"], "cross": ["speaker_wavs"], "cross_attention_pos_emb": true}
 
-A conditioner maps one attribute value per batch item to [B, 1, D]: a "lut" conditioner looks the
-value up in a table of n_bins + 1 rows (the last row is padding), a "tensor" conditioner takes a
-given vector [B, E]; both then project E -> D (`output_proj`). An absent value (None) gives the
-learnt padding vector instead, the "null" condition the model was trained with when a condition
-was dropped. The "sum" fuser adds the conditions of its attributes; the result is added to the
-input embedding at every step. Module and parameter names match the official checkpoints
-(`condition_provider.conditioners.<name>.embed.weight`, `.output_proj.weight`, `.learnt_padding`).
-The official loader keeps these weights in float32 whatever the model dtype; so do we.
+A conditioner maps one attribute value per batch item to [B, L, D]: a "lut" conditioner looks the
+value up in a table of n_bins + 1 rows (the last row is padding), L = 1; a "tensor" conditioner
+takes given vectors, [E] or [L, E] with an optional mask [L] (`TensorValue`); both then project
+E -> D (`output_proj`). An absent value (None), and the masked positions of a tensor value, give
+the learnt padding vector instead, the "null" condition the model was trained with when a
+condition was dropped. The "sum" fuser adds the conditions of its attributes (each of length 1);
+the result is added to the input embedding at every step (`ConditionProvider.forward`). The
+"cross" fuser concatenates its conditions along L, plus a sinusoidal position embedding when
+`cross_attention_pos_emb` (`ConditionProvider.cross`). Module and parameter names match the
+official checkpoints (`condition_provider.conditioners.<name>.embed.weight`, `.output_proj.weight`,
+`.learnt_padding`). The official loader keeps these weights in float32 whatever the model dtype;
+so do we.
 """
 
 from __future__ import annotations
@@ -28,7 +36,8 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from openmoshi.errors import UnsupportedError, UserError
+from openmoshi.errors import UserError
+from openmoshi.modules.transformer import sin_embedding
 
 CONDITIONER_TYPES = ("lut", "tensor")
 LUT_TOKENIZERS = ("noop",)
@@ -37,7 +46,17 @@ FUSER_OPTIONS = ("cross_attention_pos_emb", "cross_attention_pos_emb_scale")
 HIBIKI_CONDITION = {"description": "very_good"}  # what the official loops ask a conditioned Hibiki for
 HIBIKI_NEGATIVE = {"description": "very_bad"}  # and what classifier-free guidance steers it away from
 
-Attributes = Mapping[str, Any]  # one batch item: condition name -> value (str, tensor or None)
+Attributes = Mapping[str, Any]  # one batch item: condition name -> value (str, tensor, TensorValue or None)
+CROSS_POS_MAX_PERIOD = 10_000.0  # the official fuser's position embedding of the cross source
+
+
+@dataclass(frozen=True)
+class TensorValue:
+    """A tensor condition's value: vectors [L, E] and which of them are given, mask [L] bool (the
+    others give the learnt padding, as the unused speaker places of a TTS voice)."""
+
+    tensor: Any  # [L, E] (or [E]: L = 1)
+    mask: Any = None  # [L] bool, None: all given
 
 
 class ConditionError(UserError):
@@ -200,20 +219,45 @@ class Conditioner(nn.Module):
             nn.init.normal_(self.learnt_padding, std=0.2)
 
     def prepare(self, values: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Host side: values (one per batch item, None when absent) -> (input, present [B] bool).
-        The input is row ids [B] for a lut, vectors [B, E] for a tensor conditioner."""
+        """Host side: values (one per batch item, None when absent) -> (input, present).
+        A lut gives row ids [B] and present [B]; a tensor conditioner vectors [B, L, E] and present
+        [B, L], L the longest value (shorter ones padded, as the official collation)."""
         cfg = self.cfg
         device = _device(self)
-        present = torch.tensor([v is not None for v in values], dtype=torch.bool, device=device)
         if cfg.type == "lut":
+            present = torch.tensor([v is not None for v in values], dtype=torch.bool, device=device)
             rows = [cfg.n_bins if v is None else self._row(v) for v in values]
             return torch.tensor(rows, dtype=torch.long, device=device), present
-        vectors = [torch.zeros(cfg.dim) if v is None else torch.as_tensor(v, dtype=torch.float32).reshape(-1)
-                   for v in values]
-        for v in vectors:
-            if v.shape != (cfg.dim,):
-                raise ConditionError(f"condition {cfg.name!r} takes vectors of {cfg.dim} values, got {v.numel()}")
-        return torch.stack(vectors).to(device), present
+        items = [self._sequence(v) for v in values]
+        L = max(x.shape[0] for x, _ in items)
+        vectors = torch.zeros(len(items), L, cfg.dim)
+        present = torch.zeros(len(items), L, dtype=torch.bool)
+        for b, (x, m) in enumerate(items):
+            vectors[b, :x.shape[0]] = x
+            present[b, :x.shape[0]] = m
+        return vectors.to(device), present.to(device)
+
+    def _sequence(self, value: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """A tensor condition's value -> (vectors [L, E] float32, given [L] bool)."""
+        cfg = self.cfg
+        if value is None:
+            return torch.zeros(1, cfg.dim), torch.zeros(1, dtype=torch.bool)
+        mask = None
+        if isinstance(value, TensorValue):
+            value, mask = value.tensor, value.mask
+        try:
+            x = torch.as_tensor(value, dtype=torch.float32).detach().cpu()
+        except (TypeError, ValueError, RuntimeError):
+            raise ConditionError(f"condition {cfg.name!r} takes vectors of {cfg.dim} values, got {type(value).__name__}") from None
+        if x.dim() == 1:
+            x = x[None]
+        if x.dim() != 2 or x.shape[1] != cfg.dim or x.shape[0] == 0:
+            raise ConditionError(f"condition {cfg.name!r} takes vectors of {cfg.dim} values ([{cfg.dim}] or "
+                                 f"[L, {cfg.dim}]), got a tensor of shape {list(x.shape)}")
+        m = torch.ones(x.shape[0], dtype=torch.bool) if mask is None else torch.as_tensor(mask, dtype=torch.bool).cpu()
+        if m.shape != (x.shape[0],):
+            raise ConditionError(f"condition {cfg.name!r}: the mask has shape {list(m.shape)}, the vectors {list(x.shape)}")
+        return x, m
 
     def _row(self, value: str) -> int:
         cfg = self.cfg
@@ -227,29 +271,30 @@ class Conditioner(nn.Module):
         return self.rows[value]
 
     def forward(self, inputs: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-        """(ids [B] or vectors [B, E], present [B]) -> [B, 1, D]."""
-        x = self.embed(inputs) if self.cfg.type == "lut" else inputs.to(_dtype(self))
-        y = self.output_proj(x[:, None])  # [B, 1, D]
+        """(ids [B] and present [B]) or (vectors [B, L, E] and present [B, L]) -> [B, L, D]."""
+        if self.cfg.type == "lut":
+            x, present = self.embed(inputs)[:, None], present[:, None]  # [B, 1, E], [B, 1]
+        else:
+            x = inputs.to(_dtype(self))
+        y = self.output_proj(x)  # [B, L, D]
         pad = torch.zeros_like(y) if self.learnt_padding is None else self.learnt_padding
-        return torch.where(present[:, None, None], y, pad)
+        return torch.where(present[..., None], y, pad)
 
 
 class ConditionProvider(nn.Module):
-    """All the conditioners of an LM and the "sum" fusion of their outputs."""
+    """All the conditioners of an LM and the fusion of their outputs ("sum" and "cross")."""
 
     def __init__(self, conditioners: tuple[ConditionerConfig, ...], fuser: FuserConfig | None, output_dim: int):
         super().__init__()
-        if fuser is not None and fuser.cross:
-            raise UnsupportedError(f"fuser method 'cross' (cross-attention on conditions {list(fuser.cross)}) "
-                                   "is not supported yet; only 'sum' is")
         self.conditioners = nn.ModuleDict({c.name: Conditioner(c, output_dim) for c in conditioners})
-        self.sum_names = fuser.sum if fuser is not None else ()
+        self.fuser = fuser or FuserConfig()
+        self.sum_names = self.fuser.sum
         self.output_dim = output_dim
+        for name in self.sum_names + self.fuser.cross:
+            if name not in self.conditioners:
+                raise ConditionError(f"the fuser names condition {name!r}, which has no conditioner")
 
-    def forward(self, attributes: Sequence[Attributes]) -> torch.Tensor:
-        """One mapping of condition values per batch item -> the summed condition [B, 1, D] in
-        float32 (zeros when the fuser sums nothing). Every conditioner needs a value; None means
-        "no condition" (learnt padding)."""
+    def _check(self, attributes: Sequence[Attributes]) -> None:
         known = set(self.conditioners)
         for b, attrs in enumerate(attributes):
             unknown = set(attrs) - known
@@ -260,11 +305,37 @@ class ConditionProvider(nn.Module):
             if missing:
                 raise ConditionError(f"batch item {b} has no value for condition {sorted(missing)[0]!r} "
                                      f"(give None for no condition)")
+
+    def forward(self, attributes: Sequence[Attributes]) -> torch.Tensor:
+        """One mapping of condition values per batch item -> the summed condition [B, 1, D] in
+        float32 (zeros when the fuser sums nothing). Every conditioner needs a value; None means
+        "no condition" (learnt padding)."""
+        self._check(attributes)
         total = torch.zeros(len(attributes), 1, self.output_dim, device=_device(self), dtype=_dtype(self))
         for name in self.sum_names:
             conditioner = self.conditioners[name]
-            total = total + conditioner(*conditioner.prepare([attrs[name] for attrs in attributes]))
+            c = conditioner(*conditioner.prepare([attrs[name] for attrs in attributes]))
+            if c.shape[1] != 1:
+                raise ConditionError(f"condition {name!r} is summed into every frame: it takes one vector, got {c.shape[1]}")
+            total = total + c
         return total
+
+    def cross(self, attributes: Sequence[Attributes]) -> torch.Tensor:
+        """One mapping of condition values per batch item -> the cross-attention source [B, L, D]
+        in float32: the "cross" conditions concatenated along L, plus the position embedding."""
+        self._check(attributes)
+        if not self.fuser.cross:
+            raise ConditionError("this model fuses no condition by cross-attention (fuser.cross)")
+        parts = []
+        for name in self.fuser.cross:
+            conditioner = self.conditioners[name]
+            parts.append(conditioner(*conditioner.prepare([attrs[name] for attrs in attributes])))
+        src = torch.cat(parts, dim=1)  # [B, L, D]
+        if self.fuser.cross_attention_pos_emb:
+            positions = torch.arange(src.shape[1], device=src.device)[None]  # [1, L]
+            pos = sin_embedding(positions, src.shape[-1], CROSS_POS_MAX_PERIOD, torch.float32).to(src.dtype)
+            src = src + self.fuser.cross_attention_pos_emb_scale * pos
+        return src
 
 
 def _device(module: nn.Module) -> torch.device:

@@ -84,6 +84,9 @@ class LMConfig:
     depformer_user_slots: int = 0
     conditioners: tuple[ConditionerConfig, ...] | None = None  # see conditioners.py
     fuser: FuserConfig | None = None
+    # Kyutai TTS: the temporal transformer's layers attend to the conditions the fuser puts in
+    # "cross" (the speaker embeddings), see modules/transformer.py.
+    cross_attention: bool = False
 
     def __post_init__(self):
         if self.num_layers is None:
@@ -105,6 +108,11 @@ class LMConfig:
                               f"expected dep_q={self.dep_q}")
         if self.dim % self.num_heads:
             raise ConfigError(f"dim={self.dim} is not a multiple of num_heads={self.num_heads}")
+        crossed = bool(self.fuser and self.fuser.cross)
+        if self.cross_attention != crossed:
+            raise ConfigError("cross_attention=true needs conditions fused by cross-attention (fuser.cross)"
+                              if self.cross_attention else
+                              f"fuser.cross {list(self.fuser.cross)} needs cross_attention=true")
         try:
             self.temporal, self.depth  # validate both transformer configs now (plain ValueErrors)
             check_fuser(self.conditioners, self.fuser)
@@ -147,7 +155,8 @@ class LMConfig:
             d_model=self.dim, num_heads=self.num_heads, num_layers=self.num_layers,
             dim_feedforward=int(self.hidden_scale * self.dim), causal=self.causal, context=self.context,
             norm=self.norm, gating=self.gating, positional_embedding=self.positional_embedding,
-            max_period=self.max_period, layer_scale=self.layer_scale, kv_repeat=self.kv_repeat)
+            max_period=self.max_period, layer_scale=self.layer_scale, kv_repeat=self.kv_repeat,
+            cross_attention=self.cross_attention)
 
     @property
     def depth(self) -> TransformerConfig:
@@ -175,8 +184,8 @@ class LMConfig:
             v = getattr(self, f.name)
             if f.name == "depformer_layer_scale" and v == "main":
                 continue  # an absent key is how the official config says "the main one"
-            if f.name == "depformer_user_slots" and not v:
-                continue  # ours, not the official LMModel's
+            if f.name in ("depformer_user_slots", "cross_attention") and not v:
+                continue  # ours, or absent from every config but the TTS models'
             if f.name == "conditioners" and v is not None:
                 v = {c.name: c.to_dict() for c in v}
             elif f.name == "fuser" and v is not None:

@@ -152,12 +152,13 @@ class StepOutput:
 
 def init_state(lm: LMModel, batch_size: int, sampling: SamplingConfig = SamplingConfig(),
                max_k: int | None = None, max_k_text: int | None = None, cfg_coef: float = 1.0,
-               slot_streams: bool = False, device=None) -> GenState:
+               slot_streams: bool = False, device=None, cross_len: int = 0) -> GenState:
     """Fresh state for `batch_size` slots. `max_k`/`max_k_text` bound the per-slot top-k (default:
     the sampling config's values). `cfg_coef` != 1: classifier-free guidance (conditioned LMs).
     `slot_streams`: each slot draws from its own seeded streams (`set_seeds`) rather than from the
     generator given to `step` (the official sampler's stream, for parity). `device`: the model's
-    by default; "meta" sizes the state without allocating it (`state_bytes`)."""
+    by default; "meta" sizes the state without allocating it (`state_bytes`). `cross_len`: the
+    length of the cross-attention source (Kyutai TTS, see `Transformer.set_cross`)."""
     cfg = lm.cfg
     param = lm.text_emb.weight  # never swapped by the speed wrappers
     device, dtype = param.device if device is None else torch.device(device), param.dtype
@@ -189,18 +190,24 @@ def init_state(lm: LMModel, batch_size: int, sampling: SamplingConfig = Sampling
         condition = torch.zeros(rows, 1, cfg.dim, device=device, dtype=dtype)
     state = GenState(
         streams=streams, sampler=sampler, guidance=Guidance(condition=condition, cfg_coef=float(cfg_coef)),
-        temporal=lm.transformer.init_state(rows, device=device, dtype=dtype, capacity=None if cfg.context else 4096),
+        temporal=lm.transformer.init_state(rows, device=device, dtype=dtype, capacity=None if cfg.context else 4096,
+                                           cross_len=cross_len),
         depth=None if lm.depformer is None else lm.depformer.init_state(rows, device=device, dtype=dtype,
                                                                           capacity=cfg.gen_q))
     set_sampling(state, sampling)
     return state
 
 
+NOMINAL_CROSS_LEN = 5 * 125  # a cross-attention source of the released TTS voices: 5 speakers x 125 frames
+
+
 def state_bytes(lm: LMModel, batch_size: int, cfg_coef: float = 1.0) -> int:
     """What `init_state(lm, batch_size, cfg_coef=..., slot_streams=True)` allocates for its slots
     (the server's states), in bytes, sized on the meta device: almost all of it the temporal
-    transformer's KV cache at its full context."""
-    return init_state(lm, batch_size, cfg_coef=cfg_coef, slot_streams=True, device="meta").nbytes
+    transformer's KV cache at its full context (plus, with cross-attention, the keys and values of
+    a source of NOMINAL_CROSS_LEN)."""
+    cross_len = NOMINAL_CROSS_LEN if lm.cfg.cross_attention else 0
+    return init_state(lm, batch_size, cfg_coef=cfg_coef, slot_streams=True, device="meta", cross_len=cross_len).nbytes
 
 
 def set_seeds(state: GenState, text_seed: int, audio_seed: int, mask: torch.Tensor | None = None) -> None:
@@ -425,14 +432,16 @@ def step(lm: LMModel, state: GenState, user_codes: torch.Tensor, active: torch.T
 
 
 def depth_step(lm: LMModel, state: GenState, text: torch.Tensor, hidden: torch.Tensor,
-               generator: torch.Generator | None = None, forced: torch.Tensor | None = None) -> torch.Tensor:
+               generator: torch.Generator | None = None, forced: torch.Tensor | None = None,
+               num: int | None = None) -> torch.Tensor:
     """The depth transformer samples the frame's gen_q audio codebooks in order. text [B] -> [B, Q].
     hidden [B', 1, D]: B' = 2B rows with guidance. forced [B, Q]: tokens that replace the sampled
-    ones (NOT_FORCED where none), read as the previous codebook by the next depth step."""
+    ones (NOT_FORCED where none), read as the previous codebook by the next depth step. `num`:
+    only the first `num` codebooks (Q = num; Kyutai TTS's n_q)."""
     depth, sampler, flags = state.depth, state.sampler, state.sampler.flags
     depth.reset()  # nothing of the last frame's codebooks is read again
     prev, out = text[:, None], []  # [B, 1]
-    for q in range(lm.cfg.gen_q):
+    for q in range(lm.cfg.gen_q if num is None else num):
         x = lm.depformer_input(q, _rows(state, prev), hidden)  # [B', 1, Dd]
         y = lm.depformer(x, depth, step=q)
         logits = _guide(state, lm.depformer_logits(q, y)[:, 0])  # [B, card]

@@ -6,8 +6,11 @@ Dimension glossary:
 
 Stream 0 is text, streams 1..dep_q are the model's audio codebooks, the rest are the user's.
 The temporal transformer reads the sum of the K stream embeddings of a frame (plus, for conditioned
-models, a per-conversation condition vector, see conditioners.py); the depth transformer
-then predicts the frame's text-conditioned audio codebooks one after the other.
+models, a per-conversation condition vector, see conditioners.py; Kyutai TTS also cross-attends to
+its speaker embeddings, see modules/transformer.py); the depth transformer then predicts the
+frame's text-conditioned audio codebooks one after the other. With `demux_second_text_stream`
+(Kyutai TTS) a text id carries two tokens, `(second + 1) * (text_card + 1) + first`, embedded apart
+and summed (the second stream reads the text ahead).
 Parameter names match the official checkpoints, so weights load with strict=True.
 """
 
@@ -117,6 +120,13 @@ class LMModel(nn.Module):
             raise ConditionError("this model has no conditioners (config keys 'conditioners'/'fuser')")
         return self.condition_provider(attributes)
 
+    def condition_cross(self, attributes: Sequence[Attributes]) -> torch.Tensor:
+        """Condition values per batch item, e.g. [{"speaker_wavs": TensorValue(...), ...}] -> the
+        cross-attention source [B, L, D] (float32), for `Transformer.set_cross` or `cross_src`."""
+        if self.condition_provider is None or not self.cfg.cross_attention:
+            raise ConditionError("this model has no cross-attention conditioning (config keys 'cross_attention'/'fuser.cross')")
+        return self.condition_provider.cross(attributes)
+
     # ------------------------------------------------------------------ temporal transformer
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -129,19 +139,23 @@ class LMModel(nn.Module):
     def forward_text(self, tokens: torch.Tensor, state: TransformerState | None = None,
                      active: torch.Tensor | None = None, condition_sum: torch.Tensor | None = None,
                      attend: int | None = None,
-                     embeddings: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     cross_src: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """tokens [B, K, T] -> (hidden [B, T, D] after the output norm, text logits [B, T, N]).
         condition_sum [B, 1, D] (see `condition_sum`) is added to every frame's input; `attend`
         bounds the cache slots read (see Transformer.forward). `embeddings` (x [B, T, D], use [B]
         bool): rows where `use` is True read x instead of their tokens' embeddings (a replayed
-        PersonaPlex voice preset)."""
+        PersonaPlex voice preset). `cross_src` [B, L, D]: the cross-attention source of a call
+        without state (a streaming state holds its own, see `Transformer.set_cross`)."""
         x = self.embed(tokens)
         if embeddings is not None:
             given, use = embeddings
             x = torch.where(use[:, None, None], given.to(x.dtype), x)
         if condition_sum is not None:
             x = x + condition_sum.to(x.dtype)  # computed in float32, added in the model's dtype
-        h = self.out_norm(self.transformer(x, state, active, attend=attend).to(x.dtype))
+        if cross_src is not None:
+            cross_src = cross_src.to(x.dtype)
+        h = self.out_norm(self.transformer(x, state, active, attend=attend, cross_src=cross_src).to(x.dtype))
         return h, self.text_linear(h)
 
     # ------------------------------------------------------------------ depth transformer
@@ -170,9 +184,10 @@ class LMModel(nn.Module):
         t[0] = cfg.text_initial_token
         return t
 
-    def forward(self, codes: torch.Tensor, condition_sum: torch.Tensor | None = None) -> LMOutput:
+    def forward(self, codes: torch.Tensor, condition_sum: torch.Tensor | None = None,
+                cross_src: torch.Tensor | None = None) -> LMOutput:
         """Teacher-forced pass over codes [B, K, T] (text stream first, undelayed), conditioned on
-        condition_sum [B, 1, D] when given.
+        condition_sum [B, 1, D] when given (and cross-attending to cross_src [B, L, D], Kyutai TTS).
 
         Returns logits aligned with `codes` and masks of the positions that have a valid
         prediction (not lost to the delays, not ZERO_TOKEN in the target).
@@ -193,7 +208,7 @@ class LMModel(nn.Module):
         delayed = delay_codes(codes, cfg.delays, initial)  # [B, K, T]
         delayed = torch.cat([initial.view(1, K, 1).expand(B, K, 1), delayed], dim=2)  # [B, K, T + 1]
         # Predicts delayed[:, :, 1:].
-        hidden, text_logits = self.forward_text(delayed[:, :, :-1], condition_sum=condition_sum)
+        hidden, text_logits = self.forward_text(delayed[:, :, :-1], condition_sum=condition_sum, cross_src=cross_src)
         target = delayed[:, :, 1:]
         Q, Dd = cfg.dep_q, cfg.depformer_dim
         steps = [self.depformer_input(q, target[:, q], hidden) for q in range(Q)]  # Q x [B, T, Dd]

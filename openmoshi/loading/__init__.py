@@ -8,7 +8,8 @@ offline mode).
 - `resolve`: which files make a model and where they come from (`resolve_files`);
 - `model`: all of a model at once (`load_model` -> `LoadedModel`);
 - `budget`: what a command will need in memory, checked before it allocates or downloads;
-- `voices`: PersonaPlex voice prompts (audio files and `.pt` presets), alone or from a folder.
+- `voices`: PersonaPlex voice prompts (audio files and `.pt` presets), alone or from a folder;
+- `tts_voices`: Kyutai TTS voices (speaker embeddings of kyutai/tts-voices, audio prefixes).
 
 Offers: `lm.load_lm`, `mimi.load_mimi`, `tokenizer.load_text_tokenizer`, `lora.apply_lora`,
 `resolve.resolve_files`, `model.load_model`, `files.CheckpointError`, `resolve.ResolveError`.

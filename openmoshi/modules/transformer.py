@@ -2,7 +2,8 @@
 
 Dimension glossary:
     B batch, T time steps in this call, D model dim, H heads, Hkv key/value heads, Dh head dim,
-    S slots of the ring KV cache, F feed-forward hidden dim, M weight sets (weights per step).
+    S slots of the ring KV cache, F feed-forward hidden dim, M weight sets (weights per step),
+    L length of a cross-attention source.
 
 Streaming state is a `TransformerState` that the caller owns (`init_state`), updated in place:
 the KV cache is a ring buffer of fixed size and every slot of the batch has its own position, so
@@ -13,6 +14,14 @@ Parameter names follow the released checkpoints (`self_attn.out_proj.weight`,
 `gating.linear_in.weight`, `norm1.alpha`, ...), except the released `self_attn.in_proj_weight`,
 which is `self_attn.in_proj.weight` here so that every projection is a module (and can be swapped
 for a quantized one); checkpoint.canonical_keys renames it.
+
+Cross-attention (`cross_attention=True`, Kyutai TTS): after its self-attention each layer attends
+to a fixed source [B, L, D] (the speaker embeddings), without positions or mask, through a
+LayerNorm (`norm_cross`) and its own projections (`cross_attention.in_proj.weight`, q | k | v
+stacked as the official module). The source's keys and values do not change during a
+conversation: `set_cross` computes them once into the state (`cross_keys` / `cross_values`, a
+setting of each slot, kept across resets). Without cross-attention the layers have no such
+module and the step is unchanged.
 """
 
 from __future__ import annotations
@@ -48,6 +57,7 @@ class TransformerConfig:
     kv_repeat: int = 1
     weights_per_step: int = 0  # > 0: the i-th step of a sequence uses its own weights (depth transformer)
     weights_per_step_schedule: tuple[int, ...] | None = None  # step -> weight set, for sharing
+    cross_attention: bool = False  # each layer also attends to a fixed source (Kyutai TTS)
 
     def __post_init__(self):
         if self.d_model % self.num_heads:
@@ -71,6 +81,8 @@ class TransformerConfig:
                              f"expected weights_per_step={self.weights_per_step}")
         if self.weights_per_step and self.gating == "none":
             raise ValueError("weights_per_step needs a gated feed-forward (gating != 'none')")
+        if self.cross_attention and (self.kv_repeat != 1 or self.weights_per_step):
+            raise ValueError("cross_attention needs kv_repeat = 1 and no weights per step (as the official code)")
 
     @property
     def head_dim(self) -> int:
@@ -199,6 +211,9 @@ class TransformerState(SlotState):
     keys: list[torch.Tensor] = per_slot(reset=UNREAD)  # per layer [B, Hkv, S, Dh], read where key_pos >= 0
     values: list[torch.Tensor] = per_slot(reset=UNREAD)  # per layer [B, Hkv, S, Dh]
     max_chunk: int = host()  # most steps one call may add without breaking the context window
+    # Cross-attention (a setting of each slot, see the module doc): per layer [B, H, L, Dh], None without.
+    cross_keys: list[torch.Tensor] | None = per_slot()
+    cross_values: list[torch.Tensor] | None = per_slot()
 
     @property
     def capacity(self) -> int:
@@ -307,6 +322,33 @@ class Attention(nn.Module):
         return q, k_cache[:, :, :n], v_cache[:, :, :n]  # [B, Hkv, S', Dh]
 
 
+class CrossAttention(nn.Module):
+    """Attention of the frames over a fixed source (no positions, no mask). One stacked in_proj
+    [3 D, D] (queries, then keys and values of the source) like the official module."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.cfg = cfg
+        D = cfg.d_model
+        self.in_proj = StackedLinear(D, 3 * D)
+        self.out_proj = StackedLinear(D, D)
+
+    def keys_values(self, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """src [B, L, D] -> keys, values [B, H, L, Dh]."""
+        cfg = self.cfg
+        B, L, D = src.shape
+        kv = F.linear(src, self.in_proj.weight[D:])  # [B, L, 2 D]
+        kv = kv.view(B, L, 2, cfg.num_heads, cfg.head_dim).permute(2, 0, 3, 1, 4)
+        return kv[0], kv[1]
+
+    def forward(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        B, T, D = x.shape
+        q = F.linear(x, self.in_proj.weight[:D]).view(B, T, cfg.num_heads, cfg.head_dim).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, keys, values)  # [B, H, T, Dh]
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, D))
+
+
 class Gating(nn.Module):
     """Gated feed-forward: act(x W_a) * (x W_b), then W_out (Shazeer 2020, GLU variants)."""
 
@@ -356,6 +398,10 @@ class Layer(nn.Module):
             self.layer_scale_2 = LayerScale(D, cfg.layer_scale)
         else:
             self.layer_scale_1 = self.layer_scale_2 = nn.Identity()
+        if cfg.cross_attention:
+            self.cross_attention = CrossAttention(cfg)
+            self.norm_cross = nn.LayerNorm(D, eps=1e-5)  # a LayerNorm whatever `norm`, as the official layer
+            self.layer_scale_cross = nn.Identity() if cfg.layer_scale is None else LayerScale(D, cfg.layer_scale)
 
     def feed_forward(self, x: torch.Tensor, index: Index) -> torch.Tensor:
         if self.cfg.gating == "none":
@@ -364,8 +410,10 @@ class Layer(nn.Module):
             return per_step(lambda x, i: self.gating[i](x), x, index)
         return self.gating(x)
 
-    def forward(self, x, q_pos, index, cache, key_pos, mask, rope=None):
+    def forward(self, x, q_pos, index, cache, key_pos, mask, rope=None, cross=None):
         x = x + self.layer_scale_1(self.self_attn(self.norm1(x), q_pos, index, cache, key_pos, mask, rope))
+        if cross is not None:  # (keys, values) of the source [B, H, L, Dh]
+            x = x + self.layer_scale_cross(self.cross_attention(self.norm_cross(x), *cross))
         return x + self.layer_scale_2(self.feed_forward(self.norm2(x), index))
 
 
@@ -376,11 +424,12 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList([Layer(cfg) for _ in range(cfg.num_layers)])
 
     def init_state(self, batch_size: int, device=None, dtype=None, capacity: int | None = None,
-                   max_chunk: int = 1) -> TransformerState:
+                   max_chunk: int = 1, cross_len: int = 0) -> TransformerState:
         """A fresh streaming state. Without a context window, `capacity` (the longest sequence) is required.
 
         With a context window, steps of up to `max_chunk` frames see their whole window; longer
-        calls are split into chunks of that size.
+        calls are split into chunks of that size. With cross-attention, `cross_len` is the length L
+        of the source (`set_cross` fills it; zeros until then).
         """
         cfg = self.cfg
         if not cfg.causal:
@@ -393,16 +442,55 @@ class Transformer(nn.Module):
                 raise ValueError("a transformer without context window needs an explicit capacity")
             capacity = cfg.context + max_chunk - 1
         shape = (batch_size, cfg.num_heads // cfg.kv_repeat, capacity, cfg.head_dim)
+        cross_keys = cross_values = None
+        if cfg.cross_attention:
+            if cross_len < 1:
+                raise ValueError("a transformer with cross-attention needs the source length: init_state(..., cross_len=L)")
+            cross_shape = (batch_size, cfg.num_heads, cross_len, cfg.head_dim)
+            cross_keys = [torch.zeros(cross_shape, device=device, dtype=dtype) for _ in self.layers]
+            cross_values = [torch.zeros(cross_shape, device=device, dtype=dtype) for _ in self.layers]
         return TransformerState(
+            cross_keys=cross_keys, cross_values=cross_values,
             offset=torch.zeros(batch_size, dtype=torch.long, device=device),
             key_pos=torch.full((batch_size, capacity), -1, dtype=torch.long, device=device),
             keys=[torch.zeros(shape, device=device, dtype=dtype) for _ in self.layers],
             values=[torch.zeros(shape, device=device, dtype=dtype) for _ in self.layers],
             max_chunk=capacity - cfg.context + 1 if cfg.context is not None else capacity)
 
+    def set_cross(self, state: TransformerState, src: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+        """The cross-attention source src [B, L, D] (or [1, L, D]) of the rows where `rows` [B] bool is
+        True (all when None): its keys and values, per layer, into the state."""
+        if state.cross_keys is None:
+            raise ValueError("this transformer has no cross-attention")
+        B, _, L, _ = state.cross_keys[0].shape
+        if src.dim() != 3 or src.shape[0] not in (1, B) or src.shape[1:] != (L, self.cfg.d_model):
+            raise ValueError(f"cross source must be [{B} or 1, {L}, {self.cfg.d_model}], got {tuple(src.shape)}")
+        src = src.to(state.cross_keys[0].dtype).expand(B, -1, -1)
+        for layer, k_state, v_state in zip(self.layers, state.cross_keys, state.cross_values):
+            k, v = layer.cross_attention.keys_values(src)
+            if rows is None:
+                k_state.copy_(k)
+                v_state.copy_(v)
+            else:
+                m = rows.to(k.device)[:, None, None, None]
+                k_state.copy_(torch.where(m, k, k_state))
+                v_state.copy_(torch.where(m, v, v_state))
+
+    def _cross(self, state: TransformerState | None, cross_src: torch.Tensor | None) -> list:
+        """Per layer, the (keys, values) cross-attention reads, or None entries without it."""
+        if not self.cfg.cross_attention:
+            if cross_src is not None:
+                raise ValueError("this transformer has no cross-attention; pass no cross source")
+            return [None] * len(self.layers)
+        if cross_src is not None:
+            return [layer.cross_attention.keys_values(cross_src) for layer in self.layers]
+        if state is None:
+            raise ValueError("a transformer with cross-attention needs its source (cross_src, or set_cross on the state)")
+        return list(zip(state.cross_keys, state.cross_values))
+
     def forward(self, x: torch.Tensor, state: TransformerState | None = None,
                 active: torch.Tensor | None = None, step: int | None = None,
-                attend: int | None = None) -> torch.Tensor:
+                attend: int | None = None, cross_src: torch.Tensor | None = None) -> torch.Tensor:
         """x: [B, T, D] -> [B, T, D].
 
         state: None for a whole sequence starting at position 0, else the streaming state.
@@ -414,12 +502,15 @@ class Transformer(nn.Module):
             from the number of calls since `init_state`): early in a conversation the attention
             then reads what is filled, not the whole window. Fixed per value, so a CUDA graph can
             be captured per value.
+        cross_src: [B, L, D], the cross-attention source of a whole-sequence call (streaming calls
+            read the state's, see `set_cross`).
         """
         B, T, D = x.shape
+        cross = self._cross(state, cross_src)
         if state is None:
-            return self._forward_whole(x, step or 0)
+            return self._forward_whole(x, step or 0, cross)
         if T > state.max_chunk:  # keep each chunk within the ring buffer's reach
-            return torch.cat([self.forward(x[:, i:i + state.max_chunk], state, active, step)
+            return torch.cat([self.forward(x[:, i:i + state.max_chunk], state, active, step, cross_src=cross_src)
                               for i in range(0, T, state.max_chunk)], dim=1)
         n = state.capacity if attend is None else min(attend, state.capacity)
         if self.cfg.weights_per_step:
@@ -442,8 +533,8 @@ class Transformer(nn.Module):
         mask = additive(mask[:, None], x.dtype)  # [B, 1, T, S'], and the attention reads S' cache slots
         x = self._embed_positions(x, q_pos)
         rope = self._rope_tables(q_pos)
-        for layer, k, v in zip(self.layers, state.keys, state.values):
-            x = layer(x, q_pos, index, (k, v), state.key_pos, mask, rope)
+        for layer, k, v, c in zip(self.layers, state.keys, state.values, cross):
+            x = layer(x, q_pos, index, (k, v), state.key_pos, mask, rope, c)
         if active is None:
             state.offset.add_(T)
         else:
@@ -456,7 +547,7 @@ class Transformer(nn.Module):
         of `bucket` so that a few CUDA graphs cover a conversation."""
         return min(capacity, (calls // bucket + 1) * bucket)
 
-    def _forward_whole(self, x: torch.Tensor, step: int) -> torch.Tensor:
+    def _forward_whole(self, x: torch.Tensor, step: int, cross: list) -> torch.Tensor:
         B, T, D = x.shape
         pos = torch.arange(T, device=x.device)
         q_pos = pos.expand(B, T)
@@ -470,8 +561,8 @@ class Transformer(nn.Module):
         index = tuple(self.cfg.weight_index(step + t) for t in range(T)) if self.cfg.weights_per_step else 0
         x = self._embed_positions(x, q_pos)
         rope = self._rope_tables(q_pos)
-        for layer in self.layers:
-            x = layer(x, q_pos, index, None, None, None if mask is None else additive(mask, x.dtype), rope)
+        for layer, c in zip(self.layers, cross):
+            x = layer(x, q_pos, index, None, None, None if mask is None else additive(mask, x.dtype), rope, c)
         return x
 
     def _rope_tables(self, q_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
