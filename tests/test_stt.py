@@ -52,3 +52,115 @@ def test_models_without_extra_heads_return_no_probabilities():
     lm = tiny_lm()
     state = G.init_state(lm, 1, SamplingConfig.greedy())
     assert G.step(lm, state, torch.zeros(1, 8, dtype=torch.long)).prs is None
+
+
+# ----------------------------------------------------------------------------- words
+
+
+def test_word_tracker_follows_moshi_server():
+    """moshi-server's rule (asr.rs): pieces between paddings make a word, told when the next padding
+    comes, starting at the last end of padding; an end of padding ends the word told before it."""
+    from openmoshi.lm.stt import EndWord, SttTiming, WordEvent, WordTracker
+
+    t = WordTracker(SttTiming(delay_tokens=2))
+    PAD, EPAD = 3, 0
+    steps = [7, PAD, EPAD, 10, 11, PAD, PAD, EPAD, 12, EPAD, 13]
+    events = [t.push(x) for x in steps]
+    # step counts 1..11; tokens before the delay (steps 1) are not read
+    assert events[0] == []  # 7 at step 1 < delay 2
+    assert events[1] == []  # a pad with no word
+    assert events[2] == []  # end of padding at step 3: boundary at (3 - 2) / 12.5 = 0.08
+    assert events[5] == [WordEvent((10, 11), 0.08)]
+    assert events[7] == [EndWord(round(6 / 12.5, 3))]  # step 8
+    assert events[9] == [WordEvent((12,), 0.48), EndWord(0.64)]  # told and ended by the same end of padding
+    assert events[10] == []  # 13 stays open: never told
+
+
+def _stream_pcm(pcm: torch.Tensor, prefix: int, tail: int) -> torch.Tensor:
+    """What the official loop is fed for one input: silence prefix, the input padded to whole
+    frames, silence tail ([1, N] -> [1, M])."""
+    whole = -(-pcm.shape[-1] // 1920) * 1920
+    return torch.nn.functional.pad(pcm, (prefix * 1920, whole - pcm.shape[-1] + tail * 1920))
+
+
+def _official_words(folder, pcm, timing, tokenizer):
+    from openmoshi.lm.stt import WordTracker, timed_words
+
+    tokens, prs = official_stt(folder, pcm)
+    t = WordTracker(timing)
+    events = [e for tok in tokens[0] for e in t.push(tok)]
+    return tokens[0], [p[0, :, 0].tolist() for p in prs], timed_words(events, tokenizer.decode)
+
+
+def test_stt_command_matches_official_loop(stt_folder, tmp_path, capsys):
+    """`openmoshi stt a.wav b.wav --json --prs`: per input (one batch), the words, text tokens and
+    pause probabilities of the official LMGen loop over that input's stream."""
+    import json
+
+    from openmoshi.audio import load_audio, save_wav
+    from openmoshi.cli.main import main
+    from openmoshi.inference.stt import tail_frames, transcribe
+    from openmoshi.lm.stt import SttTiming
+
+    model = _load(stt_folder)
+    timing = SttTiming.of(model.config)
+    assert timing == SttTiming(6, 0)
+    paths = [tmp_path / "a.wav", tmp_path / "b.wav"]
+    save_wav(paths[0], speech(1.5)[None])
+    save_wav(paths[1], speech(2.3)[-24000:][None])  # shorter: its row reads silence past its end
+    assert main(["stt", *map(str, paths), "--json", "--prs", "--hf-repo", str(stt_folder), "--device", "cpu"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    for path, got in zip(paths, data):
+        pcm = load_audio(path)
+        tokens, prs, words = _official_words(stt_folder, _stream_pcm(pcm, 0, tail_frames(timing)), timing,
+                                             model.tokenizer)
+        assert [(w["text"], w["start"], w["stop"]) for w in got["words"]] == [(w.text, w.start, w.stop) for w in words]
+        assert len(words) >= 2 and got["text"] == " ".join(w.text for w in words)
+        assert len(got["prs"]) == len(tokens)
+        torch.testing.assert_close(torch.tensor([p["prs"] for p in got["prs"]]), torch.tensor(prs),
+                                   atol=2e-6, rtol=0)
+    solo = transcribe(model, [str(paths[1])])[0]
+    assert [asdict_(w) for w in solo.words] == data[1]["words"]
+
+
+def asdict_(w):
+    from dataclasses import asdict
+
+    return asdict(w)
+
+
+def test_stt_prefix_and_delay_shift_times(tmp_path):
+    """A silence prefix (stt-2.6b has 1 s) is fed first and not counted in the times."""
+    from openmoshi.inference.stt import tail_frames, transcribe
+    from openmoshi.lm.stt import SttTiming
+
+    folder = make_stt(tmp_path / "p", seed=4, stt_config={"audio_delay_seconds": 0.3,
+                                                          "audio_silence_prefix_seconds": 0.4})
+    model = _load(folder)
+    timing = SttTiming.of(model.config)
+    assert timing == SttTiming(4, 5)
+    pcm = speech(1.2)[None]
+    got = transcribe(model, [pcm])[0]
+    tokens, _, words = _official_words(folder, _stream_pcm(pcm, 5, tail_frames(timing)), timing, model.tokenizer)
+    assert got.tokens == tokens and got.words == words and words
+    assert all(w.start >= 0 for w in words)
+
+
+def test_stt_command_errors(stt_folder, tmp_path, capsys):
+    from infer_utils import make_checkpoint
+    from openmoshi.audio import save_wav
+    from openmoshi.cli.main import main
+
+    wav = tmp_path / "x.wav"
+    save_wav(wav, speech(0.3)[None])
+    moshi = tmp_path / "moshi"
+    make_checkpoint(moshi, "moshi", small_mimi=True)
+    empty = tmp_path / "empty.wav"
+    empty.write_bytes(b"")
+    for argv, message in (([str(tmp_path / "missing.wav")], "does not exist"),
+                          ([str(wav), "--hf-repo", str(moshi)], "not speech to text"),
+                          ([str(empty)], "empty")):
+        with pytest.raises(SystemExit) as e:
+            main(["stt", *argv, *([] if "--hf-repo" in argv else ["--hf-repo", str(stt_folder)])])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and message in err, err

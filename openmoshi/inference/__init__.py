@@ -1,7 +1,8 @@
 """Offline inference on recorded audio, with the official offline frame policy, and transcripts.
 
 - `offline`: `load(...)` -> `InferenceModel`, whose `run(inputs)` gives `InferenceResult`s;
-- `transcript`: text pieces, words with their times, the JSON transcript.
+- `transcript`: text pieces, words with their times, the JSON transcript;
+- `stt`: Kyutai STT on recorded audio (`transcribe`): words with start and stop, pause probabilities.
 
 Offers: `offline.load`, `offline.InferenceModel`, `offline.InferenceResult`.
 

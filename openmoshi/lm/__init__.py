@@ -9,7 +9,8 @@
 - `sampling`: per-slot temperature and top-k sampling;
 - `generate`: one 80 ms frame per call, `init_state` / `step` on caller-owned state, with forced
   tokens;
-- `persona`: PersonaPlex's prompt phase (voice, text, spacers) as frames of forced tokens.
+- `persona`: PersonaPlex's prompt phase (voice, text, spacers) as frames of forced tokens;
+- `stt`: Kyutai STT's text stream as timed words (moshi-server's rule) and its timing.
 
 Offers: `config.LMConfig`, `config.ModelConfig`, `config.load_model_config`, `config.MOSHI_7B`,
 `model.LMModel`, `sampling.SamplingConfig`, `generate.init_state`, `generate.step`,
