@@ -21,9 +21,10 @@ DEFAULT_PORT = 8998
 
 def add_serve_parser(subparsers) -> None:
     p = subparsers.add_parser(
-        "serve", help="real-time speech server (websocket /api/chat, web UI at /)",
+        "serve", help="real-time speech server (websocket /api/chat, web UI at /; /api/asr-streaming for STT)",
         description="Serve Moshi over the official websocket protocol, with the web UI at /. "
-                    "Many conversations share one model: one batched step per 80 ms frame.")
+                    "Many conversations share one model: one batched step per 80 ms frame. With a Kyutai STT "
+                    "model (e.g. --hf-repo kyutai/stt-1b-en_fr), serve moshi-server's /api/asr-streaming instead.")
     add_model_args(p)
     g = p.add_argument_group("server")
     g.add_argument("--host", default="localhost", help="address to listen on (default localhost; 0.0.0.0 for all)")
@@ -37,7 +38,11 @@ def add_serve_parser(subparsers) -> None:
     g.add_argument("--queue-timeout", type=finite_float, default=120.0, metavar="SECONDS",
                    help="a waiting client is refused after this long (default 120)")
     g.add_argument("--auth-token", default=None, metavar="TOKEN",
-                   help="require this token, as 'Authorization: Bearer TOKEN' or ?worker_auth_id=TOKEN")
+                   help="require this token, as 'Authorization: Bearer TOKEN' or ?worker_auth_id=TOKEN, or as "
+                        "moshi-server takes it: header 'kyutai-api-key: TOKEN' or ?auth_id=TOKEN")
+    g.add_argument("--asr-delay-tokens", type=positive_int, default=None, metavar="N",
+                   help="STT models: steps between audio and its text, as moshi-server's asr_delay_in_tokens, "
+                        "for word times and markers (default: stt_config's audio_delay_seconds x 12.5, rounded)")
     g.add_argument("--ssl", default=None, metavar="DIR", help="serve https/wss with DIR/cert.pem and DIR/key.pem")
     g.add_argument("--self-signed", action="store_true",
                    help="make a self-signed certificate (in --ssl DIR if given and empty, else a temporary folder)")
@@ -170,7 +175,8 @@ def run_serve(args) -> int:
     config = ServerConfig(max_sessions=max_sessions, auth_token=args.auth_token,
                           idle_timeout=args.idle_timeout, queue_size=args.queue, queue_timeout=args.queue_timeout,
                           static_dir=Path(args.static) if args.static else WEB_DIR, cfg_coef=args.cfg_coef,
-                          clock=args.clock, voice_dir=Path(args.voice_prompt_dir) if args.voice_prompt_dir else None)
+                          clock=args.clock, voice_dir=Path(args.voice_prompt_dir) if args.voice_prompt_dir else None,
+                          asr_delay_tokens=args.asr_delay_tokens)
     server = MoshiServer.for_model(model, speed, config)
     url = f"{'https' if ssl_context else 'http'}://{args.host}:{port}/"
     return asyncio.run(_serve(server, sock, ssl_context, url))
@@ -192,7 +198,8 @@ def _serve_cluster(args) -> int:
     server = dict(max_sessions=args.max_sessions or (8 if gpus else 4), auth_token=args.auth_token,
                   idle_timeout=args.idle_timeout, queue_size=args.queue, queue_timeout=args.queue_timeout,
                   static_dir=args.static, cuda_graph=False if args.no_cuda_graph else None,
-                  cfg_coef=args.cfg_coef, clock=args.clock, voice_dir=args.voice_prompt_dir)
+                  cfg_coef=args.cfg_coef, clock=args.clock, voice_dir=args.voice_prompt_dir,
+                  asr_delay_tokens=args.asr_delay_tokens)
     if args.static is None:
         server.pop("static_dir")
     spec = cluster.ReplicaSpec(files=files, device=device, dtype=args.dtype, quantize=args.quantize,
@@ -232,7 +239,7 @@ async def _serve(server, sock: socket.socket, ssl_context, url: str) -> int:
         loop.add_signal_handler(sig, stop.set)
     await runner.start(sock, ssl_context)
     try:
-        event("listening", url=url, websocket="/api/chat")
+        event("listening", url=url, websocket="/api/asr-streaming" if server.stt is not None else "/api/chat")
         stopped, failed = asyncio.create_task(stop.wait()), asyncio.create_task(server.failed.wait())
         await asyncio.wait({stopped, failed}, return_when=asyncio.FIRST_COMPLETED)
         stopped.cancel()

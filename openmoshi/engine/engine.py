@@ -135,9 +135,15 @@ class Engine:
         """The smallest bucket holding slots [0, used)."""
         return next(n for n in self.buckets if n >= used)
 
-    def encode(self, pcm: torch.Tensor) -> torch.Tensor:
-        """pcm [n, 1, F] (any device and float dtype) -> codes [n, K, 1] of slots [0, n)."""
-        return self.bucket(pcm.shape[0]).encode(pcm.to(self.device, self.mimi_dtype))
+    def encode(self, pcm: torch.Tensor, hold: torch.Tensor | None = None) -> torch.Tensor:
+        """pcm [n, 1, F] (any device and float dtype) -> codes [n, K, 1] of slots [0, n). `hold` [n]
+        bool: slots whose encoder must not move (a stream with no frame this tick): their states
+        are saved before and put back after, so their codes are garbage and their streams intact."""
+        kept = [] if hold is None else [(i, self.enc.save_slot(i)) for i in hold.nonzero()[:, 0].tolist()]
+        codes = self.bucket(pcm.shape[0]).encode(pcm.to(self.device, self.mimi_dtype))
+        for i, snap in kept:
+            self.enc.load_slot(i, snap)
+        return codes
 
     def step(self, codes: torch.Tensor, active: torch.Tensor | None = None, position: int | None = None,
              forced: torch.Tensor | None = None, embeddings=None) -> G.StepOutput:

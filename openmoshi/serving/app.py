@@ -6,7 +6,8 @@
     await runner.stop()                     # drain (conversations may end), then stop
 
 Routes: `/api/chat` (websocket, the official protocol), `/v1/realtime` (websocket, the OpenAI Realtime
-API, see `realtime`), `/health`, `/metrics` (Prometheus), `/api/voices` (the persona voices, JSON),
+API, see `realtime`), `/api/asr-streaming` (websocket, moshi-server's speech to text, for an STT
+model, see `asr`), `/health`, `/metrics` (Prometheus), `/api/voices` (the persona voices, JSON),
 and the web UI at `/`. What a conversation
 does is `server.MoshiServer.chat`, fed through `StarletteSocket`.
 """
@@ -25,6 +26,8 @@ from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from openmoshi.serving import protocol
+from openmoshi.serving.asr import PATH as ASR_PATH
+from openmoshi.serving.asr import AsrProtocol
 from openmoshi.serving.personas import VOICES_ROUTE
 from openmoshi.serving.realtime.protocol import RealtimeProtocol, realtime_auth
 from openmoshi.serving.server import MoshiServer
@@ -96,6 +99,11 @@ def asgi_app(server: MoshiServer, lifespan: bool = True, on_start=None, health=N
         peer = ws.client.host if ws.client else "?"
         await server.chat(StarletteSocket(ws), ws.query_params, headers, peer, RealtimeProtocol(ws.query_params))
 
+    async def asr(ws: WebSocket) -> None:
+        await ws.accept()
+        peer = ws.client.host if ws.client else "?"
+        await server.chat(StarletteSocket(ws), ws.query_params, ws.headers, peer, AsrProtocol.for_server(server))
+
     async def health_route(_request):
         status, body = await health() if health is not None else server.health()
         return JSONResponse(body, status_code=status)
@@ -115,6 +123,7 @@ def asgi_app(server: MoshiServer, lifespan: bool = True, on_start=None, health=N
         return PlainTextResponse("openmoshi server: websocket at /api/chat\n")
 
     routes = [WebSocketRoute("/api/chat", chat), WebSocketRoute("/v1/realtime", realtime),
+              WebSocketRoute(ASR_PATH, asr),
               Route("/health", health_route),
               Route("/metrics", metrics), Route(VOICES_ROUTE, voices), Route("/", root)]
     if index is not None and Path(static).is_dir():

@@ -28,7 +28,11 @@ waiting, or at the latest `TICK_SLACK` after the previous tick; a row whose clie
 silence for that tick, so one slow client never holds back the others. The input clock
 (`clock="input"`, for tests and reproducible runs) ticks only when every row has its next frame,
 never inserts silence and never drops input: a conversation's output is then a function of its
-input alone. `recorder(seat, pcm_in, text, audio, valid)`, when set, sees every row's tick.
+input alone. The stream clock (`clock="stream"`, speech to text: moshi-server's batched ASR) never
+waits for anyone: a tick happens as soon as any row has a frame, and a row without one sits that
+tick out, its states untouched (`TickInput.hold`); input that comes faster than the steps waits in
+the inbox, never dropped; a row's first frame is read twice (see `lm.stt`). `recorder(seat, pcm_in,
+text, audio, valid)`, when set, sees every row's tick.
 
 Failures (issue 23): a command that raises ends that conversation only, a tick that raises ends the
 conversations of that tick (their rows reset), and the loop goes on. A loop that dies is restarted
@@ -62,7 +66,7 @@ FRAME_SIZE = 1920  # samples of an 80 ms frame at 24 kHz
 TICK_SLACK = 0.1  # latest tick: 80 ms plus 20 ms of grace for a client's network jitter
 INBOX_FRAMES = 25  # input frames kept per seat (2 s); the oldest are dropped beyond
 HIDDEN_TEXT_IDS = (TEXT_END_PADDING_ID, TEXT_PADDING_ID)  # never shown to users
-CLOCKS = ("realtime", "input")
+CLOCKS = ("realtime", "input", "stream")
 MAX_RESTARTS, RESTART_WINDOW = 3, 60.0  # a model loop that dies more often than this is given up
 STEP_FAILED_MESSAGE = ("internal error: the model failed on this frame and the conversation was ended (the "
                        "server goes on); reconnect to start a new conversation")
@@ -122,6 +126,8 @@ class Frame:
     seat: Seat
     pcm: np.ndarray  # [F] float32, the seat's own copy
     text: str | None  # the frame's text piece (None: padding)
+    token: int = -1  # its text token id
+    prs: tuple[float, ...] | None = None  # the step's extra heads' P(class 0) (Kyutai STT's pause heads)
 
 
 @dataclass(frozen=True)
@@ -155,6 +161,7 @@ class TickInput:
     position: int  # the furthest row's steps since its reset: bounds the attention window
     listen: bool = True  # False when every row is in its prompt: no Mimi this tick
     prompts: dict[int, PromptCursor] = field(default_factory=dict)  # rows in their prompt phase
+    hold: np.ndarray | None = None  # [n] bool: occupied rows without a frame this tick (stream clock)
 
 
 @dataclass(frozen=True)
@@ -163,13 +170,15 @@ class TickOutput:
     valid: list[bool]  # [n] whether the row produced a complete frame
     audio: np.ndarray | None  # [n, Q] the frame's audio codes (for a recorder), None when not asked
     pcm: np.ndarray | None  # [n, F] decoded audio, None when nothing was decoded
+    prs: np.ndarray | None = None  # [n, H] each extra head's P(class 0) at this step; None without heads
 
 
 def tick(engine, inp: TickInput, runner: PromptRunner, codes_out: bool = False) -> TickOutput:
     """One frame of rows [0, n) through the engine: encode, LM step, decode; outputs on the host."""
     n, device = inp.pcm.shape[0], engine.device
     if inp.listen:
-        codes = engine.encode(torch.from_numpy(inp.pcm))  # [n, K, 1]
+        hold = None if inp.hold is None or not inp.hold.any() else torch.from_numpy(inp.hold)
+        codes = engine.encode(torch.from_numpy(inp.pcm), hold=hold)  # [n, K, 1]
         if inp.first.any():  # the first frame is in the model's past: restart those encoders afresh
             engine.bucket(n).enc.reset(torch.from_numpy(inp.first).to(device))
     else:
@@ -187,8 +196,9 @@ def tick(engine, inp: TickInput, runner: PromptRunner, codes_out: bool = False) 
         pcm = engine.decode(audio[:, :, None])[:, 0]  # [n, F]
         engine.bucket(n).dec.reset(~valid)  # rows without a complete frame decoded placeholders: start afresh
         pcm = pcm.to("cpu", torch.float32, copy=True).numpy()  # a copy: graph outputs are reused
+    prs = None if out.prs is None else out.prs[:, :, 0].float().cpu().numpy()
     return TickOutput(out.text.cpu().tolist(), valid.cpu().tolist(),
-                      out.audio.cpu().numpy() if codes_out else None, pcm)
+                      out.audio.cpu().numpy() if codes_out else None, pcm, prs)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -306,7 +316,9 @@ class ModelLoop:
                 last_tick = time.monotonic()
                 continue
             deadline = last_tick + TICK_SLACK if self.clock == "realtime" else float("inf")
-            while not all(r.seat.inbox or r.cursor for r in occupied) and time.monotonic() < deadline:
+            if self.clock == "stream":
+                deadline = float("inf")
+            while not self._can_tick(occupied) and time.monotonic() < deadline:
                 self._wake.wait(min(1.0, max(0.0, deadline - time.monotonic())))
                 self._wake.clear()
                 self.heartbeat = time.monotonic()
@@ -314,8 +326,8 @@ class ModelLoop:
                     break
             if not self._commands.empty():
                 continue  # a join or leave changes who takes part: apply it first
-            if self.clock == "input" and not all(r.seat.inbox or r.cursor for r in occupied):
-                continue  # stopping: the input clock never ticks on missing frames
+            if self.clock != "realtime" and not self._can_tick(occupied):
+                continue  # stopping: these clocks never tick on missing frames
             last_tick = time.monotonic()
             try:
                 self._tick()
@@ -323,6 +335,11 @@ class ModelLoop:
                 self._tick_failed(e)
             self._flush()
             self.metrics.observe_step(time.monotonic() - last_tick)
+
+    def _can_tick(self, occupied: list[_Row]) -> bool:
+        """Whether the rows have the frames a tick needs: every row's, or any row's on the stream clock."""
+        have = (r.seat.inbox or r.cursor for r in occupied)
+        return any(have) if self.clock == "stream" else all(have)
 
     def _flush(self) -> None:
         """Hands the events gathered since the last flush to the sink: one hop per tick."""
@@ -398,6 +415,7 @@ class ModelLoop:
         n = self.engine.fit(occupied[-1] + 1)
         pcm = np.zeros((n, 1, FRAME_SIZE), dtype=np.float32)
         active, first = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+        hold = np.zeros(n, dtype=bool) if self.clock == "stream" else None
         prompts, silent = {}, 0
         for i in occupied:
             r = self.rows[i]
@@ -406,20 +424,24 @@ class ModelLoop:
             if r.cursor is not None:
                 prompts[i] = r.cursor  # its prompt phase: no input read
             elif r.seat.inbox:
-                pcm[i, 0] = r.seat.inbox.popleft()
+                # The stream clock reads a row's first frame twice (its first step reads only initial
+                # tokens; the encoder restarts after it): Kyutai STT's policy, see `lm.stt`.
+                pcm[i, 0] = r.seat.inbox[0] if hold is not None and first[i] else r.seat.inbox.popleft()
+            elif hold is not None:  # the stream clock: this row sits the tick out
+                active[i], hold[i], first[i] = False, True, False
             else:
                 silent += 1
         if silent:
             self.metrics.inc("openmoshi_silence_frames_total", silent)
         return TickInput(pcm, active, first, max(self.rows[i].steps for i in occupied),
-                         listen=len(prompts) < len(occupied), prompts=prompts)
+                         listen=len(prompts) < len(occupied), prompts=prompts, hold=hold)
 
     def _tick(self) -> None:
         inp = self.tick_input()
         self.metrics.observe_batch(inp.pcm.shape[0])
         out = tick(self.engine, inp, self.prompts, codes_out=self.recorder is not None)
         for i, r in enumerate(self.rows):
-            if r is None:
+            if r is None or not inp.active[i]:
                 continue
             r.steps += 1
             if r.cursor is not None:
@@ -431,7 +453,8 @@ class ModelLoop:
                 self.recorder(r.seat, inp.pcm[i, 0], out.text[i], out.audio[i], out.valid[i])
             if out.valid[i]:
                 pcm = out.pcm[i] if out.pcm is not None else np.zeros(0, np.float32)
-                self._events.append(Frame(r.seat, pcm, self._piece(out.text[i])))
+                prs = None if out.prs is None else tuple(out.prs[i].tolist())
+                self._events.append(Frame(r.seat, pcm, self._piece(out.text[i]), out.text[i], prs))
 
     def _tick_failed(self, e: Exception) -> None:
         self.tick_errors += 1

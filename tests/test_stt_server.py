@@ -1,0 +1,199 @@
+"""`/api/asr-streaming` on moshi-server's msgpack protocol: words, steps and markers equal to
+`openmoshi stt` on the same audio, streams joining and leaving mid-way equal to their solo runs,
+bad messages answered with Error while the stream and the server go on, moshi-server's auth."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import msgpack
+import numpy as np
+import pytest
+import torch
+
+from official_utils import speech
+from server_utils import listening_socket
+from stt_utils import make_stt
+
+from openmoshi.engine.speed import SpeedConfig, choose
+from openmoshi.inference.stt import tail_frames, transcribe
+from openmoshi.loading.model import load_model
+from openmoshi.loading.resolve import resolve_files
+from openmoshi.serving.app import Runner
+from openmoshi.serving.server import MoshiServer, ServerConfig
+
+TOKEN = "public_token"
+HEADERS = {"kyutai-api-key": TOKEN}
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    folder = make_stt(tmp_path_factory.mktemp("stt_server") / "ckpt", seed=5)
+    return load_model(resolve_files(str(folder)), "cpu", torch.float32)
+
+
+@contextlib.asynccontextmanager
+async def stt_server(model, **config):
+    config = dict(dict(max_sessions=2, static_dir=None, auth_token=TOKEN), **config)
+    server = MoshiServer.for_model(model, choose("cpu", SpeedConfig(cuda_graphs=False, self_check=False)),
+                                   ServerConfig(**config))
+    runner, sock = Runner(server), listening_socket()
+    await runner.start(sock)
+    try:
+        yield server, f"ws://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        await runner.stop()
+
+
+def pack(message: dict) -> bytes:
+    return msgpack.packb(message, use_bin_type=True, use_single_float=True)
+
+
+def stream_of(model, pcm: torch.Tensor) -> np.ndarray:
+    """What `openmoshi stt` feeds for this input after the prefix: the input padded to whole frames
+    and the silence tail."""
+    from openmoshi.lm.stt import SttTiming
+
+    timing = SttTiming.of(model.config)
+    whole = -(-pcm.shape[-1] // 1920) * 1920
+    return np.concatenate([pcm.numpy(), np.zeros(whole - pcm.shape[-1] + tail_frames(timing) * 1920, np.float32)])
+
+
+async def run_stream(url: str, samples: np.ndarray, chunk: int, after=None, pace: float = 0.0,
+                     extra: list[bytes] = (), marker_silence: int = 8) -> dict:
+    """Sends `samples` in chunks of `chunk` (sleeping `pace` between them), then a Marker and
+    `marker_silence` frames of silence; reads until the Marker comes back. `after(n)` is awaited
+    once n Steps have come (a hook for joining others). Returns the messages by type."""
+    import websockets
+
+    got = {"Word": [], "EndWord": [], "Step": [], "Error": [], "Marker": [], "Ready": []}
+    async with websockets.connect(url + "/api/asr-streaming", additional_headers=HEADERS) as ws:
+        first = msgpack.unpackb(await ws.recv())
+        assert first == {"type": "Ready"}, first
+
+        async def send():
+            for message in extra:
+                await ws.send(message)
+            for i in range(0, len(samples), chunk):
+                await ws.send(pack({"type": "Audio", "pcm": samples[i:i + chunk].tolist()}))
+                if pace:
+                    await asyncio.sleep(pace)
+            await ws.send(pack({"type": "Marker", "id": 42}))
+            await ws.send(pack({"type": "Audio", "pcm": [0.0] * (1920 * marker_silence)}))
+
+        sender = asyncio.create_task(send())
+        while True:
+            m = msgpack.unpackb(await asyncio.wait_for(ws.recv(), 60))
+            got[m["type"]].append(m)
+            if after is not None and m["type"] == "Step":
+                await after(len(got["Step"]))
+            if m["type"] == "Marker":
+                break
+        await sender
+    return got
+
+
+def check_equals_cli(got: dict, solo, atol: float = 0.0) -> None:
+    """The stream's first steps and words are those of `openmoshi stt` (which stops there: the
+    messages after are from the marker's silence). Pause probabilities are float32 values: exact
+    at the same batch size, within float rounding across sizes (`atol`)."""
+    steps = got["Step"][:len(solo.prs)]
+    assert [s["step_idx"] for s in steps] == list(range(1, len(solo.prs) + 1))
+    np.testing.assert_allclose(np.float32([s["prs"] for s in steps]), np.float32(solo.prs), atol=atol, rtol=0)
+    words = [(w["text"], w["start_time"]) for w in got["Word"]][:len(solo.words)]
+    assert words == [(w.text, w.start) for w in solo.words] and len(words) >= 2
+    stops = [e["stop_time"] for e in got["EndWord"]]
+    assert stops[:sum(w.stop is not None for w in solo.words)] == [w.stop for w in solo.words if w.stop is not None]
+
+
+def test_stream_equals_stt_command_and_markers(model):
+    """Audio in odd chunk sizes, sent faster than real time: nothing is dropped (buffered_pcm
+    says what waits), and the words, stops and pause probabilities are `openmoshi stt`'s."""
+    pcm = speech(1.6)
+    solo = transcribe(model, [pcm[None]])[0]
+
+    async def main():
+        async with stt_server(model) as (_, url):
+            return await run_stream(url, stream_of(model, pcm), chunk=1000)
+
+    got = asyncio.run(main())
+    check_equals_cli(got, solo)
+    assert got["Marker"] == [{"type": "Marker", "id": 42}] and not got["Error"]
+    assert max(s["buffered_pcm"] for s in got["Step"]) > 1920  # it came faster than the steps
+    # The marker: once the steps reading every frame before it, plus the delay, are done.
+    frames = -(-len(stream_of(model, pcm)) // 1920)
+    assert len(got["Step"]) == frames + 1 + 6
+
+
+def test_streams_joining_and_leaving_equal_their_solo_runs(model):
+    """A paced stream; a second one joins once the first has done 10 steps, sends all its audio at
+    once and leaves; a third joins after: each gets what it gets alone (rows sit ticks out when
+    their client has nothing, their states untouched)."""
+    a, b, c = speech(2.4), speech(2.0)[-24000:], speech(1.2)
+    solos = transcribe(model, [a[None]])[0], transcribe(model, [b[None]])[0], transcribe(model, [c[None]])[0]
+
+    async def main():
+        async with stt_server(model, max_sessions=3) as (_, url):
+            others = []
+
+            async def after(n):
+                if n == 10:
+                    others.append(asyncio.create_task(run_stream(url, stream_of(model, b), chunk=4000)))
+                if n == 30:
+                    others.append(asyncio.create_task(run_stream(url, stream_of(model, c), chunk=1920)))
+
+            first = await run_stream(url, stream_of(model, a), chunk=1920, after=after, pace=0.02)
+            return [first] + [await t for t in others]
+
+    got = asyncio.run(main())
+    for g, solo in zip(got, solos):
+        check_equals_cli(g, solo, atol=1e-6)
+
+
+def test_bad_messages_get_errors_and_the_stream_goes_on(model):
+    bad = [b"\xc1\xff not msgpack", pack({"type": "Bogus"}), pack([1, 2]), pack({"type": "Audio", "pcm": "abc"}),
+           pack({"type": "Audio", "pcm": [[0.1, 0.2]]}), pack({"type": "Audio", "pcm": [float("nan")]}),
+           pack({"type": "Marker", "id": "x"}), pack({"type": "OggOpus", "data": b"not ogg at all"}),
+           pack({"type": "Init"})]
+    pcm = speech(1.2)
+    solo = transcribe(model, [pcm[None]])[0]
+
+    async def main():
+        async with stt_server(model) as (server, url):
+            got = await run_stream(url, stream_of(model, pcm), chunk=1920, extra=bad)
+            again = await run_stream(url, stream_of(model, pcm), chunk=3000)  # the server goes on
+            return got, again, server.health()[0]
+
+    got, again, health = asyncio.run(main())
+    assert len(got["Error"]) == len(bad) - 1  # Init is accepted
+    messages = " | ".join(e["message"] for e in got["Error"])
+    for part in ("not a msgpack message", "unknown message type 'Bogus'", "msgpack map", "list of float32",
+                 "NaN", "Marker.id", "Ogg"):
+        assert part in messages, messages
+    check_equals_cli(got, solo)
+    check_equals_cli(again, solo)
+    assert health == 200
+
+
+def test_auth_and_wrong_endpoint(model):
+    import websockets
+
+    async def first_message(url, **kw):
+        async with websockets.connect(url, **kw) as ws:
+            return msgpack.unpackb(await ws.recv()) if "asr" in url else await ws.recv()
+
+    async def main():
+        async with stt_server(model) as (_, url):
+            asr = url + "/api/asr-streaming"
+            no_key = await first_message(asr)
+            wrong = await first_message(asr, additional_headers={"kyutai-api-key": "nope"})
+            query = await first_message(asr + f"?auth_id={TOKEN}")
+            chat = await first_message(url + "/api/chat", additional_headers=HEADERS)
+            return no_key, wrong, query, chat
+
+    no_key, wrong, query, chat = asyncio.run(main())
+    assert no_key["type"] == "Error" and "unauthorized" in no_key["message"]
+    assert wrong["type"] == "Error" and query == {"type": "Ready"}
+    assert b"/api/asr-streaming" in chat  # the official protocol's error message says where to go
