@@ -29,8 +29,12 @@ pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    folder = make_stt(tmp_path_factory.mktemp("stt_server") / "ckpt", seed=5)
+def folder(tmp_path_factory):
+    return make_stt(tmp_path_factory.mktemp("stt_server") / "ckpt", seed=5)
+
+
+@pytest.fixture(scope="module")
+def model(folder):
     return load_model(resolve_files(str(folder)), "cpu", torch.float32)
 
 
@@ -197,3 +201,63 @@ def test_auth_and_wrong_endpoint(model):
     assert no_key["type"] == "Error" and "unauthorized" in no_key["message"]
     assert wrong["type"] == "Error" and query == {"type": "Ready"}
     assert b"/api/asr-streaming" in chat  # the official protocol's error message says where to go
+
+
+def test_livekit_kyutai_plugin_gets_the_words_of_openmoshi_stt(model, folder, tmp_path, capsys):
+    """The real client: `livekit-plugins-kyutai-lasuite`'s STT stream, fed LiveKit audio frames of
+    espeak-ng speech, against /api/asr-streaming: its final transcripts are the words (and start
+    times) `openmoshi stt` prints for the same audio file."""
+    import json
+    import time
+    import wave
+
+    import aiohttp
+    from livekit import rtc
+    from livekit.agents import stt as lk_stt
+    from lasuite.plugins import kyutai
+
+    from openmoshi.cli.main import main as cli
+    from openmoshi.lm.stt import SttTiming
+
+    pcm16 = np.round(speech(2.0).numpy() * 32767).astype(np.int16)
+    path = tmp_path / "speech.wav"
+    with wave.open(str(path), "wb") as w:  # 16-bit, as LiveKit frames carry it
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(24000), w.writeframes(pcm16.tobytes())
+    words = transcribe(model, [str(path)])[0].words
+    assert len(words) >= 2
+    # What `openmoshi stt` adds after the file: its last frame padded, the delay's silence and 1 s.
+    tail = -pcm16.size % 1920 + tail_frames(SttTiming.of(model.config)) * 1920
+    frames = np.concatenate([pcm16, np.zeros(tail, np.int16)]).reshape(-1, 1920)
+
+    async def main():
+        async with stt_server(model) as (_, url):
+            async with aiohttp.ClientSession() as hs:
+                plugin = kyutai.STT(base_url=url + "/api/asr-streaming", api_key=TOKEN, http_session=hs)
+                stream = plugin.stream()
+                got = []
+
+                async def read():
+                    async for event in stream:
+                        if event.type == lk_stt.SpeechEventType.FINAL_TRANSCRIPT:
+                            got.append((event.alternatives[0].text, event.alternatives[0].start_time))
+
+                reader = asyncio.create_task(read())
+                start = time.monotonic()
+                for i, frame in enumerate(frames):  # a real-time audio track
+                    stream.push_frame(rtc.AudioFrame(frame.tobytes(), 24000, 1, 1920))
+                    await asyncio.sleep(max(0.0, start + (i + 1) * 0.02 - time.monotonic()))
+                stream.end_input()
+                deadline = time.monotonic() + 30
+                while len(got) < len(words) and time.monotonic() < deadline:
+                    await asyncio.sleep(0.05)
+                await asyncio.sleep(0.5)  # and nothing more comes
+                await stream.aclose()
+                reader.cancel()
+                return got
+
+    got = asyncio.run(main())
+    assert got == [(w.text, w.start) for w in words]
+    # `openmoshi stt` on the file prints the same words
+    assert cli(["stt", str(path), "--json", "--hf-repo", str(folder), "--device", "cpu"]) == 0
+    printed = json.loads(capsys.readouterr().out)["words"]
+    assert [(w["text"], w["start"]) for w in printed] == got
