@@ -261,3 +261,31 @@ def test_livekit_kyutai_plugin_gets_the_words_of_openmoshi_stt(model, folder, tm
     assert cli(["stt", str(path), "--json", "--hf-repo", str(folder), "--device", "cpu"]) == 0
     printed = json.loads(capsys.readouterr().out)["words"]
     assert [(w["text"], w["start"]) for w in printed] == got
+
+
+def test_ogg_opus_audio(model):
+    """OggOpus messages: the server decodes the stream and transcribes what it decodes (Opus is
+    lossy: the reference is `openmoshi stt` on the same decoding)."""
+    from openmoshi.serving.opus import OpusDecoder, OpusEncoder
+
+    samples = stream_of(model, speech(1.2))
+    encoder, pages = OpusEncoder(), []
+    for i in range(0, len(samples), 1920):
+        page = encoder.encode(samples[i:i + 1920])
+        if page:
+            pages.append(page)
+    decoder = OpusDecoder()
+    heard = np.concatenate([decoder.decode(p) for p in pages])
+    solo = transcribe(model, [torch.from_numpy(heard)[None]])[0]
+    from openmoshi.lm.stt import SttTiming
+
+    silence = tail_frames(SttTiming.of(model.config)) + 1  # the marker's silence is the CLI's tail
+
+    async def main():
+        async with stt_server(model) as (_, url):
+            return await run_stream(url, np.zeros(silence * 1920, np.float32), 1920,
+                                    extra=[pack({"type": "OggOpus", "data": p}) for p in pages])
+
+    got = asyncio.run(main())
+    assert not got["Error"] and got["Marker"]
+    check_equals_cli(got, solo)
