@@ -26,11 +26,11 @@ DELAY_CONFIG = {"audio_delay_seconds": 0.5, "audio_silence_prefix_seconds": 0.0}
 WORD_IDS_SCALE = 4.0  # text-head rows of ids 0 and 3 scaled by this
 
 
-def make_stt(folder: Path, seed: int = 0, stt_config: dict | None = None) -> Path:
+def make_stt(folder: Path, seed: int = 0, stt_config: dict | None = None, lm_kwargs: dict | None = None) -> Path:
     from safetensors.torch import load_file, save_file
 
     folder = Path(folder)
-    make_checkpoint(folder, "stt", seed=seed, lm_kwargs=STT_HEADS, small_mimi=True)
+    make_checkpoint(folder, "stt", seed=seed, lm_kwargs=lm_kwargs or STT_HEADS, small_mimi=True)
     weights = folder / NAMES["moshi_name"]
     sd = load_file(str(weights))
     w = sd["text_linear.weight"].clone()
