@@ -6,7 +6,8 @@
 - `session`: one client's conversation (its seat, outbox, timeouts, frame assembler), whatever its
   wire protocol;
 - `chat` (+ `protocol`, `opus`): the official `/api/chat` protocol; `realtime`: the OpenAI Realtime
-  API (`/v1/realtime`) for voice-agent frameworks; each a wire protocol class of a session;
+  API (`/v1/realtime`) for voice-agent frameworks; `asr`: moshi-server's `/api/asr-streaming` for a
+  Kyutai STT model; each a wire protocol class of a session;
 - `loop`: the model loop, a worker thread that owns the engine's rows and ticks once per frame;
   `prompts`: persona prompt phases inside its ticks, and their cache;
 - `params`: what a client may set, checked at the edge; `personas`: PersonaPlex personas from the
