@@ -15,6 +15,7 @@ largest such B of each side ("streams at real time"), and whether both gave the 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import sys
@@ -106,6 +107,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--config", choices=list(CONFIGS), default="small")
+    parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     args = parser.parse_args()
 
     from openmoshi.loading.model import load_model
@@ -119,17 +121,20 @@ def main() -> None:
               f"{torch.get_num_threads()} threads; STT '{args.config}': LM {params / 1e6:.1f} M params, "
               f"{model.lm.cfg.n_q} codebooks, small Mimi; {args.steps} steps ({args.warmup} not timed)")
         print(f"{'streams':>8} {'openmoshi ms/step':>18} {'official ms/step':>17} {'speed-up':>9} {'tokens':>7}")
-        best = {"openmoshi": 0, "official": 0}
+        best, rows = {"openmoshi": 0, "official": 0}, []
         for B in args.batch_sizes:
             pcm = frames_of(B, args.steps)
-            t_ours, t_off, same = compare(model, folder, pcm, args.warmup)
-            same = "equal" if same else "differ"
+            t_ours, t_off, equal = compare(model, folder, pcm, args.warmup)
+            rows.append({"streams": B, "openmoshi_ms": t_ours, "official_ms": t_off, "tokens_equal": equal})
+            same = "equal" if equal else "differ"
             print(f"{B:8d} {t_ours:18.1f} {t_off:17.1f} {t_off / t_ours:8.2f}x {same:>7}")
             for name, t in (("openmoshi", t_ours), ("official", t_off)):
                 if t <= REAL_TIME_MS:
                     best[name] = max(best[name], B)
         print(f"streams at real time (step <= {REAL_TIME_MS:.0f} ms, largest batch tried): "
               f"openmoshi {best['openmoshi']}, official {best['official']}")
+        if args.json:
+            Path(args.json).write_text(json.dumps({"config": args.config, "rows": rows, "real_time": best}, indent=1))
 
 
 if __name__ == "__main__":

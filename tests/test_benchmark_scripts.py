@@ -81,3 +81,10 @@ def test_server_load_runs(tmp_path):
 def test_self_check_script_runs(tmp_path):
     row = run_script(["benchmarks/self_check.py", "--config", "tiny", "--device", "cpu"], tmp_path)
     assert row["ok"] and row["config"] == "tiny"
+
+
+def test_stt_streams_runs_both_loops(tmp_path):
+    data = run_script(["benchmarks/stt_streams.py", "--config", "tiny", "--batch-sizes", "1", "2", "--steps", "4",
+                       "--warmup", "1"], tmp_path)
+    assert [r["streams"] for r in data["rows"]] == [1, 2]
+    assert all(r["tokens_equal"] and r["openmoshi_ms"] > 0 and r["official_ms"] > 0 for r in data["rows"])
