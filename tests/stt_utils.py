@@ -13,6 +13,7 @@ moshi-server's `next_token` lag do), returning its text tokens and pause probabi
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -43,7 +44,10 @@ def make_stt(folder: Path, seed: int = 0, stt_config: dict | None = None, lm_kwa
     return folder
 
 
+@functools.lru_cache(maxsize=4)
 def official_models(folder: Path):
+    """(CheckpointInfo, Mimi, LMModel) of the official package on a checkpoint folder (cached:
+    the official streaming contexts reset their state on entry)."""
     from moshi.models import loaders
 
     info = loaders.CheckpointInfo.from_hf_repo("unused/unused", folder / NAMES["moshi_name"],
