@@ -143,6 +143,7 @@ def run_serve(args) -> int:
 
     from openmoshi.engine.speed import SpeedConfig
     from openmoshi.engine.startup import start
+    from openmoshi.engine.threads import passing
     from openmoshi.serving.server import WEB_DIR, MoshiServer, ServerConfig, event
 
     if args.queue < 0 or args.queue_timeout <= 0:
@@ -170,7 +171,9 @@ def run_serve(args) -> int:
     if files.config.lm.conditioners and files.config.model_type != "hibiki":  # as the official server
         raise UsageError(f"this {files.config.model_type} model expects conditioning, which the "
                          "server supports for Hibiki only")
-    model, speed = start(files, device, dtype, args.quantize, SpeedConfig(cuda_graphs=False if args.no_cuda_graph else None))
+    # loaded in a passing thread: the model loop's worker is then torch's one CPU thread (engine.threads)
+    model, speed = passing(start, files, device, dtype, args.quantize,
+                           SpeedConfig(cuda_graphs=False if args.no_cuda_graph else None))
     event("speed_paths", paths=speed.describe())
     config = ServerConfig(max_sessions=max_sessions, auth_token=args.auth_token,
                           idle_timeout=args.idle_timeout, queue_size=args.queue, queue_timeout=args.queue_timeout,

@@ -88,6 +88,7 @@ class MoshiReplica:
 
         from openmoshi.engine.speed import SpeedConfig
         from openmoshi.engine.startup import start
+        from openmoshi.engine.threads import passing
         from openmoshi.loading.resolve import resolve_files
         from openmoshi.serving.server import MoshiServer, ServerConfig
 
@@ -101,8 +102,9 @@ class MoshiReplica:
             room = max(0.0, graceful_shutdown_s - 2 * self.leave_poll_s - LEAVE_SAY_S)
             settings["shutdown_grace"] = min(settings.get("shutdown_grace", room), room)
         config = ServerConfig(**settings)
-        model, speed = start(resolve_files(**spec.files), spec.device, spec.dtype, spec.quantize,
-                             SpeedConfig(cuda_graphs=config.cuda_graph))
+        # loaded in a passing thread: the model loop's worker is then torch's one CPU thread (engine.threads)
+        model, speed = passing(start, resolve_files(**spec.files), spec.device, spec.dtype, spec.quantize,
+                               SpeedConfig(cuda_graphs=config.cuda_graph))
         self.server = MoshiServer.for_model(model, speed, config)
         self.health = ReplicaHealth(self.server, spec.ready_key)
         self._tasks: list[asyncio.Task] = []
