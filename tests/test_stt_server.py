@@ -289,3 +289,44 @@ def test_ogg_opus_audio(model):
     got = asyncio.run(main())
     assert not got["Error"] and got["Marker"]
     check_equals_cli(got, solo)
+
+
+def test_one_process_hosts_moshi_and_stt(model):
+    """`serve --stt-model`: a Moshi server and an STT server behind one app, each with its own model
+    loop and slots: /api/asr-streaming transcribes as alone, /api/chat reaches Moshi, /health and
+    /metrics cover both."""
+    import aiohttp
+    import websockets
+
+    from server_utils import tiny_models
+    from openmoshi.serving.hosting import ModelServers
+
+    pcm = speech(1.2)
+    solo = transcribe(model, [pcm[None]])[0]
+
+    async def main():
+        stt = MoshiServer.for_model(model, choose("cpu", SpeedConfig(cuda_graphs=False, self_check=False)),
+                                    ServerConfig(max_sessions=1, static_dir=None, auth_token=TOKEN))
+        moshi = MoshiServer(*tiny_models(), ServerConfig(max_sessions=1, static_dir=None, auth_token=TOKEN))
+        runner, sock = Runner(ModelServers([moshi, stt])), listening_socket()
+        await runner.start(sock)
+        url = f"ws://127.0.0.1:{sock.getsockname()[1]}"
+        try:
+            got = await run_stream(url, stream_of(model, pcm), chunk=1920)
+            async with websockets.connect(url + "/api/chat", additional_headers=HEADERS) as ws:
+                handshake = await ws.recv()
+            async with aiohttp.ClientSession() as hs:
+                async with hs.get(url.replace("ws:", "http:") + "/health") as r:
+                    health = (r.status, await r.json())
+                async with hs.get(url.replace("ws:", "http:") + "/metrics") as r:
+                    metrics = await r.text()
+            return got, handshake, health, metrics
+        finally:
+            await runner.stop()
+
+    got, handshake, (status, body), metrics = asyncio.run(main())
+    check_equals_cli(got, solo)
+    assert handshake == b"\x00"  # the official protocol's handshake: Moshi took the conversation
+    assert status == 200 and set(body["models"]) == {"speech", "stt"}
+    assert metrics.count("# TYPE openmoshi_step_seconds histogram") == 1
+    assert 'openmoshi_conversations_max{model="stt"} 1' in metrics and 'model="speech"' in metrics

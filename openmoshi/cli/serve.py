@@ -40,6 +40,11 @@ def add_serve_parser(subparsers) -> None:
     g.add_argument("--auth-token", default=None, metavar="TOKEN",
                    help="require this token, as 'Authorization: Bearer TOKEN' or ?worker_auth_id=TOKEN, or as "
                         "moshi-server takes it: header 'kyutai-api-key: TOKEN' or ?auth_id=TOKEN")
+    g.add_argument("--stt-model", default=None, metavar="REPO",
+                   help="also serve a Kyutai STT model (Hugging Face repo id or local folder, e.g. kyutai/stt-1b-en_fr) "
+                        "at /api/asr-streaming, in this process with its own model loop and slots")
+    g.add_argument("--stt-max-sessions", type=positive_int, default=None, metavar="N",
+                   help="streams of --stt-model served at once (default: --max-sessions)")
     g.add_argument("--asr-delay-tokens", type=positive_int, default=None, metavar="N",
                    help="STT models: steps between audio and its text, as moshi-server's asr_delay_in_tokens, "
                         "for word times and markers (default: stt_config's audio_delay_seconds x 12.5, rounded)")
@@ -180,9 +185,38 @@ def run_serve(args) -> int:
                           static_dir=Path(args.static) if args.static else WEB_DIR, cfg_coef=args.cfg_coef,
                           clock=args.clock, voice_dir=Path(args.voice_prompt_dir) if args.voice_prompt_dir else None,
                           asr_delay_tokens=args.asr_delay_tokens)
-    server = MoshiServer.for_model(model, speed, config)
+    servers = [MoshiServer.for_model(model, speed, config)]
+    if args.stt_model:
+        servers.append(_stt_server(args, device, dtype, config, servers[0]))
     url = f"{'https' if ssl_context else 'http'}://{args.host}:{port}/"
-    return asyncio.run(_serve(server, sock, ssl_context, url))
+    return asyncio.run(_serve(servers, sock, ssl_context, url))
+
+
+def _stt_server(args, device, dtype, config, first):
+    """The server of --stt-model: its own model loop and slots, the same settings otherwise."""
+    from dataclasses import replace
+
+    from openmoshi.engine.speed import SpeedConfig
+    from openmoshi.engine.startup import start
+    from openmoshi.engine.threads import passing
+    from openmoshi.inference.stt import check_stt
+    from openmoshi.loading.resolve import resolve_files
+    from openmoshi.serving.server import MoshiServer, event
+
+    if first.stt is not None:
+        raise UsageError("--stt-model is for a second model: the main model is speech to text already")
+    sessions = args.stt_max_sessions or config.max_sessions
+    event("loading_model", source=f"--stt-model {args.stt_model}", device=str(device))
+    check = fits(args, "openmoshi serve --stt-model", device, dtype, None, sessions=sessions)
+
+    def before_download(cfg) -> None:
+        check_stt(cfg)
+        check(cfg)
+
+    files = resolve_files(hf_repo=args.stt_model, before_download=before_download)
+    model, speed = passing(start, files, device, dtype, None,
+                           SpeedConfig(cuda_graphs=False if args.no_cuda_graph else None))
+    return MoshiServer.for_model(model, speed, replace(config, max_sessions=sessions, cfg_coef=1.0, voice_dir=None))
 
 
 def _serve_cluster(args) -> int:
@@ -227,14 +261,19 @@ def _source(args) -> str:
 EXIT_MODEL_FAILED = 1  # the model loop kept dying: exit so that a supervisor (systemd, Docker, k8s) restarts us
 
 
-async def _serve(server, sock: socket.socket, ssl_context, url: str) -> int:
-    """Starts the model loop (CUDA graphs), then accepts on `sock`; says it listens only then;
+async def _serve(servers, sock: socket.socket, ssl_context, url: str) -> int:
+    """Starts the model loops (CUDA graphs) of `servers` (one MoshiServer, or a list of them: one per
+    model, see serving.hosting), then accepts on `sock`; says it listens only then;
     on SIGINT/SIGTERM lets conversations end (graceful shutdown) and stops (exit code 0). When the
     model loop dies more often than it can be restarted (see serving.loop), the server never stays up
     serving nobody: it stops and returns EXIT_MODEL_FAILED."""
     from openmoshi.serving.app import Runner
     from openmoshi.serving.server import event
 
+    from openmoshi.serving.hosting import ModelServers
+
+    servers = servers if isinstance(servers, list) else [servers]
+    server = ModelServers(servers)
     runner = Runner(server)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -242,7 +281,8 @@ async def _serve(server, sock: socket.socket, ssl_context, url: str) -> int:
         loop.add_signal_handler(sig, stop.set)
     await runner.start(sock, ssl_context)
     try:
-        event("listening", url=url, websocket="/api/asr-streaming" if server.stt is not None else "/api/chat")
+        event("listening", url=url, websocket=" ".join(
+            "/api/asr-streaming" if s.stt is not None else "/api/chat" for s in servers))
         stopped, failed = asyncio.create_task(stop.wait()), asyncio.create_task(server.failed.wait())
         await asyncio.wait({stopped, failed}, return_when=asyncio.FIRST_COMPLETED)
         stopped.cancel()
@@ -250,7 +290,7 @@ async def _serve(server, sock: socket.socket, ssl_context, url: str) -> int:
     finally:
         await runner.stop()
     if server.failed.is_set():
-        event("exiting", logging.ERROR, code=EXIT_MODEL_FAILED, reason=f"the model loop failed: {server.loop.last_error}",
+        event("exiting", logging.ERROR, code=EXIT_MODEL_FAILED, reason=f"the model loop failed: {server.last_error}",
               action="exit so that a supervisor restarts the server")
         return EXIT_MODEL_FAILED
     return 0
