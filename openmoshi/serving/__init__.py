@@ -13,6 +13,7 @@
 - `params`: what a client may set, checked at the edge; `personas`: PersonaPlex personas from the
   query (`text_prompt`, `voice_prompt`), voices listed;
 - `waiting`: the first-come first-served line for a free seat;
+- `hosting`: several models in one process (`serve --stt-model`), each its own server, one app;
 - `app`: the server as an ASGI app (`/api/chat`, `/v1/realtime`, `/health`, `/metrics`, the web UI
   in `web/`), and its runner on uvicorn; `cluster`: the same app as Ray Serve replicas (`serve
   --replicas`); `readiness`: when such a cluster is ready (every replica answers through the proxy);
