@@ -192,10 +192,16 @@ class AsrProtocol:
             s.emit({"type": "Step", "step_idx": self.words.steps, "prs": list(frame.prs), "buffered_pcm": buffered})
         for e in events:
             if isinstance(e, WordEvent):
-                s.emit({"type": "Word", "text": self.tokenizer.decode(list(e.tokens)), "start_time": e.start})
+                s.emit({"type": "Word", "text": self._decode(e.tokens), "start_time": e.start})
             elif isinstance(e, EndWord):
                 s.emit({"type": "EndWord", "stop_time": e.stop})
         self._markers()
+
+    def _decode(self, tokens: tuple[int, ...]) -> str:
+        try:
+            return self.tokenizer.decode(list(tokens))
+        except Exception:  # ids outside a mismatched tokenizer's vocabulary: never fail the dispatch
+            return ""
 
     def _markers(self) -> None:
         while self.markers and self.markers[0][0] <= self.words.steps:
