@@ -131,12 +131,21 @@ def test_stream_equals_stt_command_and_markers(model):
     assert len(got["Step"]) == frames + 1 + 6
 
 
-def test_streams_joining_and_leaving_equal_their_solo_runs(model):
+def test_streams_joining_and_leaving_equal_their_solo_runs(model, monkeypatch):
     """A paced stream; a second one joins once the first has done 10 steps, sends all its audio at
     once and leaves; a third joins after: each gets what it gets alone (rows sit ticks out when
     their client has nothing, their states untouched)."""
     a, b, c = speech(2.4), speech(2.0)[-24000:], speech(1.2)
     solos = transcribe(model, [a[None]])[0], transcribe(model, [b[None]])[0], transcribe(model, [c[None]])[0]
+    from openmoshi.engine.engine import Engine
+
+    held, encode = [], Engine.encode
+
+    def counting(self, pcm, hold=None):
+        held.append(0 if hold is None else int(hold.sum()))
+        return encode(self, pcm, hold)
+
+    monkeypatch.setattr(Engine, "encode", counting)
 
     async def main():
         async with stt_server(model, max_sessions=3) as (_, url):
@@ -154,6 +163,7 @@ def test_streams_joining_and_leaving_equal_their_solo_runs(model):
     got = asyncio.run(main())
     for g, solo in zip(got, solos):
         check_equals_cli(g, solo, atol=1e-6)
+    assert sum(h > 0 for h in held) >= 5  # ticks where a stream sat out, its states kept
 
 
 def test_bad_messages_get_errors_and_the_stream_goes_on(model):
