@@ -3,6 +3,7 @@ shared model flags, many conversations at once."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import errno
 import logging
@@ -207,7 +208,8 @@ def _stt_server(args, device, dtype, config, first):
         raise UsageError("--stt-model is for a second model: the main model is speech to text already")
     sessions = args.stt_max_sessions or config.max_sessions
     event("loading_model", source=f"--stt-model {args.stt_model}", device=str(device))
-    check = fits(args, "openmoshi serve --stt-model", device, dtype, None, sessions=sessions)
+    own = argparse.Namespace(**{**vars(args), "moshi_weight": None})  # sized from its repo, not the main model's file
+    check = fits(own, "openmoshi serve --stt-model", device, dtype, None, sessions=sessions)
 
     def before_download(cfg) -> None:
         check_stt(cfg)
