@@ -45,7 +45,7 @@ def make_stt(folder: Path, seed: int = 0, stt_config: dict | None = None, lm_kwa
 
 
 @functools.lru_cache(maxsize=4)
-def official_models(folder: Path):
+def official_models(folder: Path, device: str = "cpu", dtype=torch.float32):
     """(CheckpointInfo, Mimi, LMModel) of the official package on a checkpoint folder (cached:
     the official streaming contexts reset their state on entry)."""
     from moshi.models import loaders
@@ -53,7 +53,7 @@ def official_models(folder: Path):
     info = loaders.CheckpointInfo.from_hf_repo("unused/unused", folder / NAMES["moshi_name"],
                                                folder / NAMES["mimi_name"], folder / NAMES["tokenizer_name"],
                                                folder / "config.json", mimi_config_path=folder / "mimi.json")
-    return info, info.get_mimi(device="cpu"), info.get_moshi(device="cpu", dtype=torch.float32)
+    return info, info.get_mimi(device=device), info.get_moshi(device=device, dtype=dtype)
 
 
 @torch.no_grad()
