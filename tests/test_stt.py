@@ -164,3 +164,22 @@ def test_stt_command_errors(stt_folder, tmp_path, capsys):
             main(["stt", *argv, *([] if "--hf-repo" in argv else ["--hf-repo", str(stt_folder)])])
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.count("\n") == 1 and message in err, err
+
+
+def test_mimi_encode_with_idle_slots(stt_folder):
+    """`encode_step(..., active)`: a slot that sits steps out keeps its state, so its codes on the
+    steps it takes part in are those of its frames encoded alone (what STT streams need)."""
+    mimi = _load(stt_folder).mimi
+    frames = speech(2.0).view(-1, 1920)[:12]  # [12, F]
+    solo_state = mimi.init_encode_state(1)
+    solo = [mimi.encode_step(f[None, None], solo_state) for f in frames[:6]]
+    state = mimi.init_encode_state(2)
+    pattern = [1, 0, 0, 1, 1, 0, 1, 0, 1, 1]  # slot 1 takes part in 6 of 10 steps
+    got, i = [], 0
+    for t, on in enumerate(pattern):
+        pcm = torch.stack([frames[t], frames[i] if on else torch.randn(1920)])[:, None]
+        codes = mimi.encode_step(pcm, state, torch.tensor([True, bool(on)]))
+        if on:
+            got.append(codes[1:])
+            i += 1
+    assert all(torch.equal(a, b) for a, b in zip(got, solo))

@@ -30,7 +30,7 @@ silence for that tick, so one slow client never holds back the others. The input
 never inserts silence and never drops input: a conversation's output is then a function of its
 input alone. The stream clock (`clock="stream"`, speech to text: moshi-server's batched ASR) never
 waits for anyone: a tick happens as soon as any row has a frame, and a row without one sits that
-tick out, its states untouched (`TickInput.hold`); input that comes faster than the steps waits in
+tick out, its states untouched (`TickInput.hold`: Mimi's encoder and the LM step it as inactive); input that comes faster than the steps waits in
 the inbox, never dropped; a row's first frame is read twice (see `lm.stt`). `recorder(seat, pcm_in,
 text, audio, valid)`, when set, sees every row's tick.
 
