@@ -158,6 +158,9 @@ def run_serve(args) -> int:
         raise UsageError(f"--voice-prompt-dir {args.voice_prompt_dir} is not a folder")
     setup_logging(args.log_format)
     if args.replicas or args.ray_address:
+        if args.stt_model:
+            raise UsageError("--stt-model is for the single-host server: with --replicas, serve the STT model "
+                             "as its own deployment (openmoshi serve --hf-repo STT_REPO --replicas N)")
         return _serve_cluster(args)
     if args.threads:
         torch.set_num_threads(args.threads)
