@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from openmoshi.serving import protocol
 from openmoshi.serving.opus import OpusDecoder, OpusEncoder, OpusError
 from openmoshi.serving.session import event
