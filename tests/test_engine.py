@@ -36,8 +36,32 @@ def test_a_bucket_step_is_the_step_of_that_many_slots_alone(models):
         ref = G.step(lm, alone, codes)
         assert torch.equal(out.text, ref.text) and torch.equal(out.audio, ref.audio)
     assert torch.equal(engine.gen.temporal.keys[0][2:], before)
-    with pytest.raises(ValueError, match="not a bucket"):
-        engine.step(torch.zeros(3, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match="not within"):
+        engine.step(torch.zeros(3, 8, dtype=torch.long), start=2)
+
+
+def test_a_span_of_slots_steps_them_alone_and_leaves_the_others(models):
+    """A phase group's span [a, b): Mimi and LM steps on those slots of the full state give what a
+    state of b - a slots gives (codes and tokens exactly), and every other slot is untouched."""
+    lm, mimi, _ = models
+    greedy = SamplingConfig.greedy()
+    engine = Engine(lm, mimi, 4, S.Speed(torch.device("cpu")), greedy)
+    alone = Engine(lm, mimi, 2, S.Speed(torch.device("cpu")), greedy)
+    rng = np.random.default_rng(1)
+    outside = [t.clone() for t in (engine.gen.temporal.keys[0][:1], engine.gen.temporal.keys[0][3:],
+                                   engine.gen.streams.cache[:1], engine.gen.streams.cache[3:])]
+    for t in range(6):
+        pcm = torch.from_numpy((0.1 * rng.standard_normal((2, 1, 1920))).astype(np.float32))
+        codes, ref_codes = engine.encode(pcm, start=1), alone.encode(pcm)
+        assert torch.equal(codes, ref_codes)
+        out, ref = engine.step(codes[:, :, 0], position=t, start=1), alone.step(ref_codes[:, :, 0], position=t)
+        assert torch.equal(out.text, ref.text) and torch.equal(out.audio, ref.audio)
+        audio = torch.where(out.valid[:, None], out.audio, 0)[:, :, None]  # placeholders decode as 0, as a tick's
+        np.testing.assert_allclose(engine.decode(audio, start=1).numpy(), alone.decode(audio).numpy(), atol=1e-5)
+    after = [engine.gen.temporal.keys[0][:1], engine.gen.temporal.keys[0][3:],
+             engine.gen.streams.cache[:1], engine.gen.streams.cache[3:]]
+    assert all(torch.equal(a, b) for a, b in zip(outside, after))
+    assert engine.bucket(2, 1) is engine.bucket(2, 1)  # made once
 
 
 def test_buckets_and_fit(models):

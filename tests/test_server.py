@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from openmoshi.serving import protocol
+from openmoshi.serving.opus import OpusEncoder
 from openmoshi.serving.server import MoshiServer, ServerConfig, sampling_from_query, seeds_from_query
 from openmoshi.lm.sampling import SamplingConfig
 
@@ -121,11 +122,18 @@ def test_garbage_input(models, caplog):
                     assert msg.type == aiohttp.WSMsgType.BINARY
                     if msg.data[0] == protocol.KIND_ERROR:
                         errors.append(msg.data[1:].decode())
-                # The conversation goes on: still receiving audio, and pings are answered.
+                # The conversation goes on: audio sent is still answered, and pings are.
                 await ws.send_bytes(protocol.encode_ping())
+                encoder = OpusEncoder()
+                for _ in range(10):
+                    page = encoder.encode(np.zeros(1920, np.float32))
+                    if page:
+                        await ws.send_bytes(protocol.encode_audio(page))
                 kinds = set()
                 for _ in range(20):
                     kinds.add((await ws.receive(timeout=10)).data[0])
+                    if {protocol.KIND_AUDIO, protocol.KIND_PING} <= kinds:
+                        break
                 await ws.close()
                 other = await chat(url, 0.5)  # the server never noticed
             return errors, kinds, other, server.metrics
@@ -250,6 +258,11 @@ def test_idle_timeout_and_restart(models):
                 ws = await s.ws_connect(url)
                 await ws.receive(timeout=10)
                 await ws.send_bytes(protocol.encode_control(protocol.CONTROL_RESTART))
+                encoder = OpusEncoder()  # audio after the restart is answered (none is made up: official)
+                for _ in range(8):
+                    page = encoder.encode(np.zeros(1920, np.float32))
+                    if page:
+                        await ws.send_bytes(protocol.encode_audio(page))
                 got = await binary_until_close(ws, timeout=10)
                 code = ws.close_code
             for _ in range(50):

@@ -122,17 +122,18 @@ def test_a_command_the_model_cannot_apply_ends_that_conversation_only(models, mo
 
 
 class FailOnce:
-    """A stand-in for a bucket's LM step that raises on its `after`-th call, then steps normally."""
+    """A stand-in for a bucket's LM step that raises on the `after`-th call of all the buckets
+    sharing `calls` (phase groups tick on several), then steps normally."""
 
-    def __init__(self, step, after: int):
-        self.step, self.calls, self.after = step, 0, after
+    def __init__(self, step, after: int, calls: list):
+        self.step, self.calls, self.after = step, calls, after
 
     def __getattr__(self, name):
         return getattr(self.step, name)
 
     def __call__(self, *args, **kwargs):
-        self.calls += 1
-        if self.calls == self.after:
+        self.calls.append(1)
+        if len(self.calls) == self.after:
             raise RuntimeError("injected failure of one tick")
         return self.step(*args, **kwargs)
 
@@ -141,17 +142,24 @@ def test_a_tick_that_raises_ends_only_its_conversations(models):
     async def main():
         async with serving(models, max_sessions=4) as (server, url, http):
             b = server.loop
+            calls = []
             for bucket in b.engine.buckets.values():
-                bucket.lm_step = FailOnce(bucket.lm_step, after=10)
+                bucket.lm_step = FailOnce(bucket.lm_step, after=10, calls=calls)
             first = await asyncio.gather(chat(url, 2.0), chat(url, 2.0))
             after = await health(http)
             await still_serves(url, http)
             return first, after, b, server
     first, (status, body), batcher, server = run(main())
-    for res in first:  # both were in the tick that failed: ended with the reason, code 1011
-        assert res.handshake and res.close_code == CLOSE_INTERNAL_ERROR, res
-        assert any("internal error" in e and "frame" in e for e in res.errors), res.errors
+    # Those in the tick that failed were ended with the reason, code 1011; with phase groups the
+    # other may have been in a tick of its own, and then it went on to its end undisturbed.
+    ended = [res for res in first if res.close_code == CLOSE_INTERNAL_ERROR]
+    assert ended, first
+    for res in ended:
+        assert res.handshake and any("internal error" in e and "frame" in e for e in res.errors), res.errors
         assert res.frames_received < res.frames_sent
+    for res in first:
+        if all(res is not e for e in ended):
+            assert res.handshake and not res.errors and res.frames_received > 0, res
     assert status == 200 and body["model_loop"]["failed_ticks"] == 1
     assert "injected failure" in body["model_loop"]["last_error"]
     assert batcher.restarts == 0 and server.active == 0

@@ -6,7 +6,9 @@
     pcm = engine.decode(out.audio[:, :, None])               # [n, 1, 1920]
 
 Each call runs on the first n slots, n a bucket size (1, 2, 4, ..., batch): the states' prefixes are
-views, so a call costs what n slots need and the slots beyond cost nothing. With `speed.cuda_graphs`
+views, so a call costs what n slots need and the slots beyond cost nothing. `start=a` runs on slots
+[a, a + n) instead (any n: a server's phase group of rows), eagerly: graphs are captured for the
+prefixes only. With `speed.cuda_graphs`
 each bucket's steps are captured (`accel.cuda_graph`: one LM-step graph per attention window and
 sampler flags); outputs are then the graphs' own buffers, valid until the same step's next call.
 
@@ -35,6 +37,8 @@ from openmoshi.loading.budget import MemoryCheckError
 from openmoshi.memory import available_bytes, gb
 
 log = logging.getLogger("openmoshi.engine")
+
+SPANS = 64  # eager steps of slot spans kept (a server's phase groups reuse a few)
 
 
 def buckets(batch: int) -> list[int]:
@@ -102,6 +106,7 @@ class Engine:
         self.dec = mimi.init_decode_state(batch) if mimi is not None and (lm is None or lm.cfg.gen_q) else None
         self.mimi_dtype = next(mimi.parameters()).dtype if mimi is not None else None
         self.buckets = {n: self._bucket(n) for n in (buckets(batch) if all_buckets else [batch])}
+        self._spans: dict[tuple[int, int], _Bucket] = {}  # (start, n) -> the eager steps of slots [start, start + n)
 
     @classmethod
     def build(cls, model, batch: int, speed: Speed, sampling: SamplingConfig | None = None, cfg_coef: float = 1.0,
@@ -114,9 +119,10 @@ class Engine:
 
     # ------------------------------------------------------------------ the steps
 
-    def _bucket(self, n: int) -> _Bucket:
-        gen, enc, dec = (None if state is None else state.prefix(n) for state in (self.gen, self.enc, self.dec))
-        mimi, graphs, device = self.mimi, self.speed.cuda_graphs, self.device
+    def _bucket(self, n: int, start: int = 0) -> _Bucket:
+        gen, enc, dec = (None if state is None else state.view(start, start + n)
+                         for state in (self.gen, self.enc, self.dec))
+        mimi, graphs, device = self.mimi, self.speed.cuda_graphs and start == 0, self.device
         encode = decode = encode_some = None
         if enc is not None:
             encode = graphed(lambda pcm: mimi.encode_step(pcm, enc), graphs, device, name=f"mimi_encode_{n}")
@@ -127,36 +133,42 @@ class Engine:
         lm_step = GraphedStep(self.lm, gen, graphs, self.generator) if gen is not None else None
         return _Bucket(n, gen, enc, dec, encode, decode, lm_step, encode_some)
 
-    def bucket(self, n: int) -> _Bucket:
-        """The bucket of exactly n slots (n must be a bucket size)."""
-        try:
+    def bucket(self, n: int, start: int = 0) -> _Bucket:
+        """The bucket of the first n slots when n is a bucket size, else the span of slots
+        [start, start + n) (eager; made once and kept, the latest SPANS of them)."""
+        if start == 0 and n in self.buckets:
             return self.buckets[n]
-        except KeyError:
-            raise ValueError(f"{n} slots is not a bucket of this engine ({list(self.buckets)})") from None
+        if not 0 <= start < start + n <= self.batch:
+            raise ValueError(f"slots [{start}, {start + n}) are not within this engine's {self.batch}")
+        span = self._spans.pop((start, n), None) or self._bucket(n, start)
+        self._spans[(start, n)] = span  # the most recent last
+        while len(self._spans) > SPANS:
+            self._spans.pop(next(iter(self._spans)))
+        return span
 
     def fit(self, used: int) -> int:
         """The smallest bucket holding slots [0, used)."""
         return next(n for n in self.buckets if n >= used)
 
-    def encode(self, pcm: torch.Tensor, hold: torch.Tensor | None = None) -> torch.Tensor:
-        """pcm [n, 1, F] (any device and float dtype) -> codes [n, K, 1] of slots [0, n). `hold` [n]
-        bool: slots whose encoder must not move (a stream with no frame this tick, see the model
-        loop's stream clock): their codes are garbage and their states untouched."""
-        b, pcm = self.bucket(pcm.shape[0]), pcm.to(self.device, self.mimi_dtype)
+    def encode(self, pcm: torch.Tensor, start: int = 0, hold: torch.Tensor | None = None) -> torch.Tensor:
+        """pcm [n, 1, F] (any device and float dtype) -> codes [n, K, 1] of slots [start, start + n).
+        `hold` [n] bool: slots whose encoder must not move (a stream with no frame this tick, see the
+        model loop's stream clock): their codes are garbage and their states untouched."""
+        b, pcm = self.bucket(pcm.shape[0], start), pcm.to(self.device, self.mimi_dtype)
         if hold is None:
             return b.encode(pcm)
         return b.encode_some(pcm, ~hold.to(self.device))
 
     def step(self, codes: torch.Tensor, active: torch.Tensor | None = None, position: int | None = None,
-             forced: torch.Tensor | None = None, embeddings=None) -> G.StepOutput:
-        """One LM step of slots [0, n): codes [n, Ku]; see `accel.cuda_graph.GraphedStep`."""
-        b = self.bucket(codes.shape[0])
+             forced: torch.Tensor | None = None, embeddings=None, start: int = 0) -> G.StepOutput:
+        """One LM step of slots [start, start + n): codes [n, Ku]; see `accel.cuda_graph.GraphedStep`."""
+        b = self.bucket(codes.shape[0], start)
         forcing = {} if forced is None and embeddings is None else dict(forced=forced, embeddings=embeddings)
         return b.lm_step(codes, active, position, **forcing)
 
-    def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """codes [n, Q, 1] -> pcm [n, 1, F] of slots [0, n)."""
-        return self.bucket(codes.shape[0]).decode(codes)
+    def decode(self, codes: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """codes [n, Q, 1] -> pcm [n, 1, F] of slots [start, start + n)."""
+        return self.bucket(codes.shape[0], start).decode(codes)
 
     def capture(self) -> None:
         """Every graph of the default sampling settings, before the first conversation (a capture

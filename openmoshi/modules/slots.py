@@ -22,6 +22,7 @@ cache once `key_pos` is -1; clearing them would write the whole cache).
 From the declarations come, on every state:
 
     view = state.prefix(n)       slots [0, n) (rows [0, r n)) as views: a step on it updates `state`
+    view = state.view(a, b)      slots [a, b) the same way (a server's phase group of rows)
     state.move(src, dst)         slot dst takes over slot src's conversation, settings included
     state.reset(mask)            a new conversation in the slots where mask [B] is True (None: all)
     state.nbytes                 bytes of its slot tensors (shared ones not counted)
@@ -182,13 +183,21 @@ class SlotState:
     def prefix(self, n: int):
         """Slots [0, n) as views: a step on the prefix updates this state in place and computes
         only what those slots need. Host values are copied, shared objects are the same."""
+        return self.view(0, n)
+
+    def view(self, start: int, stop: int):
+        """Slots [start, stop) as views, as `prefix` (a server's phase group of rows). A scratch
+        state is rebuilt by every step before it is read, so its first stop - start slots serve."""
         view = copy.copy(self)
         r = self.rows_per_slot
         for name, d in self.declarations():
-            if d.kind in (_TENSOR, _NESTED, _SCRATCH):
-                k = n * r if d.rows else n
-                cut = (lambda t: t[:k]) if d.kind == _TENSOR else (lambda s: s.prefix(k))
+            if d.kind in (_TENSOR, _NESTED):
+                a, b = (start * r, stop * r) if d.rows else (start, stop)
+                cut = (lambda t: t[a:b]) if d.kind == _TENSOR else (lambda s: s.view(a, b))
                 setattr(view, name, _map(cut, getattr(self, name)))
+            elif d.kind == _SCRATCH:
+                k = (stop - start) * (r if d.rows else 1)
+                setattr(view, name, _map(lambda s: s.prefix(k), getattr(self, name)))
         return view
 
     @property

@@ -14,6 +14,7 @@ the other, so nothing is rewritten under the other side's feet.
     inbox[seat] (PCM frames) ──> TickInput: pcm [n, 1, F], active [n], first [n], position
         ──tick (engine: Mimi encode, LM step, Mimi decode over rows [0, n))──> TickOutput:
         text [n], valid [n], pcm [n, F]  ──> events: Frame(seat, pcm, text) for valid rows ──> sink
+    (a tick covers rows [start, start + n): all occupied ones, or a phase group's)
 
 Rows: a joining conversation takes the lowest free row; when one leaves a hole below busy rows, the
 highest row's conversation moves into it between ticks (`Engine.move`), so the occupied rows stay
@@ -23,16 +24,20 @@ and seeds only, never on its row or its neighbours.
 Frame policy, per row, as the official server: every input frame is encoded and given to one LM
 step; the first step only reads initial tokens, and right after the first frame the row's Mimi
 encoder state is reset so the next frame starts with fresh left padding; each step's output is
-decoded and sent at once. The clock: a tick happens as soon as every occupied row has a frame
-waiting, or at the latest `TICK_SLACK` after the previous tick; a row whose client is late reads
-silence for that tick, so one slow client never holds back the others. The input clock
-(`clock="input"`, for tests and reproducible runs) ticks only when every row has its next frame,
-never inserts silence and never drops input: a conversation's output is then a function of its
-input alone. The stream clock (`clock="stream"`, speech to text: moshi-server's batched ASR) never
-waits for anyone: a tick happens as soon as any row has a frame, and a row without one sits that
-tick out, its states untouched (`TickInput.hold`: Mimi's encoder and the LM step it as inactive); input that comes faster than the steps waits in
-the inbox, never dropped; a row's first frame is read twice (see `lm.stt`). `recorder(seat, pcm_in,
-text, audio, valid)`, when set, sees every row's tick.
+decoded and sent at once. The realtime clock ticks phase groups (`serving.phases`): the rows whose
+frames are in, as soon as they are in, while the model has room for separate ticks, and one batch
+of every row when it has not; a tick of rows [a, b) runs on the states' span of those rows
+(`Engine.bucket(n, start)`), or on a bucket from row 0 when the rows it adds are free. No silence is
+ever made up for a late client: its row waits for its frame, so a conversation's output is a function
+of its own input and seeds. A machine that cannot keep up says so once (`_check_pace`) and drops the
+oldest input beyond INBOX_FRAMES, so latency stays bounded. The input clock (`clock="input"`, for
+tests and reproducible runs) ticks only when every row has its next frame, in one batch, and never
+drops input. The stream clock (`clock="stream"`, speech to text: moshi-server's batched ASR) never
+waits for anyone: a tick of every occupied row happens as soon as any row has a frame, and a row
+without one sits that tick out, its states untouched (`TickInput.hold`: Mimi's encoder and the LM
+step it as inactive); input that comes faster than the steps waits in the inbox, never dropped; a
+row's first frame is read twice (see `lm.stt`). `recorder(seat, pcm_in, text, audio, valid)`, when
+set, sees every row's tick.
 
 Failures (issue 23): a command that raises ends that conversation only, a tick that raises ends the
 conversations of that tick (their rows reset), and the loop goes on. A loop that dies is restarted
@@ -58,13 +63,16 @@ from openmoshi.lm.config import TEXT_END_PADDING_ID, TEXT_PADDING_ID
 from openmoshi.lm.persona import Prompt, PromptCursor
 from openmoshi.lm.sampling import SamplingConfig
 from openmoshi.serving.metrics import Metrics
+from openmoshi.serving.phases import FRAME_S, Costs, plan
 from openmoshi.serving.prompts import PromptRunner
 
 log = logging.getLogger("openmoshi.serving.server")
 
 FRAME_SIZE = 1920  # samples of an 80 ms frame at 24 kHz
 TICK_SLACK = 0.1  # latest tick: 80 ms plus 20 ms of grace for a client's network jitter
-INBOX_FRAMES = 25  # input frames kept per seat (2 s); the oldest are dropped beyond
+INBOX_FRAMES = 6  # input frames kept per seat (480 ms of network jitter); the oldest are dropped beyond
+BEHIND_FRAMES = 3  # a backlog this long says the machine cannot keep real time (`_check_pace`)
+WAIT = object()  # `_plan`: nothing to tick yet
 HIDDEN_TEXT_IDS = (TEXT_END_PADDING_ID, TEXT_PADDING_ID)  # never shown to users
 CLOCKS = ("realtime", "input", "stream")
 MAX_RESTARTS, RESTART_WINDOW = 3, 60.0  # a model loop that dies more often than this is given up
@@ -82,8 +90,10 @@ class Seat:
 
     def __init__(self, id: int, input_clock: bool = False):
         self.id = id
-        self.inbox: deque = deque() if input_clock else deque(maxlen=INBOX_FRAMES)  # the input clock drops nothing
+        # (arrival time, PCM frame [F]); the input clock drops nothing
+        self.inbox: deque = deque() if input_clock else deque(maxlen=INBOX_FRAMES)
         self.frames_in = 0
+        self.last_arrival: float | None = None  # time.monotonic() of its latest frame
 
     def __repr__(self) -> str:
         return f"Seat({self.id})"
@@ -153,14 +163,15 @@ class _Row:
 
 @dataclass(frozen=True)
 class TickInput:
-    """What the engine computes for rows [0, n)."""
+    """What the engine computes for rows [start, start + n)."""
 
     pcm: np.ndarray  # [n, 1, F] float32, zeros where a row has no frame
-    active: np.ndarray  # [n] bool: occupied rows
+    active: np.ndarray  # [n] bool: rows taking part in this tick
     first: np.ndarray  # [n] bool: the row's first frame (its encoder restarts after it)
     position: int  # the furthest row's steps since its reset: bounds the attention window
     listen: bool = True  # False when every row is in its prompt: no Mimi this tick
-    prompts: dict[int, PromptCursor] = field(default_factory=dict)  # rows in their prompt phase
+    prompts: dict[int, PromptCursor] = field(default_factory=dict)  # rows in their prompt phase (0: `start`)
+    start: int = 0  # the first row: a phase group's span of rows, or 0 for a bucket
     hold: np.ndarray | None = None  # [n] bool: occupied rows without a frame this tick (stream clock)
 
 
@@ -174,27 +185,29 @@ class TickOutput:
 
 
 def tick(engine, inp: TickInput, runner: PromptRunner, codes_out: bool = False) -> TickOutput:
-    """One frame of rows [0, n) through the engine: encode, LM step, decode; outputs on the host."""
-    n, device = inp.pcm.shape[0], engine.device
+    """One frame of rows [start, start + n) through the engine: encode, LM step, decode; outputs on
+    the host."""
+    n, a, device = inp.pcm.shape[0], inp.start, engine.device
+    span = engine.bucket(n, a)
     if inp.listen:
         hold = None if inp.hold is None or not inp.hold.any() else torch.from_numpy(inp.hold)
-        codes = engine.encode(torch.from_numpy(inp.pcm), hold=hold)  # [n, K, 1]
+        codes = engine.encode(torch.from_numpy(inp.pcm), a, hold)  # [n, K, 1]
         if inp.first.any():  # the first frame is in the model's past: restart those encoders afresh
-            engine.bucket(n).enc.reset(torch.from_numpy(inp.first).to(device))
+            span.enc.reset(torch.from_numpy(inp.first).to(device))
     else:
         codes = torch.zeros(n, engine.mimi.num_codebooks, 1, dtype=torch.long, device=device)
     user, forcing = codes[:, :, 0], {}
     if inp.prompts:  # those rows' frames are forced, their user side the prompt's
         user, forcing["forced"], forcing["embeddings"] = runner.inputs(engine, inp.prompts, user)
-    out = engine.step(user, torch.from_numpy(inp.active).to(device), position=inp.position, **forcing)
+    out = engine.step(user, torch.from_numpy(inp.active).to(device), position=inp.position, start=a, **forcing)
     if not inp.listen:
         return TickOutput([0] * n, [False] * n, None, None)
     valid = out.valid
     pcm = None
     if engine.dec is not None:
         audio = torch.where(valid[:, None], out.audio, torch.zeros_like(out.audio))  # [n, Q]
-        pcm = engine.decode(audio[:, :, None])[:, 0]  # [n, F]
-        engine.bucket(n).dec.reset(~valid)  # rows without a complete frame decoded placeholders: start afresh
+        pcm = engine.decode(audio[:, :, None], a)[:, 0]  # [n, F]
+        span.dec.reset(~valid)  # rows without a complete frame decoded placeholders: start afresh
         pcm = pcm.to("cpu", torch.float32, copy=True).numpy()  # a copy: graph outputs are reused
     prs = None if out.prs is None else out.prs[:, :, 0].float().cpu().numpy()
     return TickOutput(out.text.cpu().tolist(), valid.cpu().tolist(),
@@ -225,6 +238,7 @@ class ModelLoop:
         self._thread: threading.Thread | None = None
         self._pieces: dict[int, str] = {}
         self._events: list = []
+        self.costs = Costs()  # measured tick durations, for the phase groups (worker's)
 
     crashed = False  # the loop died for good (see _run): the server cannot serve
     restarts = 0  # times the loop was restarted after dying
@@ -232,6 +246,7 @@ class ModelLoop:
     command_errors = 0  # joins or setting changes that raised (that conversation was ended)
     last_error: str | None = None
     heartbeat = 0.0  # time.monotonic() of the worker's last pass round its loop (a stall check reads it)
+    behind = False  # conversations' input is piling up: the machine cannot keep real time (`_check_pace`)
 
     # ------------------------------------------------------------------ event-loop side
 
@@ -251,11 +266,12 @@ class ModelLoop:
 
     def push(self, seat: Seat, frames: np.ndarray) -> int:
         """Queues PCM frames [k, F] of a seat; returns how many old frames were dropped for room."""
-        dropped = 0
+        dropped, now = 0, time.monotonic()
         for frame in frames:
             if seat.inbox.maxlen is not None and len(seat.inbox) == seat.inbox.maxlen:
                 dropped += 1
-            seat.inbox.append(frame)
+            seat.inbox.append((now, frame))
+            seat.last_arrival = now
             seat.frames_in += 1
         if dropped:
             self.metrics.inc("openmoshi_frames_dropped_total", dropped, direction="in")
@@ -304,42 +320,68 @@ class ModelLoop:
         self.engine = self.make_engine()
         self.engine.capture()
         self.ready.set()
-        last_tick = time.monotonic()
         while not self._stop.is_set():
             self.heartbeat = time.monotonic()
             self._apply_commands()
             self._flush()
-            occupied = [r for r in self.rows if r is not None]
-            if not occupied:
-                self._wake.wait(0.1)
-                self._wake.clear()
-                last_tick = time.monotonic()
+            if all(r is None for r in self.rows):
+                self._sleep(0.1)
                 continue
-            deadline = last_tick + TICK_SLACK if self.clock == "realtime" else float("inf")
-            if self.clock == "stream":
-                deadline = float("inf")
-            while not self._can_tick(occupied) and time.monotonic() < deadline:
-                self._wake.wait(min(1.0, max(0.0, deadline - time.monotonic())))
-                self._wake.clear()
-                self.heartbeat = time.monotonic()
-                if not self._commands.empty() or self._stop.is_set():
-                    break
-            if not self._commands.empty():
-                continue  # a join or leave changes who takes part: apply it first
-            if self.clock != "realtime" and not self._can_tick(occupied):
-                continue  # stopping: these clocks never tick on missing frames
-            last_tick = time.monotonic()
-            try:
-                self._tick()
-            except Exception as e:  # one bad tick ends its conversations, not the server
-                self._tick_failed(e)
+            spans = self._plan()
+            if spans is WAIT:
+                continue  # it waited for a frame, a command or its time: look again
+            self._tick(spans)
             self._flush()
-            self.metrics.observe_step(time.monotonic() - last_tick)
+            if self.clock != "stream":  # a stream's backlog is its client's choice (faster than real time)
+                self._check_pace()
 
-    def _can_tick(self, occupied: list[_Row]) -> bool:
-        """Whether the rows have the frames a tick needs: every row's, or any row's on the stream clock."""
-        have = (r.seat.inbox or r.cursor for r in occupied)
-        return any(have) if self.clock == "stream" else all(have)
+    def _sleep(self, seconds: float) -> None:
+        """Waits for a frame, a command or `seconds`."""
+        self._wake.wait(max(0.0, seconds))
+        self._wake.clear()
+
+    def _plan(self):
+        """The spans of rows to tick now (None: every occupied row, in one batch), or WAIT after
+        waiting. The input clock waits for every row's frame; the realtime clock ticks phase groups
+        (`serving.phases`)."""
+        occupied = [i for i, r in enumerate(self.rows) if r is not None]
+        ready = [i for i in occupied if self.rows[i].cursor is not None or self.rows[i].seat.inbox]
+        if self.clock == "input":
+            if len(ready) == len(occupied):
+                return None
+            self._sleep(1.0)
+            return WAIT
+        if self.clock == "stream":  # one batch as soon as any row has a frame; the others sit it out
+            if ready:
+                return None
+            self._sleep(1.0)
+            return WAIT
+        now = time.monotonic()
+        arrivals = [self.rows[i].seat.inbox[0][0] for i in ready if self.rows[i].cursor is None]
+        expected = {i: r.seat.last_arrival + FRAME_S for i in occupied
+                    if (r := self.rows[i]).cursor is None and r.seat.last_arrival is not None}
+        p = plan(occupied, ready, min(arrivals) if arrivals else None, now, self.costs, expected)
+        if p.spans is None:
+            self._sleep(1.0 if p.wake is None else p.wake - now)
+            return WAIT
+        return p.spans
+
+    def _check_pace(self) -> None:
+        """Says once, when conversations' input piles up, that the machine cannot keep real time
+        (a log line with the numbers, `openmoshi_behind_real_time_total`); input beyond
+        INBOX_FRAMES is then dropped, oldest first, so that latency stays bounded."""
+        backlog = max((len(r.seat.inbox) for r in self.rows if r is not None and r.cursor is None), default=0)
+        if backlog <= 1:
+            self.behind = False
+        elif backlog >= BEHIND_FRAMES and not self.behind:
+            self.behind = True
+            self.metrics.inc("openmoshi_behind_real_time_total")
+            occupied = sum(r is not None for r in self.rows)
+            log.warning("model_behind_real_time", extra={"fields": {
+                "conversations": occupied, "backlog_frames": backlog,
+                "tick_ms": {n: round(1000 * c, 1) for n, c in sorted(self.costs.ema.items())},
+                "frame_ms": 1000 * FRAME_S, "action": f"input beyond {INBOX_FRAMES} frames is dropped, oldest first; "
+                "serve fewer conversations (--max-sessions) or use a faster device"}})
 
     def _flush(self) -> None:
         """Hands the events gathered since the last flush to the sink: one hop per tick."""
@@ -409,40 +451,70 @@ class ModelLoop:
 
     # ------------------------------------------------------------------ ticks
 
-    def tick_input(self) -> TickInput:
-        """Takes each occupied row's next frame (silence for a late one) into a TickInput."""
-        occupied = [i for i, r in enumerate(self.rows) if r is not None]
-        n = self.engine.fit(occupied[-1] + 1)
+    def tick_input(self, start: int, n: int, rows: list[int]) -> TickInput:
+        """The TickInput of `rows` in the span [start, start + n): each one's next frame (silence
+        when it has none: the Driver of tests and a legacy whole-batch tick), or its prompt."""
         pcm = np.zeros((n, 1, FRAME_SIZE), dtype=np.float32)
         active, first = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
         hold = np.zeros(n, dtype=bool) if self.clock == "stream" else None
         prompts, silent = {}, 0
-        for i in occupied:
-            r = self.rows[i]
-            active[i] = True
-            first[i] = r.steps == 0 and r.join.prompt is None
+        for i in rows:
+            r, k = self.rows[i], i - start
+            active[k] = True
+            first[k] = r.steps == 0 and r.join.prompt is None
             if r.cursor is not None:
-                prompts[i] = r.cursor  # its prompt phase: no input read
+                prompts[k] = r.cursor  # its prompt phase: no input read
             elif r.seat.inbox:
                 # The stream clock reads a row's first frame twice (its first step reads only initial
                 # tokens; the encoder restarts after it): Kyutai STT's policy, see `lm.stt`.
-                pcm[i, 0] = r.seat.inbox[0] if hold is not None and first[i] else r.seat.inbox.popleft()
+                pcm[k, 0] = (r.seat.inbox[0] if hold is not None and first[k] else r.seat.inbox.popleft())[1]
             elif hold is not None:  # the stream clock: this row sits the tick out
-                active[i], hold[i], first[i] = False, True, False
+                active[k], hold[k], first[k] = False, True, False
             else:
                 silent += 1
         if silent:
             self.metrics.inc("openmoshi_silence_frames_total", silent)
-        return TickInput(pcm, active, first, max(self.rows[i].steps for i in occupied),
-                         listen=len(prompts) < len(occupied), prompts=prompts, hold=hold)
+        return TickInput(pcm, active, first, max(self.rows[i].steps for i in rows),
+                         listen=len(prompts) < len(rows), prompts=prompts, start=start, hold=hold)
 
-    def _tick(self) -> None:
-        inp = self.tick_input()
-        self.metrics.observe_batch(inp.pcm.shape[0])
+    def _groups(self, spans: list[tuple[int, int]] | None) -> list[tuple[int, int, list[int]]]:
+        """(start, n, rows) of each tick: every occupied row in the smallest bucket when spans is
+        None; else a span from row 0 takes its bucket when the rows it adds are free (its graphs),
+        and any other span exactly its rows."""
+        occupied = [i for i, r in enumerate(self.rows) if r is not None]
+        if spans is None:
+            return [(0, self.engine.fit(occupied[-1] + 1), occupied)]
+        out = []
+        for a, b in spans:
+            n = b - a
+            if a == 0:
+                fit = self.engine.fit(b)
+                if all(self.rows[i] is None for i in range(b, fit)):
+                    n = fit
+            out.append((a, n, list(range(a, b))))
+        return out
+
+    def _tick(self, spans: list[tuple[int, int]] | None = None) -> None:
+        """Ticks the rows of `spans` (None: every occupied row at once), each span in its own call;
+        a tick that raises ends its conversations (`_tick_failed`) and the others go on."""
+        for start, n, rows in self._groups(spans):
+            began = time.monotonic()
+            try:
+                self._tick_rows(start, n, rows)
+            except Exception as e:  # one bad tick ends its conversations, not the server
+                self._tick_failed(e, rows)
+            ended = time.monotonic()
+            self.costs.record(n, began, ended)
+            self.metrics.observe_step(ended - began)
+
+    def _tick_rows(self, start: int, n: int, rows: list[int]) -> None:
+        inp = self.tick_input(start, n, rows)
+        self.metrics.observe_batch(n)
         out = tick(self.engine, inp, self.prompts, codes_out=self.recorder is not None)
-        for i, r in enumerate(self.rows):
-            if r is None or not inp.active[i]:
-                continue
+        for i in rows:
+            r, k = self.rows[i], i - start
+            if not inp.active[k]:
+                continue  # it sat this tick out (the stream clock)
             r.steps += 1
             if r.cursor is not None:
                 if self.prompts.stepped(self.engine, i, r.cursor, r.join.persona):
@@ -450,21 +522,22 @@ class ModelLoop:
                     self._events.append(Ready(r.seat))
                 continue
             if self.recorder is not None:
-                self.recorder(r.seat, inp.pcm[i, 0], out.text[i], out.audio[i], out.valid[i])
-            if out.valid[i]:
-                pcm = out.pcm[i] if out.pcm is not None else np.zeros(0, np.float32)
-                prs = None if out.prs is None else tuple(out.prs[i].tolist())
-                self._events.append(Frame(r.seat, pcm, self._piece(out.text[i]), out.text[i], prs))
+                self.recorder(r.seat, inp.pcm[k, 0], out.text[k], out.audio[k], out.valid[k])
+            if out.valid[k]:
+                pcm = out.pcm[k] if out.pcm is not None else np.zeros(0, np.float32)
+                prs = None if out.prs is None else tuple(out.prs[k].tolist())
+                self._events.append(Frame(r.seat, pcm, self._piece(out.text[k]), out.text[k], prs))
 
-    def _tick_failed(self, e: Exception) -> None:
+    def _tick_failed(self, e: Exception, rows: list[int]) -> None:
         self.tick_errors += 1
         self.last_error = f"{type(e).__name__}: {e}"[:300]
-        occupied = [r for r in self.rows if r is not None]
+        occupied = [self.rows[i] for i in rows if self.rows[i] is not None]
         log.error("model_step_failed", exc_info=True, extra={"fields": {
             "conversations": len(occupied), "error": self.last_error,
             "action": "their conversations were ended and their states reset; the loop goes on"}})
         self.metrics.inc("openmoshi_errors_total", kind="model_step")
-        self._events = [e for e in self._events if not isinstance(e, Frame)]
+        seats = {r.seat for r in occupied}
+        self._events = [e for e in self._events if not (isinstance(e, Frame) and e.seat in seats)]
         self._end(occupied, STEP_FAILED_MESSAGE)
 
     def _end(self, rows: list[_Row], message: str, reset: bool = True) -> None:
