@@ -3,9 +3,9 @@
 #   on the developer machine:  echo /.whl/ >> .git/info/exclude
 #                              python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #                                --implementation cp --platform manylinux_2_28_x86_64 -d .whl moshi==0.2.13 einops
-#   device run (carry .whl):   bash benchmarks/gpu_check.sh [all|speed|finetune|serving]   (writes everything under $OUT)
+#   device run (carry .whl):   bash benchmarks/gpu_check.sh [all|speed|finetune|serving|stt]   (writes everything under $OUT)
 #   "all" (default) does every part; each part alone fits one 10-minute call (speed ~580 s, finetune ~300 s,
-#   serving ~400 s).
+#   serving ~400 s); "stt" (not in "all") runs alone, ~500 s.
 # Same process, same config, same device for the official package and openmoshi: ratios are fair.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -59,4 +59,12 @@ done
 timeout 120 python3 benchmarks/self_check.py --config moshi_7b --device cuda --json "$OUT/self_check_7b.json" 2>&1 | tee "$OUT/self_check.txt"
 #    and the serving tests that take the CUDA path (text shaping keys the graphs on a new flag)
 timeout 90 python3 -m pytest -q tests/test_self_check.py tests/test_text_shaping.py tests/test_graphed_loops.py 2>&1 | tail -3 | tee -a "$OUT/self_check.txt"
+fi
+if [ "$PART" = stt ]; then
+# 8. Kyutai STT (issue 21): streams per step at real time, the server's STT tick against the official LMGen loop
+#    (both with CUDA graphs), on stt-1b's transformer with random weights; Kyutai's claim: 400 streams on one H100.
+#    And the STT parity tests on this machine (CPU tensors: a check of the install there).
+timeout 420 python3 benchmarks/stt_streams.py --device cuda --dtype bfloat16 --config stt_1b \
+  --batch-sizes 1 64 256 400 --steps 30 --warmup 8 --json "$OUT/stt_streams_1b.json" 2>&1 | tee "$OUT/stt_streams.txt"
+timeout 150 python3 -m pytest -q tests/test_stt.py 2>&1 | tail -3 | tee -a "$OUT/stt_streams.txt"
 fi

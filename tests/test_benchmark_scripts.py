@@ -89,3 +89,9 @@ def test_tts_speed_runs_both_implementations(tmp_path):
     row, = data["rows"]
     for name in ("openmoshi", "official"):
         assert row[name]["ttfa_s"] > 0 and row[name]["rtf"] > 0 and row[name]["audio_s"] > 1
+
+def test_stt_streams_runs_both_loops(tmp_path):
+    data = run_script(["benchmarks/stt_streams.py", "--config", "tiny", "--batch-sizes", "1", "2", "--steps", "4",
+                       "--warmup", "1"], tmp_path)
+    assert [r["streams"] for r in data["rows"]] == [1, 2]
+    assert all(r["tokens_equal"] and r["openmoshi_ms"] > 0 and r["official_ms"] > 0 for r in data["rows"])

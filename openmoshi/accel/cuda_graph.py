@@ -191,7 +191,7 @@ class GraphedStep:
             embeddings = None if emb is None else (emb, use)
             out = G.step(lm, state, codes, active=active, generator=generator, check=False, attend=attend,
                          forced=forced, embeddings=embeddings)
-            return out.text, out.audio, out.valid
+            return out.text, out.audio, out.valid, out.prs
 
         device = state.streams.offset.device
         self.graphs = graphed(fn, cuda_graph, device, (generator,), "lm_step")
@@ -207,9 +207,9 @@ class GraphedStep:
         extra = ()  # without forcing, the graphs' keys stay (window, flags)
         if forced is not None or embeddings is not None:
             extra = ("forcing", forced, *(embeddings if embeddings is not None else (None, None)))
-        text, audio, valid = self.graphs(codes, active, G.read_window(position, s), flags.greedy_text,
-                                         flags.greedy_audio, flags.shaped_text, *extra)
-        return G.StepOutput(text=text, audio=audio, valid=valid)
+        text, audio, valid, prs = self.graphs(codes, active, G.read_window(position, s), flags.greedy_text,
+                                              flags.greedy_audio, flags.shaped_text, *extra)
+        return G.StepOutput(text=text, audio=audio, valid=valid, prs=prs)
 
     def windows(self) -> dict[int, int]:
         """{attention window: a position that reads it}, for every window of a conversation."""

@@ -26,7 +26,7 @@ import sys
 from contextlib import contextmanager, nullcontext
 
 from openmoshi import __version__
-from openmoshi.cli import annotate, bench, client, codec, finetune, infer, quantize, serve, tts
+from openmoshi.cli import annotate, bench, client, codec, finetune, infer, quantize, serve, stt, tts
 from openmoshi.cli.common import EXIT_USAGE
 from openmoshi.errors import UserError
 
@@ -101,6 +101,7 @@ def build_parser() -> ArgumentParser:
     bench.add_bench_parser(subparsers)
     infer.add_infer_parser(subparsers)
     tts.add_tts_parser(subparsers)
+    stt.add_stt_parser(subparsers)
     client.add_client_parser(subparsers)
     serve.add_serve_parser(subparsers)
     quantize.add_quantize_parser(subparsers)

@@ -3,6 +3,7 @@ shared model flags, many conversations at once."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import errno
 import logging
@@ -21,9 +22,10 @@ DEFAULT_PORT = 8998
 
 def add_serve_parser(subparsers) -> None:
     p = subparsers.add_parser(
-        "serve", help="real-time speech server (websocket /api/chat, web UI at /)",
+        "serve", help="real-time speech server (websocket /api/chat, web UI at /; /api/asr-streaming for STT)",
         description="Serve Moshi over the official websocket protocol, with the web UI at /. "
-                    "Many conversations share one model: one batched step per 80 ms frame.")
+                    "Many conversations share one model: one batched step per 80 ms frame. With a Kyutai STT "
+                    "model (e.g. --hf-repo kyutai/stt-1b-en_fr), serve moshi-server's /api/asr-streaming instead.")
     add_model_args(p)
     g = p.add_argument_group("server")
     g.add_argument("--host", default="localhost", help="address to listen on (default localhost; 0.0.0.0 for all)")
@@ -37,7 +39,16 @@ def add_serve_parser(subparsers) -> None:
     g.add_argument("--queue-timeout", type=finite_float, default=120.0, metavar="SECONDS",
                    help="a waiting client is refused after this long (default 120)")
     g.add_argument("--auth-token", default=None, metavar="TOKEN",
-                   help="require this token, as 'Authorization: Bearer TOKEN' or ?worker_auth_id=TOKEN")
+                   help="require this token, as 'Authorization: Bearer TOKEN' or ?worker_auth_id=TOKEN, or as "
+                        "moshi-server takes it: header 'kyutai-api-key: TOKEN' or ?auth_id=TOKEN")
+    g.add_argument("--stt-model", default=None, metavar="REPO",
+                   help="also serve a Kyutai STT model (Hugging Face repo id or local folder, e.g. kyutai/stt-1b-en_fr) "
+                        "at /api/asr-streaming, in this process with its own model loop and slots")
+    g.add_argument("--stt-max-sessions", type=positive_int, default=None, metavar="N",
+                   help="streams of --stt-model served at once (default: --max-sessions)")
+    g.add_argument("--asr-delay-tokens", type=positive_int, default=None, metavar="N",
+                   help="STT models: steps between audio and its text, as moshi-server's asr_delay_in_tokens, "
+                        "for word times and markers (default: stt_config's audio_delay_seconds x 12.5, rounded)")
     g.add_argument("--ssl", default=None, metavar="DIR", help="serve https/wss with DIR/cert.pem and DIR/key.pem")
     g.add_argument("--self-signed", action="store_true",
                    help="make a self-signed certificate (in --ssl DIR if given and empty, else a temporary folder)")
@@ -147,6 +158,9 @@ def run_serve(args) -> int:
         raise UsageError(f"--voice-prompt-dir {args.voice_prompt_dir} is not a folder")
     setup_logging(args.log_format)
     if args.replicas or args.ray_address:
+        if args.stt_model:
+            raise UsageError("--stt-model is for the single-host server: with --replicas, serve the STT model "
+                             "as its own deployment (openmoshi serve --hf-repo STT_REPO --replicas N)")
         return _serve_cluster(args)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -173,10 +187,41 @@ def run_serve(args) -> int:
     config = ServerConfig(max_sessions=max_sessions, auth_token=args.auth_token,
                           idle_timeout=args.idle_timeout, queue_size=args.queue, queue_timeout=args.queue_timeout,
                           static_dir=Path(args.static) if args.static else WEB_DIR, cfg_coef=args.cfg_coef,
-                          clock=args.clock, voice_dir=Path(args.voice_prompt_dir) if args.voice_prompt_dir else None)
-    server = MoshiServer.for_model(model, speed, config)
+                          clock=args.clock, voice_dir=Path(args.voice_prompt_dir) if args.voice_prompt_dir else None,
+                          asr_delay_tokens=args.asr_delay_tokens)
+    servers = [MoshiServer.for_model(model, speed, config)]
+    if args.stt_model:
+        servers.append(_stt_server(args, device, dtype, config, servers[0]))
     url = f"{'https' if ssl_context else 'http'}://{args.host}:{port}/"
-    return asyncio.run(_serve(server, sock, ssl_context, url))
+    return asyncio.run(_serve(servers, sock, ssl_context, url))
+
+
+def _stt_server(args, device, dtype, config, first):
+    """The server of --stt-model: its own model loop and slots, the same settings otherwise."""
+    from dataclasses import replace
+
+    from openmoshi.engine.speed import SpeedConfig
+    from openmoshi.engine.startup import start
+    from openmoshi.engine.threads import passing
+    from openmoshi.inference.stt import check_stt
+    from openmoshi.loading.resolve import resolve_files
+    from openmoshi.serving.server import MoshiServer, event
+
+    if first.stt is not None:
+        raise UsageError("--stt-model is for a second model: the main model is speech to text already")
+    sessions = args.stt_max_sessions or config.max_sessions
+    event("loading_model", source=f"--stt-model {args.stt_model}", device=str(device))
+    own = argparse.Namespace(**{**vars(args), "moshi_weight": None})  # sized from its repo, not the main model's file
+    check = fits(own, "openmoshi serve --stt-model", device, dtype, None, sessions=sessions)
+
+    def before_download(cfg) -> None:
+        check_stt(cfg)
+        check(cfg)
+
+    files = resolve_files(hf_repo=args.stt_model, before_download=before_download)
+    model, speed = passing(start, files, device, dtype, None,
+                           SpeedConfig(cuda_graphs=False if args.no_cuda_graph else None))
+    return MoshiServer.for_model(model, speed, replace(config, max_sessions=sessions, cfg_coef=1.0, voice_dir=None))
 
 
 def _serve_cluster(args) -> int:
@@ -195,7 +240,8 @@ def _serve_cluster(args) -> int:
     server = dict(max_sessions=args.max_sessions or (8 if gpus else 4), auth_token=args.auth_token,
                   idle_timeout=args.idle_timeout, queue_size=args.queue, queue_timeout=args.queue_timeout,
                   static_dir=args.static, cuda_graph=False if args.no_cuda_graph else None,
-                  cfg_coef=args.cfg_coef, clock=args.clock, voice_dir=args.voice_prompt_dir)
+                  cfg_coef=args.cfg_coef, clock=args.clock, voice_dir=args.voice_prompt_dir,
+                  asr_delay_tokens=args.asr_delay_tokens)
     if args.static is None:
         server.pop("static_dir")
     spec = cluster.ReplicaSpec(files=files, device=device, dtype=args.dtype, quantize=args.quantize,
@@ -220,14 +266,19 @@ def _source(args) -> str:
 EXIT_MODEL_FAILED = 1  # the model loop kept dying: exit so that a supervisor (systemd, Docker, k8s) restarts us
 
 
-async def _serve(server, sock: socket.socket, ssl_context, url: str) -> int:
-    """Starts the model loop (CUDA graphs), then accepts on `sock`; says it listens only then;
+async def _serve(servers, sock: socket.socket, ssl_context, url: str) -> int:
+    """Starts the model loops (CUDA graphs) of `servers` (one MoshiServer, or a list of them: one per
+    model, see serving.hosting), then accepts on `sock`; says it listens only then;
     on SIGINT/SIGTERM lets conversations end (graceful shutdown) and stops (exit code 0). When the
     model loop dies more often than it can be restarted (see serving.loop), the server never stays up
     serving nobody: it stops and returns EXIT_MODEL_FAILED."""
     from openmoshi.serving.app import Runner
     from openmoshi.serving.server import event
 
+    from openmoshi.serving.hosting import ModelServers
+
+    servers = servers if isinstance(servers, list) else [servers]
+    server = ModelServers(servers)
     runner = Runner(server)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -235,7 +286,8 @@ async def _serve(server, sock: socket.socket, ssl_context, url: str) -> int:
         loop.add_signal_handler(sig, stop.set)
     await runner.start(sock, ssl_context)
     try:
-        event("listening", url=url, websocket="/api/chat")
+        event("listening", url=url, websocket=" ".join(
+            "/api/asr-streaming" if s.stt is not None else "/api/chat" for s in servers))
         stopped, failed = asyncio.create_task(stop.wait()), asyncio.create_task(server.failed.wait())
         await asyncio.wait({stopped, failed}, return_when=asyncio.FIRST_COMPLETED)
         stopped.cancel()
@@ -243,7 +295,7 @@ async def _serve(server, sock: socket.socket, ssl_context, url: str) -> int:
     finally:
         await runner.stop()
     if server.failed.is_set():
-        event("exiting", logging.ERROR, code=EXIT_MODEL_FAILED, reason=f"the model loop failed: {server.loop.last_error}",
+        event("exiting", logging.ERROR, code=EXIT_MODEL_FAILED, reason=f"the model loop failed: {server.last_error}",
               action="exit so that a supervisor restarts the server")
         return EXIT_MODEL_FAILED
     return 0

@@ -75,6 +75,7 @@ class _Bucket:
     encode: Callable
     decode: Callable
     lm_step: GraphedStep | None
+    encode_some: Callable | None = None  # encode(pcm, active): slots not active keep their state
 
 
 class Engine:
@@ -122,13 +123,15 @@ class Engine:
         gen, enc, dec = (None if state is None else state.view(start, start + n)
                          for state in (self.gen, self.enc, self.dec))
         mimi, graphs, device = self.mimi, self.speed.cuda_graphs and start == 0, self.device
-        encode = decode = None
+        encode = decode = encode_some = None
         if enc is not None:
             encode = graphed(lambda pcm: mimi.encode_step(pcm, enc), graphs, device, name=f"mimi_encode_{n}")
+            encode_some = graphed(lambda pcm, active: mimi.encode_step(pcm, enc, active), graphs, device,
+                                  name=f"mimi_encode_some_{n}")
         if dec is not None:
             decode = graphed(lambda codes: mimi.decode_step(codes, dec), graphs, device, name=f"mimi_decode_{n}")
         lm_step = GraphedStep(self.lm, gen, graphs, self.generator) if gen is not None else None
-        return _Bucket(n, gen, enc, dec, encode, decode, lm_step)
+        return _Bucket(n, gen, enc, dec, encode, decode, lm_step, encode_some)
 
     def bucket(self, n: int, start: int = 0) -> _Bucket:
         """The bucket of the first n slots when n is a bucket size, else the span of slots
@@ -147,9 +150,14 @@ class Engine:
         """The smallest bucket holding slots [0, used)."""
         return next(n for n in self.buckets if n >= used)
 
-    def encode(self, pcm: torch.Tensor, start: int = 0) -> torch.Tensor:
-        """pcm [n, 1, F] (any device and float dtype) -> codes [n, K, 1] of slots [start, start + n)."""
-        return self.bucket(pcm.shape[0], start).encode(pcm.to(self.device, self.mimi_dtype))
+    def encode(self, pcm: torch.Tensor, start: int = 0, hold: torch.Tensor | None = None) -> torch.Tensor:
+        """pcm [n, 1, F] (any device and float dtype) -> codes [n, K, 1] of slots [start, start + n).
+        `hold` [n] bool: slots whose encoder must not move (a stream with no frame this tick, see the
+        model loop's stream clock): their codes are garbage and their states untouched."""
+        b, pcm = self.bucket(pcm.shape[0], start), pcm.to(self.device, self.mimi_dtype)
+        if hold is None:
+            return b.encode(pcm)
+        return b.encode_some(pcm, ~hold.to(self.device))
 
     def step(self, codes: torch.Tensor, active: torch.Tensor | None = None, position: int | None = None,
              forced: torch.Tensor | None = None, embeddings=None, start: int = 0) -> G.StepOutput:
@@ -170,10 +178,14 @@ class Engine:
             return  # eager (on a CPU with cuda_graphs: the static-buffer discipline, captured all the same)
         start, graphs = time.monotonic(), 0
         F, K = self.mimi.frame_size, self.mimi.num_codebooks
+        streams = self.lm.cfg.gen_q == 0  # speech to text: its streams sit ticks out (`encode(hold=...)`)
         for n, b in self.buckets.items():
             idle = torch.zeros(n, dtype=torch.bool, device=self.device)
             for _ in range(b.encode.warmup + 1):  # warm-up calls, then capture and replay
-                codes = b.encode(torch.zeros(n, 1, F, device=self.device, dtype=self.mimi_dtype))
+                silence = torch.zeros(n, 1, F, device=self.device, dtype=self.mimi_dtype)
+                codes = b.encode(silence)
+                if streams:
+                    b.encode_some(silence, idle)
                 if b.decode is not None:
                     b.decode(torch.zeros(n, K, 1, dtype=torch.long, device=self.device))
             graphs += b.lm_step.capture_all(codes[:, :, 0], idle) + 2

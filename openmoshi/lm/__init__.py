@@ -14,6 +14,7 @@
 - `tts_script`: Kyutai TTS's script (words, breaks, speaker turns) and the state machine that
   feeds it to the LM;
 - `tts`: Kyutai TTS generation (`tts_step` on caller-owned state, `generate` offline).
+- `stt`: Kyutai STT's text stream as timed words (moshi-server's rule) and its timing.
 
 Offers: `config.LMConfig`, `config.ModelConfig`, `config.load_model_config`, `config.MOSHI_7B`,
 `model.LMModel`, `sampling.SamplingConfig`, `generate.init_state`, `generate.step`,

@@ -148,6 +148,9 @@ class StepOutput:
     text: torch.Tensor  # [B] long, text token of the returned frame
     audio: torch.Tensor  # [B, Q] long, the model's audio codes of the returned frame
     valid: torch.Tensor  # [B] bool, False while a slot has not yet produced a complete frame
+    # [B, H, E] float32, the extra heads' probabilities at this step (`LMModel.extra_probs`: Kyutai
+    # STT's pause heads), of the step itself, not of the delayed frame; None without extra heads.
+    prs: torch.Tensor | None = None
 
 
 def init_state(lm: LMModel, batch_size: int, sampling: SamplingConfig = SamplingConfig(),
@@ -428,7 +431,8 @@ def step(lm: LMModel, state: GenState, user_codes: torch.Tensor, active: torch.T
     valid = streams.offset > cfg.max_delay
     if active is not None:
         valid = valid & active
-    return StepOutput(text=frame[:, 0], audio=frame[:, 1:], valid=valid)
+    prs = lm.extra_probs(hidden[::state.rows_per_slot, 0])  # a slot's own row under guidance
+    return StepOutput(text=frame[:, 0], audio=frame[:, 1:], valid=valid, prs=prs)
 
 
 def depth_step(lm: LMModel, state: GenState, text: torch.Tensor, hidden: torch.Tensor,

@@ -158,6 +158,16 @@ class LMModel(nn.Module):
         h = self.out_norm(self.transformer(x, state, active, attend=attend, cross_src=cross_src).to(x.dtype))
         return h, self.text_linear(h)
 
+    def extra_probs(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """The extra heads' probabilities (Kyutai STT's pause heads, the semantic VAD that Unmute
+        reads as `prs`): softmax of each head on the temporal output, as the official
+        `LMGen.step_with_extra_heads`, in float32 as moshi-server. hidden [B, T, D] -> [B, T, H, E]
+        (E = extra_heads_dim), or [B, D] -> [B, H, E]; None for a model without extra heads."""
+        if not len(self.extra_heads):
+            return None
+        logits = torch.stack([head(hidden) for head in self.extra_heads], dim=-2)  # [..., H, E]
+        return torch.softmax(logits.float(), dim=-1)
+
     # ------------------------------------------------------------------ depth transformer
 
     def depformer_input(self, q: int, prev_token: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:

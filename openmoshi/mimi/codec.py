@@ -53,8 +53,9 @@ class LatentTransformer(nn.Module):
         super().__init__()
         self.transformer = Transformer(cfg)
 
-    def forward(self, x: torch.Tensor, state: TransformerState | None = None) -> torch.Tensor:
-        y = self.transformer(x.transpose(1, 2), state)  # [B, T, D]
+    def forward(self, x: torch.Tensor, state: TransformerState | None = None,
+                active: torch.Tensor | None = None) -> torch.Tensor:
+        y = self.transformer(x.transpose(1, 2), state, active)  # [B, T, D]
         return y.transpose(1, 2)  # [B, D, T]
 
 
@@ -192,12 +193,14 @@ class Mimi(nn.Module):
             downsample=self.downsample.conv.init_state(batch_size, device, dtype))
 
     @torch.no_grad()  # streaming is inference: state updates must not grow an autograd graph
-    def encode_step(self, pcm: torch.Tensor, state: MimiEncodeState) -> torch.Tensor:
-        """pcm [B, 1, F * FRAME_SIZE] -> codes [B, K, F] for those F frames."""
+    def encode_step(self, pcm: torch.Tensor, state: MimiEncodeState, active: torch.Tensor | None = None) -> torch.Tensor:
+        """pcm [B, 1, F * FRAME_SIZE] -> codes [B, K, F] for those F frames. `active` [B] bool:
+        slots that are False compute (garbage codes) but keep their state: a stream that has no
+        frame this step, beside others that have one."""
         self._check_audio(pcm, streaming=True)
-        emb = self.encoder.step(pcm, state.encoder)  # [B, D, 2F]
-        emb = self.encoder_transformer(emb, state.transformer)
-        emb = self.downsample.conv.step(emb, state.downsample)  # [B, D, F]
+        emb = self.encoder.step(pcm, state.encoder, active)  # [B, D, 2F]
+        emb = self.encoder_transformer(emb, state.transformer, active)
+        emb = self.downsample.conv.step(emb, state.downsample, active)  # [B, D, F]
         return self.quantizer.encode(emb)
 
     def init_decode_state(self, batch_size: int, device=None, dtype=None) -> MimiDecodeState:

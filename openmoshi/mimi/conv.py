@@ -139,8 +139,10 @@ class StreamingConv1d(nn.Module):
         first = torch.ones(batch_size, dtype=torch.bool, device=buffer.device)
         return Conv1dState(buffer=buffer, length=self.padding, first=first)
 
-    def step(self, x: torch.Tensor, state: Conv1dState) -> torch.Tensor:
-        """Streaming: x [B, C_in, T] (any T) -> [B, C_out, number of windows completed]."""
+    def step(self, x: torch.Tensor, state: Conv1dState, active: torch.Tensor | None = None) -> torch.Tensor:
+        """Streaming: x [B, C_in, T] (any T) -> [B, C_out, number of windows completed]. `active`
+        [B] bool: slots that are False compute but keep their state (whole strides only, so that
+        every slot's buffer keeps the same length)."""
         T = x.shape[-1]
         if T == 0:
             return self._empty(x)
@@ -148,15 +150,24 @@ class StreamingConv1d(nn.Module):
         if P and self.pad_mode == "replicate":
             # A slot's first chunk replaces its left context by copies of its first sample.
             head = state.buffer[..., :P]
-            head.copy_(torch.where(state.first.view(-1, 1, 1), x[..., :1], head))
-            state.first.zero_()
+            first = state.first if active is None else state.first & active
+            head.copy_(torch.where(first.view(-1, 1, 1), x[..., :1], head))
+            if active is None:
+                state.first.zero_()
+            else:
+                state.first.logical_and_(~active)
         buf = torch.cat([state.buffer[..., :n], x], dim=-1) if n else x  # [B, C_in, n + T]
         total = n + T
         n_out = (total - P) // s
         y = self._windows_matmul(buf, n_out) if n_out > 0 else self._empty(x)
         keep = total - n_out * s  # P + samples not covering a stride yet
         if keep:
-            state.buffer[..., :keep].copy_(buf[..., total - keep:])
+            new = buf[..., total - keep:]
+            if active is not None:
+                if keep != n:
+                    raise ValueError("idle slots need whole strides: their buffers must keep their length")
+                new = torch.where(active.view(-1, 1, 1), new, state.buffer[..., :keep])
+            state.buffer[..., :keep].copy_(new)
         state.length = keep
         return y
 

@@ -42,9 +42,14 @@ def _init_states(layers: nn.Sequential, batch_size: int, device, dtype) -> Seane
                                if hasattr(layer, "init_state") else None for layer in layers])
 
 
-def _step_all(layers: nn.Sequential, x: torch.Tensor, state: SeanetState) -> torch.Tensor:
+def _step_all(layers: nn.Sequential, x: torch.Tensor, state: SeanetState,
+              active: torch.Tensor | None = None) -> torch.Tensor:
+    """`active` [B] bool: slots that are False compute but keep their state (encoder layers only)."""
     for layer, s in zip(layers, state.layers):
-        x = layer(x) if s is None else layer.step(x, s)
+        if s is None:
+            x = layer(x)
+        else:
+            x = layer.step(x, s) if active is None else layer.step(x, s, active)
     return x
 
 
@@ -65,8 +70,8 @@ class ResidualBlock(nn.Module):
     def init_state(self, batch_size: int, device=None, dtype=None) -> SeanetState:
         return _init_states(self.block, batch_size, device, dtype)
 
-    def step(self, x: torch.Tensor, state: SeanetState) -> torch.Tensor:
-        return x + _step_all(self.block, x, state)
+    def step(self, x: torch.Tensor, state: SeanetState, active: torch.Tensor | None = None) -> torch.Tensor:
+        return x + _step_all(self.block, x, state, active)
 
 
 def _residual_blocks(cfg: SeanetConfig, dim: int) -> list[nn.Module]:
@@ -94,9 +99,10 @@ class SeanetEncoder(nn.Module):
     def init_state(self, batch_size: int, device=None, dtype=None) -> SeanetState:
         return _init_states(self.model, batch_size, device, dtype)
 
-    def step(self, x: torch.Tensor, state: SeanetState) -> torch.Tensor:
-        """Streaming: x [B, channels, N] -> [B, D, frames completed by these samples]."""
-        return _step_all(self.model, x, state)
+    def step(self, x: torch.Tensor, state: SeanetState, active: torch.Tensor | None = None) -> torch.Tensor:
+        """Streaming: x [B, channels, N] -> [B, D, frames completed by these samples]. `active` [B]
+        bool: slots that are False compute but keep their state."""
+        return _step_all(self.model, x, state, active)
 
 
 class SeanetDecoder(nn.Module):

@@ -6,7 +6,8 @@
     await runner.stop()                     # drain (conversations may end), then stop
 
 Routes: `/api/chat` (websocket, the official protocol), `/v1/realtime` (websocket, the OpenAI Realtime
-API, see `realtime`), `/health`, `/metrics` (Prometheus), `/api/voices` (the persona voices, JSON),
+API, see `realtime`), `/api/asr-streaming` (websocket, moshi-server's speech to text, for an STT
+model, see `asr`), `/health`, `/metrics` (Prometheus), `/api/voices` (the persona voices, JSON),
 and the web UI at `/`. What a conversation
 does is `server.MoshiServer.chat`, fed through `StarletteSocket`.
 """
@@ -25,8 +26,11 @@ from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from openmoshi.serving import protocol
+from openmoshi.serving.asr import PATH as ASR_PATH
+from openmoshi.serving.asr import AsrProtocol
 from openmoshi.serving.personas import VOICES_ROUTE
 from openmoshi.serving.realtime.protocol import RealtimeProtocol, realtime_auth
+from openmoshi.serving.hosting import ModelServers
 from openmoshi.serving.server import MoshiServer
 from openmoshi.serving.session import CLOSE_NORMAL
 
@@ -78,35 +82,44 @@ class StarletteSocket:
                 await self.ws.close(code, reason)
 
 
-def asgi_app(server: MoshiServer, lifespan: bool = True, on_start=None, health=None) -> Starlette:
-    """The ASGI app of `server`. With `lifespan`, the app starts the model loop, and at shutdown
+def asgi_app(server: MoshiServer | ModelServers, lifespan: bool = True, on_start=None, health=None) -> Starlette:
+    """The ASGI app of `server`, or of several models' servers (`hosting.ModelServers`: each
+    endpoint goes to the server whose model speaks it). With `lifespan`, the app starts the model loop, and at shutdown
     drains (conversations get the reconnect message) and stops it, as a Ray Serve replica needs;
     `Runner` does both itself (lifespan=False). `on_start`: a coroutine function run once started.
     `health`: a coroutine function giving /health's (status, body) instead of `server.health()`
     (a cluster replica adds who it is and whether the whole cluster is routable yet)."""
 
+    servers = hosted(server)
+    speech, stt = servers.for_kind("speech"), servers.for_kind("stt")
+
     async def chat(ws: WebSocket) -> None:
         await ws.accept()
         peer = ws.client.host if ws.client else "?"
-        await server.chat(StarletteSocket(ws), ws.query_params, ws.headers, peer)
+        await speech.chat(StarletteSocket(ws), ws.query_params, ws.headers, peer)
 
     async def realtime(ws: WebSocket) -> None:
         headers, subprotocol = realtime_auth(ws.headers)
         await ws.accept(subprotocol=subprotocol)
         peer = ws.client.host if ws.client else "?"
-        await server.chat(StarletteSocket(ws), ws.query_params, headers, peer, RealtimeProtocol(ws.query_params))
+        await speech.chat(StarletteSocket(ws), ws.query_params, headers, peer, RealtimeProtocol(ws.query_params))
+
+    async def asr(ws: WebSocket) -> None:
+        await ws.accept()
+        peer = ws.client.host if ws.client else "?"
+        await stt.chat(StarletteSocket(ws), ws.query_params, ws.headers, peer, AsrProtocol.for_server(stt))
 
     async def health_route(_request):
-        status, body = await health() if health is not None else server.health()
+        status, body = await health() if health is not None else servers.health()
         return JSONResponse(body, status_code=status)
 
     async def voices(_request):
-        return JSONResponse({"voices": server.personas.voices()})
+        return JSONResponse({"voices": servers.personas.voices()})
 
     async def metrics(_request):
-        return PlainTextResponse(server.metrics.render(), headers={"X-Content-Type-Options": "nosniff"})
+        return PlainTextResponse(servers.metrics(), headers={"X-Content-Type-Options": "nosniff"})
 
-    static = server.config.static_dir
+    static = servers.config.static_dir
     index = None if static is None else Path(static) / "index.html"
 
     async def root(_request):
@@ -115,6 +128,7 @@ def asgi_app(server: MoshiServer, lifespan: bool = True, on_start=None, health=N
         return PlainTextResponse("openmoshi server: websocket at /api/chat\n")
 
     routes = [WebSocketRoute("/api/chat", chat), WebSocketRoute("/v1/realtime", realtime),
+              WebSocketRoute(ASR_PATH, asr),
               Route("/health", health_route),
               Route("/metrics", metrics), Route(VOICES_ROUTE, voices), Route("/", root)]
     if index is not None and Path(static).is_dir():
@@ -123,7 +137,7 @@ def asgi_app(server: MoshiServer, lifespan: bool = True, on_start=None, health=N
     @contextlib.asynccontextmanager
     async def life(_app):
         if lifespan:
-            await server.start()
+            await servers.start()
         if on_start is not None:
             await on_start()
         try:
@@ -131,18 +145,23 @@ def asgi_app(server: MoshiServer, lifespan: bool = True, on_start=None, health=N
         finally:
             if lifespan:
                 try:
-                    await server.drain()
+                    await servers.drain()
                 finally:
-                    await server.stop()
+                    await servers.stop()
 
     return Starlette(routes=routes, lifespan=life)
 
 
-class Runner:
-    """`server`'s ASGI app on uvicorn, in the running event loop, on a socket bound beforehand."""
+def hosted(server: MoshiServer | ModelServers) -> ModelServers:
+    return server if isinstance(server, ModelServers) else ModelServers([server])
 
-    def __init__(self, server: MoshiServer):
-        self.server = server
+
+class Runner:
+    """`server`'s ASGI app (or that of several models' servers) on uvicorn, in the running event
+    loop, on a socket bound beforehand."""
+
+    def __init__(self, server: MoshiServer | ModelServers):
+        self.server = hosted(server)
         self._uvicorn = None
         self._task: asyncio.Task | None = None
 

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from openmoshi.serving import protocol
 from openmoshi.serving.opus import OpusDecoder, OpusEncoder, OpusError
 from openmoshi.serving.session import event
 
 if TYPE_CHECKING:
+    from openmoshi.serving.loop import Frame
     from openmoshi.serving.session import Session
 
 
@@ -82,10 +81,10 @@ class ChatProtocol:
             await s.error(f"{msg.name} messages go from server to client only", "protocol")
         # Handshake and metadata from the client need no answer.
 
-    def frame(self, pcm: np.ndarray, text: str | None) -> None:
-        self.session.emit(("audio", pcm), droppable=True)
-        if text:
-            self.session.emit(("text", text))
+    def frame(self, frame: Frame) -> None:
+        self.session.emit(("audio", frame.pcm), droppable=True)
+        if frame.text:
+            self.session.emit(("text", frame.text))
 
     def wire(self, item) -> bytes | None:
         kind, value = item

@@ -32,7 +32,12 @@ ever made up for a late client: its row waits for its frame, so a conversation's
 of its own input and seeds. A machine that cannot keep up says so once (`_check_pace`) and drops the
 oldest input beyond INBOX_FRAMES, so latency stays bounded. The input clock (`clock="input"`, for
 tests and reproducible runs) ticks only when every row has its next frame, in one batch, and never
-drops input. `recorder(seat, pcm_in, text, audio, valid)`, when set, sees every row's tick.
+drops input. The stream clock (`clock="stream"`, speech to text: moshi-server's batched ASR) never
+waits for anyone: a tick of every occupied row happens as soon as any row has a frame, and a row
+without one sits that tick out, its states untouched (`TickInput.hold`: Mimi's encoder and the LM
+step it as inactive); input that comes faster than the steps waits in the inbox, never dropped; a
+row's first frame is read twice (see `lm.stt`). `recorder(seat, pcm_in, text, audio, valid)`, when
+set, sees every row's tick.
 
 Failures (issue 23): a command that raises ends that conversation only, a tick that raises ends the
 conversations of that tick (their rows reset), and the loop goes on. A loop that dies is restarted
@@ -69,7 +74,7 @@ INBOX_FRAMES = 6  # input frames kept per seat (480 ms of network jitter); the o
 BEHIND_FRAMES = 3  # a backlog this long says the machine cannot keep real time (`_check_pace`)
 WAIT = object()  # `_plan`: nothing to tick yet
 HIDDEN_TEXT_IDS = (TEXT_END_PADDING_ID, TEXT_PADDING_ID)  # never shown to users
-CLOCKS = ("realtime", "input")
+CLOCKS = ("realtime", "input", "stream")
 MAX_RESTARTS, RESTART_WINDOW = 3, 60.0  # a model loop that dies more often than this is given up
 STEP_FAILED_MESSAGE = ("internal error: the model failed on this frame and the conversation was ended (the "
                        "server goes on); reconnect to start a new conversation")
@@ -131,6 +136,8 @@ class Frame:
     seat: Seat
     pcm: np.ndarray  # [F] float32, the seat's own copy
     text: str | None  # the frame's text piece (None: padding)
+    token: int = -1  # its text token id
+    prs: tuple[float, ...] | None = None  # the step's extra heads' P(class 0) (Kyutai STT's pause heads)
 
 
 @dataclass(frozen=True)
@@ -165,6 +172,7 @@ class TickInput:
     listen: bool = True  # False when every row is in its prompt: no Mimi this tick
     prompts: dict[int, PromptCursor] = field(default_factory=dict)  # rows in their prompt phase (0: `start`)
     start: int = 0  # the first row: a phase group's span of rows, or 0 for a bucket
+    hold: np.ndarray | None = None  # [n] bool: occupied rows without a frame this tick (stream clock)
 
 
 @dataclass(frozen=True)
@@ -173,6 +181,7 @@ class TickOutput:
     valid: list[bool]  # [n] whether the row produced a complete frame
     audio: np.ndarray | None  # [n, Q] the frame's audio codes (for a recorder), None when not asked
     pcm: np.ndarray | None  # [n, F] decoded audio, None when nothing was decoded
+    prs: np.ndarray | None = None  # [n, H] each extra head's P(class 0) at this step; None without heads
 
 
 def tick(engine, inp: TickInput, runner: PromptRunner, codes_out: bool = False) -> TickOutput:
@@ -181,7 +190,8 @@ def tick(engine, inp: TickInput, runner: PromptRunner, codes_out: bool = False) 
     n, a, device = inp.pcm.shape[0], inp.start, engine.device
     span = engine.bucket(n, a)
     if inp.listen:
-        codes = engine.encode(torch.from_numpy(inp.pcm), a)  # [n, K, 1]
+        hold = None if inp.hold is None or not inp.hold.any() else torch.from_numpy(inp.hold)
+        codes = engine.encode(torch.from_numpy(inp.pcm), a, hold)  # [n, K, 1]
         if inp.first.any():  # the first frame is in the model's past: restart those encoders afresh
             span.enc.reset(torch.from_numpy(inp.first).to(device))
     else:
@@ -199,8 +209,9 @@ def tick(engine, inp: TickInput, runner: PromptRunner, codes_out: bool = False) 
         pcm = engine.decode(audio[:, :, None], a)[:, 0]  # [n, F]
         span.dec.reset(~valid)  # rows without a complete frame decoded placeholders: start afresh
         pcm = pcm.to("cpu", torch.float32, copy=True).numpy()  # a copy: graph outputs are reused
+    prs = None if out.prs is None else out.prs[:, :, 0].float().cpu().numpy()
     return TickOutput(out.text.cpu().tolist(), valid.cpu().tolist(),
-                      out.audio.cpu().numpy() if codes_out else None, pcm)
+                      out.audio.cpu().numpy() if codes_out else None, pcm, prs)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -321,7 +332,8 @@ class ModelLoop:
                 continue  # it waited for a frame, a command or its time: look again
             self._tick(spans)
             self._flush()
-            self._check_pace()
+            if self.clock != "stream":  # a stream's backlog is its client's choice (faster than real time)
+                self._check_pace()
 
     def _sleep(self, seconds: float) -> None:
         """Waits for a frame, a command or `seconds`."""
@@ -336,6 +348,11 @@ class ModelLoop:
         ready = [i for i in occupied if self.rows[i].cursor is not None or self.rows[i].seat.inbox]
         if self.clock == "input":
             if len(ready) == len(occupied):
+                return None
+            self._sleep(1.0)
+            return WAIT
+        if self.clock == "stream":  # one batch as soon as any row has a frame; the others sit it out
+            if ready:
                 return None
             self._sleep(1.0)
             return WAIT
@@ -439,6 +456,7 @@ class ModelLoop:
         when it has none: the Driver of tests and a legacy whole-batch tick), or its prompt."""
         pcm = np.zeros((n, 1, FRAME_SIZE), dtype=np.float32)
         active, first = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+        hold = np.zeros(n, dtype=bool) if self.clock == "stream" else None
         prompts, silent = {}, 0
         for i in rows:
             r, k = self.rows[i], i - start
@@ -447,13 +465,17 @@ class ModelLoop:
             if r.cursor is not None:
                 prompts[k] = r.cursor  # its prompt phase: no input read
             elif r.seat.inbox:
-                pcm[k, 0] = r.seat.inbox.popleft()[1]
+                # The stream clock reads a row's first frame twice (its first step reads only initial
+                # tokens; the encoder restarts after it): Kyutai STT's policy, see `lm.stt`.
+                pcm[k, 0] = (r.seat.inbox[0] if hold is not None and first[k] else r.seat.inbox.popleft())[1]
+            elif hold is not None:  # the stream clock: this row sits the tick out
+                active[k], hold[k], first[k] = False, True, False
             else:
                 silent += 1
         if silent:
             self.metrics.inc("openmoshi_silence_frames_total", silent)
         return TickInput(pcm, active, first, max(self.rows[i].steps for i in rows),
-                         listen=len(prompts) < len(rows), prompts=prompts, start=start)
+                         listen=len(prompts) < len(rows), prompts=prompts, start=start, hold=hold)
 
     def _groups(self, spans: list[tuple[int, int]] | None) -> list[tuple[int, int, list[int]]]:
         """(start, n, rows) of each tick: every occupied row in the smallest bucket when spans is
@@ -491,6 +513,8 @@ class ModelLoop:
         out = tick(self.engine, inp, self.prompts, codes_out=self.recorder is not None)
         for i in rows:
             r, k = self.rows[i], i - start
+            if not inp.active[k]:
+                continue  # it sat this tick out (the stream clock)
             r.steps += 1
             if r.cursor is not None:
                 if self.prompts.stepped(self.engine, i, r.cursor, r.join.persona):
@@ -501,7 +525,8 @@ class ModelLoop:
                 self.recorder(r.seat, inp.pcm[k, 0], out.text[k], out.audio[k], out.valid[k])
             if out.valid[k]:
                 pcm = out.pcm[k] if out.pcm is not None else np.zeros(0, np.float32)
-                self._events.append(Frame(r.seat, pcm, self._piece(out.text[k])))
+                prs = None if out.prs is None else tuple(out.prs[k].tolist())
+                self._events.append(Frame(r.seat, pcm, self._piece(out.text[k]), out.text[k], prs))
 
     def _tick_failed(self, e: Exception, rows: list[int]) -> None:
         self.tick_errors += 1

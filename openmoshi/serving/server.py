@@ -1,6 +1,6 @@
 """The real-time server: many conversations share one model through one model loop; `/api/chat`
 speaks the official binary protocol, `/v1/realtime` the OpenAI Realtime API, plus `/health` and
-`/metrics`. This module is the server's logic, independent of any web framework (`app.py` makes it an
+`/metrics`; with a Kyutai STT model, `/api/asr-streaming` speaks moshi-server's protocol (`asr`). This module is the server's logic, independent of any web framework (`app.py` makes it an
 ASGI application, run by uvicorn for `openmoshi serve` or by Ray Serve across machines).
 
 Serving in three parts:
@@ -31,6 +31,7 @@ from typing import Mapping
 from openmoshi.engine.engine import check_conditions, check_memory
 from openmoshi.engine.speed import Speed, SpeedConfig, choose
 from openmoshi.lm.sampling import SamplingConfig
+from openmoshi.lm.stt import SttTiming
 from openmoshi.serving.chat import ChatProtocol
 from openmoshi.serving.loop import TICK_SLACK, Ended, Frame, Join, Leave, ModelLoop, Ready, Seat
 from openmoshi.serving.metrics import Metrics
@@ -69,6 +70,7 @@ class ServerConfig:
     queue_update: float = 2.0  # seconds between place-in-line messages (official client: silent 10 s = gone)
     clock: str = "realtime"  # "input": tick only on every slot's next frame, no silence inserted (tests, reproducible runs)
     voice_dir: Path | None = None  # PersonaPlex voices (`voice_prompt` query parameter, GET /api/voices)
+    asr_delay_tokens: int | None = None  # STT: moshi-server's asr_delay_in_tokens (None: from stt_config)
 
 
 
@@ -107,10 +109,13 @@ class TextFormatter(logging.Formatter):
 
 
 def _token_from(headers: Mapping[str, str], query: Mapping[str, str]) -> str | None:
+    """The client's token: `Authorization: Bearer`, or `?worker_auth_id=` (the official client), or
+    moshi-server's `kyutai-api-key` header or `?auth_id=`."""
     header = headers.get("authorization", "") or headers.get("Authorization", "")
     if header.lower().startswith("bearer "):
         return header[7:].strip()
-    return query.get("worker_auth_id") or None
+    key = headers.get("kyutai-api-key") or headers.get("Kyutai-Api-Key")
+    return key or query.get("worker_auth_id") or query.get("auth_id") or None
 
 
 def _same_token(given: str | None, expected: str) -> bool:
@@ -145,15 +150,22 @@ class Seats:
 class MoshiServer:
     def __init__(self, lm, mimi, tokenizer, config: ServerConfig = ServerConfig(),
                  sampling: SamplingConfig = SamplingConfig(), condition: dict | None = None,
-                 negative: dict | None = None, speed: Speed | None = None):
+                 negative: dict | None = None, speed: Speed | None = None, stt: SttTiming | None = None):
         """`speed`: the paths `engine.speed.prepare` applied to the models; None: none applied,
-        CUDA graphs as `config.cuda_graph` says."""
+        CUDA graphs as `config.cuda_graph` says. `stt`: the model is Kyutai STT (dep_q = 0) with
+        this timing: the server speaks `/api/asr-streaming` (`asr.AsrProtocol`) on the stream clock."""
         from openmoshi.engine.engine import Engine
 
         check_conditions(lm, mimi, condition, negative, config.cfg_coef)
         check_memory(lm, config.max_sessions, config.cfg_coef)
         self.config, self.sampling, self.tokenizer = config, sampling, tokenizer
         self.takes_personas = bool(lm.cfg.depformer_user_slots)
+        if stt is not None and lm.cfg.dep_q:
+            raise ValueError("an STT server needs a model without a depth transformer (dep_q = 0)")
+        self.stt = stt
+        self.model_kind = "stt" if stt is not None else "speech"
+        self.text_ids = (lm.cfg.existing_text_padding_id, lm.cfg.existing_text_end_padding_id)
+        clock = "stream" if stt is not None else config.clock
         self.metrics = Metrics()
         self.metrics.max_sessions = config.max_sessions
         for direction in ("in", "out"):
@@ -169,9 +181,9 @@ class MoshiServer:
                           **topk)
 
         self.loop = ModelLoop(make_engine, config.max_sessions, self._from_loop, tokenizer, lm.cfg, self.metrics,
-                              config.clock)
+                              clock)
         self.personas = Personas(lm, mimi, tokenizer, config.voice_dir)
-        self.seats = Seats(config.max_sessions, config.clock == "input")
+        self.seats = Seats(config.max_sessions, clock != "realtime")  # these clocks drop no input
         self.sessions: set[Session] = set()
         self.line = WaitingLine(config.queue_size, self.metrics.set_waiting)
         self.draining = False
@@ -185,7 +197,10 @@ class MoshiServer:
 
         condition, negative = conditions(model.lm, model.config.model_type, config.cfg_coef)
         sampling = SamplingConfig.from_gen_config(model.config.lm_gen_config)
-        return cls(model.lm, model.mimi, model.tokenizer, config, sampling, condition, negative, speed)
+        stt = None
+        if model.config.model_type == "stt":  # greedy, as moshi-server unless its config sets a temperature
+            stt, sampling = SttTiming.of(model.config, config.asr_delay_tokens), SamplingConfig.greedy()
+        return cls(model.lm, model.mimi, model.tokenizer, config, sampling, condition, negative, speed, stt)
 
     # ------------------------------------------------------------------ life cycle
 
@@ -219,7 +234,7 @@ class MoshiServer:
             if session is None:
                 continue  # it left meanwhile
             if isinstance(e, Frame):
-                session.on_frame(e.pcm, e.text)
+                session.on_frame(e.pcm, e.text, e.token, e.prs)
             elif isinstance(e, Ready):
                 session.on_ready()
             elif isinstance(e, Ended):
@@ -307,6 +322,12 @@ class MoshiServer:
         """One client, its websocket accepted, from the first message to the close; `protocol`:
         a new instance of its wire protocol (default the official one of /api/chat)."""
         protocol = protocol or ChatProtocol()
+        kind = getattr(protocol, "model_kind", "speech")
+        if kind != self.model_kind:
+            wanted = "/api/asr-streaming" if self.model_kind == "stt" else "/api/chat or /v1/realtime"
+            return await self._refuse(ws, f"this server runs a {'speech-to-text' if self.model_kind == 'stt' else 'speech'}"
+                                      f" model: connect to {wanted}", CLOSE_BAD_REQUEST, "wrong_endpoint", peer,
+                                      protocol)
         token = self.config.auth_token
         if token is not None and not _same_token(_token_from(headers, query), token):
             return await self._refuse(ws, "unauthorized: missing or wrong token", CLOSE_UNAUTHORIZED, "auth", peer,
@@ -314,7 +335,8 @@ class MoshiServer:
         if self.draining:
             return await self._refuse(ws, "the server is shutting down", CLOSE_GOING_AWAY, "draining", peer, protocol)
         try:
-            sampling = sampling_from_query(query, self.sampling)
+            # STT decodes as the server's model says (greedy), like moshi-server: no client setting
+            sampling = self.sampling if self.stt is not None else sampling_from_query(query, self.sampling)
             seeds = seeds_from_query(query)
             prompt, persona = await self.personas.prompt(query)
         except ValueError as e:

@@ -23,7 +23,7 @@ from typing import Any, Mapping, Protocol
 
 import numpy as np
 
-from openmoshi.serving.loop import FRAME_SIZE, Configure, Join, Seat
+from openmoshi.serving.loop import FRAME_SIZE, Configure, Frame, Join, Seat
 from openmoshi.serving.phases import FRAME_S, JITTER_S
 
 log = logging.getLogger("openmoshi.serving.server")
@@ -65,7 +65,7 @@ class WireProtocol(Protocol):
     async def while_waiting(self, data: bytes | str) -> None: ...  # a message before the start
     async def handle(self, data: bytes | str) -> None: ...  # a message during the conversation
     async def report(self, message: str, kind: str, **details) -> None: ...  # a bad message, to the client
-    def frame(self, pcm: np.ndarray, text: str | None) -> None: ...  # one model frame
+    def frame(self, frame: Frame) -> None: ...  # one model frame (its pcm, text piece, token, prs)
     def wire(self, item: Any) -> bytes | str | None: ...  # an outbox item as a message (None: nothing yet)
     # A protocol sets `fills_silence = True` when its clients may send no audio and still expect the
     # model to go on (the Realtime API): the session then fills their silences (`Session.fill_silence`).
@@ -104,8 +104,8 @@ class Session:
         if not self.ready.done():
             self.ready.set_result(None)
 
-    def on_frame(self, pcm: np.ndarray, text: str | None) -> None:
-        self.protocol.frame(pcm, text)
+    def on_frame(self, pcm: np.ndarray, text: str | None, token: int = -1, prs: tuple | None = None) -> None:
+        self.protocol.frame(Frame(self.seat, pcm, text, token, prs))
 
     def on_ended(self, message: str) -> None:
         """The model loop ended this conversation: before it started, the start fails with

@@ -131,9 +131,9 @@ class RealtimeProtocol:
             self.session.frames_out += 1
         return json.dumps(queued)
 
-    def frame(self, pcm: np.ndarray, text: str | None) -> None:
-        """One frame of the model (on the event loop): responses start and end here."""
-        transition, frames = self.turns.step(pcm, text)
+    def frame(self, frame) -> None:
+        """One frame of the model (a `loop.Frame`, on the event loop): responses start and end here."""
+        transition, frames = self.turns.step(frame.pcm, frame.text)
         if transition == STARTED:
             self._start_response()
         if self.response is not None:  # None for the rest of a stretch whose response was cancelled
