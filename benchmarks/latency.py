@@ -37,19 +37,23 @@ from serving_utils import ROOT, free_port, server_log, start_server, stop_server
 FRAME_S = 0.08
 
 
-def checkpoint(folder: Path, lm: str) -> Path:
+def checkpoint(folder: Path, lm: str, mimi: str = "real") -> Path:
     """The random checkpoint both servers load (official layout, config.json with file names)."""
     from infer_utils import MOSHI, SMALL, make_checkpoint
 
-    make_checkpoint(folder, "moshi", seed=0, lm_kwargs={"tiny": MOSHI, "small": SMALL}[lm])
+    make_checkpoint(folder, "moshi", seed=0, lm_kwargs={"tiny": MOSHI, "small": SMALL}[lm], small_mimi=mimi == "small")
     return folder
 
 
 def start_official(folder: Path, port: int, device: str, dtype: str, threads: int | None) -> subprocess.Popen:
     cfg = json.loads((folder / "config.json").read_text())
+    config = folder / "config.json"
+    if "mimi_config_name" in cfg:  # the official loader fetches it from its hub repo unless told it is a file
+        config = folder / "config.official.json"
+        config.write_text(json.dumps({**cfg, "mimi_config_name": f"file://{folder.resolve() / cfg['mimi_config_name']}"}))
     cmd = [sys.executable, str(ROOT / "benchmarks" / "official_server.py"), "--dtype", dtype, "--",
            "--moshi-weight", str(folder / cfg["moshi_name"]), "--mimi-weight", str(folder / cfg["mimi_name"]),
-           "--tokenizer", str(folder / cfg["tokenizer_name"]), "--config-path", str(folder / "config.json"),
+           "--tokenizer", str(folder / cfg["tokenizer_name"]), "--config-path", str(config),
            "--device", device, "--static", "none", "--host", "127.0.0.1", "--port", str(port)]
     env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     log = tempfile.NamedTemporaryFile("w+", prefix="official-server-", suffix=".log", delete=False)
@@ -95,7 +99,10 @@ def main() -> None:
     p.add_argument("--servers", default="official,openmoshi", help="which servers, in this order")
     p.add_argument("--conversations", default="1,2", help="conversations at once on openmoshi (official: 1)")
     p.add_argument("--seconds", type=float, default=20.0, help="speech played per conversation")
-    p.add_argument("--lm", choices=("tiny", "small"), default="small", help="LM size (Mimi is real-size)")
+    p.add_argument("--lm", choices=("tiny", "small"), default="small", help="LM size")
+    p.add_argument("--mimi", choices=("real", "small"), default="real",
+                   help="Mimi: real-size (random weights), or the tests' small one (where a CPU has room for "
+                        "several conversations)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--threads", type=int, default=None, help="torch threads of both servers (default: theirs)")
@@ -109,7 +116,7 @@ def main() -> None:
 
     folder = args.checkpoint or Path(tempfile.mkdtemp(prefix="openmoshi-latency-")) / "model"
     if not (folder / "config.json").exists():
-        checkpoint(folder, args.lm)
+        checkpoint(folder, args.lm, args.mimi)
     pcm = speech(args.seconds).numpy()
     counts = [int(n) for n in args.conversations.split(",")]
     rows = []

@@ -29,16 +29,33 @@ def test_costs_are_measured_per_size_and_bound_by_larger_sizes():
     assert costs.predict(1) == pytest.approx(0.02)
     costs.record(1, 0.2, 0.25)  # a moving average, not the last value
     assert 0.02 < costs.predict(1) < 0.05
-    assert costs.busy(0.22) == pytest.approx(0.02)  # the model's time within (0.14, 0.22]
-    assert costs.busy(0.26) == pytest.approx(0.05)  # (0.18, 0.26]
-    assert costs.busy(1.0) == 0.0
+    costs = Costs({1: 0.02, 4: 0.05})
+    assert costs.predict(2) == pytest.approx(0.03)  # between measured sizes: interpolated
+
+
+def test_as_many_groups_as_fit_in_a_frame():
+    costs = Costs({1: 0.02, 2: 0.03, 4: 0.05})
+    assert costs.groups(3) == 3  # 3 x 20 ms <= 64 ms: each conversation alone
+    assert costs.groups(4) == 2  # 4 x 20 > 64; 2 x 30 fits: two groups of two
+    assert Costs({1: 0.05, 2: 0.07}).groups(2) == 1  # one batch
+    assert Costs().groups(8) == 8  # nothing measured yet
+
+
+def test_two_groups_of_two_wait_for_their_partner_only():
+    costs = Costs({1: 0.02, 2: 0.03, 4: 0.05})
+    expected = {1: 0.515, 2: 0.545, 3: 0.565}  # phases 0, 15, 45, 65 ms
+    p = plan(occupied=[0, 1, 2, 3], ready=[0], oldest=0.5, now=0.5, costs=costs, expected=expected)
+    assert p.spans is None and p.wake == pytest.approx(0.515 + JITTER_S)  # row 1 only (due within 40 ms)
 
 
 def test_a_group_is_ticked_at_once_while_there_is_room():
     costs = Costs()
-    costs.record(1, 0.0, 0.01)
-    p = plan(occupied=[0, 1, 2], ready=[2], oldest=0.5, now=0.5, costs=costs)
+    costs.record(1, 0.0, 0.02)  # three conversations at three phases: 60 ms of a frame's 80
+    p = plan(occupied=[0, 1, 2], ready=[2], oldest=0.5, now=0.5, costs=costs, expected={0: 0.51, 1: 0.52})
     assert p.spans == [(2, 3)] and not p.merged
+    # a fourth would not fit (80 ms): then the ready rows wait for the others' frames
+    p = plan(occupied=[0, 1, 2, 3], ready=[2], oldest=0.5, now=0.5, costs=costs, expected={0: 0.51, 1: 0.52})
+    assert p.spans is None
 
 
 def test_without_room_the_ready_rows_wait_for_the_others_then_share_one_batch():
@@ -51,9 +68,9 @@ def test_without_room_the_ready_rows_wait_for_the_others_then_share_one_batch():
     # a late client never holds back the others: past its due time, the ready rows go alone
     p = plan(occupied=[0, 1], ready=[0], oldest=0.47, now=0.49 + JITTER_S, costs=costs, expected={1: 0.49})
     assert p.spans == [(0, 1)]
-    # and never longer than a frame
+    # nor for a frame due later than a frame after the oldest ready one
     p = plan(occupied=[0, 1], ready=[0], oldest=0.47, now=0.47, costs=costs, expected={1: 0.60})
-    assert p.wake == pytest.approx(0.47 + FRAME_S)
+    assert p.spans == [(0, 1)]
     # a row that never sent is not waited for
     assert plan(occupied=[0, 1], ready=[0], oldest=0.47, now=0.47, costs=costs).spans == [(0, 1)]
 

@@ -6,10 +6,12 @@ each. So the loop ticks the rows whose frames are in (a phase group) as soon as 
 as the model has room for it, and merges them into one batch when it has not:
 
     ready rows = {0, 2}, occupied = {0, 1, 2}
-    busy in the last frame + the predicted cost of ticking {0}, {2} <= LOAD_LIMIT of a frame -> tick them now
-    otherwise wait: for every occupied row's frame (then one batch), but no longer than the others'
-    frames are expected (a frame after their last, plus JITTER_S) nor than a frame in all (then the
-    ready ones go alone: a late client never holds back the others)
+    room: every conversation ticked at a phase of its own fits in LOAD_LIMIT of a frame
+        (occupied x the measured cost of a one-row tick)  -> tick {0} and {2} now, alone
+    less room: g groups fit (g ticks of occupied / g rows, `Costs.groups`): the ready rows wait
+        for the rows whose frames are due within 1/g of a frame after theirs, then tick together
+        (g = 1: every row, one batch); never longer than those frames are expected (a frame after
+        their last, plus JITTER_S) nor than a frame in all: a late client holds back nobody
 
 At low load every conversation is ticked at its own phase; at full load they share one batch per
 frame. No silence is ever made up for a late row: it is ticked when its frame comes, so what a
@@ -22,7 +24,6 @@ The planning is a pure function of the times it is given (`plan`), tested with a
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass, field
 
 FRAME_S = 0.08  # one frame of audio
@@ -44,30 +45,36 @@ def runs(rows: list[int]) -> list[tuple[int, int]]:
 
 @dataclass
 class Costs:
-    """Measured tick durations: a moving average per number of rows, and the ticks of the last frame."""
+    """Measured tick durations: a moving average per number of rows."""
 
     ema: dict[int, float] = field(default_factory=dict)
-    recent: deque = field(default_factory=deque)  # (start, end) of recent ticks
 
     def record(self, rows: int, start: float, end: float) -> None:
         took = end - start
         self.ema[rows] = took if rows not in self.ema else (1 - EMA) * self.ema[rows] + EMA * took
-        self.recent.append((start, end))
 
     def predict(self, rows: int) -> float:
-        """The expected duration of a tick of `rows` rows: measured, or that of the nearest larger
-        size measured (a bound), or 0 when nothing is known yet (the first ticks measure it)."""
+        """The expected duration of a tick of `rows` rows: measured; else interpolated between the
+        nearest sizes measured around it, or that of the nearest larger one (a bound); 0 when
+        nothing is known yet (the first ticks measure it)."""
         if rows in self.ema:
             return self.ema[rows]
         larger = [n for n in self.ema if n > rows]
-        return self.ema[min(larger)] if larger else 0.0
+        if not larger:
+            return 0.0
+        hi = min(larger)
+        smaller = [n for n in self.ema if n < rows]
+        if not smaller:
+            return self.ema[hi]
+        lo = max(smaller)
+        return self.ema[lo] + (self.ema[hi] - self.ema[lo]) * (rows - lo) / (hi - lo)
 
-    def busy(self, now: float) -> float:
-        """Seconds of the last frame (now - FRAME_S, now] the model spent ticking."""
-        since = now - FRAME_S
-        while self.recent and self.recent[0][1] <= since:
-            self.recent.popleft()
-        return sum(max(0.0, min(end, now) - max(start, since)) for start, end in self.recent if end > since)
+    def groups(self, conversations: int) -> int:
+        """How many phase groups of these conversations the model can tick in a frame: the most g
+        with g ticks of ceil(conversations / g) rows within LOAD_LIMIT of a frame (1 at least)."""
+        fits = [g for g in range(1, conversations + 1)
+                if g * self.predict(-(-conversations // g)) <= LOAD_LIMIT * FRAME_S]
+        return max(fits, default=1)
 
 
 @dataclass(frozen=True)
@@ -88,11 +95,13 @@ def plan(occupied: list[int], ready: list[int], oldest: float | None, now: float
     spans = runs(ready)
     if set(ready) >= set(occupied):
         return Plan(spans, merged=True)
-    cost = sum(costs.predict(b - a) for a, b in spans)
-    if costs.busy(now) + cost <= LOAD_LIMIT * FRAME_S:
+    groups = costs.groups(len(occupied))
+    if groups >= len(occupied):  # room for every conversation at a phase of its own
         return Plan(spans)
-    deadline = (now if oldest is None else oldest) + FRAME_S
-    due = [t + JITTER_S for i, t in (expected or {}).items() if i not in ready]
+    start = now if oldest is None else oldest
+    deadline = start + FRAME_S
+    window = FRAME_S / groups  # a group: the rows whose frames come within this of the oldest one
+    due = [t + JITTER_S for i, t in (expected or {}).items() if i not in ready and t <= start + window]
     deadline = min(deadline, max(due)) if due else now
     if now >= deadline:
         return Plan(spans)
