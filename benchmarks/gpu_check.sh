@@ -3,9 +3,9 @@
 #   on the developer machine:  echo /.whl/ >> .git/info/exclude
 #                              python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #                                --implementation cp --platform manylinux_2_28_x86_64 -d .whl moshi==0.2.13 einops
-#   device run (carry .whl):   bash benchmarks/gpu_check.sh [all|speed|finetune|serving|stt]   (writes everything under $OUT)
+#   device run (carry .whl):   bash benchmarks/gpu_check.sh [all|speed|finetune|serving|stt|latency]   (writes everything under $OUT)
 #   "all" (default) does every part; each part alone fits one 10-minute call (speed ~580 s, finetune ~300 s,
-#   serving ~400 s); "stt" (not in "all") runs alone, ~500 s.
+#   serving ~400 s); "stt" and "latency" (not in "all") run alone, ~500 s each.
 # Same process, same config, same device for the official package and openmoshi: ratios are fair.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -67,4 +67,12 @@ if [ "$PART" = stt ]; then
 timeout 420 python3 benchmarks/stt_streams.py --device cuda --dtype bfloat16 --config stt_1b \
   --batch-sizes 1 64 256 400 --steps 30 --warmup 8 --json "$OUT/stt_streams_1b.json" 2>&1 | tee "$OUT/stt_streams.txt"
 timeout 150 python3 -m pytest -q tests/test_stt.py 2>&1 | tail -3 | tee -a "$OUT/stt_streams.txt"
+fi
+
+if [ "$PART" = latency ]; then
+# 9. latency as a client hears it (issue 20): the official server and ours in one run, then ours with 8 and 32
+#    conversations at staggered phases (phase groups), on CUDA with graphs; the small LM and real-size Mimi
+#    (the 7B rows need a 7B random checkpoint on disk: not prepared yet, about 15 GB to write).
+timeout 560 python3 benchmarks/latency.py --device cuda --dtype bfloat16 --lm small --conversations 1,8,32 \
+  --seconds 15 --json "$OUT/latency_small.json" 2>&1 | tee "$OUT/latency.txt"
 fi
