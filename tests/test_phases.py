@@ -175,3 +175,23 @@ def test_a_late_client_holds_back_nobody_and_gets_no_made_up_silence(models, mon
     assert max(np.diff(a_ticks)) <= FRAME_S + JITTER_S + 1e-9  # a waited for b no longer than b was due
     for name, seeds in (("a", (11, 12)), ("b", (12, 13))):
         assert_same(d.frames[name], alone(models, pcm[name], seeds))
+
+
+def test_a_machine_behind_real_time_says_so_once_and_keeps_a_bounded_backlog(models, caplog):
+    d = Driver(models, 2)
+    d.join("a", (1, 2))
+    d.loop._apply_commands()
+    frame = np.zeros((1, models[1].frame_size), np.float32)
+    for _ in range(loop_module.INBOX_FRAMES + 4):  # input comes faster than the model takes it
+        d.loop.push(d.slots["a"], frame)
+        d.loop._check_pace()
+    assert len(d.slots["a"].inbox) == loop_module.INBOX_FRAMES  # the oldest were dropped
+    assert d.loop.metrics.get("openmoshi_frames_dropped_total", direction="in") == 4
+    said = [r for r in caplog.records if r.getMessage() == "model_behind_real_time"]
+    assert len(said) == 1 and d.loop.metrics.get("openmoshi_behind_real_time_total") == 1
+    assert said[0].fields["backlog_frames"] >= loop_module.BEHIND_FRAMES and "--max-sessions" in said[0].fields["action"]
+    d.slots["a"].inbox.clear()  # caught up: the next episode is said again
+    d.loop._check_pace()
+    d.loop.push(d.slots["a"], np.repeat(frame, loop_module.BEHIND_FRAMES, axis=0))
+    d.loop._check_pace()
+    assert d.loop.metrics.get("openmoshi_behind_real_time_total") == 2
