@@ -20,22 +20,12 @@ import json
 import sys
 from pathlib import Path
 
-from openmoshi.cli.common import UsageError, add_model_args, finite_float, fits, positive_int, resolve_model
+from openmoshi.cli.common import UsageError, add_model_args, finite_float, fits, non_negative_int, positive_int, resolve_model
 from openmoshi.loading.resolve import resolve_device, resolve_dtype
 
 DEFAULT_TTS_REPO = "kyutai/tts-1.6b-en_fr"  # as openmoshi.inference.tts (not imported: --help stays light)
 DEFAULT_VOICE_REPO = "kyutai/tts-voices"
 DEFAULT_OUT_FOLDER = "tts-outputs"
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return v
 
 
 def add_tts_parser(subparsers) -> None:
@@ -63,11 +53,11 @@ def add_tts_parser(subparsers) -> None:
                         "in steps of 0.5)")
     g.add_argument("--seed", type=int, default=None, help="random seed (default: none)")
     g.add_argument("--max-padding", type=positive_int, default=8, help="most padding steps in a row (default 8)")
-    g.add_argument("--initial-padding", type=_non_negative_int, default=2, help="padding steps at the start (default 2)")
-    g.add_argument("--final-padding", type=_non_negative_int, default=4, help="steps after the last word (default 4)")
+    g.add_argument("--initial-padding", type=non_negative_int, default=2, help="padding steps at the start (default 2)")
+    g.add_argument("--final-padding", type=non_negative_int, default=4, help="steps after the last word (default 4)")
     g.add_argument("--padding-bonus", type=finite_float, default=0.0,
                    help="added to the padding logit, -2..2: positive speaks slower (default 0)")
-    g.add_argument("--padding-between", type=_non_negative_int, default=1,
+    g.add_argument("--padding-between", type=non_negative_int, default=1,
                    help="padding forced between words (default 1)")
     g.add_argument("--batch-size", type=positive_int, default=32, help="requests generated together (default 32)")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
