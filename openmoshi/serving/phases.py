@@ -48,10 +48,12 @@ class Costs:
     """Measured tick durations: a moving average per number of rows."""
 
     ema: dict[int, float] = field(default_factory=dict)
+    _groups: dict[int, int] = field(default_factory=dict, repr=False)  # `groups` per count, until the next record
 
     def record(self, rows: int, start: float, end: float) -> None:
         took = end - start
         self.ema[rows] = took if rows not in self.ema else (1 - EMA) * self.ema[rows] + EMA * took
+        self._groups.clear()
 
     def predict(self, rows: int) -> float:
         """The expected duration of a tick of `rows` rows: measured; else interpolated between the
@@ -72,9 +74,12 @@ class Costs:
     def groups(self, conversations: int) -> int:
         """How many phase groups of these conversations the model can tick in a frame: the most g
         with g ticks of ceil(conversations / g) rows within LOAD_LIMIT of a frame (1 at least)."""
-        fits = [g for g in range(1, conversations + 1)
-                if g * self.predict(-(-conversations // g)) <= LOAD_LIMIT * FRAME_S]
-        return max(fits, default=1)
+        known = self._groups.get(conversations)  # the loop asks at every frame's arrival, costs change per tick
+        if known is None:
+            fits = [g for g in range(1, conversations + 1)
+                    if g * self.predict(-(-conversations // g)) <= LOAD_LIMIT * FRAME_S]
+            known = self._groups[conversations] = max(fits, default=1)
+        return known
 
 
 @dataclass(frozen=True)
