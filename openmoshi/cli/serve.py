@@ -11,6 +11,7 @@ import signal
 import socket
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 from openmoshi.cli.common import (UsageError, add_model_args, check_cfg_coef, finite_float, fits, positive_int,
@@ -18,6 +19,7 @@ from openmoshi.cli.common import (UsageError, add_model_args, check_cfg_coef, fi
 from openmoshi.loading.resolve import resolve_device, resolve_dtype
 
 DEFAULT_PORT = 8998
+DEFAULT_TTS_VOICE = "expresso/ex03-ex01_happy_001_channel1_334s.wav"
 
 
 def add_serve_parser(subparsers) -> None:
@@ -46,6 +48,21 @@ def add_serve_parser(subparsers) -> None:
                         "at /api/asr-streaming, in this process with its own model loop and slots")
     g.add_argument("--stt-max-sessions", type=positive_int, default=None, metavar="N",
                    help="streams of --stt-model served at once (default: --max-sessions)")
+    g.add_argument("--tts-model", default=None, metavar="REPO",
+                   help="also serve a Kyutai TTS model (Hugging Face repo id or local folder, e.g. kyutai/tts-1.6b-en_fr) "
+                        "at /api/tts_streaming (websocket, and POST for a WAV), with its own model loop and slots")
+    g.add_argument("--tts-max-sessions", type=positive_int, default=None, metavar="N",
+                   help="streams of the TTS model served at once (default: --max-sessions)")
+    g.add_argument("--tts-voice", default=DEFAULT_TTS_VOICE, metavar="NAME",
+                   help=f"TTS models: the voice of a stream that names none (default {DEFAULT_TTS_VOICE})")
+    g.add_argument("--tts-voice-repo", default="kyutai/tts-voices", metavar="REPO",
+                   help="TTS models: Hugging Face repo or local folder of the voices streams may name "
+                        "(default kyutai/tts-voices)")
+    g.add_argument("--tts-cfg-coef", type=finite_float, default=2.0, metavar="C",
+                   help="TTS models: classifier-free guidance coefficient, a stream's default (cfg_alpha) on a "
+                        "CFG-distilled model (default 2, as moshi-server)")
+    g.add_argument("--tts-nq", type=positive_int, default=32, metavar="N",
+                   help="TTS models: audio codebooks generated (at most the model's; default 32)")
     g.add_argument("--asr-delay-tokens", type=positive_int, default=None, metavar="N",
                    help="STT models: steps between audio and its text, as moshi-server's asr_delay_in_tokens, "
                         "for word times and markers (default: stt_config's audio_delay_seconds x 12.5, rounded)")
@@ -158,9 +175,10 @@ def run_serve(args) -> int:
         raise UsageError(f"--voice-prompt-dir {args.voice_prompt_dir} is not a folder")
     setup_logging(args.log_format)
     if args.replicas or args.ray_address:
-        if args.stt_model:
-            raise UsageError("--stt-model is for the single-host server: with --replicas, serve the STT model "
-                             "as its own deployment (openmoshi serve --hf-repo STT_REPO --replicas N)")
+        for flag, kind in (("stt_model", "STT"), ("tts_model", "TTS")):
+            if getattr(args, flag):
+                raise UsageError(f"--{flag.replace('_', '-')} is for the single-host server: with --replicas, serve "
+                                 f"the {kind} model as its own deployment (openmoshi serve --hf-repo REPO --replicas N)")
         return _serve_cluster(args)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -176,6 +194,20 @@ def run_serve(args) -> int:
     event("model_files", **{k: str(v) for k, v in (("lm", files.moshi_weight), ("mimi", files.mimi_weight),
                                                   ("tokenizer", files.tokenizer), ("config", files.config_path),
                                                   ("lora", files.lora_weight)) if v is not None})
+    config = ServerConfig(max_sessions=max_sessions, auth_token=args.auth_token,
+                          idle_timeout=args.idle_timeout, queue_size=args.queue, queue_timeout=args.queue_timeout,
+                          static_dir=Path(args.static) if args.static else WEB_DIR, cfg_coef=args.cfg_coef,
+                          clock=args.clock, voice_dir=Path(args.voice_prompt_dir) if args.voice_prompt_dir else None,
+                          asr_delay_tokens=args.asr_delay_tokens)
+    url = f"{'https' if ssl_context else 'http'}://{args.host}:{port}/"
+    if files.config.tts_config:  # a Kyutai TTS model: /api/tts_streaming
+        if args.tts_model:
+            raise UsageError("--tts-model is for a second model: the main model is text to speech already")
+        servers = [_tts_server(args, files, device, dtype, replace(config, max_sessions=args.tts_max_sessions
+                                                                          or max_sessions))]
+        if args.stt_model:
+            servers.append(_stt_server(args, device, dtype, config, servers[0]))
+        return asyncio.run(_serve(servers, sock, ssl_context, url))
     check_cfg_coef(files.config, args.cfg_coef)
     if files.config.lm.conditioners and files.config.model_type != "hibiki":  # as the official server
         raise UsageError(f"this {files.config.model_type} model expects conditioning, which the "
@@ -184,16 +216,37 @@ def run_serve(args) -> int:
     model, speed = passing(start, files, device, dtype, args.quantize,
                            SpeedConfig(cuda_graphs=False if args.no_cuda_graph else None))
     event("speed_paths", paths=speed.describe())
-    config = ServerConfig(max_sessions=max_sessions, auth_token=args.auth_token,
-                          idle_timeout=args.idle_timeout, queue_size=args.queue, queue_timeout=args.queue_timeout,
-                          static_dir=Path(args.static) if args.static else WEB_DIR, cfg_coef=args.cfg_coef,
-                          clock=args.clock, voice_dir=Path(args.voice_prompt_dir) if args.voice_prompt_dir else None,
-                          asr_delay_tokens=args.asr_delay_tokens)
     servers = [MoshiServer.for_model(model, speed, config)]
     if args.stt_model:
         servers.append(_stt_server(args, device, dtype, config, servers[0]))
-    url = f"{'https' if ssl_context else 'http'}://{args.host}:{port}/"
+    if args.tts_model:
+        servers.append(_tts_server(args, None, device, dtype, replace(config, max_sessions=args.tts_max_sessions
+                                                                        or config.max_sessions)))
     return asyncio.run(_serve(servers, sock, ssl_context, url))
+
+
+def _tts_server(args, files, device, dtype, config):
+    """The server of a Kyutai TTS model (the main model's `files`, or --tts-model's): its own model
+    loop and slots, its voices from --tts-voice-repo (the default voice loaded before serving)."""
+    from openmoshi.engine.threads import passing
+    from openmoshi.inference.tts import load_tts
+    from openmoshi.lm.tts import TTSSettings
+    from openmoshi.loading.resolve import resolve_files
+    from openmoshi.serving.server import MoshiServer, event
+    from openmoshi.serving.tts import TTSHost
+
+    secondary = files is None
+    if secondary:
+        event("loading_model", source=f"--tts-model {args.tts_model}", device=str(device))
+        own = argparse.Namespace(**{**vars(args), "moshi_weight": None})
+        check = fits(own, "openmoshi serve --tts-model", device, dtype, None, sessions=config.max_sessions)
+        files = resolve_files(hf_repo=args.tts_model, before_download=check)
+    settings = TTSSettings(n_q=args.tts_nq, cfg_coef=args.tts_cfg_coef)
+    model = passing(load_tts, files, device, dtype, voice_repo=args.tts_voice_repo,
+                    quantize=None if secondary else args.quantize)
+    host = passing(TTSHost.build, model, settings, args.tts_voice)
+    return MoshiServer(model.model.lm, model.model.mimi, model.model.tokenizer, replace(config, cfg_coef=1.0,
+                       voice_dir=None), tts=host)
 
 
 def _stt_server(args, device, dtype, config, first):
@@ -287,7 +340,7 @@ async def _serve(servers, sock: socket.socket, ssl_context, url: str) -> int:
     await runner.start(sock, ssl_context)
     try:
         event("listening", url=url, websocket=" ".join(
-            "/api/asr-streaming" if s.stt is not None else "/api/chat" for s in servers))
+            {"stt": "/api/asr-streaming", "tts": "/api/tts_streaming"}.get(s.model_kind, "/api/chat") for s in servers))
         stopped, failed = asyncio.create_task(stop.wait()), asyncio.create_task(server.failed.wait())
         await asyncio.wait({stopped, failed}, return_when=asyncio.FIRST_COMPLETED)
         stopped.cancel()

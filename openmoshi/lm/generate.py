@@ -228,6 +228,20 @@ def set_seeds(state: GenState, text_seed: int, audio_seed: int, mask: torch.Tens
         sampler.draws.masked_fill_(mask, 0)
 
 
+def kept_draws(sampler: Sampler, active: torch.Tensor | None) -> torch.Tensor | None:
+    """The per-slot streams' draw counts before a step with idle slots (`restore_draws` after it):
+    an idle slot computes, samples and throws away, and must not use up its random stream, or
+    what it says would depend on how long it sat idle beside others."""
+    if active is None or sampler.draws is None:
+        return None
+    return sampler.draws.clone()
+
+
+def restore_draws(sampler: Sampler, active: torch.Tensor | None, before: torch.Tensor | None) -> None:
+    if before is not None:
+        sampler.draws.copy_(torch.where(active.to(before.device)[:, None], sampler.draws, before))
+
+
 def _sample(sampler: Sampler, stream: int, logits: torch.Tensor, temp, top_k, max_k: int, generator) -> torch.Tensor:
     """sample() with the per-slot stream `stream` (0 text, 1 audio) when the sampler has them."""
     noise = None
@@ -361,6 +375,7 @@ def step(lm: LMModel, state: GenState, user_codes: torch.Tensor, active: torch.T
     state.calls += 1
     cfg = lm.cfg
     streams, sampler, flags = state.streams, state.sampler, state.sampler.flags
+    draws = kept_draws(sampler, active)
     Q, C = cfg.gen_q, streams.cache.shape[2]
     if user_codes.dim() != 2:
         raise ValueError(f"user_codes must be [batch, codebooks], got shape {tuple(user_codes.shape)}")
@@ -432,6 +447,7 @@ def step(lm: LMModel, state: GenState, user_codes: torch.Tensor, active: torch.T
     if active is not None:
         valid = valid & active
     prs = lm.extra_probs(hidden[::state.rows_per_slot, 0])  # a slot's own row under guidance
+    restore_draws(sampler, active, draws)
     return StepOutput(text=frame[:, 0], audio=frame[:, 1:], valid=valid, prs=prs)
 
 

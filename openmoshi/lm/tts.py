@@ -47,7 +47,8 @@ import torch
 
 from openmoshi.errors import UnsupportedError, UserError
 from openmoshi.lm.conditioners import TensorValue
-from openmoshi.lm.generate import GenState, _rows, _sample, _write, depth_step, init_state, read_window
+from openmoshi.lm.generate import (GenState, _rows, _sample, _write, depth_step, init_state, kept_draws, read_window,
+                                  restore_draws)
 from openmoshi.lm.model import LMModel
 from openmoshi.lm.sampling import SamplingConfig
 from openmoshi.lm.tts_script import PAD, ZERO, Entry, Machine, Script, advance, new_script
@@ -347,6 +348,7 @@ def tts_step(lm: LMModel, spec: TTSSpec, state: TTSState, active: Sequence[bool]
     device = streams.cache.device
     host_active = [True] * B if active is None else [bool(a) for a in active]
     act = None if active is None else torch.tensor(host_active, device=device)
+    draws = kept_draws(sampler, act)
     streams.cache[:, Q + 1:].fill_(ZERO)  # the codebooks not generated read "no input"
 
     offset = streams.offset
@@ -395,7 +397,13 @@ def tts_step(lm: LMModel, spec: TTSSpec, state: TTSState, active: Sequence[bool]
     if all(state.steps[b] < spec.delay_steps for b in range(B) if host_active[b]):
         audio = torch.full((B, Q), ZERO, dtype=torch.long, device=device)  # no audio yet: skip the depth
     else:
+        # A slot whose audio has not started samples none: its audio stream is not drawn from, so
+        # what it says does not depend on whether a neighbour needed the depth transformer.
+        silent = torch.tensor([not host_active[b] or state.steps[b] < spec.delay_steps for b in range(B)],
+                              device=device)
+        before = kept_draws(sampler, ~silent)
         audio = depth_step(lm, gen, text, hidden, generator, num=Q)  # [B, Q]
+        restore_draws(sampler, ~silent, before)
     audio = torch.where(offset[:, None] < delays + spec.delay_steps, ZERO, audio)
     at = offset[:, None] - delays - spec.delay_steps  # [B, Q], the prefix frame of each codebook
     in_prefix = (at >= 0) & (at < state.prefix_len[:, None])
@@ -416,6 +424,7 @@ def tts_step(lm: LMModel, spec: TTSSpec, state: TTSState, active: Sequence[bool]
     valid = offset > cfg.max_delay
     if act is not None:
         valid = valid & act
+    restore_draws(sampler, act, draws)
     return TTSStepOutput(frame=frame, valid=valid, popped=popped)
 
 

@@ -7,7 +7,8 @@
 
 Routes: `/api/chat` (websocket, the official protocol), `/v1/realtime` (websocket, the OpenAI Realtime
 API, see `realtime`), `/api/asr-streaming` (websocket, moshi-server's speech to text, for an STT
-model, see `asr`), `/health`, `/metrics` (Prometheus), `/api/voices` (the persona voices, JSON),
+model, see `asr`), `/api/tts_streaming` (websocket, and POST for a WAV: moshi-server's text to
+speech, for a TTS model, see `tts`), `/health`, `/metrics` (Prometheus), `/api/voices` (the persona voices, JSON),
 and the web UI at `/`. What a conversation
 does is `server.MoshiServer.chat`, fed through `StarletteSocket`.
 """
@@ -28,6 +29,8 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from openmoshi.serving import protocol
 from openmoshi.serving.asr import PATH as ASR_PATH
 from openmoshi.serving.asr import AsrProtocol
+from openmoshi.serving.tts import PATH as TTS_PATH
+from openmoshi.serving.tts import TtsProtocol, post_wav
 from openmoshi.serving.personas import VOICES_ROUTE
 from openmoshi.serving.realtime.protocol import RealtimeProtocol, realtime_auth
 from openmoshi.serving.hosting import ModelServers
@@ -91,7 +94,7 @@ def asgi_app(server: MoshiServer | ModelServers, lifespan: bool = True, on_start
     (a cluster replica adds who it is and whether the whole cluster is routable yet)."""
 
     servers = hosted(server)
-    speech, stt = servers.for_kind("speech"), servers.for_kind("stt")
+    speech, stt, tts = servers.for_kind("speech"), servers.for_kind("stt"), servers.for_kind("tts")
 
     async def chat(ws: WebSocket) -> None:
         await ws.accept()
@@ -108,6 +111,16 @@ def asgi_app(server: MoshiServer | ModelServers, lifespan: bool = True, on_start
         await ws.accept()
         peer = ws.client.host if ws.client else "?"
         await stt.chat(StarletteSocket(ws), ws.query_params, ws.headers, peer, AsrProtocol.for_server(stt))
+
+    async def tts_stream(ws: WebSocket) -> None:
+        await ws.accept()
+        peer = ws.client.host if ws.client else "?"
+        await tts.chat(StarletteSocket(ws), ws.query_params, ws.headers, peer, TtsProtocol.for_server(tts, ws.query_params))
+
+    async def tts_post(request):
+        if tts.model_kind != "tts":
+            return JSONResponse({"error": "this server runs no text-to-speech model"}, status_code=404)
+        return await post_wav(tts, request)
 
     async def health_route(_request):
         status, body = await health() if health is not None else servers.health()
@@ -128,7 +141,7 @@ def asgi_app(server: MoshiServer | ModelServers, lifespan: bool = True, on_start
         return PlainTextResponse("openmoshi server: websocket at /api/chat\n")
 
     routes = [WebSocketRoute("/api/chat", chat), WebSocketRoute("/v1/realtime", realtime),
-              WebSocketRoute(ASR_PATH, asr),
+              WebSocketRoute(ASR_PATH, asr), WebSocketRoute(TTS_PATH, tts_stream), Route(TTS_PATH, tts_post, methods=["POST"]),
               Route("/health", health_route),
               Route("/metrics", metrics), Route(VOICES_ROUTE, voices), Route("/", root)]
     if index is not None and Path(static).is_dir():

@@ -6,7 +6,8 @@ metrics), and one app routes each endpoint to the server whose model speaks it.
     servers.health()                 # 200 while every model can serve; each model's body under "models"
 
 A kind (`MoshiServer.model_kind`): "speech" (Moshi, Hibiki, PersonaPlex: /api/chat and
-/v1/realtime), "stt" (Kyutai STT: /api/asr-streaming). An endpoint whose kind no server has goes to
+/v1/realtime), "stt" (Kyutai STT: /api/asr-streaming), "tts" (Kyutai TTS: /api/tts_streaming, websocket
+and POST). An endpoint whose kind no server has goes to
 the first server, which refuses it with a message naming the endpoints it serves. Nothing is shared
 between the models' servers but the web server: a model's failures, slots and waiting line never
 touch another's (as Unmute deploys STT, TTS and its LLM side by side).

@@ -24,12 +24,13 @@ import hmac
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Mapping
 
 from openmoshi.engine.engine import check_conditions, check_memory
 from openmoshi.engine.speed import Speed, SpeedConfig, choose
+from openmoshi.engine.threads import passing
 from openmoshi.lm.sampling import SamplingConfig
 from openmoshi.lm.stt import SttTiming
 from openmoshi.serving.chat import ChatProtocol
@@ -46,6 +47,9 @@ from openmoshi.serving.waiting import ADMITTED, LEFT, STOPPING, TIMED_OUT, Ticke
 log = logging.getLogger("openmoshi.serving.server")
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
+# The kind of each model, as a refusal names it, and the endpoints that serve it.
+ENDPOINTS = {"speech": ("speech", "/api/chat or /v1/realtime"), "stt": ("speech-to-text", "/api/asr-streaming"),
+             "tts": ("text-to-speech", "/api/tts_streaming")}
 SHUTDOWN_MESSAGE = "the server is shutting down: reconnect to start a new conversation"
 STALL_SECONDS = 10.0  # a model loop that has not come round for this long is hung
 INTERNAL_ERROR_MESSAGE = "internal error while handling your message: the conversation is closed; reconnect"
@@ -150,20 +154,24 @@ class Seats:
 class MoshiServer:
     def __init__(self, lm, mimi, tokenizer, config: ServerConfig = ServerConfig(),
                  sampling: SamplingConfig = SamplingConfig(), condition: dict | None = None,
-                 negative: dict | None = None, speed: Speed | None = None, stt: SttTiming | None = None):
+                 negative: dict | None = None, speed: Speed | None = None, stt: SttTiming | None = None,
+                 tts=None):
         """`speed`: the paths `engine.speed.prepare` applied to the models; None: none applied,
         CUDA graphs as `config.cuda_graph` says. `stt`: the model is Kyutai STT (dep_q = 0) with
-        this timing: the server speaks `/api/asr-streaming` (`asr.AsrProtocol`) on the stream clock."""
+        this timing: the server speaks `/api/asr-streaming` (`asr.AsrProtocol`) on the stream clock.
+        `tts` (`serving.tts.TTSHost`): the model is Kyutai TTS, served at `/api/tts_streaming` by a
+        `tts_loop.TTSLoop`."""
         from openmoshi.engine.engine import Engine
 
-        check_conditions(lm, mimi, condition, negative, config.cfg_coef)
-        check_memory(lm, config.max_sessions, config.cfg_coef)
+        if tts is None:
+            check_conditions(lm, mimi, condition, negative, config.cfg_coef)
+            check_memory(lm, config.max_sessions, config.cfg_coef)
         self.config, self.sampling, self.tokenizer = config, sampling, tokenizer
         self.takes_personas = bool(lm.cfg.depformer_user_slots)
         if stt is not None and lm.cfg.dep_q:
             raise ValueError("an STT server needs a model without a depth transformer (dep_q = 0)")
-        self.stt = stt
-        self.model_kind = "stt" if stt is not None else "speech"
+        self.stt, self.tts = stt, tts
+        self.model_kind = "stt" if stt is not None else "tts" if tts is not None else "speech"
         self.text_ids = (lm.cfg.existing_text_padding_id, lm.cfg.existing_text_end_padding_id)
         clock = "stream" if stt is not None else config.clock
         self.metrics = Metrics()
@@ -180,8 +188,19 @@ class MoshiServer:
             return Engine(lm, mimi, config.max_sessions, speed, sampling, condition, negative, config.cfg_coef,
                           **topk)
 
-        self.loop = ModelLoop(make_engine, config.max_sessions, self._from_loop, tokenizer, lm.cfg, self.metrics,
-                              clock)
+        if tts is not None:
+            from openmoshi.serving.tts_loop import TTSEngine, TTSLoop
+
+            clock = "stream"
+
+            def make_engine() -> TTSEngine:  # noqa: F811 - a TTS model's engine instead
+                return TTSEngine(lm, mimi, tts.model.spec, tts.settings, config.max_sessions, tts.cross_len,
+                                 tts.max_prefix)
+
+            self.loop = TTSLoop(make_engine, config.max_sessions, self._from_loop, tokenizer, lm.cfg, self.metrics)
+        else:
+            self.loop = ModelLoop(make_engine, config.max_sessions, self._from_loop, tokenizer, lm.cfg, self.metrics,
+                                  clock)
         self.personas = Personas(lm, mimi, tokenizer, config.voice_dir)
         self.seats = Seats(config.max_sessions, clock != "realtime")  # these clocks drop no input
         self.sessions: set[Session] = set()
@@ -239,6 +258,8 @@ class MoshiServer:
                 session.on_ready()
             elif isinstance(e, Ended):
                 session.on_ended(e.message)
+            else:  # a model's own events (TTS words, a stream's end)
+                session.protocol.event(e)
 
     async def drain(self) -> None:
         """Stops taking conversations, lets the open ones end for `shutdown_grace`, closes the rest."""
@@ -271,7 +292,7 @@ class MoshiServer:
         seat = self.seats.open(session)
         if seat is None:
             return None
-        session.seat, session.join = seat, Join(seat, join.sampling, join.seeds, join.prompt, join.persona)
+        session.seat, session.join = seat, replace(join, seat=seat)
         self.metrics.set_active(len(self.seats))
         self.loop.submit(session.join)
         return seat
@@ -324,10 +345,9 @@ class MoshiServer:
         protocol = protocol or ChatProtocol()
         kind = getattr(protocol, "model_kind", "speech")
         if kind != self.model_kind:
-            wanted = "/api/asr-streaming" if self.model_kind == "stt" else "/api/chat or /v1/realtime"
-            return await self._refuse(ws, f"this server runs a {'speech-to-text' if self.model_kind == 'stt' else 'speech'}"
-                                      f" model: connect to {wanted}", CLOSE_BAD_REQUEST, "wrong_endpoint", peer,
-                                      protocol)
+            what, wanted = ENDPOINTS[self.model_kind]
+            return await self._refuse(ws, f"this server runs a {what} model: connect to {wanted}", CLOSE_BAD_REQUEST,
+                                      "wrong_endpoint", peer, protocol)
         token = self.config.auth_token
         if token is not None and not _same_token(_token_from(headers, query), token):
             return await self._refuse(ws, "unauthorized: missing or wrong token", CLOSE_UNAUTHORIZED, "auth", peer,
@@ -335,10 +355,16 @@ class MoshiServer:
         if self.draining:
             return await self._refuse(ws, "the server is shutting down", CLOSE_GOING_AWAY, "draining", peer, protocol)
         try:
-            # STT decodes as the server's model says (greedy), like moshi-server: no client setting
-            sampling = self.sampling if self.stt is not None else sampling_from_query(query, self.sampling)
-            seeds = seeds_from_query(query)
-            prompt, persona = await self.personas.prompt(query)
+            prompt = None
+            if self.tts is not None:  # its voice may be loaded (and encoded), off the event loop
+                join = await asyncio.to_thread(passing, protocol.join)
+                sampling = join.sampling
+            else:
+                # STT decodes as the server's model says (greedy), like moshi-server: no client setting
+                sampling = self.sampling if self.stt is not None else sampling_from_query(query, self.sampling)
+                seeds = seeds_from_query(query)
+                prompt, persona = await self.personas.prompt(query)
+                join = Join(None, sampling, seeds, prompt, persona)
         except ValueError as e:
             return await self._refuse(ws, f"bad request: {e}", CLOSE_BAD_REQUEST, "bad_query", peer, protocol)
         except Exception:  # a bug: its traceback in the log, a short error to this client only
@@ -349,7 +375,6 @@ class MoshiServer:
             return await self._refuse(ws, f"the server cannot serve right now ({problem}): try again later",
                                       CLOSE_TRY_AGAIN_LATER, "unavailable", peer, protocol)
         session = Session(self, ws, peer, protocol, query)
-        join = Join(None, sampling, seeds, prompt, persona)
         seat = None if len(self.line) else self._open(session, join)  # nobody overtakes those who wait
         if seat is None:
             ticket = self.line.join(lambda: self._open(session, join))
@@ -370,8 +395,12 @@ class MoshiServer:
             else:
                 await self._run_prompt(session, prompt)
             event("conversation_start", peer=peer, slot=session.seat.id, waited=round(session.waited, 2),
-                  sampling=sampling.__dict__)
-            await session.send(protocol.greeting())
+                  sampling=getattr(sampling, "__dict__", None))
+            greeting = protocol.greeting()
+            if greeting is not None:
+                await session.send(greeting)
+            if hasattr(protocol, "started_stream"):
+                protocol.started_stream()
             sender = asyncio.create_task(session.sender())
             if getattr(protocol, "fills_silence", False):
                 filler = asyncio.create_task(session.fill_silence())
@@ -466,6 +495,8 @@ class MoshiServer:
             try:
                 data = await asyncio.wait_for(ws.receive(), self.config.idle_timeout)
             except asyncio.TimeoutError:
+                if getattr(session.protocol, "waits_for_model", lambda: False)():
+                    continue  # the client waits for the model's output (TTS after Eos): not idle
                 session.closed_reason = "idle timeout"
                 await session.error(f"no message for {self.config.idle_timeout:g} s: closing", "idle")
                 await ws.close(CLOSE_GOING_AWAY, "idle timeout")

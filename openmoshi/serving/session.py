@@ -199,6 +199,12 @@ class Session:
             self.closed_reason = f"send failed: {type(e).__name__}"
             await self.ws.close(CLOSE_GOING_AWAY)
 
+    def finish(self) -> None:
+        """Closes the connection once what was sent before is out (a stream that is over, e.g. a
+        TTS's speech): the client reads every message, then the close."""
+        if self.closing is None:
+            self.closing = asyncio.create_task(self.ws.close(CLOSE_NORMAL))
+
     # ------------------------------------------------------------------ errors
 
     async def error(self, message: str, kind: str, **details) -> None:
