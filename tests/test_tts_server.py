@@ -371,3 +371,45 @@ def test_serve_hosts_tts_beside_stt(folder, tmp_path):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_an_audio_prefix_model_says_what_offline_says(tmp_path):
+    """`kyutai/tts-0.75b-en-public`'s way: the voice is a recording of the voice repository, encoded
+    by Mimi and read as an audio prefix, guidance by batch doubling. Greedy: the frames exactly the
+    offline generation's with that prefix; the prefix's frames are not sent."""
+    import soundfile as sf
+
+    from official_utils import speech
+    from openmoshi.loading.tts_voices import audio_prefix
+
+    folder = tmp_path / "prefix"
+    make_tts_checkpoint(folder, "prefix", seed=5)
+    (folder / "voices").mkdir()
+    sf.write(folder / "voices" / "me.wav", speech(1.0).numpy(), 24000)
+    model = load_tts(resolve_files(str(folder)), "cpu", torch.float32, voice_repo=str(folder / "voices"))
+    prefix = audio_prefix(folder / "voices" / "me.wav", model.model.mimi)
+    m = model.model
+    entries = script_to_entries(m.tokenizer, [TEXT], model.frame_rate, False, 1)
+    settings = TTSSettings(temp=0.0, n_q=m.lm.cfg.dep_q)
+    result = generate(m.lm, model.spec, settings, [entries], [TTSHost(model, settings, None).values([], None)],
+                      prefixes=[prefix])
+    record = {}
+
+    async def main():
+        host = TTSHost.build(model, TTSSettings(), "me.wav")
+        server = MoshiServer(m.lm, m.mimi, m.tokenizer, ServerConfig(max_sessions=2, static_dir=None), tts=host)
+        server.loop.recorder = lambda seat, _p, text, audio, _v: record.setdefault(0, []).append((text, *audio.tolist()))
+        runner, sock = Runner(server), listening_socket()
+        await runner.start(sock)
+        try:
+            return await speak(f"ws://127.0.0.1:{sock.getsockname()[1]}/api/tts_streaming", TEXT.split(),
+                               "format=PcmMessagePack&temperature=0", headers={})
+        finally:
+            await runner.stop()
+
+    got = asyncio.run(main())
+    np.testing.assert_array_equal(np.array(record[0]).T, result.frames[0].numpy())
+    P = prefix.shape[-1]
+    assert len(got["Audio"]) == result.frames.shape[-1] - model.spec.delay_steps - P
+    said = [(m["text"], m["start_s"], m["stop_s"]) for m in got["Text"]]
+    assert said == [tuple(w) for w in word_timings(result.scripts[0], model.frame_rate, P)]
