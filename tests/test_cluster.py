@@ -225,6 +225,52 @@ def test_replicas_spread_refuse_fail_alone_come_back_and_drain(cluster):
         assert c.arrivals[-1] > deleted_at  # served until the delete, then told
 
 
+def test_a_replica_hosts_stt_and_tts(cluster):
+    """`serve --replicas 1 --hf-repo STT --tts-model TTS`'s spec: each replica hosts both models,
+    each its own server; through Ray's proxy /health covers both, the STT stream gets Ready and a
+    POST to /api/tts_streaming returns speech."""
+    import urllib.request
+
+    import msgpack
+
+    from stt_utils import make_stt
+    from tts_utils import make_tts_checkpoint, make_voice
+
+    from openmoshi.serving import cluster as ray_cluster
+
+    stt = make_stt(cluster / "stt", seed=5)
+    tts = cluster / "tts"
+    make_tts_checkpoint(tts, "emb", seed=2)
+    make_voice(tts / "voices", "alice", 3)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    spec = ray_cluster.ReplicaSpec(files={"hf_repo": str(stt)}, device="cpu", threads=1,
+                                   server={"max_sessions": 1, "queue_size": 1, "static_dir": None},
+                                   tts={"voice": "alice", "voice_repo": str(tts / "voices")},
+                                   extra=({"files": {"hf_repo": str(tts)}, "max_sessions": 2},))
+    assert spec.max_connections == 1 + 2 + 2 * 1 + ray_cluster.REFUSE_ROOM
+    try:
+        assert ray_cluster.run(spec, replicas=1, host="127.0.0.1", port=port, blocking=False,
+                               graceful_shutdown_s=2.0, cpus_per_replica=2) == 1
+        health = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=30).read())
+        assert set(health["models"]) == {"stt", "tts"} and health["status"] == "ok"
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/api/tts_streaming",
+                                         json.dumps({"text": "Hello there, my friend."}).encode())
+        wav = urllib.request.urlopen(request, timeout=60).read()
+        assert wav[:4] == b"RIFF" and len(wav) > 44 + 2 * 1920 * 10
+
+        async def asr():
+            import websockets
+
+            async with websockets.connect(f"ws://127.0.0.1:{port}/api/asr-streaming") as ws:
+                return msgpack.unpackb(await asyncio.wait_for(ws.recv(), 30))
+
+        assert asyncio.run(asr()) == {"type": "Ready"}
+    finally:
+        serve.delete(ray_cluster.APP_NAME)
+
+
 def _replica_actors():
     from ray.util.state import list_actors
 

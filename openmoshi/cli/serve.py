@@ -11,15 +11,15 @@ import signal
 import socket
 import sys
 import tempfile
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from openmoshi.cli.common import (UsageError, add_model_args, check_cfg_coef, finite_float, fits, positive_int,
                                   resolve_model)
 from openmoshi.loading.resolve import resolve_device, resolve_dtype
+from openmoshi.serving.build import DEFAULT_TTS_VOICE, DEFAULT_TTS_VOICE_REPO
 
 DEFAULT_PORT = 8998
-DEFAULT_TTS_VOICE = "expresso/ex03-ex01_happy_001_channel1_334s.wav"
 
 
 def add_serve_parser(subparsers) -> None:
@@ -55,9 +55,9 @@ def add_serve_parser(subparsers) -> None:
                    help="streams of the TTS model served at once (default: --max-sessions)")
     g.add_argument("--tts-voice", default=DEFAULT_TTS_VOICE, metavar="NAME",
                    help=f"TTS models: the voice of a stream that names none (default {DEFAULT_TTS_VOICE})")
-    g.add_argument("--tts-voice-repo", default="kyutai/tts-voices", metavar="REPO",
+    g.add_argument("--tts-voice-repo", default=DEFAULT_TTS_VOICE_REPO, metavar="REPO",
                    help="TTS models: Hugging Face repo or local folder of the voices streams may name "
-                        "(default kyutai/tts-voices)")
+                        f"(default {DEFAULT_TTS_VOICE_REPO})")
     g.add_argument("--tts-cfg-coef", type=finite_float, default=2.0, metavar="C",
                    help="TTS models: classifier-free guidance coefficient, a stream's default (cfg_alpha) on a "
                         "CFG-distilled model (default 2, as moshi-server)")
@@ -175,10 +175,6 @@ def run_serve(args) -> int:
         raise UsageError(f"--voice-prompt-dir {args.voice_prompt_dir} is not a folder")
     setup_logging(args.log_format)
     if args.replicas or args.ray_address:
-        for flag, kind in (("stt_model", "STT"), ("tts_model", "TTS")):
-            if getattr(args, flag):
-                raise UsageError(f"--{flag.replace('_', '-')} is for the single-host server: with --replicas, serve "
-                                 f"the {kind} model as its own deployment (openmoshi serve --hf-repo REPO --replicas N)")
         return _serve_cluster(args)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -225,15 +221,18 @@ def run_serve(args) -> int:
     return asyncio.run(_serve(servers, sock, ssl_context, url))
 
 
+def _tts_options(args):
+    from openmoshi.serving.build import TTSOptions
+
+    return TTSOptions(voice=args.tts_voice, voice_repo=args.tts_voice_repo, cfg_coef=args.tts_cfg_coef, n_q=args.tts_nq)
+
+
 def _tts_server(args, files, device, dtype, config):
     """The server of a Kyutai TTS model (the main model's `files`, or --tts-model's): its own model
     loop and slots, its voices from --tts-voice-repo (the default voice loaded before serving)."""
-    from openmoshi.engine.threads import passing
-    from openmoshi.inference.tts import load_tts
-    from openmoshi.lm.tts import TTSSettings
     from openmoshi.loading.resolve import resolve_files
-    from openmoshi.serving.server import MoshiServer, event
-    from openmoshi.serving.tts import TTSHost
+    from openmoshi.serving.build import build_server
+    from openmoshi.serving.server import event
 
     secondary = files is None
     if secondary:
@@ -241,24 +240,15 @@ def _tts_server(args, files, device, dtype, config):
         own = argparse.Namespace(**{**vars(args), "moshi_weight": None})
         check = fits(own, "openmoshi serve --tts-model", device, dtype, None, sessions=config.max_sessions)
         files = resolve_files(hf_repo=args.tts_model, before_download=check)
-    settings = TTSSettings(n_q=args.tts_nq, cfg_coef=args.tts_cfg_coef)
-    model = passing(load_tts, files, device, dtype, voice_repo=args.tts_voice_repo,
-                    quantize=None if secondary else args.quantize)
-    host = passing(TTSHost.build, model, settings, args.tts_voice)
-    return MoshiServer(model.model.lm, model.model.mimi, model.model.tokenizer, replace(config, cfg_coef=1.0,
-                       voice_dir=None), tts=host)
+    return build_server(files, device, dtype, None if secondary else args.quantize, config, _tts_options(args))
 
 
 def _stt_server(args, device, dtype, config, first):
     """The server of --stt-model: its own model loop and slots, the same settings otherwise."""
-    from dataclasses import replace
-
-    from openmoshi.engine.speed import SpeedConfig
-    from openmoshi.engine.startup import start
-    from openmoshi.engine.threads import passing
     from openmoshi.inference.stt import check_stt
     from openmoshi.loading.resolve import resolve_files
-    from openmoshi.serving.server import MoshiServer, event
+    from openmoshi.serving.build import build_server
+    from openmoshi.serving.server import event
 
     if first.stt is not None:
         raise UsageError("--stt-model is for a second model: the main model is speech to text already")
@@ -272,9 +262,8 @@ def _stt_server(args, device, dtype, config, first):
         check(cfg)
 
     files = resolve_files(hf_repo=args.stt_model, before_download=before_download)
-    model, speed = passing(start, files, device, dtype, None,
-                           SpeedConfig(cuda_graphs=False if args.no_cuda_graph else None))
-    return MoshiServer.for_model(model, speed, replace(config, max_sessions=sessions, cfg_coef=1.0, voice_dir=None))
+    return build_server(files, device, dtype, None, replace(config, max_sessions=sessions, cfg_coef=1.0, voice_dir=None),
+                        cuda_graphs=False if args.no_cuda_graph else None)
 
 
 def _serve_cluster(args) -> int:
@@ -297,8 +286,11 @@ def _serve_cluster(args) -> int:
                   asr_delay_tokens=args.asr_delay_tokens)
     if args.static is None:
         server.pop("static_dir")
+    extra = tuple({"files": {"hf_repo": repo}, "max_sessions": sessions or server["max_sessions"]}
+                  for repo, sessions in ((args.stt_model, args.stt_max_sessions), (args.tts_model, args.tts_max_sessions))
+                  if repo)
     spec = cluster.ReplicaSpec(files=files, device=device, dtype=args.dtype, quantize=args.quantize,
-                               threads=args.threads, server=server)
+                               threads=args.threads, server=server, tts=asdict(_tts_options(args)), extra=extra)
     proxy = args.ray_proxy or ("haproxy" if cluster.haproxy_available() else "python")
     if proxy == "haproxy" and not cluster.haproxy_available():
         raise UsageError("--ray-proxy haproxy needs the HAProxy that ray[serve] ships on Linux (package "

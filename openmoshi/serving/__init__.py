@@ -7,13 +7,15 @@
   wire protocol;
 - `chat` (+ `protocol`, `opus`): the official `/api/chat` protocol; `realtime`: the OpenAI Realtime
   API (`/v1/realtime`) for voice-agent frameworks; `asr`: moshi-server's `/api/asr-streaming` for a
-  Kyutai STT model; each a wire protocol class of a session;
+  Kyutai STT model; `tts` (+ `tts_loop`, its model loop): moshi-server's `/api/tts_streaming` for
+  a Kyutai TTS model; each a wire protocol class of a session;
 - `loop`: the model loop, a worker thread that owns the engine's rows and ticks once per frame;
   `prompts`: persona prompt phases inside its ticks, and their cache;
 - `params`: what a client may set, checked at the edge; `personas`: PersonaPlex personas from the
   query (`text_prompt`, `voice_prompt`), voices listed;
 - `waiting`: the first-come first-served line for a free seat;
-- `hosting`: several models in one process (`serve --stt-model`), each its own server, one app;
+- `hosting`: several models in one process (`serve --stt-model/--tts-model`), each its own server,
+  one app; `build`: a model's server from its files (the CLI's and each replica's);
 - `app`: the server as an ASGI app (`/api/chat`, `/v1/realtime`, `/health`, `/metrics`, the web UI
   in `web/`), and its runner on uvicorn; `cluster`: the same app as Ray Serve replicas (`serve
   --replicas`); `readiness`: when such a cluster is ready (every replica answers through the proxy);

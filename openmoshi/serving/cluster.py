@@ -66,6 +66,10 @@ class ReplicaSpec:
     server: dict = field(default_factory=dict)  # ServerConfig fields (static_dir as a string)
     cfg_coef: float = 1.0
     ready_key: str | None = None  # where `run` publishes whether the cluster is routable (readiness)
+    tts: dict | None = None  # `build.TTSOptions` fields, for a TTS model (main or extra)
+    # More models in each replica, each its own server (`serving.hosting`): {"files": {...},
+    # "max_sessions": N}, e.g. Kyutai STT and TTS beside Moshi, as `serve --stt-model/--tts-model`.
+    extra: tuple = ()
 
     @property
     def max_sessions(self) -> int:
@@ -73,24 +77,27 @@ class ReplicaSpec:
 
     @property
     def max_connections(self) -> int:
-        """Websockets a replica holds at once: its conversations, its waiting line, and room to
-        tell a few more that it is busy."""
+        """Websockets a replica holds at once: its models' conversations, their waiting lines, and
+        room to tell a few more that it is busy."""
         from openmoshi.serving.server import ServerConfig
 
-        return self.max_sessions + int(self.server.get("queue_size", ServerConfig.queue_size)) + REFUSE_ROOM
+        models = 1 + len(self.extra)
+        sessions = self.max_sessions + sum(int(e.get("max_sessions", self.max_sessions)) for e in self.extra)
+        return sessions + models * int(self.server.get("queue_size", ServerConfig.queue_size)) + REFUSE_ROOM
 
 
 class MoshiReplica:
     """One replica: the model, its server, its ASGI app (built by Ray Serve after __init__)."""
 
     def __init__(self, spec: dict, graceful_shutdown_s: float | None = None):
+        from dataclasses import replace
+
         import torch
 
-        from openmoshi.engine.speed import SpeedConfig
-        from openmoshi.engine.startup import start
-        from openmoshi.engine.threads import passing
         from openmoshi.loading.resolve import resolve_files
-        from openmoshi.serving.server import MoshiServer, ServerConfig
+        from openmoshi.serving.build import TTSOptions, build_server
+        from openmoshi.serving.hosting import ModelServers
+        from openmoshi.serving.server import ServerConfig
 
         spec = ReplicaSpec(**spec)
         if spec.threads:
@@ -102,10 +109,15 @@ class MoshiReplica:
             room = max(0.0, graceful_shutdown_s - 2 * self.leave_poll_s - LEAVE_SAY_S)
             settings["shutdown_grace"] = min(settings.get("shutdown_grace", room), room)
         config = ServerConfig(**settings)
-        # loaded in a passing thread: the model loop's worker is then torch's one CPU thread (engine.threads)
-        model, speed = passing(start, resolve_files(**spec.files), spec.device, spec.dtype, spec.quantize,
-                               SpeedConfig(cuda_graphs=config.cuda_graph))
-        self.server = MoshiServer.for_model(model, speed, config)
+        tts = TTSOptions(**spec.tts) if spec.tts else None
+        # Each model in a passing thread: the model loop's worker is then torch's one CPU thread (engine.threads).
+        self.main = build_server(resolve_files(**spec.files), spec.device, spec.dtype, spec.quantize, config, tts,
+                                 config.cuda_graph)
+        servers = [self.main] + [
+            build_server(resolve_files(**e["files"]), spec.device, spec.dtype, None,
+                         replace(config, max_sessions=int(e.get("max_sessions", config.max_sessions)), cfg_coef=1.0,
+                                 voice_dir=None), tts, config.cuda_graph) for e in spec.extra]
+        self.server = ModelServers(servers) if spec.extra else self.main
         self.health = ReplicaHealth(self.server, spec.ready_key)
         self._tasks: list[asyncio.Task] = []
 
@@ -115,7 +127,7 @@ class MoshiReplica:
         return asgi_app(self.server, lifespan=True, on_start=self._on_start, health=self.health)
 
     async def _on_start(self) -> None:
-        self._tasks = [asyncio.create_task(_export_metrics(self.server)), asyncio.create_task(self._leave_well())]
+        self._tasks = [asyncio.create_task(_export_metrics(self.main)), asyncio.create_task(self._leave_well())]
 
     async def _leave_well(self) -> None:
         """Drains the server (conversations get their grace, then the reconnect message) as soon

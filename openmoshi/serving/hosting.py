@@ -39,6 +39,14 @@ class ModelServers:
         return self.for_kind("speech").personas
 
     @property
+    def sessions(self) -> set:
+        return set().union(*(s.sessions for s in self.servers))
+
+    def problem(self) -> str | None:
+        """Why one of the models cannot serve (see `MoshiServer.problem`), None when all can."""
+        return next((f"{s.model_kind}: {p}" for s in self.servers if (p := s.problem()) is not None), None)
+
+    @property
     def last_error(self) -> str | None:
         return next((s.loop.last_error for s in self.servers if s.failed.is_set()), None)
 
