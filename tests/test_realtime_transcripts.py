@@ -22,10 +22,12 @@ from stt_utils import make_stt
 
 from openmoshi.engine.speed import SpeedConfig, choose
 from openmoshi.inference.stt import transcribe
+from openmoshi.lm.stt import WordEvent, WordTracker
 from openmoshi.loading.model import load_model
 from openmoshi.loading.resolve import resolve_files
 from openmoshi.serving.app import Runner
 from openmoshi.serving.hosting import ModelServers
+from openmoshi.serving.realtime.transcription import MAX_OPEN_STEPS
 from openmoshi.serving.server import MoshiServer, ServerConfig
 
 DELTA = "conversation.item.input_audio_transcription.delta"
@@ -61,12 +63,23 @@ def heard(pcm: np.ndarray) -> np.ndarray:
     return np.clip(pcm * 32768, -32768, 32767).astype("<i2").astype(np.float32) / 32768.0
 
 
-def expected_words(stt_model, pcm: np.ndarray, end_s: float | None = None) -> list[str]:
-    """`openmoshi stt`'s words on `pcm` that start before `end_s` (default: its end): the words of
-    an item that spans the whole of it."""
-    end_s = pcm.size / RATE if end_s is None else end_s
-    words = transcribe(stt_model, [torch.from_numpy(heard(pcm))[None]])[0].words
-    return [w.text for w in words if w.start < end_s]
+def item_words(stt_model, pcm: np.ndarray) -> list[str]:
+    """The words of an item spanning all of `pcm`, from `openmoshi stt`'s text tokens on it (then
+    silence, as the server adds when the client stops after its commit), by the rule of
+    `realtime.transcription`: words that start in the item and whose first piece comes by the step
+    that completes it (the item's frames read, plus the delay, and no word open that started in it)."""
+    result = transcribe(stt_model, [torch.from_numpy(heard(pcm))[None]], tail_seconds=3.0)[0]
+    timing, cfg = result.timing, stt_model.lm.cfg
+    words = WordTracker(timing, cfg.existing_text_padding_id, cfg.existing_text_end_padding_id)
+    needed = timing.prefix_frames + -(-pcm.size // FRAME) + 1 + timing.delay_tokens
+    out = []
+    for step, token in enumerate(result.tokens, 1):
+        out += [stt_model.tokenizer.decode(list(e.tokens)) for e in words.push(token)
+                if isinstance(e, WordEvent) and round(e.start * RATE) < pcm.size]
+        if step >= needed and not (words.word and round(words.last_stop * RATE) < pcm.size):
+            assert step < needed + MAX_OPEN_STEPS  # the rule's cap is not what ended it
+            return out
+    raise AssertionError("the item never completes within the tail")
 
 
 def transcripts(events: list[dict]) -> dict[str, tuple[str, str | None]]:
@@ -130,9 +143,121 @@ def test_openai_sdk_transcripts_equal_openmoshi_stt(models, stt_model, speech):
     items = transcripts(raw)
     assert list(items) == committed
     deltas, transcript = items[committed[0]]
-    words = expected_words(stt_model, pcm)
+    words = item_words(stt_model, pcm)
     assert len(words) >= 2
     assert deltas == transcript == " ".join(words)
     completed = next(e for e in got if e.type == COMPLETED)  # the SDK's own model of the event
     assert completed.transcript == transcript and completed.content_index == 0
     assert active_during == 1 and active_after == 0
+
+
+def test_server_vad_items_and_word_times(models, stt_model, speech):
+    """Server VAD commits the items as the user speaks (audio in real time, beta setting name):
+    each word goes to one item, in order, with its `openmoshi stt` start time; every item committed
+    gets its completed transcript."""
+    pcm = np.concatenate([speech, np.zeros(RATE, np.float32)])
+
+    async def main():
+        async with hosting(models, stt_model) as (moshi, stt, http):
+            async with aiohttp.ClientSession() as s, s.ws_connect(realtime_url(http)) as ws:
+                c = Raw(ws)
+                await c.wait_for(lambda e: e["type"] == "session.created")
+                await c.send(type="session.update", session={"input_audio_transcription": {"model": "whisper-1"},
+                                                             "turn_detection": {"type": "server_vad",
+                                                                                "silence_duration_ms": 200}})
+                await c.wait_for(lambda e: e["type"] == "session.updated")
+                await c.stream(pcm)
+                committed = [e["item_id"] for e in c.of("input_audio_buffer.committed")]
+                for item in committed:
+                    await c.wait_for(lambda e: e["type"] == COMPLETED and e["item_id"] == item, 20)
+                return c.events
+
+    events = run(main())
+    check_with_pipecat(events)
+    check_responses(events, cut_by_close=True)
+    committed = [e["item_id"] for e in events if e["type"] == "input_audio_buffer.committed"]
+    assert len(committed) >= 2  # short pauses end turns
+    items = transcripts(events)
+    assert [k for k in items if items[k][1] is not None] == committed
+    assert all(d == t for d, t in items.values())
+    solo = transcribe(stt_model, [torch.from_numpy(heard(pcm))[None]])[0].words
+    told = [(e["delta"].strip(), e["start_time"]) for e in events if e["type"] == DELTA]
+    assert len(told) >= 2
+    assert told == [(w.text, w.start) for w in solo[:len(told)]]  # the audio came whole: no silence added
+
+
+def test_no_free_stt_seat_is_one_error_and_the_conversation_goes_on(models, stt_model, speech):
+    """One STT seat, no waiting line: the second session that asks for transcription gets one
+    error event, no transcription events, and its conversation with Moshi goes on."""
+    async def main():
+        async with hosting(models, stt_model, stt_sessions=1, queue_size=0) as (moshi, stt, http):
+            async with aiohttp.ClientSession() as s, s.ws_connect(realtime_url(http)) as w1, \
+                    s.ws_connect(realtime_url(http)) as w2:
+                a, b = Raw(w1), Raw(w2)
+                setting = {"audio": {"input": {"transcription": {"model": "x"}, "turn_detection": None}}}
+                for c in (a, b):
+                    await c.wait_for(lambda e: e["type"] == "session.created")
+                await a.send(type="session.update", session=setting)
+                await a.wait_for(lambda e: e["type"] == "session.updated")
+                for _ in range(100):
+                    if stt.active:
+                        break
+                    await asyncio.sleep(0.05)
+                await b.send(type="session.update", session=setting)
+                await b.wait_for(lambda e: e["type"] == "error", 10)
+                await asyncio.gather(a.stream(speech[:2 * RATE]), b.stream(speech[:2 * RATE]))
+                for c in (a, b):
+                    await c.send(type="input_audio_buffer.commit")
+                await a.wait_for(lambda e: e["type"] == COMPLETED, 20)
+                await b.wait_for(lambda e: e["type"] == "input_audio_buffer.committed")
+                await asyncio.sleep(1.0)
+                return a.events, b.events
+
+    a, b = run(main())
+    for events in (a, b):
+        check_with_pipecat(events)
+        check_responses(events, cut_by_close=True)
+    errors = [e for e in b if e["type"] == "error"]
+    assert len(errors) == 1 and errors[0]["error"]["code"] == "transcription_unavailable"
+    assert "busy" in errors[0]["error"]["message"]
+    assert not [e for e in b if e["type"].startswith("conversation.item.input_audio_transcription")]
+    assert [e for e in b if e["type"] == "response.output_audio.delta"]  # Moshi went on
+    assert not [e for e in a if e["type"] == "error"] and transcripts(a)
+
+
+def test_transcription_off_and_a_host_without_stt(models, stt_model):
+    """Transcription off (never asked, or null): no STT seat taken, no transcription events. A host
+    without an STT model accepts the setting, says `ignored: ["transcription"]` in
+    session.updated (its session shows transcription null) and sends none either."""
+    from realtime_utils import tone
+
+    async def session(http, setting):
+        async with aiohttp.ClientSession() as s, s.ws_connect(realtime_url(http)) as ws:
+            c = Raw(ws)
+            await c.wait_for(lambda e: e["type"] == "session.created")
+            await c.send(type="session.update", session=setting)
+            await c.wait_for(lambda e: e["type"] == "session.updated")
+            await c.stream(tone(1.0))
+            await c.send(type="input_audio_buffer.commit")
+            await c.wait_for(lambda e: e["type"] == "input_audio_buffer.committed")
+            await asyncio.sleep(1.0)
+            return c.events
+
+    async def main():
+        async with hosting(models, stt_model) as (moshi, stt, http):
+            off = await session(http, {"audio": {"input": {"transcription": None, "turn_detection": None}}})
+            seats = stt.active
+        async with hosting(models) as (moshi, _, http):
+            without = await session(http, {"input_audio_transcription": {"model": "whisper-1"},
+                                           "turn_detection": None})
+        return off, seats, without
+
+    off, seats, without = run(main())
+    assert seats == 0
+    for events in (off, without):
+        check_with_pipecat(events)
+        assert not [e for e in events if e["type"].startswith("conversation.item.input_audio_transcription")]
+        assert not [e for e in events if e["type"] == "error"]
+    updated = next(e for e in without if e["type"] == "session.updated")
+    assert "transcription" in updated["ignored"] and updated["session"]["audio"]["input"]["transcription"] is None
+    assert "transcription" not in next(e for e in off if e["type"] == "session.updated")["ignored"]

@@ -15,13 +15,15 @@ for their transcript); Moshi's conversation goes on untouched.
 Words and items. Positions count samples of this STT stream's audio (after its silence prefix).
 An input audio item spans the audio appended between the previous commit (or clear, or the start
 of transcription) and its own commit, whether the server VAD or `input_audio_buffer.commit` made
-it. A word belongs to the item whose span holds its start time (moshi-server's `Word.start_time`,
-`lm.stt.WordTracker`); words in cleared audio belong to none. Each word is one `.delta` (a space
-before every word but the item's first, so the deltas joined are the transcript), sent as soon
-as both the word and its item exist, with `start_time`: seconds of input audio since the session
-began. `.completed` goes once the STT has done the steps that read every frame of the item plus
-its delay (`asr.AsrProtocol`'s Marker rule) and no word that started inside the item is still
-open (at most MAX_OPEN_STEPS more steps). When the client sends no audio after a commit (push to
+it. `.completed` goes once the STT has done the steps that read every frame of the item plus its
+delay (`asr.AsrProtocol`'s Marker rule) and no word that started inside the item is still open
+(at most MAX_OPEN_STEPS more steps). A word belongs to the item whose span holds its start time
+(moshi-server's `Word.start_time`, `lm.stt.WordTracker`) while that item is not complete; a word
+whose first piece comes after that is about later audio (its start time is only the STT's last
+word boundary, which can be older) and belongs to the span after. Words in cleared audio belong
+to none. Each word is one `.delta` (a space before every word but the item's first, so the deltas
+joined are the transcript), sent as soon as both the word and its item exist, with `start_time`:
+seconds of input audio since the session began (the STT's start time). When the client sends no audio after a commit (push to
 talk), silence goes into the STT stream so that the transcript completes; that silence is
 subtracted from the times reported.
 """
@@ -171,8 +173,9 @@ class Transcriber:
         self.samples = 0  # STT audio sent (the Transcriber's silence included, the prefix not)
         self.inserted: list[tuple[int, int]] = []  # (position, samples) of the silence the Transcriber added
         self.boundary = 0  # where the uncommitted audio starts
+        self.done_until = 0  # the end of the last item completed
         self.pending: deque[_Item] = deque()  # committed, transcript not complete
-        self.loose: list[tuple[str, int]] = []  # words of uncommitted audio: (text, start)
+        self.loose: list[tuple[str, int, int]] = []  # words of uncommitted audio: (text, start, where it goes)
         self.steps = 0
         self.open_start: int | None = None
         self.started = self.stopped = False
@@ -210,10 +213,10 @@ class Transcriber:
         item = _Item(item_id, self.boundary, self.samples)
         self.boundary = self.samples
         self.pending.append(item)
-        mine = [(text, at) for text, at in self.loose if at < item.end]
-        self.loose = [(text, at) for text, at in self.loose if at >= item.end]
-        for text, at in mine:
-            self._delta(item, text, at)
+        mine = [word for word in self.loose if word[2] < item.end]
+        self.loose = [word for word in self.loose if word[2] >= item.end]
+        for text, told, _ in mine:
+            self._delta(item, text, told)
         self._complete()
 
     def clear(self) -> None:
@@ -228,13 +231,14 @@ class Transcriber:
             self._fail(text)
 
     def on_word(self, text: str, start: float) -> None:
-        at = round(start * RATE)
+        told = round(start * RATE)
+        at = max(told, self.done_until)  # a complete item takes no more words: the span after does
         item = next((i for i in self.pending if i.start <= at < i.end), None)
         if item is not None:
-            self._delta(item, text, at)
+            self._delta(item, text, told)
         elif at >= self.boundary:
-            self.loose.append((text, at))
-        # else: a word of cleared audio, or one later than MAX_OPEN_STEPS: no item takes it
+            self.loose.append((text, told, at))
+        # else: a word of cleared audio: no item takes it
 
     def on_step(self, steps: int, open_start: float | None) -> None:
         self.steps = steps
@@ -254,6 +258,7 @@ class Transcriber:
             if self.steps < needed or (held and self.steps < needed + MAX_OPEN_STEPS):
                 return
             self.pending.popleft()
+            self.done_until = item.end
             transcript = "".join(item.words)
             kept = self.protocol.items.get(item.id)
             if kept is not None and kept.get("role") == "user":
