@@ -261,3 +261,175 @@ def test_transcription_off_and_a_host_without_stt(models, stt_model):
     updated = next(e for e in without if e["type"] == "session.updated")
     assert "transcription" in updated["ignored"] and updated["session"]["audio"]["input"]["transcription"] is None
     assert "transcription" not in next(e for e in off if e["type"] == "session.updated")["ignored"]
+
+
+def test_words_to_items_rules():
+    """The Transcriber's rules alone (no model): words by start time into uncompleted items, a
+    late word to the span after, cleared audio to none, completion held by an open word, times
+    less the silence it added, and a failure as one error plus `.failed` for waiting items."""
+    from types import SimpleNamespace
+
+    from openmoshi.lm.stt import SttTiming
+    from openmoshi.serving.realtime.transcription import Transcriber
+
+    server = SimpleNamespace(stt=SttTiming(delay_tokens=2), tokenizer=None, text_ids=(3, 0),
+                             config=ServerConfig(static_dir=None))
+    sent, items = [], {"a": {"role": "user", "content": [{"type": "input_audio", "transcript": None}]}}
+    protocol = SimpleNamespace(emit=sent.append, items=items, session=SimpleNamespace(peer="p"))
+    t = Transcriber(server, protocol, origin=1000)
+    kinds = lambda: [(e["type"].rsplit(".", 1)[-1], e.get("item_id"), e.get("delta", e.get("transcript")))
+                     for e in sent if e["type"] != "error"]
+
+    t.push(np.zeros(3 * FRAME, np.float32))
+    t.on_word("early", 0.08)  # before its item exists: kept
+    t.commit("a")  # [0, 3 frames): needs 3 frames + 1 + delay 2 = 6 steps
+    t.on_word("two", 0.16)
+    t.on_step(6, open_start=0.2)  # a word opened inside "a": it waits
+    assert kinds() == [("delta", "a", "early"), ("delta", "a", " two")]
+    t.on_word("three", 0.2)
+    t.on_step(7, None)
+    assert kinds()[-2:] == [("delta", "a", " three"), ("completed", "a", "early two three")]
+    assert items["a"]["content"][0]["transcript"] == "early two three"
+    assert sent[0]["start_time"] == round((1000 + 0.08 * RATE) / RATE, 3)
+
+    t.on_word("late", 0.2)  # starts inside "a", which is complete: the next span takes it
+    t.inserted.append((t.samples, FRAME))  # a frame of silence the Transcriber added after "a"
+    t.push(np.zeros(FRAME, np.float32))
+    t.push(np.zeros(FRAME, np.float32))  # then the client's audio
+    t.commit("b")  # [3, 5 frames)
+    t.on_word("after", (5 * FRAME - 240) / RATE)
+    assert kinds()[-2:] == [("delta", "b", "late"), ("delta", "b", " after")]
+    assert sent[-1]["start_time"] == round((1000 + 5 * FRAME - 240 - FRAME) / RATE, 3)
+
+    t.push(np.zeros(FRAME, np.float32))
+    t.on_word("cleared", 5.5 * FRAME / RATE)
+    t.clear()
+    t.push(np.zeros(FRAME, np.float32))
+    t.commit("c")
+    assert kinds()[-1] == ("delta", "b", " after")  # nothing for "c" yet, "cleared" went nowhere
+
+    t.on_message("error", "the server is busy")
+    t.on_message("error", "again")  # one error only
+    t.commit("d")
+    errors = [e for e in sent if e["type"] == "error"]
+    assert len(errors) == 1 and "busy" in errors[0]["error"]["message"]
+    assert kinds()[-2:] == [("failed", "b", None), ("failed", "c", None)]
+
+
+@pytest.mark.slow
+def test_livekit_agents_gets_the_transcript(models, stt_model, speech):
+    """LiveKit Agents' OpenAI realtime plugin with `input_audio_transcription` and turn detection
+    off: its audio frames in, `commit_audio()`, and its `input_audio_transcription_completed`
+    events (partial ones from the deltas, then the final) carry the item's words."""
+    from livekit import rtc
+    from livekit.plugins.openai.realtime import RealtimeModel
+    from openai.types import realtime
+
+    pcm = speech[:-RATE // 2]
+    pcm16 = np.clip(pcm * 32768, -32768, 32767).astype("<i2")
+
+    async def main():
+        async with hosting(models, stt_model) as (moshi, stt, http):
+            async with aiohttp.ClientSession() as hs:
+                model = RealtimeModel(api_key="x", base_url=http + "/v1", http_session=hs, turn_detection=None,
+                                      input_audio_transcription=realtime.AudioTranscription(model="whisper-1"))
+                session = model.session()
+                got = {"transcripts": [], "errors": [], "events": []}
+                session.on("input_audio_transcription_completed", got["transcripts"].append)
+                session.on("error", got["errors"].append)
+                session.on("openai_server_event_received", got["events"].append)
+                for _ in range(100):
+                    if stt.active:
+                        break
+                    await asyncio.sleep(0.05)
+                start = time.monotonic()
+                for i, at in enumerate(range(0, pcm16.size, FRAME)):
+                    chunk = pcm16[at:at + FRAME]
+                    session.push_audio(rtc.AudioFrame(chunk.tobytes(), RATE, 1, chunk.size))
+                    await asyncio.sleep(max(0.0, start + (i + 1) * 0.02 - time.monotonic()))
+                session.commit_audio()
+                for _ in range(300):
+                    if any(t.is_final for t in got["transcripts"]):
+                        break
+                    await asyncio.sleep(0.1)
+                await session.aclose()
+                return got
+
+    got = run(main())
+    assert not got["errors"], got["errors"]
+    check_with_pipecat(got["events"])
+    check_responses(got["events"], cut_by_close=True)
+    final = [t for t in got["transcripts"] if t.is_final]
+    words = item_words(stt_model, pcm)
+    assert len(words) >= 2 and [t.transcript for t in final] == [" ".join(words)]
+    partial = [t.transcript for t in got["transcripts"] if not t.is_final]
+    assert partial[-1] == final[0].transcript and len(partial) == len(words)  # one partial per word
+
+
+@pytest.mark.slow
+def test_pipecat_gets_transcription_frames(models, stt_model, speech, monkeypatch):
+    """Pipecat's OpenAIRealtimeLLMService with transcription in its session properties (server
+    VAD): it pushes one TranscriptionFrame per completed item, upstream, with no error; the items'
+    words are `openmoshi stt`'s, in order."""
+    from pipecat.frames.frames import EndFrame, ErrorFrame, InputAudioRawFrame, TranscriptionFrame
+    from pipecat.pipeline.pipeline import Pipeline
+    from pipecat.pipeline.worker import PipelineParams, PipelineWorker
+    from pipecat.processors.frame_processor import FrameProcessor
+    from pipecat.services.openai.realtime import events
+    from pipecat.services.openai.realtime.llm import OpenAIRealtimeLLMService
+    from pipecat.workers.runner import WorkerRunner
+
+    class Catch(FrameProcessor):
+        def __init__(self):
+            super().__init__()
+            self.transcripts, self.errors = [], []
+
+        async def process_frame(self, frame, direction):
+            await super().process_frame(frame, direction)
+            if isinstance(frame, TranscriptionFrame):
+                self.transcripts.append(frame.text)
+            if isinstance(frame, ErrorFrame):
+                self.errors.append(frame.error)
+            await self.push_frame(frame, direction)
+
+    pcm = np.concatenate([speech, np.zeros(RATE // 2, np.float32)])
+    pcm16 = np.clip(pcm * 32768, -32768, 32767).astype("<i2")
+
+    async def main():
+        async with hosting(models, stt_model) as (moshi, stt, http):
+            properties = events.SessionProperties(audio=events.AudioConfiguration(input=events.AudioInput(
+                transcription=events.InputAudioTranscription(model="whisper-1"),
+                turn_detection=events.TurnDetection(silence_duration_ms=200))))
+            llm = OpenAIRealtimeLLMService(api_key="x", base_url=http.replace("http://", "ws://") + "/v1/realtime",
+                                           settings=OpenAIRealtimeLLMService.Settings(session_properties=properties))
+            before, after = Catch(), Catch()
+            worker = PipelineWorker(Pipeline([before, llm, after]),
+                                    params=PipelineParams(audio_in_sample_rate=RATE, audio_out_sample_rate=RATE))
+            runner = WorkerRunner(handle_sigint=False)
+            running = asyncio.create_task(runner.run(worker))
+            for _ in range(100):
+                if stt.active:
+                    break
+                await asyncio.sleep(0.05)
+            start = time.monotonic()
+            for i, at in enumerate(range(0, pcm16.size, FRAME)):
+                await worker.queue_frame(InputAudioRawFrame(audio=pcm16[at:at + FRAME].tobytes(), sample_rate=RATE,
+                                                            num_channels=1))
+                await asyncio.sleep(max(0.0, start + (i + 1) * 0.08 - time.monotonic()))
+            await asyncio.sleep(2.0)
+            await worker.queue_frame(EndFrame())
+            await asyncio.wait_for(running, 20)
+            return before, after, stt.active
+
+    received = []  # Pipecat parses every event it receives with this function: keep the JSON too
+    parse = events.parse_server_event
+    monkeypatch.setattr(events, "parse_server_event", lambda data: (received.append(json.loads(data)), parse(data))[1])
+    before, after, active = run(main())
+    assert not before.errors and not after.errors, before.errors + after.errors
+    check_responses(received, cut_by_close=True)
+    completed = [e["transcript"] for e in received if e["type"] == COMPLETED]
+    assert len(completed) >= 2 and before.transcripts == completed
+    solo = transcribe(stt_model, [torch.from_numpy(heard(pcm))[None]])[0].words
+    told = " ".join(completed).split(" ")
+    assert told == " ".join(w.text for w in solo).split(" ")[:len(told)]
+    assert active == 0  # Pipecat's session ended: the STT stream left its seat
