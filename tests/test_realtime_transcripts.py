@@ -433,3 +433,52 @@ def test_pipecat_gets_transcription_frames(models, stt_model, speech, monkeypatc
     told = " ".join(completed).split(" ")
     assert told == " ".join(w.text for w in solo).split(" ")[:len(told)]
     assert active == 0  # Pipecat's session ended: the STT stream left its seat
+
+
+@pytest.fixture(scope="module")
+def pausing_stt(stt_model):
+    """The STT model with its third pause head sharpened: random weights otherwise never reach
+    the 0.6 that ends a turn; sharpened, some steps of speech do."""
+    import copy
+
+    model = copy.deepcopy(stt_model)
+    with torch.no_grad():
+        model.lm.extra_heads[2].weight[0] *= 10.0
+    return model
+
+
+def test_semantic_vad_ends_turns_on_the_stt_pause_head(models, pausing_stt, speech):
+    """semantic_vad with transcription on: the VAD starts the user's speech, the STT's pause head
+    (`prs[2]` above 0.6, as Unmute) stops it, at the time of that step; the items still get their
+    transcripts."""
+    from openmoshi.serving.realtime.protocol import PAUSE_THRESHOLD
+
+    async def main():
+        async with hosting(models, pausing_stt) as (moshi, stt, http):
+            async with aiohttp.ClientSession() as s, s.ws_connect(realtime_url(http)) as ws:
+                c = Raw(ws)
+                await c.wait_for(lambda e: e["type"] == "session.created")
+                await c.send(type="session.update", session={"audio": {"input": {
+                    "transcription": {"model": "x"}, "turn_detection": {"type": "semantic_vad"}}}})
+                await c.wait_for(lambda e: e["type"] == "session.updated")
+                await c.stream(speech)
+                for item in [e["item_id"] for e in c.of("input_audio_buffer.committed")]:
+                    await c.wait_for(lambda e: e["type"] == COMPLETED and e["item_id"] == item, 20)
+                return c.events
+
+    events = run(main())
+    check_with_pipecat(events)
+    check_responses(events, cut_by_close=True)
+    result = transcribe(pausing_stt, [torch.from_numpy(heard(speech))[None]])[0]
+    skip = result.timing.skip
+    pauses = [(i + 1 - skip) * 80 for i, p in enumerate(result.prs) if p[2] > PAUSE_THRESHOLD and i + 1 >= skip]
+    vad = [e for e in events if e["type"].startswith("input_audio_buffer.speech")]
+    assert sum(e["type"].endswith("stopped") for e in vad) >= 2
+    for started, stopped in zip(vad[::2], vad[1::2]):
+        assert started["type"].endswith("started") and stopped["type"].endswith("stopped")
+        heard_from = started["audio_start_ms"] + 300  # the prefix padding: where the VAD heard speech
+        assert stopped["audio_end_ms"] in pauses and stopped["audio_end_ms"] > heard_from
+        assert not [ms for ms in pauses if heard_from + 112 < ms < stopped["audio_end_ms"]]  # the first pause
+    items = transcripts(events)
+    committed = [e["item_id"] for e in events if e["type"] == "input_audio_buffer.committed"]
+    assert [k for k in items if items[k][1] is not None] == [k for k in committed if k in items]

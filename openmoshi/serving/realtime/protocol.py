@@ -42,6 +42,8 @@ MODEL_NAME = "moshi"
 VOICE = "moshi"  # the one voice the loaded model has
 MIN_COMMIT_MS = 100  # OpenAI refuses to commit less audio than this
 MAX_TURN_MS = 60_000  # turn detection's durations: a minute of padding or silence is plenty
+PAUSE_THRESHOLD = 0.6  # semantic_vad: the STT's pause head above this ends the user's turn (as Unmute)
+SEMANTIC_TIMEOUT_MS = 4000  # semantic_vad: silence that ends a turn the pause head has not (OpenAI's "auto" cap)
 MAX_ITEMS = 1024  # conversation items kept for retrieve; the oldest go first (a client cannot fill memory)
 AUDIO_DELTA = "response.output_audio.delta"
 # session.update fields that cannot apply to Moshi: accepted, reported as ignored.
@@ -93,6 +95,9 @@ class RealtimeProtocol:
         self.items: dict[str, dict] = {}
         self.last_item_id: str | None = None
         self.user_item_id: str | None = None  # the user's speech item being heard (VAD)
+        self.vad_origin_ms = 0  # input audio before the detector was made (its times start there)
+        self.speech_heard_ms = 0  # input audio when the current speech was detected
+        self.turn_ended = False  # the STT's pause head ended the turn: the detector listens afresh
         self.buffered_ms = 0.0  # appended audio since the last commit or clear
         self.frames_pushed = 0
         self.stt = stt
@@ -362,8 +367,17 @@ class RealtimeProtocol:
             return
         if self.vad is None:
             self.vad = await asyncio.to_thread(SpeechDetector, self.turn_detection)
+            self.vad_origin_ms = round(1000 * (self.samples_in - pcm.size) / 24000)
+        if self.turn_ended:
+            self.vad.end_speech()
+            self.turn_ended = False
+        semantic = self.turn_detection.type == "semantic_vad" and self.transcriber is not None
+        self.vad.config = replace(self.turn_detection, silence_duration_ms=max(
+            self.turn_detection.silence_duration_ms, SEMANTIC_TIMEOUT_MS)) if semantic else self.turn_detection
         for kind, ms in await asyncio.to_thread(self.vad.feed, pcm):
+            ms += self.vad_origin_ms
             if kind == "speech_started":
+                self.speech_heard_ms = round(1000 * self.samples_in / 24000)
                 self.user_item_id = E.new_id("item")
                 self.emit(E.server_event("input_audio_buffer.speech_started", audio_start_ms=ms,
                                          item_id=self.user_item_id))
@@ -371,6 +385,17 @@ class RealtimeProtocol:
                 item_id, self.user_item_id = self.user_item_id, None
                 self.emit(E.server_event("input_audio_buffer.speech_stopped", audio_end_ms=ms, item_id=item_id))
                 self._commit(item_id)
+
+    def heard_pause(self, probability: float, ms: int) -> None:
+        """One STT step's pause probability (`prs[2]`, as Unmute reads it) for the input audio at
+        `ms`: with semantic_vad, above PAUSE_THRESHOLD in the user's speech, their turn ends there."""
+        if (self.turn_detection.type != "semantic_vad" or self.user_item_id is None
+                or probability <= PAUSE_THRESHOLD or ms <= self.speech_heard_ms):
+            return
+        item_id, self.user_item_id = self.user_item_id, None
+        self.turn_ended = True
+        self.emit(E.server_event("input_audio_buffer.speech_stopped", audio_end_ms=ms, item_id=item_id))
+        self._commit(item_id)
 
     def _commit(self, item_id: str) -> None:
         item = E.user_item(item_id)

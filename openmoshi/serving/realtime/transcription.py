@@ -26,6 +26,9 @@ joined are the transcript), sent as soon as both the word and its item exist, wi
 seconds of input audio since the session began (the STT's start time). When the client sends no audio after a commit (push to
 talk), silence goes into the STT stream so that the transcript completes; that silence is
 subtracted from the times reported.
+
+With `semantic_vad`, each step's pause probability (`prs[2]`, as Unmute reads it) goes to the
+Realtime session (`RealtimeProtocol.heard_pause`), which ends the user's turn on it.
 """
 
 from __future__ import annotations
@@ -152,7 +155,7 @@ class SttSeat:
                 if isinstance(e, WordEvent):
                     self.transcriber.on_word(self.tokenizer.decode(list(e.tokens)), e.start)
             open_start = self.words.last_stop if self.words.word else None
-            self.transcriber.on_step(self.words.steps, open_start)
+            self.transcriber.on_step(self.words.steps, open_start, frame.prs)
         except Exception:
             log.exception("transcription_error")
             self.transcriber.on_message("error", "internal error of the transcription")
@@ -240,10 +243,13 @@ class Transcriber:
             self.loose.append((text, told, at))
         # else: a word of cleared audio: no item takes it
 
-    def on_step(self, steps: int, open_start: float | None) -> None:
+    def on_step(self, steps: int, open_start: float | None, prs: tuple | None = None) -> None:
         self.steps = steps
         self.open_start = None if open_start is None else round(open_start * RATE)
         self._complete()
+        at = (steps - self.timing.skip) * FRAME_SIZE  # the audio this step's outputs are about
+        if prs is not None and len(prs) > 2 and at >= 0 and not self.stopped:
+            self.protocol.heard_pause(prs[2], round(1000 * self._input_seconds(at)))
 
     # ------------------------------------------------------------------ events
 
