@@ -51,7 +51,7 @@ log = logging.getLogger("openmoshi.serving.realtime")
 
 RATE = 24000
 MAX_OPEN_STEPS = 25  # a word still open 2 s past its item's end does not hold the transcript back
-KEEPALIVE_S = 5.0  # the pipe says "still here" this often when there is no audio (the STT server's idle timeout)
+KEEPALIVE_S = 5.0  # the pipe says "still here" this often (at most) without audio: the STT server's idle timeout
 KEEPALIVE = b""
 DELTA = "conversation.item.input_audio_transcription.delta"
 COMPLETED = "conversation.item.input_audio_transcription.completed"
@@ -84,8 +84,8 @@ class _Item:
 class _Pipe:
     """The STT session's `Socket`, in process: PCM arrays in, (kind, text) tuples out."""
 
-    def __init__(self, transcriber: "Transcriber"):
-        self.transcriber = transcriber
+    def __init__(self, transcriber: "Transcriber", keepalive: float):
+        self.transcriber, self.keepalive = transcriber, keepalive
         self.inbox: asyncio.Queue = asyncio.Queue()
         self.closed = False
 
@@ -96,7 +96,7 @@ class _Pipe:
         if self.closed:
             return None
         try:
-            data = await asyncio.wait_for(self.inbox.get(), KEEPALIVE_S)
+            data = await asyncio.wait_for(self.inbox.get(), self.keepalive)
         except asyncio.TimeoutError:
             return KEEPALIVE
         if data is None:
@@ -171,7 +171,8 @@ class Transcriber:
     def __init__(self, server, protocol, origin: int):
         self.server, self.protocol, self.origin = server, protocol, origin
         self.timing = server.stt
-        self.pipe = _Pipe(self)
+        # The Realtime session's liveness is Moshi's side's: the STT stream never idles out by itself.
+        self.pipe = _Pipe(self, min(KEEPALIVE_S, server.config.idle_timeout / 2))
         self.seat = SttSeat(server, self)
         self.samples = 0  # STT audio sent (the Transcriber's silence included, the prefix not)
         self.inserted: list[tuple[int, int]] = []  # (position, samples) of the silence the Transcriber added
