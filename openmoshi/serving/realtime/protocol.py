@@ -371,7 +371,8 @@ class RealtimeProtocol:
         if self.turn_ended:
             self.vad.end_speech()
             self.turn_ended = False
-        semantic = self.turn_detection.type == "semantic_vad" and self.transcriber is not None
+        semantic = (self.turn_detection.type == "semantic_vad" and self.transcriber is not None
+                    and not self.transcriber.stopped)  # else the pause head never comes: silence ends turns
         self.vad.config = replace(self.turn_detection, silence_duration_ms=max(
             self.turn_detection.silence_duration_ms, SEMANTIC_TIMEOUT_MS)) if semantic else self.turn_detection
         for kind, ms in await asyncio.to_thread(self.vad.feed, pcm):
