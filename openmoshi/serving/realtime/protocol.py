@@ -108,7 +108,7 @@ class RealtimeProtocol:
     def attach(self, session: "Session") -> None:
         self.session = session
 
-    def closed(self) -> None:
+    def session_ended(self) -> None:
         """The session has ended: its transcription stream leaves its seat."""
         if self.transcriber is not None:
             self.transcriber.close()
