@@ -9,7 +9,10 @@ the deltas and `conversation.item.done` may be absent):
     -> response.output_audio.done + response.output_audio_transcript.done (either order)
     -> response.content_part.done -> response.output_item.done -> (conversation.item.done) -> response.done
 
-Session events (VAD, the user's items, errors, settings) may come between any two of them.
+Session events (VAD, the user's items, errors, settings) may come between any two of them. The
+transcription of a user's input audio item (`conversation.item.input_audio_transcription.*`) comes
+at any time after that item's `conversation.item.added`: deltas, then at most one `completed`
+(its transcript the deltas joined) or `failed`, and nothing of the item's transcription after that.
 Responses never overlap, nothing of a response follows its `response.done`, and every event type
 is one this checker knows: a server that invents one, or sends a type it does not model, fails.
 """
@@ -39,6 +42,10 @@ SESSION_EVENTS = frozenset((
     "input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped", "input_audio_buffer.committed",
     "input_audio_buffer.cleared", "conversation.item.added", "conversation.item.done",
     "conversation.item.truncated", "conversation.item.deleted", "conversation.item.retrieved"))
+TRANSCRIPTION = ("conversation.item.input_audio_transcription.delta",
+                 "conversation.item.input_audio_transcription.completed",
+                 "conversation.item.input_audio_transcription.failed")
+SESSION_EVENTS |= frozenset(TRANSCRIPTION)
 KNOWN = SESSION_EVENTS | STAGE_OF.keys()
 STATUSES = ("completed", "cancelled", "failed", "incomplete")
 
@@ -85,11 +92,28 @@ def check_responses(events: list[dict], cut_by_close: bool = False) -> list[dict
     active: _Response | None = None
     ended: set[str] = set()  # ids of the responses done, and of their items
     done: list[dict] = []
+    user_items: set[str] = set()  # the user's items added so far
+    heard: dict[str, list[str]] = {}  # item -> its transcription deltas so far
+    transcribed: set[str] = set()  # items whose transcription completed or failed
     for n, ev in enumerate(events):
         kind = ev.get("type")
         assert kind in KNOWN, f"event {n}: unknown type {kind!r}"
         assert isinstance(ev.get("event_id"), str) and ev["event_id"], f"event {n} ({kind}) has no event_id"
         assert kind != "session.created" or n == 0, f"session.created again at event {n}"
+        if kind == "conversation.item.added" and (ev.get("item") or {}).get("role") == "user":
+            user_items.add(_item_id(ev))
+        if kind in TRANSCRIPTION:
+            item = ev["item_id"]
+            assert item in user_items, f"{kind} of item {item} before its conversation.item.added (event {n})"
+            assert item not in transcribed, f"{kind} of item {item} after its transcription ended (event {n})"
+            assert ev["content_index"] == 0
+            if kind == TRANSCRIPTION[0]:
+                heard.setdefault(item, []).append(ev["delta"])
+            else:
+                transcribed.add(item)
+            if kind == TRANSCRIPTION[1]:
+                assert ev["transcript"] == "".join(heard.get(item, [])), "transcription completed is not its deltas"
+            continue
         if kind in ("conversation.item.added", "conversation.item.done"):
             item = _item_id(ev)
             assert item not in ended, f"{kind} of item {item} after its response.done"

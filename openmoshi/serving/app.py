@@ -105,7 +105,8 @@ def asgi_app(server: MoshiServer | ModelServers, lifespan: bool = True, on_start
         headers, subprotocol = realtime_auth(ws.headers)
         await ws.accept(subprotocol=subprotocol)
         peer = ws.client.host if ws.client else "?"
-        await speech.chat(StarletteSocket(ws), ws.query_params, headers, peer, RealtimeProtocol(ws.query_params))
+        await speech.chat(StarletteSocket(ws), ws.query_params, headers, peer,
+                          RealtimeProtocol(ws.query_params, stt if stt.model_kind == "stt" else None))
 
     async def asr(ws: WebSocket) -> None:
         await ws.accept()

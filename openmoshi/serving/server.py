@@ -414,6 +414,8 @@ class MoshiServer:
         finally:
             self._close(session)
             self.sessions.discard(session)
+            if hasattr(protocol, "session_ended"):  # a protocol with streams of its own (Realtime transcription)
+                protocol.session_ended()
             for task in (sender, filler):
                 if task is not None:
                     task.cancel()

@@ -67,6 +67,7 @@ class WireProtocol(Protocol):
     async def report(self, message: str, kind: str, **details) -> None: ...  # a bad message, to the client
     def frame(self, frame: Frame) -> None: ...  # one model frame (its pcm, text piece, token, prs)
     def wire(self, item: Any) -> bytes | str | None: ...  # an outbox item as a message (None: nothing yet)
+    # A protocol may have `session_ended()`, called once its session has ended (it closes streams of its own).
     # A protocol sets `fills_silence = True` when its clients may send no audio and still expect the
     # model to go on (the Realtime API): the session then fills their silences (`Session.fill_silence`).
 

@@ -7,7 +7,9 @@ with JSON events instead of the binary protocol.
 - `g711`: mu-law and A-law samples;
 - `vad`: when the user's speech starts and stops (Silero VAD);
 - `turns`: when the model's speech starts and ends (a response), from its text and audio streams;
-- `protocol`: the API's side of one session (`RealtimeProtocol`, a wire protocol of `serving.session`).
+- `protocol`: the API's side of one session (`RealtimeProtocol`, a wire protocol of `serving.session`);
+- `transcription`: the user's words from a Kyutai STT served beside Moshi (`serve --stt-model`): one
+  stream per session on the STT server, its words as the input audio items' transcription events.
 
 Offers: `protocol.RealtimeProtocol`, `protocol.realtime_auth`, `turns.ModelTurns`, `vad.SpeechDetector`,
 `formats.Resampler`, `g711.encode`, `g711.decode`.

@@ -12,7 +12,9 @@ its oldest audio, never other events. Things Moshi cannot do (instructions, tool
 input) are accepted and reported as `ignored` in `session.updated`, except on a PersonaPlex model,
 where `instructions` and `voice` (a voice of `serve --voice-prompt-dir`) become its text and voice
 prompts: Moshi's side restarts with that persona (its prompt phase, from the persona cache when it
-has run before). A malformed event gets an `error` event and the session goes on.
+has run before). A malformed event gets an `error` event and the session goes on. With a Kyutai STT
+model beside Moshi (`serve --stt-model`), `audio.input.transcription` adds the user's words to their
+input audio items (`transcription`); without one it is accepted and reported as ignored.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import numpy as np
 
 from openmoshi.serving.realtime import events as E
 from openmoshi.serving.realtime.formats import AudioFormat, InputDecoder, OutputEncoder, parse_format
+from openmoshi.serving.realtime.transcription import Transcriber, parse_setting
 from openmoshi.serving.realtime.turns import ENDED, STARTED, ModelTurns
 from openmoshi.serving.realtime.vad import SpeechDetector, TurnDetection
 from openmoshi.serving.session import event
@@ -39,6 +42,8 @@ MODEL_NAME = "moshi"
 VOICE = "moshi"  # the one voice the loaded model has
 MIN_COMMIT_MS = 100  # OpenAI refuses to commit less audio than this
 MAX_TURN_MS = 60_000  # turn detection's durations: a minute of padding or silence is plenty
+PAUSE_THRESHOLD = 0.6  # semantic_vad: the STT's pause head above this ends the user's turn (as Unmute)
+SEMANTIC_TIMEOUT_MS = 4000  # semantic_vad: silence that ends a turn the pause head has not (OpenAI's "auto" cap)
 MAX_ITEMS = 1024  # conversation items kept for retrieve; the oldest go first (a client cannot fill memory)
 AUDIO_DELTA = "response.output_audio.delta"
 # session.update fields that cannot apply to Moshi: accepted, reported as ignored.
@@ -74,7 +79,8 @@ class RealtimeProtocol:
 
     fills_silence = True  # a Realtime client may send no audio (text turns, push-to-talk) and still hears Moshi
 
-    def __init__(self, query: Mapping[str, str] | None = None):
+    def __init__(self, query: Mapping[str, str] | None = None, stt=None):
+        """`stt`: the host's STT server (`server.MoshiServer` of a Kyutai STT model), None without one."""
         self.session: Session | None = None
         self.session_id = E.new_id("sess")
         self.model = (query or {}).get("model") or MODEL_NAME
@@ -89,11 +95,23 @@ class RealtimeProtocol:
         self.items: dict[str, dict] = {}
         self.last_item_id: str | None = None
         self.user_item_id: str | None = None  # the user's speech item being heard (VAD)
+        self.vad_origin_ms = 0  # input audio before the detector was made (its times start there)
+        self.speech_heard_ms = 0  # input audio when the current speech was detected
+        self.turn_ended = False  # the STT's pause head ended the turn: the detector listens afresh
         self.buffered_ms = 0.0  # appended audio since the last commit or clear
         self.frames_pushed = 0
+        self.stt = stt
+        self.transcription: dict | None = None  # the session's setting (None: off)
+        self.transcriber: Transcriber | None = None
+        self.samples_in = 0  # input samples appended (24 kHz), the transcripts' clock
 
     def attach(self, session: "Session") -> None:
         self.session = session
+
+    def session_ended(self) -> None:
+        """The session has ended: its transcription stream leaves its seat."""
+        if self.transcriber is not None:
+            self.transcriber.close()
 
     # ------------------------------------------------------------------ the session's protocol
 
@@ -114,7 +132,7 @@ class RealtimeProtocol:
         fmt_in, fmt_out = self.input_format.to_dict(), self.output_format.to_dict()
         return {"type": "realtime", "object": "realtime.session", "id": self.session_id, "model": self.model,
                 "output_modalities": ["audio"], "instructions": self.instructions,
-                "audio": {"input": {"format": fmt_in, "transcription": None, "noise_reduction": None,
+                "audio": {"input": {"format": fmt_in, "transcription": self.transcription, "noise_reduction": None,
                                     "turn_detection": self.turn_detection.to_dict()},
                           "output": {"format": fmt_out, "voice": self.voice, "speed": 1.0}},
                 "tools": [], "tool_choice": "auto", "max_output_tokens": "inf", "tracing": None, "prompt": None,
@@ -230,6 +248,10 @@ class RealtimeProtocol:
         fmt_out = a_out.get("format", s.get("output_audio_format"))
         turn = a_in["turn_detection"] if "turn_detection" in a_in else s.get("turn_detection", ...)
         voice = a_out.get("voice", s.get("voice"))
+        transcription = (parse_setting(a_in["transcription"], "session.audio.input.transcription")
+                         if "transcription" in a_in else
+                         parse_setting(s["input_audio_transcription"], "session.input_audio_transcription")
+                         if "input_audio_transcription" in s else ...)
         try:
             new_in = parse_format(fmt_in) if fmt_in is not None else self.input_format
             new_out = parse_format(fmt_out) if fmt_out is not None else self.output_format
@@ -255,8 +277,11 @@ class RealtimeProtocol:
                 self.voice = voice
         elif voice is not None and voice != VOICE:
             ignored.append("voice")
-        if "input_audio_transcription" in s or a_in.get("transcription"):
-            ignored.append("transcription")
+        if transcription is not ... and self.stt is None:
+            if transcription is not None:
+                ignored.append("transcription")  # no STT model beside Moshi: no transcripts
+        elif transcription is not ...:
+            self._transcribe(transcription)
         if "noise_reduction" in a_in or "input_audio_noise_reduction" in s:
             ignored.append("noise_reduction")
         if isinstance(s.get("instructions"), str):
@@ -264,6 +289,16 @@ class RealtimeProtocol:
         if sampling is not None:
             self.session.configure(sampling)
         self.emit(E.server_event("session.updated", session=self.describe(), ignored=ignored))
+
+    def _transcribe(self, setting: dict | None) -> None:
+        """Transcription on (a stream on the STT server, unless one runs) or off."""
+        self.transcription = setting
+        running = self.transcriber is not None and not self.transcriber.stopped
+        if setting is None and running:
+            self.transcriber.close()
+        if setting is not None and not running:
+            self.transcriber = Transcriber(self.stt, self, self.samples_in)
+            self.transcriber.start()
 
     async def _persona(self, instructions, voice) -> tuple | None:
         """On a PersonaPlex model, (prompt, cache key) of session.update's `instructions` (the text
@@ -325,12 +360,25 @@ class RealtimeProtocol:
             return
         self.buffered_ms += 1000.0 * pcm.size / 24000
         self.frames_pushed += self.session.push_pcm(pcm)
+        self.samples_in += pcm.size
+        if self.transcriber is not None:
+            self.transcriber.push(pcm)
         if self.turn_detection.type is None:
             return
         if self.vad is None:
             self.vad = await asyncio.to_thread(SpeechDetector, self.turn_detection)
+            self.vad_origin_ms = round(1000 * (self.samples_in - pcm.size) / 24000)
+        if self.turn_ended:
+            self.vad.end_speech()
+            self.turn_ended = False
+        semantic = (self.turn_detection.type == "semantic_vad" and self.transcriber is not None
+                    and not self.transcriber.stopped)  # else the pause head never comes: silence ends turns
+        self.vad.config = replace(self.turn_detection, silence_duration_ms=max(
+            self.turn_detection.silence_duration_ms, SEMANTIC_TIMEOUT_MS)) if semantic else self.turn_detection
         for kind, ms in await asyncio.to_thread(self.vad.feed, pcm):
+            ms += self.vad_origin_ms
             if kind == "speech_started":
+                self.speech_heard_ms = round(1000 * self.samples_in / 24000)
                 self.user_item_id = E.new_id("item")
                 self.emit(E.server_event("input_audio_buffer.speech_started", audio_start_ms=ms,
                                          item_id=self.user_item_id))
@@ -338,6 +386,17 @@ class RealtimeProtocol:
                 item_id, self.user_item_id = self.user_item_id, None
                 self.emit(E.server_event("input_audio_buffer.speech_stopped", audio_end_ms=ms, item_id=item_id))
                 self._commit(item_id)
+
+    def heard_pause(self, probability: float, ms: int) -> None:
+        """One STT step's pause probability (`prs[2]`, as Unmute reads it) for the input audio at
+        `ms`: with semantic_vad, above PAUSE_THRESHOLD in the user's speech, their turn ends there."""
+        if (self.turn_detection.type != "semantic_vad" or self.user_item_id is None
+                or probability <= PAUSE_THRESHOLD or ms <= self.speech_heard_ms):
+            return
+        item_id, self.user_item_id = self.user_item_id, None
+        self.turn_ended = True
+        self.emit(E.server_event("input_audio_buffer.speech_stopped", audio_end_ms=ms, item_id=item_id))
+        self._commit(item_id)
 
     def _commit(self, item_id: str) -> None:
         item = E.user_item(item_id)
@@ -347,6 +406,8 @@ class RealtimeProtocol:
         self.emit(E.server_event("input_audio_buffer.committed", previous_item_id=previous, item_id=item_id))
         self.emit(E.server_event("conversation.item.added", previous_item_id=previous, item=item))
         self.emit(E.server_event("conversation.item.done", previous_item_id=previous, item=item))
+        if self.transcriber is not None:
+            self.transcriber.commit(item_id)
 
     async def _on_input_audio_buffer_commit(self, ev: dict) -> None:
         if self.buffered_ms < MIN_COMMIT_MS:
@@ -359,6 +420,8 @@ class RealtimeProtocol:
     async def _on_input_audio_buffer_clear(self, ev: dict) -> None:
         # The model has heard it already (it listens all the time): only the buffer's count restarts.
         self.buffered_ms = 0.0
+        if self.transcriber is not None:
+            self.transcriber.clear()
         self.emit(E.server_event("input_audio_buffer.cleared"))
 
     async def _on_conversation_item_create(self, ev: dict) -> None:

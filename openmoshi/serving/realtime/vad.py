@@ -35,7 +35,7 @@ ENERGY_FULL_DBFS = -30.0  # ... and 1 at or above this one
 class TurnDetection:
     """`session.audio.input.turn_detection`: None type means no VAD events (the client commits)."""
 
-    type: str | None = "server_vad"  # server_vad, semantic_vad (treated as server_vad) or None
+    type: str | None = "server_vad"  # server_vad, semantic_vad (the STT's pause head, else as server_vad) or None
     threshold: float = 0.5
     prefix_padding_ms: int = 300
     silence_duration_ms: int = 500
@@ -92,6 +92,10 @@ class SpeechDetector:
 
         with torch.inference_mode():
             return float(self.model(torch.from_numpy(chunk), VAD_RATE))
+
+    def end_speech(self) -> None:
+        """The turn ended elsewhere (semantic_vad: the STT's pause head): listen for the next speech."""
+        self.speaking, self.silent_ms = False, 0.0
 
     def feed(self, pcm: np.ndarray) -> list[tuple[str, int]]:
         events = []
