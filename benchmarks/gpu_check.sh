@@ -3,9 +3,9 @@
 #   on the developer machine:  echo /.whl/ >> .git/info/exclude
 #                              python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #                                --implementation cp --platform manylinux_2_28_x86_64 -d .whl moshi==0.2.13 einops
-#   device run (carry .whl):   bash benchmarks/gpu_check.sh [all|speed|finetune|serving|stt|latency]   (writes everything under $OUT)
+#   device run (carry .whl):   bash benchmarks/gpu_check.sh [all|speed|finetune|serving|stt|latency|tts]   (writes everything under $OUT)
 #   "all" (default) does every part; each part alone fits one 10-minute call (speed ~580 s, finetune ~300 s,
-#   serving ~400 s); "stt" and "latency" (not in "all") run alone, ~500 s each.
+#   serving ~400 s); "stt", "latency" and "tts" (not in "all") run alone, ~500 s each.
 # Same process, same config, same device for the official package and openmoshi: ratios are fair.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -75,4 +75,14 @@ if [ "$PART" = latency ]; then
 #    (the 7B rows need a 7B random checkpoint on disk: not prepared yet, about 15 GB to write).
 timeout 560 python3 benchmarks/latency.py --device cuda --dtype bfloat16 --lm small --conversations 1,8,32 \
   --seconds 15 --json "$OUT/latency_small.json" 2>&1 | tee "$OUT/latency.txt"
+fi
+
+if [ "$PART" = tts ]; then
+# 10. Kyutai TTS (issue 21): the offline loop against the official TTSModel.generate, then /api/tts_streaming as
+#     clients see it (time to first audio, RTF) with 1, 16 and 32 streams beside the official model loop; the small
+#     random TTS (dim 256, 6 layers; the 1.6B's layout). Kyutai's claim: 220 ms to first audio, 32 batched on an L40S.
+timeout 250 python3 benchmarks/tts_speed.py --config small --streams 1,16,32 --device cuda --repeats 1 \
+  --json "$OUT/tts_speed.json" 2>&1 | tee "$OUT/tts.txt"
+timeout 300 python3 benchmarks/tts_serving.py --config small --streams 1,16,32 --device cuda \
+  --json "$OUT/tts_serving.json" 2>&1 | tee -a "$OUT/tts.txt"
 fi
