@@ -1,0 +1,186 @@
+"""Injected speech (issue 22): a text Moshi says in its own voice, forced on its inner monologue.
+
+The placement rule on the text stream's grid (`lm.inject`); the model loop forcing the tokens one a
+tick on one row, checked against the official `LMGen` with the same text tokens forced (its text hook)
+on the same user codes; `/v1/realtime` (the openai SDK and a raw client) and `/api/chat`'s inject
+message through the running server."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+import torch
+
+from openmoshi.lm.config import TEXT_END_PADDING_ID as EPAD, TEXT_PADDING_ID as PAD, lm_config_from_dict
+from openmoshi.lm.inject import MAX_INJECT_CHARS, WORD_PAUSE, InjectError, inject_tokens, place_words
+from openmoshi.lm.sampling import SamplingConfig
+from openmoshi.serving.loop import CancelInject, Frame, Inject, Join
+from openmoshi.serving.server import MoshiServer, ServerConfig
+
+from lm_utils import TINY_7B, make_official_lm, ours_from_official
+from server_utils import tiny_models
+
+TEXT = "hello world moshi speaks"
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    """A real SentencePiece model of the tiny LM's 100 text tokens (unknown 0, padding 3, as Moshi's)."""
+    import sentencepiece
+
+    from infer_utils import _tokenizer
+
+    path = tmp_path_factory.mktemp("tok") / "tok.model"
+    _tokenizer(path, TINY_7B["text_card"])
+    sp = sentencepiece.SentencePieceProcessor()
+    sp.Load(str(path))
+    return sp
+
+
+# ----------------------------------------------------------------------------- placement
+
+
+def test_placement_rule():
+    """Each word: end-of-padding, its pieces one a frame, then WORD_PAUSE frames of padding."""
+    assert WORD_PAUSE == 2
+    assert place_words([[10, 11], [12], [13, 14, 15]]) == [
+        EPAD, 10, 11, PAD, PAD, EPAD, 12, PAD, PAD, EPAD, 13, 14, 15, PAD, PAD]
+    assert place_words([[7]], pause=0) == [EPAD, 7]
+    assert place_words([[], [8]], pad=5, end_pad=6, pause=1) == [6, 8, 5]
+    assert place_words([]) == []
+
+
+def test_inject_tokens_of_a_text(tokenizer):
+    """Words are tokenized one by one; unknown pieces (id 0, Moshi's end-of-padding id) are left out;
+    empty, too long and unsayable texts are refused."""
+    cfg = lm_config_from_dict(TINY_7B)
+    words = [tokenizer.encode(w) for w in TEXT.split()]
+    assert all(words) and all(0 not in w and PAD not in w for w in words)
+    assert inject_tokens(tokenizer, "  " + TEXT.replace(" ", "\n ") + " ", cfg) == place_words(words)
+    assert inject_tokens(tokenizer, "hello \u2603 world", cfg) == place_words([words[0], words[1]])  # unknown: out
+    for bad, match in (("", "empty"), ("   ", "empty"), ("x" * (MAX_INJECT_CHARS + 1), "limit"),
+                       ("\u2603 \u2604", "no word")):
+        with pytest.raises(InjectError, match=match):
+            inject_tokens(tokenizer, bad, cfg)
+    small = lm_config_from_dict(dict(TINY_7B, text_card=10))
+    with pytest.raises(InjectError, match="outside the model's 10 text tokens"):
+        inject_tokens(tokenizer, TEXT, small)
+
+
+# ----------------------------------------------------------------------------- the model loop
+
+
+class Driver:
+    """The server's model loop stepped by hand on the input clock: every LM step's user codes and
+    forced tokens are recorded (what the official LMGen is fed), and every row's frames."""
+
+    def __init__(self, lm, mimi, tokenizer, rows: int):
+        self.server = MoshiServer(lm, mimi, tokenizer, ServerConfig(max_sessions=rows, static_dir=None,
+                                                                    cuda_graph=False, clock="input"),
+                                  SamplingConfig.greedy())
+        self.loop = loop = self.server.loop
+        self.events = []
+        loop.sink = self.events.extend
+        with torch.no_grad():
+            loop.engine = loop.make_engine()
+        self.steps = []  # (user codes [n, Ku], forced [n, 1 + Q] or None) of each LM step
+        self.codes = {}  # seat -> [(text, audio codes [Q])] of its valid frames
+        step = loop.engine.step
+
+        def recording(codes, active=None, position=None, forced=None, embeddings=None, start=0):
+            self.steps.append((codes.clone(), None if forced is None else forced.clone()))
+            return step(codes, active, position, forced=forced, embeddings=embeddings, start=start)
+
+        loop.engine.step = recording
+        loop.recorder = lambda seat, pcm, text, audio, valid: valid and self.codes[seat].append((text, audio.copy()))
+        self.seats = []
+
+    def join(self, seeds=(1, 2)):
+        seat = self.server.seats.open(len(self.seats))
+        self.seats.append(seat)
+        self.codes[seat] = []
+        self.loop.submit(Join(seat, SamplingConfig.greedy(), seeds))
+        return seat
+
+    def tick(self, frames):
+        with torch.no_grad():
+            self.loop._apply_commands()
+            for seat, pcm in zip(self.seats, frames):
+                self.loop.push(seat, pcm[None])
+            self.loop._tick()
+            self.loop._flush()
+
+    def frames(self, seat) -> list[Frame]:
+        return [e for e in self.events if isinstance(e, Frame) and e.seat is seat]
+
+
+def official_run(official, steps, row: int) -> list[tuple[int, np.ndarray]]:
+    """The official LMGen, greedy, on one row's recorded user codes, its text token replaced by the
+    forced one where a step forced it (its text hook sees the token the depth transformer then reads
+    and the cache keeps); its frames as (text, audio codes)."""
+    from moshi.models.lm import LMGen
+
+    t = [0]
+
+    def force(text):
+        forced = steps[t[0]][1]
+        if forced is not None and forced[row, 0] >= 0:
+            text.fill_(int(forced[row, 0]))
+        t[0] += 1
+
+    gen = LMGen(official, use_sampling=False, on_text_hook=force)
+    out = []
+    with torch.no_grad(), gen.streaming(1):
+        for codes, _ in steps:
+            frame = gen.step(codes[row:row + 1, :, None])
+            if frame is not None:
+                out.append((int(frame[0, 0, 0]), frame[0, 1:, 0].numpy()))
+    return out
+
+
+def test_injected_tokens_are_spoken_as_the_official_model_speaks_them(tokenizer):
+    """Two conversations in one batch; the first is told to say a text at tick 5, the second is not.
+    The first's frames carry the injected tokens in order, exactly, tagged; every frame of both (text
+    and audio codes) is the official LMGen's greedy generation on the same user codes with the same
+    text tokens forced; a second injection queued behind the first follows it; a cancel drops the
+    rest of the one it names."""
+    official = make_official_lm(TINY_7B, seed=21)
+    lm = ours_from_official(official, TINY_7B)
+    _, mimi, _ = tiny_models(seed=22)
+    d = Driver(lm, mimi, tokenizer, rows=2)
+    a, b = d.join(), d.join((3, 4))
+    first = inject_tokens(tokenizer, TEXT, lm.cfg)
+    second = inject_tokens(tokenizer, "one two", lm.cfg)
+    third = inject_tokens(tokenizer, "music science history weather", lm.cfg)
+    rng = np.random.default_rng(5)
+    speech = [(0.1 * rng.standard_normal((2, 1920))).astype(np.float32) for _ in range(60)]
+    for t, pcm in enumerate(speech):
+        if t == 5:
+            d.loop.submit(Inject(a, tuple(first), 1))
+            d.loop.submit(Inject(a, tuple(second), 2))
+        if t == 40:
+            d.loop.submit(Inject(a, tuple(third), 3))
+        if t == 44:
+            d.loop.submit(CancelInject(a, 3))
+        d.tick(pcm)
+
+    frames = d.frames(a)
+    tagged = {tag: [f.token for f in frames if f.inject == tag] for tag in (1, 2, 3)}
+    assert tagged[1] == first and tagged[2] == second
+    assert 0 < len(tagged[3]) < len(third) and tagged[3] == third[:len(tagged[3])]
+    order = [f.inject for f in frames if f.inject is not None]
+    assert order == [1] * len(first) + [2] * len(second) + [3] * len(tagged[3])  # one after the other
+    start = next(i for i, f in enumerate(frames) if f.inject == 1)
+    assert start == 5  # tick 5's step: its frame is out at tick 6, the 6th frame (the first step answers nothing)
+    assert all(f.inject is None for f in d.frames(b))
+    assert sum(f.text is not None for f in frames if f.inject == 1) == len([t for t in first if t not in (0, 3)])
+
+    for row, seat in enumerate((a, b)):
+        ref = official_run(official, d.steps, row)
+        ours = d.codes[seat]
+        assert len(ours) == len(ref) == len(speech) - 1
+        assert [t for t, _ in ours] == [t for t, _ in ref]
+        assert np.array_equal(np.stack([c for _, c in ours]), np.stack([c for _, c in ref]))
+    assert len({t for t, _ in d.codes[b]}) > 3, "degenerate test: the neighbour's text is not varied"
