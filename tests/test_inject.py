@@ -184,3 +184,113 @@ def test_injected_tokens_are_spoken_as_the_official_model_speaks_them(tokenizer)
         assert [t for t, _ in ours] == [t for t, _ in ref]
         assert np.array_equal(np.stack([c for _, c in ours]), np.stack([c for _, c in ref]))
     assert len({t for t, _ in d.codes[b]}) > 3, "degenerate test: the neighbour's text is not varied"
+
+
+# ----------------------------------------------------------------------------- through the server
+
+
+@pytest.fixture(scope="module")
+def models(tokenizer):
+    from realtime_utils import conversation_models
+
+    return conversation_models(tokenizer)
+
+
+def transcripts(raw: list[dict]) -> dict[str, str]:
+    """response id -> its transcript, from the deltas (in order)."""
+    out: dict[str, str] = {}
+    for e in raw:
+        if e["type"] == "response.output_audio_transcript.delta":
+            out[e["response_id"]] = out.get(e["response_id"], "") + e["delta"]
+    return out
+
+
+def test_realtime_injection_with_the_openai_sdk(models):
+    """On /v1/realtime with the official SDK: an assistant text item is said (a response whose
+    transcript deltas are its pieces, in order, with audio); an item then a response.create with
+    instructions, in a row, are two responses one after the other (the second echoing its metadata);
+    response.cancel during a long text ends its response and drops the rest of the text; and a
+    neighbour conversation on /api/chat hears what it hears alone (the input clock)."""
+    from openai import AsyncOpenAI
+
+    from chat_client import chat
+    from realtime_utils import check_responses
+    from server_utils import serving
+
+    neighbour_url = "?text_seed=5&audio_seed=6"
+    long_text = "one two three four five six seven eight nine ten"
+
+    async def session(server, http, raw):
+        client = AsyncOpenAI(base_url=http + "/v1", api_key="anything")
+        async with client.realtime.connect(model="gpt-realtime") as conn:
+            parse = conn.parse_event
+            conn.parse_event = lambda data: (raw.append(__import__("json").loads(data)), parse(data))[1]
+            got = []
+
+            async def reader():
+                async for ev in conn:
+                    got.append(ev)
+
+            reading = asyncio.create_task(reader())
+
+            async def wait(pred, timeout=20.0):
+                start = len(raw) if not hasattr(wait, "at") else wait.at
+                deadline = asyncio.get_running_loop().time() + timeout
+                while asyncio.get_running_loop().time() < deadline:
+                    for i in range(start, len(raw)):
+                        if pred(raw[i]):
+                            wait.at = i + 1
+                            return raw[i]
+                    await asyncio.sleep(0.02)
+                raise AssertionError(f"timed out; last events: {[e['type'] for e in raw[-10:]]}")
+
+            await conn.session.update(session={"type": "realtime", "audio": {"input": {"turn_detection": None}}})
+            await wait(lambda e: e["type"] == "session.updated")
+            say = lambda text: {"type": "message", "role": "assistant",  # noqa: E731
+                                "content": [{"type": "output_text", "text": text}]}
+            # (Moshi may also speak its own words in between: those are responses too.)
+            await conn.conversation.item.create(item=say(TEXT))
+            await wait(lambda e: e["type"] == "conversation.item.added" and e["item"]["role"] == "assistant")
+            r1 = (await wait(lambda e: e.get("delta") == " speaks"))["response_id"]
+            await wait(lambda e: e["type"] == "response.done" and e["response"]["id"] == r1)
+
+            await conn.conversation.item.create(item=say("one two"))
+            await conn.response.create(response={"instructions": "music science", "metadata": {"client_event_id": "x"}})
+            r3 = await wait(lambda e: e["type"] == "response.created" and e["response"]["metadata"] is not None)
+            at = wait.at - 1  # r3's response.created: the response that ended right before it said "one two"
+            r2 = next(e for e in raw[at::-1] if e["type"] == "response.done")["response"]["id"]
+            await wait(lambda e: e["type"] == "response.done" and e["response"]["id"] == r3["response"]["id"])
+
+            await conn.conversation.item.create(item=say(long_text))
+            r4 = (await wait(lambda e: e.get("delta") == " two"))["response_id"]
+            await conn.response.cancel()
+            await wait(lambda e: e["type"] == "response.done" and e["response"]["id"] == r4)
+            await asyncio.sleep(0.5)  # the cancel reaches the model loop at its next tick
+            queued = [list(r.injected) for r in server.loop.rows if r is not None]
+            await asyncio.sleep(1.5)
+            reading.cancel()
+            return (r1, r2, r3, r4), queued, got
+
+    async def main():
+        async with serving(models, max_sessions=2, clock="input") as (server, url, http):
+            alone = await chat(url + neighbour_url, 4.0, drain=30, unanswered=1)
+        async with serving(models, max_sessions=2, clock="input") as (server, url, http):
+            raw = []
+            neighbour = asyncio.create_task(chat(url + neighbour_url, 4.0, drain=30, unanswered=1))
+            out = await session(server, http, raw)
+            beside = await neighbour
+        return alone, beside, raw, out
+
+    alone, beside, raw, ((r1, r2, r3, r4), queued, got) = asyncio.run(main())
+    assert [e["type"] for e in raw] == [e.type for e in got]  # the SDK read every event
+    check_responses(raw, cut_by_close=True)
+    said = transcripts(raw)
+    assert said[r1].startswith(TEXT), said[r1]
+    assert said[r2] == "one two"  # ended by the next text's first frame
+    assert r3["response"]["metadata"] == {"client_event_id": "x"} and said[r3["response"]["id"]].startswith("music science")
+    done = {e["response"]["id"]: e["response"] for e in raw if e["type"] == "response.done"}
+    assert done[r4]["status"] == "cancelled" and long_text.startswith(said[r4]) and "ten" not in said[r4]
+    assert queued and all(q == [] for q in queued)  # the rest of the long text was dropped
+    audio = [e for e in raw if e["type"] == "response.output_audio.delta" and e["response_id"] == r1]
+    assert len(audio) >= len(inject_tokens(models[2], TEXT, models[0].cfg)) - 1
+    assert alone.texts and beside.texts == alone.texts and not beside.errors
