@@ -85,12 +85,15 @@ class Driver:
         loop.sink = self.events.extend
         with torch.no_grad():
             loop.engine = loop.make_engine()
-        self.steps = []  # (user codes [n, Ku], forced [n, 1 + Q] or None) of each LM step
+        self.steps = {i: [] for i in range(rows)}  # row -> (user codes [Ku], forced text or None) of its steps
         self.codes = {}  # seat -> [(text, audio codes [Q])] of its valid frames
         step = loop.engine.step
 
         def recording(codes, active=None, position=None, forced=None, embeddings=None, start=0):
-            self.steps.append((codes.clone(), None if forced is None else forced.clone()))
+            for k in range(codes.shape[0]):
+                if active is None or active[k]:
+                    text = None if forced is None or forced[k, 0] < 0 else int(forced[k, 0])
+                    self.steps[start + k].append((codes[k].clone(), text))
             return step(codes, active, position, forced=forced, embeddings=embeddings, start=start)
 
         loop.engine.step = recording
@@ -104,19 +107,20 @@ class Driver:
         self.loop.submit(Join(seat, SamplingConfig.greedy(), seeds))
         return seat
 
-    def tick(self, frames):
+    def tick(self, frames, spans=None):
+        """One frame of each seat; `spans`: the phase groups to tick them in (None: one batch)."""
         with torch.no_grad():
             self.loop._apply_commands()
             for seat, pcm in zip(self.seats, frames):
                 self.loop.push(seat, pcm[None])
-            self.loop._tick()
+            self.loop._tick(spans)
             self.loop._flush()
 
     def frames(self, seat) -> list[Frame]:
         return [e for e in self.events if isinstance(e, Frame) and e.seat is seat]
 
 
-def official_run(official, steps, row: int) -> list[tuple[int, np.ndarray]]:
+def official_run(official, steps) -> list[tuple[int, np.ndarray]]:
     """The official LMGen, greedy, on one row's recorded user codes, its text token replaced by the
     forced one where a step forced it (its text hook sees the token the depth transformer then reads
     and the cache keeps); its frames as (text, audio codes)."""
@@ -126,26 +130,28 @@ def official_run(official, steps, row: int) -> list[tuple[int, np.ndarray]]:
 
     def force(text):
         forced = steps[t[0]][1]
-        if forced is not None and forced[row, 0] >= 0:
-            text.fill_(int(forced[row, 0]))
+        if forced is not None:
+            text.fill_(forced)
         t[0] += 1
 
     gen = LMGen(official, use_sampling=False, on_text_hook=force)
     out = []
     with torch.no_grad(), gen.streaming(1):
         for codes, _ in steps:
-            frame = gen.step(codes[row:row + 1, :, None])
+            frame = gen.step(codes[None, :, None])
             if frame is not None:
                 out.append((int(frame[0, 0, 0]), frame[0, 1:, 0].numpy()))
     return out
 
 
-def test_injected_tokens_are_spoken_as_the_official_model_speaks_them(tokenizer):
-    """Two conversations in one batch; the first is told to say a text at tick 5, the second is not.
-    The first's frames carry the injected tokens in order, exactly, tagged; every frame of both (text
-    and audio codes) is the official LMGen's greedy generation on the same user codes with the same
-    text tokens forced; a second injection queued behind the first follows it; a cancel drops the
-    rest of the one it names."""
+@pytest.mark.parametrize("spans", [None, [(0, 1), (1, 2)]], ids=["batch", "phase_groups"])
+def test_injected_tokens_are_spoken_as_the_official_model_speaks_them(tokenizer, spans):
+    """Two conversations, in one batch or in two phase groups (rows [0, 1) and [1, 2), each its own
+    tick); the first is told to say a text at tick 5, and a second one queued behind it, the second
+    conversation a text at tick 20. Each one's frames carry its injected tokens in order, exactly,
+    tagged; every frame of both (text and audio codes) is the official LMGen's greedy generation on
+    the same user codes with the same text tokens forced; a cancel drops the rest of the text it
+    names."""
     official = make_official_lm(TINY_7B, seed=21)
     lm = ours_from_official(official, TINY_7B)
     _, mimi, _ = tiny_models(seed=22)
@@ -164,7 +170,9 @@ def test_injected_tokens_are_spoken_as_the_official_model_speaks_them(tokenizer)
             d.loop.submit(Inject(a, tuple(third), 3))
         if t == 44:
             d.loop.submit(CancelInject(a, 3))
-        d.tick(pcm)
+        if t == 20:
+            d.loop.submit(Inject(b, tuple(second), 7))
+        d.tick(pcm, spans)
 
     frames = d.frames(a)
     tagged = {tag: [f.token for f in frames if f.inject == tag] for tag in (1, 2, 3)}
@@ -174,11 +182,12 @@ def test_injected_tokens_are_spoken_as_the_official_model_speaks_them(tokenizer)
     assert order == [1] * len(first) + [2] * len(second) + [3] * len(tagged[3])  # one after the other
     start = next(i for i, f in enumerate(frames) if f.inject == 1)
     assert start == 5  # tick 5's step: its frame is out at tick 6, the 6th frame (the first step answers nothing)
-    assert all(f.inject is None for f in d.frames(b))
+    assert [f.token for f in d.frames(b) if f.inject is not None] == second
+    assert next(i for i, f in enumerate(d.frames(b)) if f.inject == 7) == 20
     assert sum(f.text is not None for f in frames if f.inject == 1) == len([t for t in first if t not in (0, 3)])
 
     for row, seat in enumerate((a, b)):
-        ref = official_run(official, d.steps, row)
+        ref = official_run(official, d.steps[row])
         ours = d.codes[seat]
         assert len(ours) == len(ref) == len(speech) - 1
         assert [t for t, _ in ours] == [t for t, _ in ref]
@@ -294,3 +303,98 @@ def test_realtime_injection_with_the_openai_sdk(models):
     audio = [e for e in raw if e["type"] == "response.output_audio.delta" and e["response_id"] == r1]
     assert len(audio) >= len(inject_tokens(models[2], TEXT, models[0].cfg)) - 1
     assert alone.texts and beside.texts == alone.texts and not beside.errors
+
+
+def test_chat_inject_message(models):
+    """/api/chat's inject message (kind 7): the model says the text, its pieces come back as text
+    messages in order; a bad one (not UTF-8, empty, too long, nothing the tokenizer can say) gets an
+    error message and the conversation goes on (audio still answered)."""
+    import aiohttp
+    import sphn
+
+    from openmoshi.serving import protocol
+    from server_utils import serving
+
+    async def main():
+        async with serving(models, max_sessions=1, clock="input") as (server, url, _http):
+            writer = sphn.OpusStreamWriter(24000)
+            got = []
+            async with aiohttp.ClientSession() as s, s.ws_connect(url, max_msg_size=0) as ws:
+                assert (await ws.receive(timeout=10)).data[:1] == b"\x00"
+
+                async def receive():
+                    async for msg in ws:
+                        got.append((msg.data[0], bytes(msg.data[1:])))
+
+                reading = asyncio.create_task(receive())
+                bad = [b"\x07\xff\xfe", b"\x07", b"\x07   ", b"\x07" + b"a" * (protocol.MAX_INJECT_CHARS + 1),
+                       protocol.encode_inject("\u2603")]
+                for i in range(60):
+                    if i == 3:
+                        await ws.send_bytes(protocol.encode_inject(TEXT))
+                    if i == 5:
+                        for message in bad:
+                            await ws.send_bytes(message)
+                    page = writer.append_pcm(np.zeros(1920, np.float32))
+                    if page:
+                        await ws.send_bytes(b"\x01" + page)
+                    await asyncio.sleep(0.08)
+                await asyncio.sleep(0.5)
+                reading.cancel()
+            return got
+
+    got = asyncio.run(main())
+    texts = "".join(p.decode() for k, p in got if k == protocol.KIND_TEXT)
+    errors = [p.decode() for k, p in got if k == protocol.KIND_ERROR]
+    assert " " + TEXT in texts, texts
+    assert len(errors) == 5, errors
+    assert "not valid UTF-8" in errors[0] and "no text to say" in errors[1] and "no text to say" in errors[2]
+    assert "more than the limit" in errors[3] and "cannot say this text" in errors[4]
+    last_error = max(i for i, (k, _) in enumerate(got) if k == protocol.KIND_ERROR)
+    assert sum(k == protocol.KIND_AUDIO for k, _ in got[last_error:]) > 20  # the conversation went on
+    assert protocol.MAX_INJECT_CHARS == MAX_INJECT_CHARS
+
+
+def test_a_row_in_its_prompt_phase_is_injected_into_once_ready(tmp_path):
+    """PersonaPlex: a text injected while the row runs its persona prompt waits for the prompt's end:
+    the conversation is the same as one whose text was injected at its Ready (greedy), and its
+    first step after the prompt forces the text's first token."""
+    from infer_utils import MOSHI, make_checkpoint
+    from openmoshi.lm.persona import build_prompt
+    from openmoshi.loading.model import load_model
+    from openmoshi.loading.resolve import resolve_files
+    from openmoshi.serving.loop import Ready
+
+    make_checkpoint(tmp_path / "model", "moshi", seed=4, lm_kwargs=dict(MOSHI, dep_q=16, context=200),
+                    small_mimi=True)
+    model = load_model(resolve_files(str(tmp_path / "model")), "cpu", torch.float32)
+    prompt = build_prompt(model.lm.cfg, None, model.tokenizer.encode("you are moshi"))
+    tokens = tuple(inject_tokens(model.tokenizer, "hello world", model.lm.cfg))
+    rng = np.random.default_rng(9)
+    speech = [(0.1 * rng.standard_normal((1, 1920))).astype(np.float32) for _ in range(len(tokens) + 6)]
+
+    def conversation(early: bool):
+        d = Driver(model.lm, model.mimi, model.tokenizer, rows=1)
+        seat = d.server.seats.open(0)
+        d.seats.append(seat)
+        d.codes[seat] = []
+        d.loop.submit(Join(seat, SamplingConfig.greedy(), (1, 2), prompt))
+        if early:
+            d.loop.submit(Inject(seat, tokens, 1))
+        prompt_ticks = 0
+        while not any(isinstance(e, Ready) for e in d.events):
+            d.tick([])
+            prompt_ticks += 1
+        if not early:
+            d.loop.submit(Inject(seat, tokens, 1))
+        for pcm in speech:
+            d.tick(pcm)
+        return prompt_ticks, d.frames(seat), d.codes[seat]
+
+    (ticks_a, frames_a, codes_a), (ticks_b, frames_b, codes_b) = conversation(True), conversation(False)
+    assert ticks_a == ticks_b == prompt.frames
+    assert [f.token for f in frames_a if f.inject == 1] == list(tokens)
+    # The first frame out after Ready is the prompt's last step's (sampled); the text starts at the next.
+    assert frames_a[0].inject is None and frames_a[1].inject == 1 and frames_a[1].token == tokens[0]
+    assert [(f.token, f.inject) for f in frames_a] == [(f.token, f.inject) for f in frames_b]
+    assert all(np.array_equal(x, y) for (_, x), (_, y) in zip(codes_a, codes_b)) and len(codes_a) == len(speech)
