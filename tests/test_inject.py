@@ -161,7 +161,7 @@ def test_injected_tokens_are_spoken_as_the_official_model_speaks_them(tokenizer,
     second = inject_tokens(tokenizer, "one two", lm.cfg)
     third = inject_tokens(tokenizer, "music science history weather", lm.cfg)
     rng = np.random.default_rng(5)
-    speech = [(0.1 * rng.standard_normal((2, 1920))).astype(np.float32) for _ in range(60)]
+    speech = [(0.1 * rng.standard_normal((2, 1920))).astype(np.float32) for _ in range(50)]
     for t, pcm in enumerate(speech):
         if t == 5:
             d.loop.submit(Inject(a, tuple(first), 1))
@@ -223,7 +223,7 @@ def test_realtime_injection_with_the_openai_sdk(models):
     from openai import AsyncOpenAI
 
     from chat_client import chat
-    from realtime_utils import check_responses
+    from realtime_utils import check_responses, check_with_pipecat
     from server_utils import serving
 
     neighbour_url = "?text_seed=5&audio_seed=6"
@@ -293,6 +293,7 @@ def test_realtime_injection_with_the_openai_sdk(models):
     alone, beside, raw, ((r1, r2, r3, r4), queued, got) = asyncio.run(main())
     assert [e["type"] for e in raw] == [e.type for e in got]  # the SDK read every event
     check_responses(raw, cut_by_close=True)
+    check_with_pipecat(raw)  # every event, the injected responses' too, parses with Pipecat's models
     said = transcripts(raw)
     assert said[r1].startswith(TEXT), said[r1]
     assert said[r2] == "one two"  # ended by the next text's first frame
