@@ -297,7 +297,8 @@ def test_realtime_injection_with_the_openai_sdk(models):
     said = transcripts(raw)
     assert said[r1].startswith(TEXT), said[r1]
     assert said[r2] == "one two"  # ended by the next text's first frame
-    assert r3["response"]["metadata"] == {"client_event_id": "x"} and said[r3["response"]["id"]].startswith("music science")
+    assert r3["response"]["metadata"] == {"client_event_id": "x"}
+    assert said[r3["response"]["id"]].startswith("music science")
     done = {e["response"]["id"]: e["response"] for e in raw if e["type"] == "response.done"}
     assert done[r4]["status"] == "cancelled" and long_text.startswith(said[r4]) and "ten" not in said[r4]
     assert queued and all(q == [] for q in queued)  # the rest of the long text was dropped
