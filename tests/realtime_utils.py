@@ -28,11 +28,18 @@ FRAME, RATE = 1920, 24000
 
 @pytest.fixture(scope="module")
 def models():
+    """Tiny random models shaped like Moshi in conversation (`conversation_models`)."""
+    return conversation_models()
+
+
+def conversation_models(tokenizer=None):
     """Tiny random models shaped like Moshi in conversation: its text stream mostly padding (a word
     in ~1 frame of 6, so stretches of speech start and end), its audio near silence (-65 dBFS) when
-    it says nothing, so that the text decides the turns as the real model's does."""
+    it says nothing, so that the text decides the turns as the real model's does. `tokenizer`: a
+    real SentencePiece one instead of the fake (injected speech tokenizes text)."""
     torch.set_num_threads(1)
     lm, mimi, tok = tiny_models()
+    tok = tokenizer or tok
     head = torch.nn.Linear(lm.text_linear.in_features, lm.text_linear.out_features, bias=True)
     with torch.no_grad():
         head.weight.copy_(lm.text_linear.weight)

@@ -95,3 +95,8 @@ def test_stt_streams_runs_both_loops(tmp_path):
                        "--warmup", "1"], tmp_path)
     assert [r["streams"] for r in data["rows"]] == [1, 2]
     assert all(r["tokens_equal"] and r["openmoshi_ms"] > 0 and r["official_ms"] > 0 for r in data["rows"])
+
+
+def test_inject_latency_runs(tmp_path):
+    data = run_script(["benchmarks/inject_latency.py", "--trials", "1"], tmp_path)
+    assert 0 < data["summary"]["created_ms"]["p50"] <= data["summary"]["first_audio_ms"]["p50"] < 30_000

@@ -55,7 +55,9 @@ def test_handshake_versions():
 
 
 @pytest.mark.parametrize("data, match", [
-    (b"", "empty"), (b"\x07", "unknown message kind 7"), (b"\xff\x00", "unknown message kind 255"),
+    (b"", "empty"), (b"\x08", "unknown message kind 8"),
+    (b"\x07", "no text to say"), (b"\x07 \n", "no text to say"), (b"\x07\xff", "inject message is not valid UTF-8"),
+    (b"\x07" + b"a" * (p.MAX_INJECT_CHARS + 1), "more than the limit of 2000"), (b"\xff\x00", "unknown message kind 255"),
     (b"\x02\xc3\x28", "not valid UTF-8"), (b"\x05\xff", "not valid UTF-8"),
     (b"\x03", "exactly 1 payload byte"), (b"\x03\x00\x00", "exactly 1 payload byte"),
     (b"\x03\x04", "unknown control code 4"), (b"\x04{", "not valid JSON"), (b"\x04\xff", "UTF-8"),

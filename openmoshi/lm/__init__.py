@@ -11,6 +11,7 @@
 - `generate`: one 80 ms frame per call, `init_state` / `step` on caller-owned state, with forced
   tokens;
 - `persona`: PersonaPlex's prompt phase (voice, text, spacers) as frames of forced tokens;
+- `inject`: a text the model says in its own voice, laid out on its text stream's grid as forced tokens;
 - `tts_script`: Kyutai TTS's script (words, breaks, speaker turns) and the state machine that
   feeds it to the LM;
 - `tts`: Kyutai TTS generation (`tts_step` on caller-owned state, `generate` offline).

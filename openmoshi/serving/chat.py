@@ -2,15 +2,18 @@
 
     websocket ──parse──> audio: Ogg/Opus ──OpusDecoder──> PCM ──> session.push_pcm (whole frames)
                          control restart: the model's side starts afresh; ping: ping back
+                         inject (kind 7, openmoshi's own): the model says the text (session.inject)
     model frame ──> outbox: ("audio", pcm) droppable, ("text", piece) ──wire──> Opus pages, text messages
 
-Bad messages get an error message (kind 5) and the conversation goes on (the session counts them).
+Bad messages get an error message (kind 5) and the conversation goes on (the session counts them),
+an inject message the model cannot say (empty, too long, no word its tokenizer knows) too.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from openmoshi.lm.inject import InjectError
 from openmoshi.serving import protocol
 from openmoshi.serving.opus import OpusDecoder, OpusEncoder, OpusError
 from openmoshi.serving.session import event
@@ -25,6 +28,7 @@ class ChatProtocol:
         self.decoder = OpusDecoder()
         self.encoder = OpusEncoder()
         self.session: Session | None = None
+        self.injects = 0  # inject messages taken (each one's tag)
 
     def attach(self, session: "Session") -> None:
         self.session = session
@@ -77,6 +81,14 @@ class ChatProtocol:
             event("control", peer=s.peer, code=protocol.CONTROL_NAMES[msg.data])
         elif msg.kind == protocol.KIND_PING:
             await s.send(protocol.encode_ping())  # answered at once: the UI measures the round trip
+        elif msg.kind == protocol.KIND_INJECT:
+            try:
+                s.inject(msg.data, self.injects + 1)
+            except InjectError as e:
+                await s.error(f"cannot say this text: {e}", "inject")
+                return
+            self.injects += 1
+            event("inject", peer=s.peer, chars=len(msg.data))
         elif msg.kind in (protocol.KIND_TEXT, protocol.KIND_ERROR):
             await s.error(f"{msg.name} messages go from server to client only", "protocol")
         # Handshake and metadata from the client need no answer.

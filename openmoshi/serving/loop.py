@@ -39,6 +39,12 @@ step it as inactive); input that comes faster than the steps waits in the inbox,
 row's first frame is read twice (see `lm.stt`). `recorder(seat, pcm_in, text, audio, valid)`, when
 set, sees every row's tick.
 
+Injected speech (issue 22): `Inject(seat, tokens, tag)` queues text tokens on the seat's row (the
+worker's `_Row.injected`); each tick that steps the row, once past its prompt, forces the next one on
+its text stream (`TickInput.inject`: column 0 of the step's `forced`, its audio still sampled), and
+the frame that comes out of that step (max_delay ticks later) carries the tag (`Frame.inject`).
+`CancelInject` drops the queued ones. The row keeps hearing its input all the while.
+
 Failures (issue 23): a command that raises ends that conversation only, a tick that raises ends the
 conversations of that tick (their rows reset), and the loop goes on. A loop that dies is restarted
 with a fresh engine (the conversations it held are ended); after MAX_RESTARTS deaths within
@@ -59,6 +65,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from openmoshi.lm import generate as G
 from openmoshi.lm.config import TEXT_END_PADDING_ID, TEXT_PADDING_ID
 from openmoshi.lm.persona import Prompt, PromptCursor
 from openmoshi.lm.sampling import SamplingConfig
@@ -127,6 +134,27 @@ class Configure:
 
 
 @dataclass(frozen=True)
+class Inject:
+    """Text for the seat's model to say (issue 22): `tokens` (`lm.inject.inject_tokens`) are forced
+    on its text stream, one a tick, after any injection still queued; `tag` names this injection
+    in the frames that carry its tokens (`Frame.inject`). A row in its prompt phase starts them
+    once its prompt is over."""
+
+    seat: Seat
+    tokens: tuple[int, ...]
+    tag: int = 0
+
+
+@dataclass(frozen=True)
+class CancelInject:
+    """Drops the seat's queued injected tokens of `tag` (None: of every injection); the model's own
+    sampling resumes at its next tick."""
+
+    seat: Seat
+    tag: int | None = None
+
+
+@dataclass(frozen=True)
 class Ready:
     seat: Seat
 
@@ -138,6 +166,7 @@ class Frame:
     text: str | None  # the frame's text piece (None: padding)
     token: int = -1  # its text token id
     prs: tuple[float, ...] | None = None  # the step's extra heads' P(class 0) (Kyutai STT's pause heads)
+    inject: int | None = None  # the tag of the injection whose token is this frame's text (None: sampled)
 
 
 @dataclass(frozen=True)
@@ -156,6 +185,8 @@ class _Row:
     join: Join
     steps: int = 0
     cursor: PromptCursor | None = None  # while its prompt runs
+    injected: deque = field(default_factory=deque)  # (token, tag) to force on its text stream, one a tick
+    tags: deque = field(default_factory=deque)  # the injection tag of its last max_delay + 1 steps (None: sampled)
 
 
 # ----------------------------------------------------------------------------- one tick
@@ -173,6 +204,7 @@ class TickInput:
     prompts: dict[int, PromptCursor] = field(default_factory=dict)  # rows in their prompt phase (0: `start`)
     start: int = 0  # the first row: a phase group's span of rows, or 0 for a bucket
     hold: np.ndarray | None = None  # [n] bool: occupied rows without a frame this tick (stream clock)
+    inject: dict[int, int] = field(default_factory=dict)  # row (0: `start`) -> its injected text token this tick
 
 
 @dataclass(frozen=True)
@@ -199,6 +231,14 @@ def tick(engine, inp: TickInput, runner: PromptRunner, codes_out: bool = False) 
     user, forcing = codes[:, :, 0], {}
     if inp.prompts:  # those rows' frames are forced, their user side the prompt's
         user, forcing["forced"], forcing["embeddings"] = runner.inputs(engine, inp.prompts, user)
+    if inp.inject:  # injected speech: those rows' text token is forced, their audio sampled
+        forced = forcing.get("forced")
+        if forced is None:
+            forced = torch.full((n, 1 + runner.cfg.gen_q), G.NOT_FORCED, dtype=torch.long)
+        forced = forced.clone()
+        for k, token in inp.inject.items():
+            forced[k, 0] = token
+        forcing["forced"] = forced.to(device)
     out = engine.step(user, torch.from_numpy(inp.active).to(device), position=inp.position, start=a, **forcing)
     if not inp.listen:
         return TickOutput([0] * n, [False] * n, None, None)
@@ -260,7 +300,7 @@ class ModelLoop:
         if self._thread is not None:
             self._thread.join(timeout)
 
-    def submit(self, command: Join | Leave | Configure) -> None:
+    def submit(self, command: Join | Leave | Configure | Inject | CancelInject) -> None:
         self._commands.put(command)
         self._wake.set()
 
@@ -428,6 +468,15 @@ class ModelLoop:
             if row is not None:
                 self.engine.configure(row, command.sampling)
             return
+        if isinstance(command, Inject):
+            if row is not None:
+                self.rows[row].injected.extend((t, command.tag) for t in command.tokens)
+            return
+        if isinstance(command, CancelInject):
+            if row is not None:
+                r = self.rows[row]
+                r.injected = deque(x for x in r.injected if command.tag is not None and x[1] != command.tag)
+            return
         if row is None:  # a join: the lowest free row
             row = self.rows.index(None)
         r = self.rows[row] = _Row(command.seat, command)
@@ -457,7 +506,7 @@ class ModelLoop:
         pcm = np.zeros((n, 1, FRAME_SIZE), dtype=np.float32)
         active, first = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
         hold = np.zeros(n, dtype=bool) if self.clock == "stream" else None
-        prompts, silent = {}, 0
+        prompts, inject, silent = {}, {}, 0
         for i in rows:
             r, k = self.rows[i], i - start
             active[k] = True
@@ -472,10 +521,17 @@ class ModelLoop:
                 active[k], hold[k], first[k] = False, True, False
             else:
                 silent += 1
+            if active[k] and r.cursor is None:
+                token, tag = r.injected.popleft() if r.injected else (None, None)
+                if token is not None:
+                    inject[k] = token
+                r.tags.append(tag)
+                while len(r.tags) > self.prompts.cfg.max_delay + 1:
+                    r.tags.popleft()
         if silent:
             self.metrics.inc("openmoshi_silence_frames_total", silent)
         return TickInput(pcm, active, first, max(self.rows[i].steps for i in rows),
-                         listen=len(prompts) < len(rows), prompts=prompts, start=start, hold=hold)
+                         listen=len(prompts) < len(rows), prompts=prompts, start=start, hold=hold, inject=inject)
 
     def _groups(self, spans: list[tuple[int, int]] | None) -> list[tuple[int, int, list[int]]]:
         """(start, n, rows) of each tick: every occupied row in the smallest bucket when spans is
@@ -526,7 +582,9 @@ class ModelLoop:
             if out.valid[k]:
                 pcm = out.pcm[k] if out.pcm is not None else np.zeros(0, np.float32)
                 prs = None if out.prs is None else tuple(out.prs[k].tolist())
-                self._events.append(Frame(r.seat, pcm, self._piece(out.text[k]), out.text[k], prs))
+                # The frame out now is max_delay steps old: its text is the one forced (or not) then.
+                tag = r.tags[0] if len(r.tags) > self.prompts.cfg.max_delay else None
+                self._events.append(Frame(r.seat, pcm, self._piece(out.text[k]), out.text[k], prs, tag))
 
     def _tick_failed(self, e: Exception, rows: list[int]) -> None:
         self.tick_errors += 1

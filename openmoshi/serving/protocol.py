@@ -10,12 +10,20 @@ Every websocket message is binary: the first byte is the kind, the rest is the p
     4     metadata   both               UTF-8 JSON
     5     error      server -> client   UTF-8 message
     6     ping       both               empty (anything after the kind byte is ignored)
+    7     inject     client -> server   UTF-8 text for the model to say in its own voice (openmoshi's
+                                        own kind, not in the official protocol; 1..MAX_INJECT_CHARS
+                                        characters, see `lm.inject`)
 
 The server sends the handshake once it is ready to take audio. A client that has to wait for a
 free conversation slot first gets metadata `{"queue_position": k, "queue_length": n}` every few
 seconds (`encode_queue_position`). The official web client throws on kinds it does not know and
 closes after 10 s without any server message, so the server only sends these kinds. `parse` never
 raises anything but `ProtocolError` on untrusted bytes.
+
+Inject (kind 7) is openmoshi's extension for voice agents that steer the conversation: the model
+says the text, forced on its inner monologue, while it goes on listening; the text it says comes
+back as usual, as text messages. An inject message that is not UTF-8, empty, or too long gets an
+error message, and the conversation goes on. Official clients never send it.
 """
 
 from __future__ import annotations
@@ -33,10 +41,12 @@ KIND_CONTROL = 3
 KIND_METADATA = 4
 KIND_ERROR = 5
 KIND_PING = 6
+KIND_INJECT = 7  # openmoshi's own: text for the model to say (client to server)
 KIND_NAMES = {
     KIND_HANDSHAKE: "handshake", KIND_AUDIO: "audio", KIND_TEXT: "text", KIND_CONTROL: "control",
-    KIND_METADATA: "metadata", KIND_ERROR: "error", KIND_PING: "ping",
+    KIND_METADATA: "metadata", KIND_ERROR: "error", KIND_PING: "ping", KIND_INJECT: "inject",
 }
+MAX_INJECT_CHARS = 2000  # longest text an inject message may carry (`lm.inject.MAX_INJECT_CHARS`)
 
 # Control codes (the single payload byte of a control message).
 CONTROL_START = 0
@@ -68,7 +78,7 @@ class ProtocolError(ValueError):
 
 @dataclass(frozen=True)
 class Message:
-    """One parsed message. `data` is bytes for audio/ping/handshake, str for text/error,
+    """One parsed message. `data` is bytes for audio/ping/handshake, str for text/error/inject,
     an int control code for control, and the decoded JSON value for metadata."""
 
     kind: int
@@ -120,6 +130,10 @@ def encode_ping() -> bytes:
     return bytes([KIND_PING])
 
 
+def encode_inject(text: str) -> bytes:
+    return bytes([KIND_INJECT]) + text.encode("utf-8")
+
+
 def encode(message: Message) -> bytes:
     """Inverse of `parse`."""
     kind, data = message.kind, message.data
@@ -137,6 +151,8 @@ def encode(message: Message) -> bytes:
         return encode_error(data)
     if kind == KIND_PING:
         return bytes([KIND_PING]) + bytes(data)
+    if kind == KIND_INJECT:
+        return encode_inject(data)
     raise ValueError(f"unknown message kind {kind}")
 
 
@@ -178,6 +194,13 @@ def parse(message: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
         if payload[0] not in CONTROL_NAMES:
             raise ProtocolError(f"unknown control code {payload[0]}")
         return Message(kind, payload[0])
+    if kind == KIND_INJECT:
+        text = _utf8(payload, kind)
+        if not text.strip():
+            raise ProtocolError("inject message has no text to say")
+        if len(text) > MAX_INJECT_CHARS:
+            raise ProtocolError(f"inject message has {len(text)} characters, more than the limit of {MAX_INJECT_CHARS}")
+        return Message(kind, text)
     if kind == KIND_METADATA:
         text = _utf8(payload, kind)
         try:

@@ -173,6 +173,7 @@ class MoshiServer:
         self.stt, self.tts = stt, tts
         self.model_kind = "stt" if stt is not None else "tts" if tts is not None else "speech"
         self.text_ids = (lm.cfg.existing_text_padding_id, lm.cfg.existing_text_end_padding_id)
+        self.lm_cfg = lm.cfg  # the text vocabulary injected speech is laid out in (`lm.inject`)
         clock = "stream" if stt is not None else config.clock
         self.metrics = Metrics()
         self.metrics.max_sessions = config.max_sessions
@@ -253,7 +254,7 @@ class MoshiServer:
             if session is None:
                 continue  # it left meanwhile
             if isinstance(e, Frame):
-                session.on_frame(e.pcm, e.text, e.token, e.prs)
+                session.on_frame(e.pcm, e.text, e.token, e.prs, e.inject)
             elif isinstance(e, Ready):
                 session.on_ready()
             elif isinstance(e, Ended):

@@ -5,6 +5,7 @@ loop, its outbox, its timeouts, and the one frame assembler.
     session.push_pcm(pcm)        # any length of 24 kHz PCM: whole 80 ms frames go to the model loop
     session.emit(item, droppable=True)                   # output, sent in order by the sender task
     session.restart(prompt, persona) / session.configure(sampling)
+    session.inject(text, tag) / session.cancel_inject(tag)   # the model says a text (issue 22)
 
 The protocol turns client messages into calls on the session (`handle`), model frames into outbox
 items (`frame`) and items into websocket messages (`wire`); the session knows none of it. A client
@@ -23,7 +24,8 @@ from typing import Any, Mapping, Protocol
 
 import numpy as np
 
-from openmoshi.serving.loop import FRAME_SIZE, Configure, Frame, Join, Seat
+from openmoshi.serving.loop import FRAME_SIZE, CancelInject, Configure, Frame, Inject, Join, Seat
+from openmoshi.lm.inject import InjectError, inject_tokens
 from openmoshi.serving.phases import FRAME_S, JITTER_S
 
 log = logging.getLogger("openmoshi.serving.server")
@@ -105,8 +107,9 @@ class Session:
         if not self.ready.done():
             self.ready.set_result(None)
 
-    def on_frame(self, pcm: np.ndarray, text: str | None, token: int = -1, prs: tuple | None = None) -> None:
-        self.protocol.frame(Frame(self.seat, pcm, text, token, prs))
+    def on_frame(self, pcm: np.ndarray, text: str | None, token: int = -1, prs: tuple | None = None,
+                 inject: int | None = None) -> None:
+        self.protocol.frame(Frame(self.seat, pcm, text, token, prs, inject))
 
     def on_ended(self, message: str) -> None:
         """The model loop ended this conversation: before it started, the start fails with
@@ -153,6 +156,19 @@ class Session:
         """New sampling settings from the next frame on; the conversation goes on."""
         self.join = Join(self.join.seat, sampling, self.join.seeds, self.join.prompt, self.join.persona)
         self.server.loop.submit(Configure(self.seat, sampling))
+
+    def inject(self, text: str, tag: int) -> int:
+        """Queues `text` for the model to say in its own voice (`lm.inject`); its frames carry `tag`.
+        Returns the frames it takes; InjectError for a text it cannot say."""
+        if not self.server.lm_cfg.dep_q:
+            raise InjectError("this model does not speak (it has no audio output)")
+        tokens = inject_tokens(self.server.tokenizer, text, self.server.lm_cfg)
+        self.server.loop.submit(Inject(self.seat, tuple(tokens), tag))
+        return len(tokens)
+
+    def cancel_inject(self, tag: int | None = None) -> None:
+        """Drops what is left of injection `tag` (None: of every one); the model's own words resume."""
+        self.server.loop.submit(CancelInject(self.seat, tag))
 
     # ------------------------------------------------------------------ output
 

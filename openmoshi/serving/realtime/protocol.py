@@ -8,8 +8,13 @@ model slots (same seats in the model loop, waiting line, auth, limits and metric
 
 Every server event goes through the session's one ordered outbox, so that no delta can follow its
 response's `response.done`; audio deltas are the droppable items: a client that reads slowly loses
-its oldest audio, never other events. Things Moshi cannot do (instructions, tools, voices, text
-input) are accepted and reported as `ignored` in `session.updated`, except on a PersonaPlex model,
+its oldest audio, never other events. Injected speech (issue 22): an assistant text item
+(`conversation.item.create`, role assistant, text parts) or a `response.create` with `instructions`
+(or text items in its `input`) makes Moshi say that text in its own voice (`lm.inject`, forced on its
+inner monologue; `session.inject`): the text's first frame starts a response (ending the one in
+progress), which answers that response.create (its metadata), and ends as any other does;
+`response.cancel` drops the rest of its text. Things Moshi cannot do (session instructions, tools,
+voices) are accepted and reported as `ignored` in `session.updated`, except on a PersonaPlex model,
 where `instructions` and `voice` (a voice of `serve --voice-prompt-dir`) become its text and voice
 prompts: Moshi's side restarts with that persona (its prompt phase, from the persona cache when it
 has run before). A malformed event gets an `error` event and the session goes on. With a Kyutai STT
@@ -26,6 +31,7 @@ from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
 
+from openmoshi.lm.inject import InjectError
 from openmoshi.serving.realtime import events as E
 from openmoshi.serving.realtime.formats import AudioFormat, InputDecoder, OutputEncoder, parse_format
 from openmoshi.serving.realtime.transcription import Transcriber, parse_setting
@@ -63,9 +69,23 @@ def realtime_auth(headers: Mapping[str, str]) -> tuple[dict, str | None]:
     return out, answer
 
 
+TEXT_PARTS = ("input_text", "output_text", "text")  # content parts whose text an assistant item says
+
+
+def _item_text(item: dict) -> str | None:
+    """The text of a message item's text parts, joined by spaces; None when it has none."""
+    content = item.get("content")
+    if not isinstance(content, list):
+        return None
+    texts = [p["text"] for p in content if isinstance(p, dict) and p.get("type") in TEXT_PARTS
+             and isinstance(p.get("text"), str) and p["text"].strip()]
+    return " ".join(texts) if texts else None
+
+
 class _Response:
-    def __init__(self, metadata, input_frames: int):
+    def __init__(self, metadata, input_frames: int, inject: int | None = None):
         self.id, self.item_id = E.new_id("resp"), E.new_id("item")
+        self.inject = inject  # the tag of the injected text it says (None: the model's own words)
         self.metadata = metadata
         self.transcript: list[str] = []
         self.audio_ms = 0.0
@@ -92,6 +112,8 @@ class RealtimeProtocol:
         self.turns = ModelTurns()
         self.response: _Response | None = None
         self.pending_create: dict | None = None  # a response.create waiting for the model to speak
+        self.injects: dict[int, dict | None] = {}  # injected texts not yet heard: tag -> their response.create
+        self.inject_tags = 0
         self.items: dict[str, dict] = {}
         self.last_item_id: str | None = None
         self.user_item_id: str | None = None  # the user's speech item being heard (VAD)
@@ -150,7 +172,14 @@ class RealtimeProtocol:
         return json.dumps(queued)
 
     def frame(self, frame) -> None:
-        """One frame of the model (a `loop.Frame`, on the event loop): responses start and end here."""
+        """One frame of the model (a `loop.Frame`, on the event loop): responses start and end here.
+        The first frame of an injected text starts its own response (ending the one in progress)."""
+        if frame.inject in self.injects:
+            create = self.injects.pop(frame.inject)
+            if self.response is not None:
+                self._finish("completed")
+            self.turns.begin()
+            self._start_response(create, frame.inject)
         transition, frames = self.turns.step(frame.pcm, frame.text)
         if transition == STARTED:
             self._start_response()
@@ -160,10 +189,11 @@ class RealtimeProtocol:
             if transition == ENDED:
                 self._finish("completed")
 
-    def _start_response(self) -> None:
-        create, self.pending_create = self.pending_create, None
+    def _start_response(self, create: dict | None = None, inject: int | None = None) -> None:
+        if create is None:  # the request waiting for the model's next words, if any
+            create, self.pending_create = self.pending_create, None
         metadata = (create or {}).get("metadata")
-        r = self.response = _Response(metadata, self.frames_pushed)
+        r = self.response = _Response(metadata, self.frames_pushed, inject)
         item = E.assistant_item(r.item_id, "in_progress", None)
         item["content"] = []
         self.emit(E.server_event("response.created", response=self._response_object(r, "in_progress", [])))
@@ -325,6 +355,7 @@ class RealtimeProtocol:
         if self.response is not None:
             self._finish("incomplete")
         self.turns = ModelTurns()
+        self.injects.clear()  # the restart drops the texts queued for the model
         self.session.restart(prompt, key)
         event("realtime_persona", peer=self.session.peer, frames=prompt.frames)
 
@@ -435,7 +466,11 @@ class RealtimeProtocol:
         if item_id in self.items:
             raise E.EventError(f"Item with item_id '{item_id}' already exists", "item_create_duplicate_item_id",
                                "item.id")
-        # Moshi hears audio only: the item is kept in the conversation's list, its content unread.
+        # Moshi hears audio only; an assistant's text it says in its own voice (`_inject`); any other
+        # item is kept in the conversation's list, its content unread.
+        text = _item_text(item) if item.get("type") == "message" and item.get("role") == "assistant" else None
+        if text is not None:
+            self._inject(text, None, "item.content")
         item = {**item, "id": item_id, "object": "realtime.item", "status": "completed"}
         self._keep(item_id, item)
         previous = ev.get("previous_item_id", self.last_item_id)
@@ -480,15 +515,42 @@ class RealtimeProtocol:
         metadata = response.get("metadata")
         if metadata is not None and not isinstance(metadata, dict):
             raise E.EventError("'response.metadata' must be an object", "invalid_type", "response.metadata")
+        # Text to say (instructions, or the text of input items): the response says it, starting now.
+        text, param = response.get("instructions"), "response.instructions"
+        if not (isinstance(text, str) and text.strip()) and isinstance(response.get("input"), list):
+            texts = [t for it in response["input"] if isinstance(it, dict) and (t := _item_text(it))]
+            text, param = " ".join(texts), "response.input"
+        if isinstance(text, str) and text.strip():
+            self._inject(text, response, param)
+            return
         # Moshi decides when it speaks: the next stretch of its speech (after the current one, if it
         # is speaking) answers this request. A later request replaces an unanswered one.
         self.pending_create = response
 
+    def _inject(self, text: str, create: dict | None, param: str) -> None:
+        """Moshi says `text` in its own voice (`session.inject`), after any text queued before; its
+        first frame starts a response that answers `create` (or the pending response.create)."""
+        self.inject_tags += 1
+        try:
+            self.session.inject(text, self.inject_tags)
+        except InjectError as e:
+            raise E.EventError(f"cannot say this text: {e}", "invalid_value", param) from None
+        self.injects[self.inject_tags] = create
+        event("realtime_inject", peer=self.session.peer, chars=len(text))
+
     async def _on_response_cancel(self, ev: dict) -> None:
         r = self.response
+        if r is None and self.injects and ev.get("response_id") is None:
+            # Texts asked for but not yet heard: none will be said.
+            for tag in self.injects:
+                self.session.cancel_inject(tag)
+            self.injects.clear()
+            return
         if r is None or ev.get("response_id") not in (None, r.id):
             raise E.EventError("Cancellation failed: no active response found", "response_cancel_not_active")
         # Its audio not yet sent is dropped. The rest of the model's current stretch of speech is not
         # sent either: a response starts only where a stretch starts (`turns`).
         self.session.discard(lambda q: not (q["type"] == AUDIO_DELTA and q.get("response_id") == r.id))
+        if r.inject is not None:  # the rest of its text is not said
+            self.session.cancel_inject(r.inject)
         self._finish("cancelled")

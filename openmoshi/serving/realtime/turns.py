@@ -12,6 +12,8 @@ its audio is near silence. A Realtime API response is one stretch of speech:
 - it ends after `END_FRAMES` frames in a row (640 ms) with no word and audio quieter than
   `SPEECH_DBFS`; those frames are the response's last (the trailing sound of the last word).
 
+An injected text (`lm.inject`) starts a stretch at its first frame (`begin`), even one of padding.
+
 Frames outside a response are not sent: the client hears Moshi only while a response lasts.
 """
 
@@ -46,6 +48,12 @@ class ModelTurns:
         self.quiet = 0  # frames in a row without a word or sound while speaking
         self.prefix_frames = prefix_frames
         self.recent: deque = deque(maxlen=prefix_frames + start_frames - 1)  # frames before a start
+
+    def begin(self) -> None:
+        """A stretch of speech starts at the next frame, whatever it holds (an injected text's
+        first frame, see `lm.inject`); it ends as any other."""
+        self.speaking, self.quiet, self.loud = True, 0, 0
+        self.recent.clear()
 
     def step(self, pcm: np.ndarray, text: str | None) -> tuple[str | None, list]:
         loud = frame_dbfs(pcm) >= self.speech_dbfs

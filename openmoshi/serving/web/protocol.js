@@ -8,6 +8,7 @@ export const KIND_CONTROL = 3;
 export const KIND_METADATA = 4;
 export const KIND_ERROR = 5;
 export const KIND_PING = 6;
+export const KIND_INJECT = 7; // openmoshi's own: UTF-8 text for the model to say (client to server)
 
 export const CONTROL_START = 0;
 export const CONTROL_END_TURN = 1;
@@ -44,6 +45,7 @@ function withKind(kind, payload) {
 export function encodeAudio(ogg) { return withKind(KIND_AUDIO, ogg); }
 export function encodeControl(code) { return withKind(KIND_CONTROL, Uint8Array.of(code)); }
 export function encodePing() { return Uint8Array.of(KIND_PING); }
+export function encodeInject(text) { return withKind(KIND_INJECT, utf8Encoder.encode(text)); }
 export function encodeMetadata(value) {
   return withKind(KIND_METADATA, utf8Encoder.encode(JSON.stringify(value)));
 }
