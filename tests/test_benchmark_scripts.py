@@ -100,3 +100,16 @@ def test_stt_streams_runs_both_loops(tmp_path):
 def test_inject_latency_runs(tmp_path):
     data = run_script(["benchmarks/inject_latency.py", "--trials", "1"], tmp_path)
     assert 0 < data["summary"]["created_ms"]["p50"] <= data["summary"]["first_audio_ms"]["p50"] < 30_000
+
+
+def test_transcript_latency_runs(tmp_path):
+    data = run_script(["benchmarks/transcript_latency.py", "--trials", "1", "--seconds", "1.5"], tmp_path)
+    assert data["summary"]["statuses"] == ["completed"] and data["rows"][0]["words"] > 0
+    assert 0 < data["summary"]["completed_ms"]["p50"] < 30_000 and data["summary"]["stt_delay_ms"] == 500
+
+
+def test_tts_serving_runs(tmp_path):
+    data = run_script(["benchmarks/tts_serving.py", "--config", "tiny", "--streams", "2"], tmp_path)
+    row, = data["rows"]
+    assert 0 < row["openmoshi_server"]["ttfa_median_s"] <= row["openmoshi_server"]["ttfa_max_s"] < 30
+    assert row["official_model_loop"]["rtf"] > 0
