@@ -181,11 +181,9 @@ class TTSLoop(ModelLoop):
         super().__init__(make_engine, batch, sink, tokenizer, cfg, metrics, clock="stream")
 
     def _apply(self, command) -> None:
-        row = self._row_of(command.seat)
         if isinstance(command, Leave):
-            if row is not None:
-                self.rows[row] = None
-            return
+            return super()._apply(command)
+        row = self._row_of(command.seat)
         if isinstance(command, Words):
             if row is not None and not self.engine.done[row]:
                 self.engine.state.scripts[row].entries.extend(command.entries)
