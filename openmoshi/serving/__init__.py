@@ -27,5 +27,5 @@ Offers: `server.MoshiServer`, `server.ServerConfig`, `app.asgi_app`, `app.Runner
 `session.Session`, `client.talk_file`, `aec.EchoCanceller`.
 
 May import: openmoshi.errors, openmoshi.audio, openmoshi.memory, openmoshi.mimi, openmoshi.lm, openmoshi.accel,
-openmoshi.loading, openmoshi.engine.
+openmoshi.loading, openmoshi.engine, openmoshi.inference (a served TTS model is the offline one).
 """
