@@ -11,9 +11,12 @@ Each client connects (PcmMessagePack), sends the text one word per message (all 
 - time to first audio = from the first word sent to the first Audio message received;
 - RTF = from the first word sent to the close / seconds of audio received (< 1: faster than real time).
 
-The official side has no server in Python (moshi-server is Rust); its numbers are those of the
-model loop alone (`benchmarks/tts_speed.py`'s `run_official`), so the comparison charges the
-network, the protocol and streaming text to openmoshi only.
+The server is a real `openmoshi serve` process (its model loop the process's one torch thread
+pool, as deployed; a server started inside this process beside the official loop's thread pool
+would be slowed by libgomp's throttling, see `openmoshi/engine/threads.py`). The official side has
+no server in Python (moshi-server is Rust); its numbers are those of the model loop alone, in this
+process (`benchmarks/tts_speed.py`'s `run_official`), so the comparison charges the network, the
+protocol and streaming text to openmoshi only.
 """
 
 from __future__ import annotations
@@ -69,25 +72,24 @@ async def client(url: str, words_per_second: float | None) -> dict:
     return {"ttfa": first - start, "seconds": end - start, "audio": samples / 24000}
 
 
-async def serve_and_run(model, streams: int, words_per_second: float | None) -> list[dict]:
-    from openmoshi.lm.tts import TTSSettings
-    from openmoshi.serving.app import Runner
-    from openmoshi.serving.server import MoshiServer, ServerConfig
-    from openmoshi.serving.tts import TTSHost
+def serve_and_run(folder: Path, streams: int, words_per_second: float | None, device: str,
+                  threads: int | None) -> list[dict]:
+    from serving_utils import free_port, start_server, stop_server, wait_ready
 
-    from server_utils import listening_socket
+    port = free_port()
+    proc = start_server(folder, port, "--tts-voice", "voice", "--tts-voice-repo", str(folder / "voices"),
+                        "--max-sessions", str(streams), "--device", device, threads=threads)
 
-    m = model.model
-    host = TTSHost.build(model, TTSSettings(temp=0.6), "voice")
-    server = MoshiServer(m.lm, m.mimi, m.tokenizer, ServerConfig(max_sessions=streams, static_dir=None), tts=host)
-    runner, sock = Runner(server), listening_socket()
-    await runner.start(sock)
-    try:
-        url = f"ws://127.0.0.1:{sock.getsockname()[1]}/api/tts_streaming"
+    async def run() -> list[dict]:
+        await wait_ready(port, proc)
+        url = f"ws://127.0.0.1:{port}/api/tts_streaming"
         await client(url, None)  # warm up
         return await asyncio.gather(*(client(url, words_per_second) for _ in range(streams)))
+
+    try:
+        return asyncio.run(run())
     finally:
-        await runner.stop()
+        stop_server(proc)
 
 
 def main() -> None:
@@ -96,26 +98,24 @@ def main() -> None:
     p.add_argument("--streams", default="1,16")
     p.add_argument("--words-per-second", type=float, default=None, help="pace of the text (default: all at once)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch threads of both sides (0: torch's choice)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     device = torch.device(args.device)
-
-    from openmoshi.inference.tts import load_tts
-    from openmoshi.loading.resolve import resolve_files
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     folder = Path(tempfile.mkdtemp(prefix="tts_serving_"))
     make_tts_checkpoint(folder, "small" if args.config == "small" else "emb", seed=0)
     voice = make_voice(folder / "voices", "voice", 1, frames=125)  # the released voices' length
     official = official_tts(folder, device=str(device), temp=0.6, cfg_coef=1.0)
-    ours = load_tts(resolve_files(hf_repo=str(folder)), device=device, dtype=torch.float32,
-                    voice_repo=str(folder / "voices"))
     print(f"config {args.config}, device {device}, threads {torch.get_num_threads()}, text of "
           f"{len(TEXT.split())} words" + (f" at {args.words_per_second:g} words/s" if args.words_per_second else ""))
     rows = []
     for streams in [int(x) for x in args.streams.split(",")]:
         run_official(official, voice, 1, device)  # warm up
         o = run_official(official, voice, streams, device)
-        results = asyncio.run(serve_and_run(ours, streams, args.words_per_second))
+        results = serve_and_run(folder, streams, args.words_per_second, args.device, args.threads or None)
         ttfa = [r["ttfa"] for r in results]
         rtf = [r["seconds"] / r["audio"] for r in results]
         row = {"streams": streams,

@@ -307,6 +307,51 @@ def test_realtime_injection_with_the_openai_sdk(models):
     assert alone.texts and beside.texts == alone.texts and not beside.errors
 
 
+def test_livekit_generate_reply_says_its_instructions(models):
+    """LiveKit Agents' OpenAI realtime plugin: `generate_reply(instructions=...)` (what an agent's own
+    LLM answers through) sends response.create with them; Moshi says them: the generation LiveKit
+    gets is that response, whose transcript deltas start with the text, with audio."""
+    import aiohttp
+    from livekit import rtc
+    from livekit.plugins.openai.realtime import RealtimeModel
+
+    from realtime_utils import check_with_pipecat
+    from server_utils import serving
+
+    async def main():
+        async with serving(models, max_sessions=1) as (server, url, http):
+            async with aiohttp.ClientSession() as hs:
+                session = RealtimeModel(api_key="x", base_url=http + "/v1", http_session=hs,
+                                        turn_detection=None).session()
+                events, errors = [], []
+                session.on("openai_server_event_received", events.append)
+                session.on("error", errors.append)
+                silence = np.zeros(480, "<i2").tobytes()
+                feeding = asyncio.create_task(feed(session, rtc.AudioFrame(silence, 24000, 1, 480)))
+                generation = await asyncio.wait_for(session.generate_reply(instructions=TEXT), 30)
+                for _ in range(200):
+                    if any(e["type"] == "response.done" and e["response"]["id"] == generation.response_id
+                           for e in events):
+                        break
+                    await asyncio.sleep(0.05)
+                feeding.cancel()
+                await session.aclose()
+                return generation, events, errors
+
+    async def feed(session, frame):
+        while True:  # a microphone: 20 ms of silence every 20 ms
+            session.push_audio(frame)
+            await asyncio.sleep(0.02)
+
+    generation, events, errors = asyncio.run(main())
+    assert not errors, errors
+    check_with_pipecat(events)
+    said = transcripts(events)
+    assert said[generation.response_id].startswith(TEXT), said
+    assert any(e["type"] == "response.output_audio.delta" and e["response_id"] == generation.response_id
+               for e in events)
+
+
 def test_chat_inject_message(models):
     """/api/chat's inject message (kind 7): the model says the text, its pieces come back as text
     messages in order; a bad one (not UTF-8, empty, too long, nothing the tokenizer can say) gets an
