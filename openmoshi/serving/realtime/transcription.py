@@ -51,6 +51,7 @@ log = logging.getLogger("openmoshi.serving.realtime")
 
 RATE = 24000
 MAX_OPEN_STEPS = 25  # a word still open 2 s past its item's end does not hold the transcript back
+MAX_LOOSE_WORDS = 4096  # words of audio not yet committed kept (about half an hour of speech); the oldest go
 KEEPALIVE_S = 5.0  # the pipe says "still here" this often (at most) without audio: the STT server's idle timeout
 KEEPALIVE = b""
 DELTA = "conversation.item.input_audio_transcription.delta"
@@ -242,6 +243,8 @@ class Transcriber:
             self._delta(item, text, told)
         elif at >= self.boundary:
             self.loose.append((text, told, at))
+            if len(self.loose) > MAX_LOOSE_WORDS:  # a client that never commits cannot fill memory
+                del self.loose[0]
         # else: a word of cleared audio: no item takes it
 
     def on_step(self, steps: int, open_start: float | None, prs: tuple | None = None) -> None:
