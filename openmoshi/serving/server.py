@@ -185,19 +185,19 @@ class MoshiServer:
         speed = speed or choose(device, SpeedConfig(cuda_graphs=config.cuda_graph, self_check=False))
         topk = dict(max_k=max(sampling.top_k, 250), max_k_text=max(sampling.top_k_text, 25))  # room for the UI's
 
-        def make_engine() -> Engine:  # in the worker thread, at each (re)start
-            return Engine(lm, mimi, config.max_sessions, speed, sampling, condition, negative, config.cfg_coef,
-                          **topk)
-
         if tts is not None:
             from openmoshi.serving.tts_loop import TTSEngine, TTSLoop
 
             clock = "stream"
 
-            def make_engine() -> TTSEngine:  # noqa: F811 - a TTS model's engine instead
+        def make_engine():  # in the worker thread, at each (re)start
+            if tts is not None:
                 return TTSEngine(lm, mimi, tts.model.spec, tts.settings, config.max_sessions, tts.cross_len,
                                  tts.max_prefix)
+            return Engine(lm, mimi, config.max_sessions, speed, sampling, condition, negative, config.cfg_coef,
+                          **topk)
 
+        if tts is not None:
             self.loop = TTSLoop(make_engine, config.max_sessions, self._from_loop, tokenizer, lm.cfg, self.metrics)
         else:
             self.loop = ModelLoop(make_engine, config.max_sessions, self._from_loop, tokenizer, lm.cfg, self.metrics,
