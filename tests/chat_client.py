@@ -94,6 +94,8 @@ async def chat(url: str, seconds: float, headers=None, read_for: float | None = 
             deadline = time.monotonic() + drain
             while time.monotonic() < deadline and res.frames_received < res.frames_sent - unanswered:
                 await asyncio.sleep(0.05)
+            # The server sends a frame's text right after its audio: let the last one arrive too.
+            await asyncio.sleep(0.2)
             receiver.cancel()
             await ws.close()
             res.close_code = ws.close_code

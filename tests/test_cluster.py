@@ -250,6 +250,7 @@ def test_a_replica_hosts_stt_and_tts(cluster):
                                    tts={"voice": "alice", "voice_repo": str(tts / "voices")},
                                    extra=({"files": {"hf_repo": str(tts)}, "max_sessions": 2},))
     assert spec.max_connections == 1 + 2 + 2 * 1 + ray_cluster.REFUSE_ROOM
+    serve.shutdown()  # a Serve instance left by an earlier test keeps its port: this test's would be ignored
     try:
         assert ray_cluster.run(spec, replicas=1, host="127.0.0.1", port=port, blocking=False,
                                graceful_shutdown_s=2.0, cpus_per_replica=2) == 1
