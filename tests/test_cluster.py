@@ -39,7 +39,8 @@ def cluster(tmp_path_factory):
         # cores; and they choose the least busy replica of all, not first the one on their own node
         # (both "nodes" are this machine: which proxy takes a connection would decide where it goes).
         mp.setenv("RAY_SERVE_QUEUE_LENGTH_CACHE_TIMEOUT_S", "0")
-        mp.setenv("RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S", "2")
+        mp.setenv("RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S", "8")  # a replica busy with its model loop on
+        # these 2 cores may answer late: a missed deadline would have the router choose blind
         mp.setenv("RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING", "0")
         node = {"num_cpus": 2, "object_store_memory": 80 * 1024 ** 2, "node_ip_address": "127.0.0.1"}
         c = Cluster(initialize_head=True, head_node_args=node)
