@@ -413,3 +413,25 @@ def test_an_audio_prefix_model_says_what_offline_says(tmp_path):
     assert len(got["Audio"]) == result.frames.shape[-1] - model.spec.delay_steps - P
     said = [(m["text"], m["start_s"], m["stop_s"]) for m in got["Text"]]
     assert said == [tuple(w) for w in word_timings(result.scripts[0], model.frame_rate, P)]
+
+
+def test_a_stream_waiting_in_line_keeps_what_it_sent(model):
+    """One slot: a second client waits in line while sending its text, a bad message and Eos; once
+    the first stream is over it gets Ready, the Error of its bad message, and says its whole text
+    (greedy: the offline frames)."""
+    result, _, _ = offline(model, TEXT, GREEDY)
+    record = {}
+
+    async def main():
+        async with tts_server(model, record, max_sessions=1, queue_size=2) as (server, url):
+            first = asyncio.create_task(speak(url, OTHER.split(), "format=PcmMessagePack&temperature=0"))
+            while not server.active:
+                await asyncio.sleep(0.01)
+            second = await speak(url, TEXT.split(), "format=PcmMessagePack&temperature=0", extra=[b"\x93garbage"])
+            await first
+            return second
+
+    second = asyncio.run(main())
+    assert second["Ready"] == [{"type": "Ready"}] and len(second["Error"]) == 1
+    assert "not a msgpack message" in second["Error"][0]["message"]
+    np.testing.assert_array_equal(np.array(record[1]).T, result.frames[0].numpy())

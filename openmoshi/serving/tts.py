@@ -54,6 +54,7 @@ FORMATS = ("Pcm", "PcmMessagePack", "OggOpus", "OggOpusMessagePack")
 DEFAULT_FORMAT = "OggOpus"
 DEFAULT_SEED = 42  # moshi-server's
 MAX_TEXT_CHARS = 10_000  # one message's text
+MAX_EARLY_MESSAGES = 4096  # messages kept while waiting for a slot
 MAX_VOICE_VALUES = 512 * 2000  # a client's own voice embedding: values at most
 SAMPLE_RATE = 24000
 _VOICE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-/ ]*")
@@ -266,16 +267,22 @@ class TtsProtocol:
         return pack({"type": "Ready"}) if self.messages else None
 
     def started_stream(self) -> None:
-        """The stream has its slot: what came while waiting is applied."""
+        """The stream has its slot: what came while waiting is applied (a bad message among it gets
+        its Error, in order, as it would have)."""
         early, self.early = self.early, []
         for data in early:
-            self._apply(data)
+            try:
+                self._apply(data)
+            except (TtsMessageError, UserError) as e:
+                self.session.errors += 1
+                self.session.emit(("raw", self.refusal(str(e))))
 
     def place_in_line(self, position: int, length: int) -> None:
         return None  # moshi-server's protocol has no such message
 
     async def while_waiting(self, data: bytes | str) -> None:
-        self.early.append(data)
+        if len(self.early) < MAX_EARLY_MESSAGES:  # a client waiting in line cannot fill memory
+            self.early.append(data)
 
     async def report(self, message: str, kind: str, **details) -> None:
         await self.session.send(self.refusal(message))
@@ -287,9 +294,7 @@ class TtsProtocol:
     async def handle(self, data: bytes | str) -> None:
         try:
             self._apply(data)
-        except TtsMessageError as e:
-            await self.session.error(str(e), "protocol")
-        except UserError as e:
+        except (TtsMessageError, UserError) as e:
             await self.session.error(str(e), "protocol")
 
     def _apply(self, data: bytes | str) -> None:
@@ -361,6 +366,8 @@ class TtsProtocol:
             s.finish()
             return None
         kind, value = item
+        if kind == "raw":
+            return value
         if kind == "text":
             return pack({"type": "Text", "text": value.text, "start_s": value.start, "stop_s": value.stop})
         s.frames_out += 1
