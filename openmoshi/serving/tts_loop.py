@@ -36,8 +36,8 @@ import torch
 from openmoshi.engine.engine import buckets
 from openmoshi.lm import generate as G
 from openmoshi.lm.sampling import SamplingConfig
-from openmoshi.lm.tts import (TTSSettings, TTSSpec, TTSState, finished, init_tts_state, ready, start_slot,
-                              tts_step, word_timings)
+from openmoshi.lm.tts import (TTSSettings, TTSSpec, TTSState, finished, init_tts_state, move_slot, ready,
+                              start_slot, tts_step, word_timings)
 from openmoshi.lm.tts_script import Entry
 from openmoshi.serving.loop import WAIT, Frame, Leave, ModelLoop, Ready, Seat, _Row
 
@@ -123,8 +123,6 @@ class TTSEngine:
             self.state.scripts[b], self.complete[b], self.said[b], self.done[b] = None, False, 0, False
 
     def move(self, src: int, dst: int) -> None:
-        from openmoshi.lm.tts import move_slot
-
         move_slot(self.state, src, dst)
         self.dec.move(src, dst)
         for name in ("complete", "said", "done"):
@@ -226,7 +224,9 @@ class TTSLoop(ModelLoop):
                 self.recorder(r.seat, None, int(out.frame[b, 0]), out.frame[b, 1:].cpu().numpy(), audio[b])
             if audio[b] and frame_index >= e.state.prefix_lens[b]:
                 self._events.append(Frame(r.seat, pcm[b].copy(), None))
-            self._words(b, r.seat)
+            script = e.state.scripts[b]
+            if out.popped[b] or script.end_step == steps[b] - 1:  # a word's end is known only then
+                self._words(b, r.seat)
             if finished(spec, e.state, b):
                 e.done[b] = True
                 self._events.append(Finished(r.seat))
